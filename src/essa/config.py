@@ -1,0 +1,254 @@
+"""One typed config for every command: dataclasses, loaded from YAML, overridden by key=value.
+
+The resolved config is saved verbatim into each run directory so a run can be read back and
+repeated. Unknown keys and out-of-range values are rejected with an `EssaError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from essa.errors import EssaError
+
+
+@dataclass
+class ModelConfig:
+    # Bundled alias ("smollm2-135m-instruct"), a local HF directory, a hub id, or a .gguf file.
+    name: str = "smollm2-135m-instruct"
+    dtype: str = "float32"
+    # CPU threads for torch; null leaves torch's default.
+    threads: int | None = None
+
+
+@dataclass
+class TaskConfig:
+    name: str = "arithmetic"
+    seed: int = 0
+    # Number of examples in each split (procedural tasks generate exactly this many).
+    sft_size: int = 2000
+    train_size: int = 1000
+    validation_size: int = 64
+    test_size: int = 200
+    # Task-specific settings (data files, difficulty, ...), passed to the task's constructor.
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 8
+    lora_alpha: float = 16.0
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    dropout: float = 0.0
+
+
+@dataclass
+class SftConfig:
+    epochs: float = 1.0
+    lr: float = 3e-4
+    batch_size: int = 16
+    # Caps the number of optimizer steps (null: epochs decide).
+    max_steps: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 48
+    # 0 means greedy decoding.
+    temperature: float = 0.0
+    top_p: float = 1.0
+    # Rows (candidate x prompt pairs) per batched forward pass.
+    batch_size: int = 64
+
+
+@dataclass
+class SearchConfig:
+    # Fraction of each factor's singular values that are trainable (the paper's alpha).
+    alpha: float = 1.0
+    optimizer: str = "cma"  # cma | sep-cma | openai-es
+    popsize: int = 16
+    sigma0: float = 0.05
+    # Training prompts per generation, shared by all candidates (the paper's "batch size").
+    prompts_per_generation: int = 16
+    generations: int | None = 20
+    time_budget_s: float | None = None
+    # Validate the optimizer mean every this many generations (0: only at the end).
+    eval_every: int = 5
+    seed: int = 0
+    # OpenAI-ES only: Adam learning rate on the mean.
+    openai_es_lr: float = 0.02
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    essa: SearchConfig = field(default_factory=SearchConfig)
+    # SFT adapter directory that `essa train` / `essa eval` start from.
+    adapter: str | None = None
+    output_dir: str = "runs/essa"
+
+    def validate(self) -> Config:
+        _check(0.0 < self.essa.alpha <= 1.0, "essa.alpha must be in (0, 1]", self.essa.alpha)
+        _check(self.essa.popsize >= 2, "essa.popsize must be >= 2", self.essa.popsize)
+        _check(self.essa.sigma0 > 0, "essa.sigma0 must be > 0", self.essa.sigma0)
+        _check(
+            self.essa.optimizer in ("cma", "sep-cma", "openai-es"),
+            "essa.optimizer must be one of cma, sep-cma, openai-es",
+            self.essa.optimizer,
+        )
+        _check(
+            self.essa.prompts_per_generation >= 1,
+            "essa.prompts_per_generation must be >= 1",
+            self.essa.prompts_per_generation,
+        )
+        _check(
+            self.essa.generations is not None or self.essa.time_budget_s is not None,
+            "set essa.generations or essa.time_budget_s (or both)",
+            None,
+        )
+        _check(self.lora.rank >= 1, "lora.rank must be >= 1", self.lora.rank)
+        _check(bool(self.lora.targets), "lora.targets must not be empty", self.lora.targets)
+        _check(self.generation.max_new_tokens >= 1, "generation.max_new_tokens must be >= 1",
+               self.generation.max_new_tokens)
+        _check(self.generation.batch_size >= 1, "generation.batch_size must be >= 1",
+               self.generation.batch_size)
+        _check(self.generation.temperature >= 0, "generation.temperature must be >= 0",
+               self.generation.temperature)
+        _check(self.model.dtype in ("float32", "bfloat16", "float16"),
+               "model.dtype must be float32, bfloat16 or float16", self.model.dtype)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        from essa.io import atomic_write_text
+
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _check(ok: bool, message: str, value: Any) -> None:
+    if not ok:
+        raise EssaError(message + ("" if value is None else f" (got {value!r})"))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: Config | None = None) -> Config:
+    """Defaults (or `base`) <- YAML file <- `key=value` overrides, then validated."""
+    data = dataclasses.asdict(base or Config())
+    if path is not None:
+        _merge(data, _read_yaml(Path(path)), prefix="")
+    for item in overrides or []:
+        key, value = _parse_override(item)
+        _merge(data, _nest(key, value), prefix="")
+    return _build(Config, data, prefix="").validate()
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise EssaError(f"config file not found: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise EssaError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise EssaError(f"config file {path} must hold a mapping of keys, got {type(loaded).__name__}")
+    return loaded
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise EssaError(f"override {item!r} must look like key=value (e.g. essa.popsize=32)")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _nest(dotted: str, value: Any) -> dict[str, Any]:
+    out: Any = value
+    for part in reversed(dotted.split(".")):
+        out = {part: out}
+    return out
+
+
+def _merge(dst: dict[str, Any], src: dict[str, Any], prefix: str) -> None:
+    for key, value in src.items():
+        name = f"{prefix}{key}"
+        if key not in dst:
+            known = ", ".join(sorted(dst))
+            raise EssaError(f"unknown config key '{name}' (known at this level: {known})")
+        if isinstance(dst[key], dict) and not _is_free_mapping(name):
+            if not isinstance(value, dict):
+                raise EssaError(f"config key '{name}' is a section; give its keys, e.g. {name}.KEY=VALUE")
+            _merge(dst[key], value, prefix=f"{name}.")
+        else:
+            dst[key] = value
+
+
+def _is_free_mapping(name: str) -> bool:
+    # task.options is a user-defined mapping: any keys are allowed inside it.
+    return name == "task.options"
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        kwargs[f.name] = _coerce(hints[f.name], data[f.name], name)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, name: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, prefix=f"{name}.")
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, name)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise EssaError(f"config key '{name}' must be a list, got {value!r}")
+        return [_coerce(args[0], v, name) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise EssaError(f"config key '{name}' must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise EssaError(f"config key '{name}' must be true or false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise EssaError(f"config key '{name}' must be a number, got {value!r}")
+        if tp is int and float(value) != int(value):
+            raise EssaError(f"config key '{name}' must be an integer, got {value!r}")
+        return tp(value)
+    if tp is str:
+        if value is None or isinstance(value, (dict, list)):
+            raise EssaError(f"config key '{name}' must be a string, got {value!r}")
+        return str(value)
+    return value

@@ -1,0 +1,95 @@
+"""The task interface: prompts for each split, their chat formatting, and a reward.
+
+A task knows nothing about models or optimizers. The trainer, SFT and evaluation only use
+`split()`, `messages()`, `sft_target()` and `reward()`; `safe_reward()` wraps the last so one
+bad completion (a checker that raises or returns NaN) scores 0 instead of crashing a run.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+from essa.errors import EssaError
+
+SPLITS = ("sft", "train", "validation", "test")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt with what its reward needs (`answer`) and, for SFT, a target completion."""
+
+    prompt: str
+    answer: Any = None
+    target: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+
+class Task(ABC):
+    """Prompts (sft / train / validation / test), chat formatting and a reward in [0, 1]."""
+
+    name: str = "task"
+    system_prompt: str | None = None
+
+    @abstractmethod
+    def split(self, name: str) -> list[Example]:
+        """Examples of one split; the four splits never share a prompt."""
+
+    @abstractmethod
+    def reward(self, completion: str, example: Example) -> float:
+        """Reward of one completion (higher is better, normally in [0, 1])."""
+
+    def messages(self, example: Example) -> list[dict[str, str]]:
+        out = []
+        if self.system_prompt:
+            out.append({"role": "system", "content": self.system_prompt})
+        out.append({"role": "user", "content": example.prompt})
+        return out
+
+    def sft_target(self, example: Example) -> str:
+        if example.target is None:
+            raise EssaError(f"task '{self.name}' has no SFT target for prompt {example.prompt[:60]!r}")
+        return example.target
+
+    def checked_split(self, name: str) -> list[Example]:
+        """`split()` with a clear error for unknown or empty splits."""
+        if name not in SPLITS:
+            raise EssaError(f"unknown split '{name}' (choose from {', '.join(SPLITS)})")
+        examples = self.split(name)
+        if not examples:
+            raise EssaError(f"task '{self.name}' has an empty '{name}' split: no examples to use")
+        return examples
+
+
+@dataclass
+class RewardStats:
+    """Counts completions whose reward function failed (raised or returned NaN)."""
+
+    failures: int = 0
+    last_error: str | None = None
+
+
+def safe_reward(task: Task, completion: str, example: Example, stats: RewardStats | None = None) -> float:
+    """The task's reward, with a failing or NaN reward scored 0 and counted in `stats`."""
+    try:
+        value = float(task.reward(completion, example))
+        if math.isnan(value):
+            raise ValueError("reward is NaN")
+        return value
+    except Exception as exc:  # noqa: BLE001 - any checker failure must not stop a run
+        if stats is not None:
+            stats.failures += 1
+            stats.last_error = f"{type(exc).__name__}: {exc}"
+        return 0.0
+
+
+def format_prompt(tokenizer: Any, task: Task, example: Example) -> str:
+    """The prompt text the model sees: the chat template applied, ready for the assistant turn."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            task.messages(example), tokenize=False, add_generation_prompt=True
+        )
+    parts = [f"{m['role']}: {m['content']}" for m in task.messages(example)]
+    return "\n".join(parts) + "\nassistant: "
