@@ -14,6 +14,16 @@ from typing import Any, Iterator
 from essa.errors import EssaError
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates files 0600; written outputs get the usual permissions instead.
+_FILE_MODE = 0o666 & ~_current_umask()
+
+
 def ensure_writable_dir(path: str | Path) -> Path:
     """Create `path` (and parents) and check we can write there, with a clear error if not."""
     path = Path(path)
@@ -34,6 +44,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -64,6 +75,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
+        os.chmod(tmp, 0o777 & ~_current_umask())
         yield tmp
         if path.exists():
             old = path.with_name(f".{path.name}.old")

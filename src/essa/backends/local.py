@@ -1,0 +1,79 @@
+"""Local transformers/PyTorch backend: the population runtime driven by HF `generate`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+from tqdm.auto import tqdm
+
+from essa.config import GenerationConfig
+from essa.population import PopulationModel
+from essa.svd_space import SvdLoraSpace
+
+
+class LocalBackend:
+    """Evaluates a whole population in batched `generate` calls on one model in this process.
+
+    Rows are (candidate, prompt) pairs, sorted by prompt length so a batch pads little; each
+    row carries its own candidate's singular values. With `space=None` it runs the plain model.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, space: SvdLoraSpace | None,
+                 generation: GenerationConfig, progress: bool = False):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.space = space
+        self.generation = generation
+        self.progress = progress
+        self.population_model = PopulationModel(model, space) if space is not None else None
+
+    @property
+    def dim(self) -> int:
+        return self.space.dim if self.space is not None else 0
+
+    def evaluate(self, population: np.ndarray | None, prompts: list[str], seed: int = 0) -> list[list[str]]:
+        n_cand = 1 if population is None else len(population)
+        if self.population_model is not None:
+            if population is None:
+                population = np.zeros((1, self.space.dim))
+            self.population_model.set_population(population)
+        lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+        rows = sorted(((lengths[p], p, c) for c in range(n_cand) for p in range(len(prompts))))
+        out: list[list[str]] = [[""] * len(prompts) for _ in range(n_cand)]
+        size = self.generation.batch_size
+        chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
+        for i, chunk in enumerate(tqdm(chunks, desc="generate", leave=False, disable=not self.progress)):
+            texts = self.generate([prompts[p] for _, p, _ in chunk], [c for _, _, c in chunk], seed + i)
+            for (_, p, c), text in zip(chunk, texts):
+                out[c][p] = text
+        return out
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[str], candidate_of_row: list[int], seed: int = 0) -> list[str]:
+        """One batched generate call; row i runs candidate `candidate_of_row[i]`."""
+        batch = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = {k: v.to(self.model.device) for k, v in batch.items()}
+        torch.manual_seed(seed)
+        if self.population_model is None:
+            ids = self.model.generate(**batch, generation_config=self._generation_config())
+        else:
+            with self.population_model.rows(candidate_of_row):
+                ids = self.model.generate(**batch, generation_config=self._generation_config())
+        new = ids[:, batch["input_ids"].shape[1]:]
+        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+
+    def _generation_config(self) -> transformers.GenerationConfig:
+        g = self.generation
+        sample = g.temperature > 0
+        return transformers.GenerationConfig(
+            max_new_tokens=g.max_new_tokens,
+            do_sample=sample,
+            temperature=g.temperature if sample else None,
+            top_p=g.top_p if sample else None,
+            top_k=None,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )

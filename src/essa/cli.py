@@ -1,0 +1,170 @@
+"""The `essa` command line: argument parsing and error reporting only; work lives in `commands`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from importlib import resources
+from typing import Any, Callable
+
+from essa.config import Config, load_config
+from essa.errors import EssaError
+
+DEMO_CONFIG = "demo.yaml"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    _quiet_libraries()
+    try:
+        return args.func(args) or 0
+    except EssaError as exc:
+        print(f"essa: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("essa: interrupted (a training run continues with --resume)", file=sys.stderr)
+        return 130
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal for our own progress: no library progress bars or deprecation chatter."""
+    import warnings
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="essa", description="ESSA: evolutionary alignment of LLMs "
+                                     "by CMA-ES over the singular values of a LoRA adapter.")
+    from essa import __version__
+
+    parser.add_argument("--version", action="version", version=f"essa {__version__}")
+    sub = parser.add_subparsers(title="commands")
+
+    p = _command(sub, "sft", "LoRA SFT warm start on the task's SFT split -> OUTPUT_DIR/adapter", _sft)
+    p = _command(sub, "train", "ESSA search from an SFT adapter (adapter=PATH)", _train)
+    p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its checkpoint")
+    p = _command(sub, "eval", "accuracy of the model (+ adapter=PATH) on a task split, as one JSON line", _eval)
+    p.add_argument("--split", default="test", help="sft | train | validation | test (default: test)")
+    p.add_argument("--samples", type=int, default=1, help="completions per prompt; > 1 adds avg@k and pass@k")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
+    p.add_argument("--records", default=None, help="write per-example prompts, completions, rewards (JSONL)")
+    p.add_argument("--no-adapter", action="store_true", help="evaluate the base model even if adapter is set")
+    p = _command(sub, "demo", "the whole pipeline on the bundled model: SFT -> ESSA -> test accuracy", _demo)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted demo in output_dir")
+
+    p = sub.add_parser("export", help="a run's final adapter as a PEFT dir, or merged full weights")
+    p.add_argument("run_dir", help="run directory of `essa train` (or an adapter dir)")
+    p.add_argument("--out", required=True, help="where to write the adapter (or merged model)")
+    p.add_argument("--merge", action="store_true", help="merge the adapter into the base weights")
+    p.add_argument("--model", default=None, help="base model for --merge (default: the run's model.name)")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("plan", help="the paper's cost model: ESSA vs a gradient method at G GPUs",
+                       add_help=False)
+    p.add_argument("plan_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_plan)
+
+    p = sub.add_parser("fetch-model", help="download and convert the bundled model (for offline use later)")
+    p.set_defaults(func=_fetch_model)
+    return parser
+
+
+def _command(sub: Any, name: str, help_text: str, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    p.add_argument("--config", default=None, help="YAML config file")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. essa.popsize=32")
+    p.set_defaults(func=func)
+    return p
+
+
+def _config(args: argparse.Namespace, base: Config | None = None) -> Config:
+    return load_config(args.config, args.overrides, base=base)
+
+
+def _sft(args: argparse.Namespace) -> int:
+    from essa.commands import run_sft
+
+    adapter = run_sft(_config(args), progress=not args.quiet)
+    print(json.dumps({"adapter": str(adapter)}))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from essa.commands import run_train
+
+    print(json.dumps(run_train(_config(args), resume=args.resume, progress=not args.quiet)))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from essa.commands import run_eval
+
+    metrics = run_eval(_config(args), split=args.split, samples=args.samples, limit=args.limit,
+                       records_path=args.records, use_adapter=not args.no_adapter)
+    print(json.dumps(metrics))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from essa.commands import run_demo
+
+    summary = run_demo(_config(args, base=demo_defaults()), progress=not args.quiet, resume=args.resume)
+    print(json.dumps(summary))
+    return 0
+
+
+def demo_defaults() -> Config:
+    """The demo's settings: the packaged demo.yaml over the library defaults."""
+    text = resources.files("essa").joinpath("configs", DEMO_CONFIG).read_text()
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
+        fh.write(text)
+    try:
+        return load_config(fh.name)
+    finally:
+        import os
+
+        os.unlink(fh.name)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from essa.commands import run_export
+
+    out = run_export(args.run_dir, args.out, merge=args.merge, model_name=args.model)
+    print(json.dumps({"exported": str(out), "merged": args.merge}))
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from essa.plan import plan_main
+
+    return plan_main(args.plan_args)
+
+
+def _fetch_model(args: argparse.Namespace) -> int:
+    from essa.models import ensure_bundled_model
+
+    print(json.dumps({"model_dir": str(ensure_bundled_model())}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""What each CLI command does, as plain functions of a resolved `Config` (the Python API).
+
+    run_sft(cfg)          LoRA SFT warm start         -> output_dir/adapter
+    run_train(cfg)        ESSA search from cfg.adapter -> output_dir/{metrics.jsonl, adapter, ...}
+    run_eval(cfg, ...)    accuracy of model (+ adapter) on a task split
+    run_export(...)       a run's adapter as a PEFT dir, or merged full weights
+    run_demo(cfg)         all of the above on the bundled model
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from essa.backends.local import LocalBackend
+from essa.config import Config
+from essa.errors import EssaError
+from essa.evaluate import evaluate_split
+from essa.io import atomic_directory, atomic_write_json, atomic_write_text, ensure_writable_dir
+from essa.models import load_model
+from essa.report import plot_training, write_report
+from essa.svd_space import ADAPTER_CONFIG, SvdLoraSpace
+from essa.tasks import get_task
+
+log = logging.getLogger("essa")
+PLOT = "reward_vs_wallclock.png"
+
+
+def resolve_adapter_dir(path: str | Path | None) -> Path:
+    """Accept an adapter dir itself, or a run/SFT dir holding `adapter/`."""
+    if path is None:
+        raise EssaError("no adapter given: set adapter=PATH (the output of `essa sft`)")
+    path = Path(path)
+    for candidate in (path, path / "adapter"):
+        if (candidate / ADAPTER_CONFIG).is_file():
+            return candidate
+    raise EssaError(f"no PEFT adapter found at {path} (expected {ADAPTER_CONFIG} there or in {path}/adapter)")
+
+
+def _prepare_run_dir(cfg: Config) -> Path:
+    run_dir = ensure_writable_dir(cfg.output_dir)
+    cfg.save(run_dir / "config.yaml")
+    _log_to_file(run_dir / "run.log")
+    return run_dir
+
+
+def _log_to_file(path: Path) -> None:
+    root = logging.getLogger("essa")
+    if any(isinstance(h, logging.FileHandler) and h.baseFilename == str(path.resolve()) for h in root.handlers):
+        return
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
+# -- sft -----------------------------------------------------------------------------------------
+def run_sft(cfg: Config, progress: bool = True, model_and_tokenizer: tuple[Any, Any] | None = None) -> Path:
+    from essa.sft import run_sft as train_lora
+
+    task = get_task(cfg.task)
+    task.checked_split("sft")
+    run_dir = _prepare_run_dir(cfg)
+    model, tokenizer = model_and_tokenizer or load_model(cfg.model)
+    result = train_lora(model, tokenizer, task, cfg.lora, cfg.sft, run_dir / "adapter", progress=progress)
+    log.info("SFT done: %d steps, final loss %.4f, %.1f s", result.steps, result.final_loss, result.wall_clock_s)
+    return Path(result.adapter_dir)
+
+
+# -- train ---------------------------------------------------------------------------------------
+def run_train(cfg: Config, resume: bool = False, progress: bool = True,
+              model_and_tokenizer: tuple[Any, Any] | None = None) -> dict[str, Any]:
+    from essa.trainer import CHECKPOINT, EssaTrainer
+
+    adapter_dir = resolve_adapter_dir(cfg.adapter)
+    task = get_task(cfg.task)
+    task.checked_split("train")
+    task.checked_split("validation")
+    if not resume and (Path(cfg.output_dir) / CHECKPOINT).exists():
+        raise EssaError(f"{cfg.output_dir} already holds an ESSA run; pass --resume to continue it "
+                        "or choose another output_dir")
+    run_dir = _prepare_run_dir(cfg)
+    model, tokenizer = model_and_tokenizer or load_model(cfg.model)
+    space = SvdLoraSpace.from_adapter(adapter_dir, cfg.essa.alpha, model=model)
+    _say(space.describe())
+    backend = LocalBackend(model, tokenizer, space, cfg.generation)
+    try:
+        trainer = EssaTrainer(backend, tokenizer, task, cfg.essa, space.dim, run_dir, progress=progress)
+        result = trainer.run(resume=resume)
+    finally:
+        backend.population_model.remove()
+    space.save_adapter(result.final_z, run_dir / "adapter")
+    np.save(run_dir / "final_offsets.npy", result.final_z)
+    plot_training(result.state.history, run_dir / PLOT, title=f"ESSA on {task.name}")
+    summary = {
+        "task": task.name, "search_dim": space.dim, "generations": result.state.generation,
+        "wall_clock_s": round(result.state.elapsed_s, 2), "final_choice": result.final_choice,
+        "validation_accuracy": result.validation, "reward_failures": result.state.reward_failures,
+    }
+    write_report(run_dir / "report.md", f"ESSA run: {task.name}", summary, plot=PLOT,
+                 notes=[f"Adapter: `{run_dir / 'adapter'}` (standard PEFT LoRA)",
+                        "Per-generation numbers: `metrics.jsonl`. The final adapter is the validation-best "
+                        "of the optimizer mean, the best candidate and the best validated mean."])
+    atomic_write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+# -- eval ----------------------------------------------------------------------------------------
+def run_eval(cfg: Config, split: str = "test", samples: int = 1, limit: int | None = None,
+             records_path: str | Path | None = None, use_adapter: bool = True,
+             model_and_tokenizer: tuple[Any, Any] | None = None) -> dict[str, Any]:
+    if samples < 1:
+        raise EssaError(f"--samples must be >= 1 (got {samples})")
+    if samples > 1 and cfg.generation.temperature <= 0:
+        raise EssaError("avg@k / pass@k need sampling: set generation.temperature > 0 with --samples > 1")
+    task = get_task(cfg.task)
+    examples = task.checked_split(split)[:limit]
+    model, tokenizer = model_and_tokenizer or load_model(cfg.model)
+    space = None
+    if use_adapter and cfg.adapter is not None:
+        space = SvdLoraSpace.from_adapter(resolve_adapter_dir(cfg.adapter), 1.0, model=model)
+    backend = LocalBackend(model, tokenizer, space, cfg.generation)
+    try:
+        result = evaluate_split(backend, tokenizer, task, examples, samples=samples, seed=cfg.essa.seed)
+    finally:
+        if backend.population_model is not None:
+            backend.population_model.remove()
+    metrics = {"task": task.name, "split": split, "model": cfg.model.name,
+               "adapter": str(cfg.adapter) if space is not None else None, **result.metrics}
+    if records_path is not None:
+        path = Path(records_path)
+        ensure_writable_dir(path.parent)
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in result.records))
+    return metrics
+
+
+# -- export --------------------------------------------------------------------------------------
+def run_export(run_dir: str | Path, out: str | Path, merge: bool = False, model_name: str | None = None) -> Path:
+    adapter_dir = resolve_adapter_dir(run_dir)
+    out = Path(out)
+    ensure_writable_dir(out.parent if out.parent != Path("") else Path("."))
+    if not merge:
+        with atomic_directory(out) as tmp:
+            for item in adapter_dir.iterdir():
+                if item.is_file():
+                    shutil.copy2(item, tmp / item.name)
+        return out
+    return _export_merged(adapter_dir, out, model_name or _run_model_name(Path(run_dir)))
+
+
+def _run_model_name(run_dir: Path) -> str:
+    import yaml
+
+    for cfg_path in (run_dir / "config.yaml", run_dir.parent / "config.yaml"):
+        if cfg_path.is_file():
+            return yaml.safe_load(cfg_path.read_text())["model"]["name"]
+    raise EssaError(f"cannot tell the base model of {run_dir}: pass --model NAME")
+
+
+def _export_merged(adapter_dir: Path, out: Path, model_name: str) -> Path:
+    import peft
+
+    from essa.config import ModelConfig
+
+    model, tokenizer = load_model(ModelConfig(name=model_name))
+    SvdLoraSpace.from_adapter(adapter_dir, 1.0, model=model)  # clear error if it doesn't fit
+    merged = peft.PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    with atomic_directory(out) as tmp:
+        merged.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+    return out
+
+
+# -- demo ----------------------------------------------------------------------------------------
+def run_demo(cfg: Config, progress: bool = True, resume: bool = False) -> dict[str, Any]:
+    """SFT -> ESSA -> held-out test accuracy before and after, on one loaded model.
+
+    With `resume`, a finished SFT adapter is reused and the ESSA search continues from its checkpoint.
+    """
+    start = time.perf_counter()
+    root = ensure_writable_dir(cfg.output_dir)
+    if not resume and any((root / name).exists() for name in ("sft", "essa", "summary.json")):
+        raise EssaError(f"{root} already holds a demo run; pass --resume to continue it, "
+                        "or output_dir=NEW_DIR for a fresh one")
+    cfg.save(root / "config.yaml")
+    _log_to_file(root / "run.log")
+    model_and_tokenizer = load_model(cfg.model)
+    task = get_task(cfg.task)
+    for split in ("sft", "train", "validation", "test"):
+        task.checked_split(split)
+
+    sft_cfg = _sub(cfg, output_dir=str(root / "sft"))
+    _say("1/4 LoRA SFT warm start")
+    t0 = time.perf_counter()
+    adapter = root / "sft" / "adapter"
+    if not (resume and (adapter / ADAPTER_CONFIG).is_file()):
+        adapter = run_sft(sft_cfg, progress=progress, model_and_tokenizer=model_and_tokenizer)
+    sft_s = time.perf_counter() - t0
+
+    _say("2/4 test accuracy of the SFT adapter")
+    before = run_eval(_sub(cfg, adapter=str(adapter)), "test", model_and_tokenizer=model_and_tokenizer)
+
+    _say("3/4 ESSA search")
+    train_cfg = _sub(cfg, adapter=str(adapter), output_dir=str(root / "essa"))
+    train = run_train(train_cfg, resume=resume, progress=progress, model_and_tokenizer=model_and_tokenizer)
+
+    _say("4/4 test accuracy of the ESSA adapter")
+    after = run_eval(_sub(cfg, adapter=str(root / "essa" / "adapter")), "test",
+                     model_and_tokenizer=model_and_tokenizer)
+    run_export(root / "essa", root / "adapter")
+    shutil.copy2(root / "essa" / PLOT, root / PLOT)
+    summary = {
+        "model": cfg.model.name, "task": task.name, "test_examples": before["examples"],
+        "test_accuracy_sft": before["accuracy"], "test_accuracy_essa": after["accuracy"],
+        "generations": train["generations"], "search_dim": train["search_dim"],
+        "popsize": cfg.essa.popsize, "prompts_per_generation": cfg.essa.prompts_per_generation,
+        "final_choice": train["final_choice"], "validation_accuracy": train["validation_accuracy"],
+        "sft_wall_clock_s": round(sft_s, 1), "essa_wall_clock_s": train["wall_clock_s"],
+        "wall_clock_s": round(time.perf_counter() - start, 1),
+    }
+    atomic_write_json(root / "summary.json", summary)
+    delta = after["accuracy"] - before["accuracy"]
+    write_report(root / "report.md", "ESSA demo", summary, plot=PLOT, notes=[
+        f"Held-out test accuracy {before['accuracy']:.3f} after SFT -> {after['accuracy']:.3f} after ESSA "
+        f"({delta:+.3f}) on {before['examples']} test problems never used for training or selection.",
+        "The final adapter was selected on the validation split only.",
+        f"Exported PEFT adapter: `{root / 'adapter'}`.",
+    ])
+    return summary
+
+
+def _sub(cfg: Config, **changes: Any) -> Config:
+    import copy
+
+    out = copy.deepcopy(cfg)
+    for key, value in changes.items():
+        setattr(out, key, value)
+    return out
+
+
+def _say(message: str) -> None:
+    import sys
+
+    print(f"[essa] {message}", file=sys.stderr, flush=True)
+    log.info(message)

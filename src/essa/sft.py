@@ -1,0 +1,226 @@
+"""LoRA SFT warm start: train one LoRA adapter on a task's `sft` split and save it with PEFT.
+
+The prompt is the task's chat-formatted prompt (generation prompt included), tokenized exactly
+as generation sees it; the loss covers only the completion (target + EOS). Training is seeded
+and deterministic on CPU. The caller's model comes back unchanged: the LoRA layers are removed
+after saving and the base weights are never updated.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from essa.config import LoraConfig, SftConfig
+from essa.errors import EssaError
+from essa.io import atomic_directory, atomic_write_json, ensure_writable_dir
+from essa.tasks import Task, format_prompt
+
+IGNORE_INDEX = -100  # label value that transformers' causal-LM loss skips
+WARMUP_FRACTION = 0.1  # linear warmup over this share of steps, then linear decay to zero
+MAX_GRAD_NORM = 1.0
+METRICS_FILE = "sft_metrics.json"
+
+
+@dataclass
+class SftResult:
+    adapter_dir: Path
+    steps: int
+    final_loss: float
+    wall_clock_s: float
+
+
+@dataclass
+class Encoded:
+    """One tokenized training example: `labels` is -100 wherever no loss is taken."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+def run_sft(model: nn.Module, tokenizer: Any, task: Task, lora: LoraConfig, sft: SftConfig,
+            out_dir: str | Path, max_length: int = 256, progress: bool = True) -> SftResult:
+    """Train a LoRA adapter on `task`'s sft split and write it as a PEFT adapter dir to `out_dir`."""
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    check_sft_config(sft)
+    check_targets(model, lora.targets)
+    examples = task.checked_split("sft")
+    ensure_writable_dir(out_dir.parent)  # fail on a bad path before spending time training
+    encoded = [encode_example(tokenizer, format_prompt(tokenizer, task, ex), task.sft_target(ex), max_length)
+               for ex in examples]
+    usable = [e for e in encoded if any(x != IGNORE_INDEX for x in e.labels)]
+    if not usable:
+        raise EssaError(f"no SFT example keeps any target token within max_length={max_length}: "
+                        "raise max_length")
+    steps = total_steps(len(usable), sft)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+
+    with _seeded(sft.seed, device), _restored_state(model):
+        peft_model = wrap_lora(model, lora)
+        try:
+            batches = (collate(b, pad_id, device) for b in batch_stream(usable, sft.batch_size, sft.seed))
+            losses = train_loop(peft_model, batches, steps, sft.lr, progress=progress)
+            metrics = {
+                "steps": steps, "examples": len(examples), "examples_used": len(usable),
+                "truncated_examples": sum(len(e.input_ids) == max_length for e in encoded),
+                "final_loss": losses[-1], "mean_loss": sum(losses) / len(losses),
+                "wall_clock_s": time.perf_counter() - start, "losses": losses,
+            }
+            save_adapter(peft_model, out_dir, metrics)
+        finally:
+            unload_lora(peft_model)  # even on failure, hand back the model without LoRA layers
+    return SftResult(out_dir, steps, losses[-1], metrics["wall_clock_s"])
+
+
+def check_targets(model: nn.Module, targets: list[str]) -> None:
+    """Every LoRA target must name at least one nn.Linear (by full name or last name parts)."""
+    linear = [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linear)]
+    if missing:
+        short = sorted({n.rsplit(".", 1)[-1] for n in linear})
+        raise EssaError(f"LoRA target(s) {', '.join(missing)} match no linear layer of the model "
+                        f"(its linear layers: {', '.join(short) or 'none'})")
+
+
+def encode_example(tokenizer: Any, prompt: str, completion: str, max_length: int) -> Encoded:
+    """Prompt ids + completion ids + EOS, cut to `max_length`; loss only on the completion part."""
+    if tokenizer.eos_token_id is None:
+        raise EssaError("the tokenizer has no EOS token; SFT needs one to teach the model to stop")
+    # No added specials: the chat template writes its own, and generation tokenizes prompts the
+    # same way, so the model trains on exactly the ids it will later continue.
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    target_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = (prompt_ids + target_ids)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + target_ids)[:max_length]
+    return Encoded(ids, labels)
+
+
+def collate(items: list[Encoded], pad_id: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Right-pad a batch; padding gets attention 0 and label -100."""
+    width = max(len(e.input_ids) for e in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, e in enumerate(items):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def total_steps(n_examples: int, sft: SftConfig) -> int:
+    """ceil(epochs x batches per epoch), at least 1, capped by `max_steps`."""
+    check_sft_config(sft)
+    steps = max(1, math.ceil(sft.epochs * math.ceil(n_examples / sft.batch_size)))
+    return steps if sft.max_steps is None else min(steps, sft.max_steps)
+
+
+def check_sft_config(sft: SftConfig) -> None:
+    if sft.batch_size < 1 or sft.epochs <= 0 or sft.lr <= 0:
+        raise EssaError(f"sft.batch_size, sft.epochs and sft.lr must be positive "
+                        f"(got {sft.batch_size}, {sft.epochs}, {sft.lr})")
+    if sft.max_steps is not None and sft.max_steps < 1:
+        raise EssaError(f"sft.max_steps must be >= 1 (got {sft.max_steps})")
+
+
+def batch_stream(items: list[Encoded], batch_size: int, seed: int) -> Iterator[list[Encoded]]:
+    """Endless batches: each epoch is a fresh seeded shuffle, the last batch may be short."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(items), generator=gen).tolist()
+        for i in range(0, len(order), batch_size):
+            yield [items[j] for j in order[i:i + batch_size]]
+
+
+def train_loop(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], steps: int, lr: float,
+               progress: bool = True) -> list[float]:
+    """AdamW on the trainable parameters for `steps` batches; returns the loss of each step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    warmup = int(WARMUP_FRACTION * steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, warmup, steps))
+    model.train()
+    losses: list[float] = []
+    bar = tqdm(total=steps, desc="sft", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    for _, batch in zip(range(steps), batches):
+        loss = model(**batch).loss
+        if not torch.isfinite(loss):
+            bar.close()
+            raise EssaError(f"SFT loss became {loss.item()} at step {len(losses) + 1}: lower sft.lr")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        bar.update()
+    bar.close()
+    return losses
+
+
+def _lr_factor(step: int, warmup: int, steps: int) -> float:
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    return max(0.0, (steps - step) / max(1, steps - warmup))
+
+
+def wrap_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
+    """Inject LoRA layers into `model` (in place) and return the PEFT wrapper."""
+    import peft
+
+    config = peft.LoraConfig(r=lora.rank, lora_alpha=lora.lora_alpha, target_modules=list(lora.targets),
+                             lora_dropout=lora.dropout, task_type="CAUSAL_LM")
+    with warnings.catch_warnings():
+        # PEFT reads a deprecated transformers attribute; the warning is not the user's to act on.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return peft.get_peft_model(model, config)
+
+
+def save_adapter(peft_model: nn.Module, out_dir: Path, metrics: dict[str, Any]) -> None:
+    """Write the PEFT adapter dir plus `sft_metrics.json`, all-or-nothing."""
+    with atomic_directory(out_dir) as tmp:
+        # Embedding saving is off: the vocabulary is never resized, and "auto" may query the hub.
+        peft_model.save_pretrained(str(tmp), save_embedding_layers=False)
+        atomic_write_json(tmp / METRICS_FILE, metrics)
+
+
+def unload_lora(peft_model: nn.Module) -> nn.Module:
+    """Remove the LoRA layers without merging them; returns the (unchanged) base model."""
+    return peft_model.unload()
+
+
+@contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch for LoRA init and dropout, restoring the caller's RNG state afterwards."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextmanager
+def _restored_state(model: nn.Module) -> Iterator[None]:
+    """Put back the base model's train/eval modes and requires_grad flags, which PEFT changes."""
+    modes = {name: m.training for name, m in model.named_modules()}
+    grads = {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        yield
+    finally:
+        for name, m in model.named_modules():
+            m.training = modes.get(name, m.training)
+        for name, p in model.named_parameters():
+            p.requires_grad_(grads.get(name, p.requires_grad))

@@ -1,0 +1,211 @@
+"""The ESSA search space: singular values of each SVD-decomposed LoRA factor.
+
+For every adapted linear layer with LoRA delta dW = scale * B A (B: m x r, A: r x n) each factor
+is decomposed on its own, A = U_A diag(s_A) V_A^T and B = U_B diag(s_B) V_B^T. The singular
+vectors are frozen; the top floor(alpha * r) singular values of each factor are trainable.
+A candidate is one flat vector of offsets z, laid out module by module as [d_A, d_B].
+
+Offsets are applied as A' = A + U_A diag(d_A) V_A^T (mathematically U_A diag(s_A + d_A) V_A^T),
+so zero offsets give back the SFT factors bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from essa.errors import EssaError
+from essa.io import atomic_directory
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class SvdFactorPair:
+    """Frozen SVD of one module's LoRA factors, computed in float64."""
+
+    name: str  # module path in the base model, e.g. "model.layers.0.self_attn.q_proj"
+    a: torch.Tensor  # original A (r, n), float32 as stored
+    b: torch.Tensor  # original B (m, r)
+    u_a: torch.Tensor  # (r, r)
+    s_a: torch.Tensor  # (r,)
+    v_a: torch.Tensor  # (n, r)
+    u_b: torch.Tensor  # (m, r)
+    s_b: torch.Tensor  # (r,)
+    v_b: torch.Tensor  # (r, r)
+    trainable: int  # floor(alpha * r) leading singular values of each factor
+    scale: float  # LoRA scaling (lora_alpha / r, or / sqrt(r) for rsLoRA)
+
+    @property
+    def rank(self) -> int:
+        return int(self.s_a.numel())
+
+    @classmethod
+    def decompose(cls, name: str, a: torch.Tensor, b: torch.Tensor, alpha: float, scale: float) -> SvdFactorPair:
+        u_a, s_a, vh_a = torch.linalg.svd(a.double(), full_matrices=False)
+        u_b, s_b, vh_b = torch.linalg.svd(b.double(), full_matrices=False)
+        rank = a.shape[0]
+        return cls(name, a, b, u_a, s_a, vh_a.T, u_b, s_b, vh_b.T, math.floor(alpha * rank + 1e-9), scale)
+
+    def offset_factors(self, d_a: torch.Tensor, d_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A', B') for offsets of the trainable singular values (float64 in, stored dtype out)."""
+        k = self.trainable
+        delta_a = (self.u_a[:, :k] * d_a) @ self.v_a[:, :k].T
+        delta_b = (self.u_b[:, :k] * d_b) @ self.v_b[:, :k].T
+        return (self.a.double() + delta_a).to(self.a.dtype), (self.b.double() + delta_b).to(self.b.dtype)
+
+
+class SvdLoraSpace:
+    """All adapted modules of one adapter, and the map offsets -> LoRA factors -> adapter dir."""
+
+    def __init__(self, pairs: list[SvdFactorPair], adapter_config: dict[str, Any]):
+        if not pairs:
+            raise EssaError("the adapter has no LoRA factors: nothing to search")
+        self.pairs = pairs
+        self.adapter_config = adapter_config
+        self.offsets = np.cumsum([0] + [2 * p.trainable for p in pairs])
+
+    @property
+    def dim(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def rank(self) -> int:
+        return self.pairs[0].rank
+
+    def describe(self) -> str:
+        k = self.pairs[0].trainable
+        return (f"SVD-LoRA search space: {len(self.pairs)} modules x 2 factors x {k} trainable "
+                f"singular values (rank {self.rank}) = {self.dim} dimensions")
+
+    @classmethod
+    def from_adapter(cls, adapter_dir: str | Path, alpha: float, model: torch.nn.Module | None = None) -> SvdLoraSpace:
+        """Build the space from a PEFT LoRA adapter dir; with `model`, check it fits that model."""
+        if not 0.0 < alpha <= 1.0:
+            raise EssaError(f"essa.alpha must be in (0, 1] (got {alpha!r})")
+        config, tensors = read_peft_adapter(adapter_dir)
+        factors = _group_factors(tensors, adapter_dir)
+        rank = int(config.get("r", 0))
+        scale = _lora_scale(config, rank)
+        if model is not None:
+            check_adapter_fits_model(factors, model, adapter_dir)
+        pairs = []
+        for name, (a, b) in factors.items():
+            if a.shape[0] != rank or b.shape[1] != rank:
+                raise EssaError(f"adapter {adapter_dir}: module {name} has rank {a.shape[0]} but "
+                                f"adapter_config.json says r={rank}")
+            if math.floor(alpha * rank + 1e-9) < 1:
+                raise EssaError(f"essa.alpha={alpha} leaves no trainable singular value at rank {rank}")
+            pairs.append(SvdFactorPair.decompose(name, a, b, alpha, scale))
+        return cls(pairs, config)
+
+    def split(self, z: np.ndarray | torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Offset vector (dim,) -> per module (d_A, d_B), float64."""
+        z = torch.as_tensor(np.asarray(z, dtype=np.float64))
+        if z.shape != (self.dim,):
+            raise EssaError(f"candidate has shape {tuple(z.shape)}, the search space needs ({self.dim},)")
+        out = []
+        for i, p in enumerate(self.pairs):
+            lo = int(self.offsets[i])
+            out.append((z[lo:lo + p.trainable], z[lo + p.trainable:lo + 2 * p.trainable]))
+        return out
+
+    def factors(self, z: np.ndarray) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Offsets -> {module name: (A', B')} in the adapter's dtype."""
+        return {p.name: p.offset_factors(d_a, d_b) for p, (d_a, d_b) in zip(self.pairs, self.split(z))}
+
+    def singular_values(self, population: np.ndarray) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(lambda, dim) offsets -> per module full singular values (S_A, S_B), each (lambda, r), float64."""
+        population = np.atleast_2d(np.asarray(population, dtype=np.float64))
+        if population.shape[1] != self.dim:
+            raise EssaError(f"population has {population.shape[1]} dims, the search space has {self.dim}")
+        z = torch.from_numpy(population)
+        out = []
+        for i, p in enumerate(self.pairs):
+            lo, k = int(self.offsets[i]), p.trainable
+            s_a = p.s_a.expand(len(z), -1).clone()
+            s_b = p.s_b.expand(len(z), -1).clone()
+            s_a[:, :k] += z[:, lo:lo + k]
+            s_b[:, :k] += z[:, lo + k:lo + 2 * k]
+            out.append((s_a, s_b))
+        return out
+
+    def save_adapter(self, z: np.ndarray, out_dir: str | Path) -> Path:
+        """Write the candidate as a standard PEFT adapter dir (atomically)."""
+        tensors = {}
+        for name, (a, b) in self.factors(z).items():
+            tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = a.contiguous()
+            tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = b.contiguous()
+        with atomic_directory(out_dir) as tmp:
+            save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+            (tmp / ADAPTER_CONFIG).write_text(json.dumps(self.adapter_config, indent=2) + "\n")
+        return Path(out_dir)
+
+
+def read_peft_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    adapter_dir = Path(adapter_dir)
+    cfg_path, weights_path = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
+    if not cfg_path.is_file() or not weights_path.is_file():
+        raise EssaError(f"{adapter_dir} is not a PEFT adapter dir (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+    try:
+        config = json.loads(cfg_path.read_text())
+        tensors = load_file(str(weights_path))
+    except Exception as exc:  # noqa: BLE001 - corrupt user file: report it in one line
+        raise EssaError(f"cannot read adapter {adapter_dir}: {type(exc).__name__}: {exc}") from exc
+    if config.get("peft_type", "LORA") != "LORA":
+        raise EssaError(f"adapter {adapter_dir} is a {config.get('peft_type')} adapter; ESSA needs LoRA")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise EssaError(f"adapter {adapter_dir} uses per-module rank/alpha patterns, which are not supported")
+    return config, tensors
+
+
+def _group_factors(tensors: dict[str, torch.Tensor], adapter_dir: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Pair lora_A / lora_B tensors by module name (PEFT key layout, with or without adapter name)."""
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        for part in ("lora_A", "lora_B"):
+            marker = f".{part}."
+            if marker in key:
+                name = key.split(marker)[0].removeprefix(_PEFT_PREFIX)
+                found.setdefault(name, {})[part] = value.float()
+    factors = {}
+    for name in sorted(found, key=_natural_key):
+        parts = found[name]
+        if set(parts) != {"lora_A", "lora_B"}:
+            raise EssaError(f"adapter {adapter_dir}: module {name} lacks lora_A or lora_B weights")
+        factors[name] = (parts["lora_A"], parts["lora_B"])
+    return factors
+
+
+def _natural_key(name: str) -> list[Any]:
+    # "layers.10" sorts after "layers.9": modules in model order.
+    return [int(t) if t.isdigit() else t for t in name.split(".")]
+
+
+def _lora_scale(config: dict[str, Any], rank: int) -> float:
+    if rank <= 0:
+        raise EssaError("adapter_config.json has no positive rank 'r'")
+    alpha = float(config.get("lora_alpha", rank))
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def check_adapter_fits_model(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], model: torch.nn.Module,
+                             adapter_dir: Any) -> None:
+    modules = dict(model.named_modules())
+    for name, (a, b) in factors.items():
+        module = modules.get(name)
+        if not isinstance(module, torch.nn.Linear):
+            raise EssaError(f"adapter {adapter_dir} targets '{name}', which is not a linear layer of this "
+                            f"model (was the adapter trained on another model?)")
+        if a.shape[1] != module.in_features or b.shape[0] != module.out_features:
+            raise EssaError(f"adapter {adapter_dir}: module {name} factors are {tuple(b.shape)} x {tuple(a.shape)} "
+                            f"but the model's layer is {module.out_features} x {module.in_features}")

@@ -1,0 +1,232 @@
+"""Ask/tell optimizers: they optimize, reproduce per seed, resume exactly, and reject bad input."""
+
+from __future__ import annotations
+
+import pickle
+
+import cma
+import numpy as np
+import pytest
+
+from essa.errors import EssaError
+from essa.optim import KINDS, make_optimizer
+
+DIM, POP = 10, 16
+TARGET = np.random.default_rng(1).normal(0.0, 0.5, DIM)
+
+
+def sphere(x: np.ndarray) -> np.ndarray:
+    return -np.sum((x - TARGET) ** 2, axis=-1)
+
+
+def make(kind: str, seed: int = 0, dim: int = DIM, popsize: int = POP):
+    return make_optimizer(kind, dim, popsize, sigma0=0.3, seed=seed, lr=0.05)
+
+
+def run(opt, generations: int, fitness=sphere) -> list[np.ndarray]:
+    asked = []
+    for _ in range(generations):
+        x = opt.ask()
+        asked.append(x)
+        opt.tell(x, fitness(x))
+    return asked
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_improves_sphere(kind):
+    opt = make(kind)
+    np.testing.assert_array_equal(opt.mean, np.zeros(DIM))
+    start = -sphere(opt.mean)
+    run(opt, 40)
+    assert -sphere(opt.mean) < 0.1 * start
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("popsize", [2, 7, 16])
+def test_ask_shape_and_dtype(kind, popsize):
+    x = make(kind, popsize=popsize).ask()
+    assert x.shape == (popsize, DIM)
+    assert x.dtype == np.float64
+    assert np.all(np.isfinite(x))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_same_seed_same_asks_despite_global_numpy_use(kind):
+    a, b = make(kind, seed=3), make(kind, seed=3)
+    for gen in range(5):
+        np.random.seed(gen)  # other code reseeding and drawing from the global state
+        xa = a.ask()
+        np.random.rand(17)
+        xb = b.ask()
+        np.testing.assert_array_equal(xa, xb)
+        a.tell(xa, sphere(xa))
+        np.random.randn(3)
+        b.tell(xb, sphere(xb))
+        np.testing.assert_array_equal(a.mean, b.mean)
+    assert not np.array_equal(make(kind, seed=3).ask(), make(kind, seed=4).ask())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_leaves_global_numpy_state_alone(kind):
+    np.random.seed(123)
+    before = np.random.get_state()
+    opt = make(kind)
+    run(opt, 3)
+    after = np.random.get_state()
+    assert before[0] == after[0]
+    np.testing.assert_array_equal(before[1], after[1])
+    assert before[2:] == after[2:]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_exact_resume_after_pickle(kind):
+    total, split = 12, 5
+    straight = make(kind, seed=7)
+    head = run(straight, split)
+    state = pickle.loads(pickle.dumps(straight.state_dict()))
+    tail = run(straight, total - split)  # must not disturb the saved state
+
+    resumed = make(kind, seed=99)  # a different seed: the loaded state must win
+    resumed.load_state_dict(state)
+    tail_resumed = run(resumed, total - split)
+
+    assert len(head) == split
+    for x, y in zip(tail, tail_resumed):
+        np.testing.assert_array_equal(x, y)
+    np.testing.assert_array_equal(straight.mean, resumed.mean)
+    assert straight.sigma == resumed.sigma
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_workers_regenerate_candidates_from_shared_state(kind):
+    leader = make(kind, seed=5)
+    run(leader, 3)
+    shared = leader.state_dict()
+    workers = [make(kind, seed=i) for i in range(2)]
+    for w in workers:
+        w.load_state_dict(shared)
+    x = leader.ask()
+    fitness = sphere(x)
+    leader.tell(x, fitness)
+    for w in workers:
+        xw = w.ask()
+        np.testing.assert_array_equal(xw, x)
+        w.tell(xw, fitness)  # every worker applies the same update from gathered fitness
+        np.testing.assert_array_equal(w.mean, leader.mean)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_update_depends_only_on_fitness_ranks(kind):
+    a, b = make(kind, seed=2), make(kind, seed=2)
+    run(a, 4, fitness=sphere)
+    run(b, 4, fitness=lambda x: np.exp(sphere(x)) * 5.0 + 1.0)  # same order, other scale
+    np.testing.assert_allclose(a.mean, b.mean, rtol=0, atol=1e-12)
+
+
+def test_sep_cma_covariance_is_diagonal():
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(5, 5)))
+    hessian = q @ np.diag([1.0, 10.0, 1e2, 1e3, 1e4]) @ q.T
+
+    def rotated_ellipsoid(x):
+        d = x - 1.0
+        return -np.einsum("ij,jk,ik->i", d, hessian, d)
+
+    full, sep = make("cma", dim=5, popsize=10), make("sep-cma", dim=5, popsize=10)
+    run(full, 60, rotated_ellipsoid)
+    run(sep, 60, rotated_ellipsoid)
+
+    assert sep._es.opts["CMA_diagonal"] is True
+    assert not isinstance(sep._es.sm, cma.sampler.GaussFullSampler)
+    assert np.ptp(sep._es.sigma_vec.scaling) > 0  # per-coordinate variances did adapt
+    assert isinstance(full._es.sm, cma.sampler.GaussFullSampler)
+    off_diagonal = full._es.C - np.diag(np.diag(full._es.C))
+    assert np.abs(off_diagonal).max() > 1e-3
+
+
+def test_cma_keeps_asking_after_pycma_would_stop():
+    opt = make("cma", dim=3, popsize=4)
+    for _ in range(500):
+        x = opt.ask()
+        opt.tell(x, np.zeros(4))  # flat fitness trips pycma's termination criteria
+        if opt._es.stop():
+            break
+    assert opt._es.stop()
+    for _ in range(5):
+        x = opt.ask()
+        assert x.shape == (4, 3) and np.all(np.isfinite(x))
+        opt.tell(x, sphere(np.pad(x, ((0, 0), (0, DIM - 3)))))
+
+
+@pytest.mark.parametrize("popsize", [6, 7])
+def test_openai_es_samples_are_mirrored(popsize):
+    opt = make("openai-es", popsize=popsize)
+    run(opt, 2)
+    noise = opt.ask() - opt.mean
+    half = popsize // 2
+    np.testing.assert_allclose(noise[:half], -noise[(popsize + 1) // 2 :][:half], atol=1e-12)
+    assert opt.sigma == 0.3  # fixed step size
+
+
+def test_openai_es_ties_share_ranks():
+    opt = make("openai-es", popsize=8)
+    x = opt.ask()
+    opt.tell(x, np.ones(8))  # flat rewards carry no direction
+    np.testing.assert_array_equal(opt.mean, np.zeros(DIM))
+    x = opt.ask()
+    f = np.array([0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0])
+    opt.tell(x, f)
+    win = x[f == 1].mean(axis=0)
+    assert np.dot(opt.mean, win - x.mean(axis=0)) > 0  # moves towards the rewarded samples
+
+
+def test_invalid_arguments_raise_essa_error():
+    with pytest.raises(EssaError, match="unknown optimizer"):
+        make_optimizer("adam", DIM, POP, 0.3, 0)
+    with pytest.raises(EssaError, match="popsize"):
+        make_optimizer("openai-es", DIM, 1, 0.3, 0)
+    with pytest.raises(EssaError, match="sigma0"):
+        make_optimizer("cma", DIM, POP, 0.0, 0)
+    with pytest.raises(EssaError, match="dimension"):
+        make_optimizer("sep-cma", 0, POP, 0.3, 0)
+    with pytest.raises(EssaError, match="seed"):
+        make_optimizer("cma", DIM, POP, 0.3, -1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tell_rejects_bad_shapes_and_values(kind):
+    opt = make(kind)
+    x = opt.ask()
+    f = sphere(x)
+    with pytest.raises(EssaError, match="candidates"):
+        opt.tell(x[:-1], f[:-1])
+    with pytest.raises(EssaError, match="candidates"):
+        opt.tell(x[:, :-1], f)
+    with pytest.raises(EssaError, match="fitness"):
+        opt.tell(x, f[:-1])
+    with pytest.raises(EssaError, match="fitness"):
+        opt.tell(x, f[:, None])
+    with pytest.raises(EssaError, match="NaN"):
+        opt.tell(x, np.where(np.arange(POP) == 0, np.nan, f))
+    np.testing.assert_array_equal(opt.mean, np.zeros(DIM))  # rejected tells changed nothing
+
+
+@pytest.mark.parametrize("kind", ["cma", "sep-cma"])
+def test_cma_tell_needs_a_preceding_ask(kind):
+    opt = make(kind)
+    x = np.zeros((POP, DIM))
+    with pytest.raises(EssaError, match="ask"):
+        opt.tell(x, sphere(x))
+    x = opt.ask()
+    opt.tell(x, sphere(x))
+    with pytest.raises(EssaError, match="ask"):
+        opt.tell(x, sphere(x))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_load_state_rejects_mismatched_optimizer(kind):
+    other = "openai-es" if kind != "openai-es" else "cma"
+    with pytest.raises(EssaError, match="state"):
+        make(kind).load_state_dict(make(other).state_dict())
+    with pytest.raises(EssaError, match="state"):
+        make(kind, dim=DIM + 1).load_state_dict(make(kind).state_dict())

@@ -1,0 +1,269 @@
+"""LoRA SFT warm start: label masking, batching, training, the saved PEFT adapter, failures."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import peft
+import pytest
+import torch
+from helpers import EOS_ID, PAD_ID, tiny_llama, tiny_tokenizer
+from safetensors.torch import load_file
+
+import essa.sft as sft_mod
+from essa.config import LoraConfig, SftConfig
+from essa.errors import EssaError
+from essa.sft import IGNORE_INDEX, Encoded, batch_stream, collate, encode_example, run_sft, total_steps
+from essa.tasks import Example, Task, format_prompt
+
+torch.set_num_threads(1)
+
+PAIRS = [("a", "b"), ("c", "d"), ("e", "f"), ("g", "h")]
+
+
+class PairTask(Task):
+    """Fixed prompt -> one-letter answer pairs; reward is exact match."""
+
+    name = "pairs"
+
+    def __init__(self, pairs: list[tuple[str, str]]) -> None:
+        self.pairs = pairs
+
+    def split(self, name: str) -> list[Example]:
+        if name != "sft":
+            return []
+        return [Example(prompt=p, answer=t, target=t) for p, t in self.pairs]
+
+    def reward(self, completion: str, example: Example) -> float:
+        return float(completion.strip() == example.answer)
+
+
+def _base():
+    """tiny_llama with a larger output head: at its default init scale the logits cannot move
+    far whatever the attention layers do, which hides whether training works."""
+    model = tiny_llama()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)
+    return model
+
+
+def _lora(targets=("q_proj", "v_proj")) -> LoraConfig:
+    return LoraConfig(rank=4, lora_alpha=8.0, targets=list(targets), dropout=0.0)
+
+
+def _sft(**kw) -> SftConfig:
+    return SftConfig(**{"epochs": 1000.0, "lr": 3e-2, "batch_size": 4, "max_steps": 25, "seed": 0, **kw})
+
+
+def _task_loss(model, tokenizer, task: Task) -> float:
+    """Mean completion-token loss of `model` on the task's sft split (one batch)."""
+    items = [encode_example(tokenizer, format_prompt(tokenizer, task, ex), ex.target, 256)
+             for ex in task.split("sft")]
+    with torch.no_grad():
+        return model(**collate(items, PAD_ID)).loss.item()
+
+
+def _probe_logits(model, tokenizer) -> torch.Tensor:
+    ids = tokenizer(["<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\nb"],
+                    add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+# --- tokenization and batching -------------------------------------------------------------
+
+def test_encode_example_masks_prompt_and_appends_eos():
+    tok = tiny_tokenizer()
+    enc = encode_example(tok, "<|im_start|>user\nab<|im_end|>\n", "xy", max_length=256)
+    prompt_ids = tok("<|im_start|>user\nab<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    target_ids = tok("xy", add_special_tokens=False)["input_ids"]
+    assert enc.input_ids == prompt_ids + target_ids + [EOS_ID]
+    assert enc.labels == [IGNORE_INDEX] * len(prompt_ids) + target_ids + [EOS_ID]
+
+
+def test_encode_example_truncates_to_max_length():
+    tok = tiny_tokenizer()
+    enc = encode_example(tok, "abcd", "xyz", max_length=5)
+    assert len(enc.input_ids) == len(enc.labels) == 5
+    assert enc.labels[:4] == [IGNORE_INDEX] * 4
+    assert enc.labels[4] == tok.convert_tokens_to_ids("x")
+
+
+def test_collate_right_pads_and_ignores_padding():
+    items = [Encoded([5, 6, 7], [IGNORE_INDEX, 6, 7]), Encoded([8, 9], [IGNORE_INDEX, 9])]
+    batch = collate(items, pad_id=PAD_ID)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 9, PAD_ID]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [IGNORE_INDEX, 9, IGNORE_INDEX]]
+
+
+def test_total_steps_fractional_epochs_and_cap():
+    assert total_steps(10, SftConfig(epochs=1.0, batch_size=4)) == 3
+    assert total_steps(10, SftConfig(epochs=0.5, batch_size=4)) == 2
+    assert total_steps(10, SftConfig(epochs=0.01, batch_size=4)) == 1
+    assert total_steps(10, SftConfig(epochs=5.0, batch_size=4, max_steps=7)) == 7
+    with pytest.raises(EssaError, match="max_steps"):
+        total_steps(10, SftConfig(max_steps=0))
+
+
+def test_batch_stream_covers_each_example_once_per_epoch_and_is_seeded():
+    items = [Encoded([i], [i]) for i in range(5)]
+    stream = batch_stream(items, batch_size=2, seed=3)
+    epoch = [next(stream) for _ in range(3)]
+    assert [len(b) for b in epoch] == [2, 2, 1]
+    assert sorted(e.input_ids[0] for b in epoch for e in b) == list(range(5))
+    again = batch_stream(items, batch_size=2, seed=3)
+    assert [[e.input_ids for e in next(again)] for _ in range(3)] == [[e.input_ids for e in b] for b in epoch]
+
+
+# --- training and the saved adapter --------------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
+def test_run_sft_trains_saves_loadable_adapter_and_leaves_base_unchanged(tmp_path, monkeypatch):
+    tok, model, task = tiny_tokenizer(), _base(), PairTask(PAIRS)
+    reference = copy.deepcopy(model.state_dict())
+    grads_before = {n: p.requires_grad for n, p in model.named_parameters()}
+    base_loss = _task_loss(model, tok, task)
+
+    trained = {}
+    real_unload = sft_mod.unload_lora
+
+    def spy_unload(peft_model):
+        peft_model.eval()
+        trained["logits"] = _probe_logits(peft_model, tok)
+        return real_unload(peft_model)
+
+    monkeypatch.setattr(sft_mod, "unload_lora", spy_unload)
+    rng_before = torch.random.get_rng_state()
+    out = tmp_path / "adapter"
+    result = run_sft(model, tok, task, _lora(), _sft(), out, progress=False)
+
+    assert torch.equal(torch.random.get_rng_state(), rng_before)  # caller's RNG untouched
+    assert result.adapter_dir == out and result.steps == 25
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+
+    # Base model: same weights, no LoRA layers left, same flags and mode.
+    assert not any("lora" in n for n, _ in model.named_modules())
+    assert model.state_dict().keys() == reference.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in reference.items())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads_before
+    assert not model.training
+
+    # The adapter on a fresh copy of the base reproduces the trained model and lowers the loss.
+    loaded = peft.PeftModel.from_pretrained(_base(), str(out)).eval()
+    torch.testing.assert_close(_probe_logits(loaded, tok), trained["logits"], rtol=0, atol=1e-5)
+    assert not torch.allclose(_probe_logits(model, tok), trained["logits"], atol=1e-3)
+    tuned_loss = _task_loss(loaded, tok, task)
+    assert tuned_loss < 0.5 * base_loss
+
+    metrics = json.loads((out / "sft_metrics.json").read_text())
+    assert metrics["steps"] == 25 and metrics["examples"] == len(PAIRS)
+    assert len(metrics["losses"]) == 25 and metrics["final_loss"] == result.final_loss
+    assert metrics["final_loss"] < metrics["losses"][0]
+    assert metrics["mean_loss"] == pytest.approx(sum(metrics["losses"]) / 25)
+
+
+def test_adapter_config_records_rank_alpha_targets(tmp_path):
+    out = tmp_path / "adapter"
+    lora = LoraConfig(rank=2, lora_alpha=5.0, targets=["k_proj", "o_proj", "up_proj"], dropout=0.1)
+    run_sft(tiny_llama(), tiny_tokenizer(), PairTask(PAIRS), lora, _sft(max_steps=2), out, progress=False)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 2 and config["lora_alpha"] == 5.0 and config["lora_dropout"] == 0.1
+    assert set(config["target_modules"]) == {"k_proj", "o_proj", "up_proj"}
+    assert config["task_type"] == "CAUSAL_LM" and config["peft_type"] == "LORA"
+    tensors = load_file(out / "adapter_model.safetensors")
+    adapted = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in tensors}
+    assert adapted == {"k_proj", "o_proj", "up_proj"}
+    assert all(t.shape[0] == 2 for n, t in tensors.items() if "lora_A" in n)
+
+
+def test_same_seed_gives_identical_adapter_other_seed_differs(tmp_path):
+    reused = tiny_llama()
+
+    def weights(seed, name, model):
+        torch.manual_seed(len(name) * 1000 + ord(name[0]))  # the global RNG state must not matter
+        run_sft(model, tiny_tokenizer(), PairTask(PAIRS), _lora(), _sft(max_steps=3, seed=seed),
+                tmp_path / name, progress=False)
+        return load_file(tmp_path / name / "adapter_model.safetensors")
+
+    # The second run reuses the first run's model object: it must come back fit for another run.
+    first, second = weights(0, "a", reused), weights(0, "bb", reused)
+    other = weights(1, "c", tiny_llama())
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_rerun_replaces_existing_adapter_dir(tmp_path):
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    run_sft(tiny_llama(), tiny_tokenizer(), PairTask(PAIRS), _lora(), _sft(max_steps=1), out, progress=False)
+    assert not (out / "stale.txt").exists() and (out / "adapter_config.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temp dirs left behind
+
+
+# --- failures ------------------------------------------------------------------------------
+
+def _no_training(*args, **kwargs):
+    raise AssertionError("training must not start")
+
+
+def test_missing_target_names_it_and_lists_linear_layers(tmp_path, monkeypatch):
+    monkeypatch.setattr(sft_mod, "train_loop", _no_training)
+    model = tiny_llama()
+    with pytest.raises(EssaError) as err:
+        run_sft(model, tiny_tokenizer(), PairTask(PAIRS), _lora(["q_proj", "c_attn"]), _sft(),
+                tmp_path / "adapter", progress=False)
+    message = str(err.value)
+    assert "c_attn" in message and "q_proj" in message and "gate_proj" in message
+    assert "q_proj," not in message.split("linear layers")[0]  # only the missing one is named missing
+    assert not any("lora" in n for n, _ in model.named_modules())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_output_dir_fails_before_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(sft_mod, "train_loop", _no_training)
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a directory")
+    with pytest.raises(EssaError, match="not writable"):
+        run_sft(tiny_llama(), tiny_tokenizer(), PairTask(PAIRS), _lora(), _sft(),
+                blocker / "sub" / "adapter", progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["file.txt"]
+    assert blocker.read_text() == "not a directory"
+
+
+def test_bad_sft_settings_fail_before_writing(tmp_path):
+    with pytest.raises(EssaError, match="sft.max_steps"):
+        run_sft(tiny_llama(), tiny_tokenizer(), PairTask(PAIRS), _lora(), _sft(max_steps=0),
+                tmp_path / "out" / "adapter", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_empty_sft_split_fails_without_writing(tmp_path, monkeypatch):
+    monkeypatch.setattr(sft_mod, "train_loop", _no_training)
+    out = tmp_path / "out" / "adapter"
+    with pytest.raises(EssaError, match="empty 'sft' split"):
+        run_sft(tiny_llama(), tiny_tokenizer(), PairTask([]), _lora(), _sft(), out, progress=False)
+    assert not out.exists()
+
+
+def test_failed_training_leaves_base_model_without_lora(tmp_path, monkeypatch):
+    def exploding(*args, **kwargs):
+        raise EssaError("SFT loss became nan")
+
+    monkeypatch.setattr(sft_mod, "train_loop", exploding)
+    model = tiny_llama()
+    reference = copy.deepcopy(model.state_dict())
+    with pytest.raises(EssaError, match="nan"):
+        run_sft(model, tiny_tokenizer(), PairTask(PAIRS), _lora(), _sft(), tmp_path / "a", progress=False)
+    assert not any("lora" in n for n, _ in model.named_modules())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in reference.items())
+    assert not (tmp_path / "a").exists()
+
+
+def test_progress_bar_shows_loss_on_stderr(tmp_path, capsys):
+    run_sft(tiny_llama(), tiny_tokenizer(), PairTask(PAIRS), _lora(), _sft(max_steps=2), tmp_path / "a",
+            progress=True)
+    captured = capsys.readouterr()
+    assert "loss=" in captured.err and "loss=" not in captured.out
