@@ -267,3 +267,16 @@ def test_progress_bar_shows_loss_on_stderr(tmp_path, capsys):
             progress=True)
     captured = capsys.readouterr()
     assert "loss=" in captured.err and "loss=" not in captured.out
+
+
+def test_completion_loss_equals_full_model_loss():
+    from essa.sft import completion_loss
+
+    model = tiny_llama(seed=3)
+    items = [Encoded(list(range(5, 5 + n)), [IGNORE_INDEX] * (n - k) + list(range(5 + n - k, 5 + n)))
+             for n, k in [(12, 4), (9, 3), (15, 6)]]
+    batch = collate(items, PAD_ID)
+    with torch.no_grad():
+        full = model(**batch).loss
+        ours = completion_loss(model, batch)
+    assert torch.allclose(full, ours, atol=1e-6)

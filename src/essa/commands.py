@@ -85,9 +85,9 @@ def run_train(cfg: Config, resume: bool = False, progress: bool = True,
     if not resume and (Path(cfg.output_dir) / CHECKPOINT).exists():
         raise EssaError(f"{cfg.output_dir} already holds an ESSA run; pass --resume to continue it "
                         "or choose another output_dir")
-    run_dir = _prepare_run_dir(cfg)
     model, tokenizer = model_and_tokenizer or load_model(cfg.model)
     space = SvdLoraSpace.from_adapter(adapter_dir, cfg.essa.alpha, model=model)
+    run_dir = _prepare_run_dir(cfg)
     _say(space.describe())
     backend = LocalBackend(model, tokenizer, space, cfg.generation)
     try:

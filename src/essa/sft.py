@@ -156,7 +156,7 @@ def train_loop(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], ste
     losses: list[float] = []
     bar = tqdm(total=steps, desc="sft", file=sys.stderr, disable=not progress, dynamic_ncols=True)
     for _, batch in zip(range(steps), batches):
-        loss = model(**batch).loss
+        loss = completion_loss(model, batch)
         if not torch.isfinite(loss):
             bar.close()
             raise EssaError(f"SFT loss became {loss.item()} at step {len(losses) + 1}: lower sft.lr")
@@ -170,6 +170,23 @@ def train_loop(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], ste
         bar.update()
     bar.close()
     return losses
+
+
+def completion_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token loss on the labelled (completion) positions.
+
+    The output head runs only from the first labelled position on (`logits_to_keep`): prompts are
+    most of each sequence, and a 49k-vocab head on every prompt token would be wasted work.
+    """
+    labels = batch["labels"]
+    labelled = (labels != IGNORE_INDEX).any(dim=0).nonzero()
+    first = max(int(labelled[0]) - 1, 0) if len(labelled) else 0
+    keep = torch.arange(first, labels.shape[1] - 1, device=labels.device)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   logits_to_keep=keep).logits
+    targets = labels[:, keep + 1]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                             ignore_index=IGNORE_INDEX)
 
 
 def _lr_factor(step: int, warmup: int, steps: int) -> float:

@@ -26,6 +26,9 @@ TaskFactory = Callable[["TaskConfig"], Task]
 _REGISTRY: dict[str, TaskFactory] = {}
 _BUILTINS = {
     "arithmetic": "essa.tasks.arithmetic:ArithmeticTask",
+    "ifeval": "essa.tasks.ifeval:IfevalTask",
+    "reward_model": "essa.tasks.reward_model:RewardModelTask",
+    "helpsteer2": "essa.tasks.reward_model:HelpSteer2Task",
 }
 
 __all__ = [

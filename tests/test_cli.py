@@ -1,0 +1,155 @@
+"""The `essa` command line end to end on a tiny model: commands, outputs, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import peft
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from adapters import make_random_adapter
+from essa.cli import main
+from helpers import make_tiny_model_dir, tiny_llama
+
+torch.set_num_threads(1)
+
+SMALL = [
+    "task.sft_size=16", "task.train_size=16", "task.validation_size=4", "task.test_size=4",
+    "lora.rank=4", "sft.batch_size=8", "generation.max_new_tokens=4", "essa.popsize=4",
+    "essa.prompts_per_generation=2", "essa.generations=2", "essa.eval_every=1", "--quiet",
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_model_dir(tmp_path_factory.mktemp("m") / "tiny")
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def last_json(out):
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_sft_train_eval_export_pipeline(capsys, model_dir, tmp_path):
+    sft_dir, run_dir = tmp_path / "sft", tmp_path / "run"
+    code, out, _ = run(capsys, "sft", f"model.name={model_dir}", f"output_dir={sft_dir}", *SMALL)
+    assert code == 0 and (sft_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert yaml.safe_load((sft_dir / "config.yaml").read_text())["lora"]["rank"] == 4
+
+    code, out, _ = run(capsys, "train", f"model.name={model_dir}", f"adapter={sft_dir}",
+                       f"output_dir={run_dir}", *SMALL)
+    summary = last_json(out)
+    assert code == 0 and summary["generations"] == 2 and summary["search_dim"] == 8 * 2 * 4
+    for name in ("metrics.jsonl", "checkpoint.pkl", "report.md", "reward_vs_wallclock.png", "config.yaml"):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "reward_vs_wallclock.png").read_bytes()[:4] == b"\x89PNG"
+
+    records = tmp_path / "records.jsonl"
+    code, out, _ = run(capsys, "eval", f"model.name={model_dir}", f"adapter={run_dir}", "--split", "validation",
+                       "--records", records, *SMALL)
+    metrics = last_json(out)
+    assert code == 0 and metrics["examples"] == 4 and 0.0 <= metrics["accuracy"] <= 1.0
+    assert len(records.read_text().splitlines()) == 4
+
+    code, _, _ = run(capsys, "export", run_dir, "--out", tmp_path / "exported")
+    assert code == 0 and (tmp_path / "exported" / "adapter_config.json").is_file()
+
+
+def test_export_merge_matches_peft_logits(capsys, model_dir, tmp_path):
+    adapter = make_random_adapter(tiny_llama(seed=0), tmp_path / "adapter", rank=4)
+    code, _, err = run(capsys, "export", adapter, "--out", tmp_path / "merged", "--merge", "--model", model_dir)
+    assert code == 0, err
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    reference = peft.PeftModel.from_pretrained(tiny_llama(seed=0), str(adapter)).eval()
+    ids = torch.randint(5, 90, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (merged(input_ids=ids).logits - reference(input_ids=ids).logits).abs().max() < 1e-4
+
+
+def test_sampled_eval_reports_avg_and_pass_at_k(capsys, model_dir, tmp_path):
+    code, out, err = run(capsys, "eval", f"model.name={model_dir}", "generation.temperature=1.0", "--samples", 3,
+                         "--split", "test", "--limit", 2, *SMALL)
+    metrics = last_json(out)
+    assert code == 0, err
+    assert 0.0 <= metrics["avg@3"] <= metrics["pass@3"] <= 1.0
+
+
+def assert_clean_error(code, err, fragment):
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("essa: error:"), err
+    assert fragment in lines[0]
+
+
+def test_unknown_config_key(capsys, tmp_path):
+    code, _, err = run(capsys, "sft", "essa.popsiz=3", f"output_dir={tmp_path / 'out'}")
+    assert_clean_error(code, err, "unknown config key 'essa.popsiz'")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_key_in_config_file(capsys, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  nmae: x\n")
+    code, _, err = run(capsys, "train", "--config", cfg)
+    assert_clean_error(code, err, "model.nmae")
+
+
+@pytest.mark.parametrize("alpha", ["0", "1.5", "-1"])
+def test_alpha_outside_unit_interval(capsys, tmp_path, alpha):
+    code, _, err = run(capsys, "train", f"essa.alpha={alpha}", f"output_dir={tmp_path / 'out'}")
+    assert_clean_error(code, err, "essa.alpha must be in (0, 1]")
+    assert not (tmp_path / "out").exists()
+
+
+def test_adapter_not_matching_model(capsys, model_dir, tmp_path):
+    other = tiny_llama(seed=0, hidden_size=48)
+    adapter = make_random_adapter(other, tmp_path / "adapter", rank=4)
+    code, _, err = run(capsys, "train", f"model.name={model_dir}", f"adapter={adapter}",
+                       f"output_dir={tmp_path / 'run'}", *SMALL)
+    assert_clean_error(code, err, "model's layer is")
+    assert not (tmp_path / "run" / "checkpoint.pkl").exists()
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_sft_targets_not_in_model(capsys, model_dir, tmp_path):
+    code, _, err = run(capsys, "sft", f"model.name={model_dir}", "lora.targets=[c_attn]",
+                       f"output_dir={tmp_path / 'sft'}", *SMALL)
+    assert_clean_error(code, err, "c_attn")
+    assert not (tmp_path / "sft" / "adapter").exists()
+
+
+def test_unwritable_output_dir(capsys, model_dir, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    code, _, err = run(capsys, "sft", f"model.name={model_dir}", f"output_dir={blocker / 'sub'}", *SMALL)
+    assert_clean_error(code, err, "not writable")
+
+
+def test_empty_dataset(capsys, model_dir, tmp_path):
+    code, _, err = run(capsys, "sft", f"model.name={model_dir}", f"output_dir={tmp_path / 'sft'}", *SMALL,
+                       "task.sft_size=0")
+    assert_clean_error(code, err, "empty 'sft' split")
+    assert not (tmp_path / "sft").exists()
+
+
+def test_missing_model_path(capsys, tmp_path):
+    code, _, err = run(capsys, "eval", f"model.name={tmp_path / 'nope'}", "--limit", 1)
+    assert_clean_error(code, err, "not found")
+
+
+def test_resume_required_for_existing_run(capsys, model_dir, tmp_path):
+    adapter = make_random_adapter(tiny_llama(seed=0), tmp_path / "adapter", rank=4)
+    args = ["train", f"model.name={model_dir}", f"adapter={adapter}", f"output_dir={tmp_path / 'run'}", *SMALL]
+    assert run(capsys, *args)[0] == 0
+    code, _, err = run(capsys, *args)
+    assert_clean_error(code, err, "--resume")
+    code, out, _ = run(capsys, *args, "--resume", "essa.generations=3")
+    assert code == 0 and last_json(out)["generations"] == 3
