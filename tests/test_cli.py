@@ -153,3 +153,11 @@ def test_resume_required_for_existing_run(capsys, model_dir, tmp_path):
     assert_clean_error(code, err, "--resume")
     code, out, _ = run(capsys, *args, "--resume", "essa.generations=3")
     assert code == 0 and last_json(out)["generations"] == 3
+
+
+def test_plan_command_writes_table_and_plot(capsys, tmp_path):
+    code, out, _ = run(capsys, "plan", "--model-params", "32B", "--gpus", "1,16,128", "--out", tmp_path)
+    assert code == 0 and "speedup" in out and "Assumptions" in out
+    assert (tmp_path / "plan.png").is_file() and (tmp_path / "plan.json").is_file()
+    code, _, err = run(capsys, "plan", "--model-params", "32Q")
+    assert_clean_error(code, err, "32Q")

@@ -16,6 +16,9 @@ DEMO_CONFIG = "demo.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["plan"]:  # the planner parses its own options
+        return _guarded(lambda: _plan_main(argv[1:]))
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may sit between options (argparse only collects the leading run).
@@ -28,8 +31,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     _quiet_libraries()
+    return _guarded(lambda: args.func(args) or 0)
+
+
+def _guarded(run: Callable[[], int]) -> int:
+    """Run a command; user errors become one line on stderr and exit code 2."""
     try:
-        return args.func(args) or 0
+        return run()
     except EssaError as exc:
         print(f"essa: error: {exc}", file=sys.stderr)
         return 2
@@ -81,10 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="base model for --merge (default: the run's model.name)")
     p.set_defaults(func=_export)
 
-    p = sub.add_parser("plan", help="the paper's cost model: ESSA vs a gradient method at G GPUs",
-                       add_help=False)
-    p.add_argument("plan_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_plan)
+    sub.add_parser("plan", help="the paper's cost model: ESSA vs a gradient method at G GPUs "
+                   "(essa plan --help for its options)")
 
     p = sub.add_parser("fetch-model", help="download and convert the bundled model (for offline use later)")
     p.set_defaults(func=_fetch_model)
@@ -159,10 +165,10 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plan(args: argparse.Namespace) -> int:
+def _plan_main(argv: list[str]) -> int:
     from essa.plan import plan_main
 
-    return plan_main(args.plan_args)
+    return plan_main(argv)
 
 
 def _fetch_model(args: argparse.Namespace) -> int:
