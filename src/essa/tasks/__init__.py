@@ -26,6 +26,8 @@ TaskFactory = Callable[["TaskConfig"], Task]
 _REGISTRY: dict[str, TaskFactory] = {}
 _BUILTINS = {
     "arithmetic": "essa.tasks.arithmetic:ArithmeticTask",
+    "gsm8k": "essa.tasks.gsm8k:Gsm8kTask",
+    "math": "essa.tasks.math_task:MathTask",
     "ifeval": "essa.tasks.ifeval:IfevalTask",
     "reward_model": "essa.tasks.reward_model:RewardModelTask",
     "helpsteer2": "essa.tasks.reward_model:HelpSteer2Task",
