@@ -73,7 +73,7 @@ def test_population_generation_on_bundled_model(bundled, adapter_dir):
     try:
         completions = backend.evaluate(np.zeros((2, space.dim)), prompts)
     finally:
-        backend.population_model.remove()
+        backend.close()
     assert len(completions) == 2 and all(len(c) == 2 for c in completions)
     assert completions[0] == completions[1]  # identical candidates, identical greedy text
     assert all(text.strip() for text in completions[0])

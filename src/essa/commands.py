@@ -89,12 +89,12 @@ def run_train(cfg: Config, resume: bool = False, progress: bool = True,
     space = SvdLoraSpace.from_adapter(adapter_dir, cfg.essa.alpha, model=model)
     run_dir = _prepare_run_dir(cfg)
     _say(space.describe())
-    backend = LocalBackend(model, tokenizer, space, cfg.generation)
+    backend = _training_backend(cfg, model, tokenizer, space, adapter_dir)
     try:
         trainer = EssaTrainer(backend, tokenizer, task, cfg.essa, space.dim, run_dir, progress=progress)
         result = trainer.run(resume=resume)
     finally:
-        backend.population_model.remove()
+        backend.close()
     space.save_adapter(result.final_z, run_dir / "adapter")
     np.save(run_dir / "final_offsets.npy", result.final_z)
     plot_training(result.state.history, run_dir / PLOT, title=f"ESSA on {task.name}")
@@ -109,6 +109,17 @@ def run_train(cfg: Config, resume: bool = False, progress: bool = True,
                         "of the optimizer mean, the best candidate and the best validated mean."])
     atomic_write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def _training_backend(cfg: Config, model: Any, tokenizer: Any, space: SvdLoraSpace, adapter_dir: Path) -> Any:
+    if cfg.backend.kind == "ray":
+        from essa.backends.ray_backend import RayPopulationEvaluator
+
+        _say(f"starting {cfg.backend.workers} Ray workers")
+        return RayPopulationEvaluator(cfg.model, str(adapter_dir), cfg.essa.alpha, cfg.generation, cfg.task,
+                                      cfg.essa, num_workers=cfg.backend.workers, ray_address=cfg.backend.ray_address,
+                                      threads_per_worker=cfg.backend.threads_per_worker, log=_say)
+    return LocalBackend(model, tokenizer, space, cfg.generation)
 
 
 # -- eval ----------------------------------------------------------------------------------------
@@ -129,8 +140,7 @@ def run_eval(cfg: Config, split: str = "test", samples: int = 1, limit: int | No
     try:
         result = evaluate_split(backend, tokenizer, task, examples, samples=samples, seed=cfg.essa.seed)
     finally:
-        if backend.population_model is not None:
-            backend.population_model.remove()
+        backend.close()
     metrics = {"task": task.name, "split": split, "model": cfg.model.name,
                "adapter": str(cfg.adapter) if space is not None else None, **result.metrics}
     if records_path is not None:

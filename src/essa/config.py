@@ -87,6 +87,16 @@ class SearchConfig:
 
 
 @dataclass
+class BackendConfig:
+    # local: this process (population-batched runtime); ray: a pool of Ray workers (paper Alg. 1).
+    kind: str = "local"
+    workers: int = 2
+    # Address of an existing Ray cluster; null starts a local one.
+    ray_address: str | None = None
+    threads_per_worker: int = 1
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -94,6 +104,7 @@ class Config:
     sft: SftConfig = field(default_factory=SftConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     essa: SearchConfig = field(default_factory=SearchConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
     # SFT adapter directory that `essa train` / `essa eval` start from.
     adapter: str | None = None
     output_dir: str = "runs/essa"
@@ -117,6 +128,8 @@ class Config:
             "set essa.generations or essa.time_budget_s (or both)",
             None,
         )
+        _check(self.backend.kind in ("local", "ray"), "backend.kind must be local or ray", self.backend.kind)
+        _check(self.backend.workers >= 1, "backend.workers must be >= 1", self.backend.workers)
         _check(self.lora.rank >= 1, "lora.rank must be >= 1", self.lora.rank)
         _check(bool(self.lora.targets), "lora.targets must not be empty", self.lora.targets)
         _check(self.generation.max_new_tokens >= 1, "generation.max_new_tokens must be >= 1",

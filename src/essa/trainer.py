@@ -97,13 +97,9 @@ class EssaTrainer:
     def _step(self, state: TrainState) -> None:
         gen = state.generation
         t0 = time.perf_counter()
-        population = self.optimizer.ask()
         batch = self._minibatch(gen)
-        completions = self.backend.evaluate(population, [self.train_prompts[i] for i in batch],
-                                            seed=self._seed(gen))
         stats = RewardStats()
-        rewards = score(self.task, completions, [self.train[i] for i in batch], stats)
-        fitness = rewards.mean(axis=1)
+        population, fitness = self._evaluate_generation(gen, batch, stats)
         self.optimizer.tell(population, fitness)
         best = int(np.argmax(fitness))
         if fitness[best] > state.best_fitness:
@@ -121,6 +117,16 @@ class EssaTrainer:
         if self.cfg.eval_every and state.generation % self.cfg.eval_every == 0:
             self._validate_mean(state)
         self._checkpoint(state)
+
+    def _evaluate_generation(self, gen: int, batch: np.ndarray, stats: RewardStats) -> tuple[np.ndarray, np.ndarray]:
+        """(population, fitness) of one generation; distributed backends regenerate candidates themselves."""
+        run_generation = getattr(self.backend, "run_generation", None)
+        if run_generation is not None:
+            result = run_generation(gen, self.optimizer, [int(i) for i in batch], self._seed(gen), stats)
+            return result.population, result.fitness
+        population = self.optimizer.ask()
+        completions = self.backend.evaluate(population, [self.train_prompts[i] for i in batch], seed=self._seed(gen))
+        return population, score(self.task, completions, [self.train[i] for i in batch], stats).mean(axis=1)
 
     def _minibatch(self, gen: int) -> np.ndarray:
         size = min(self.cfg.prompts_per_generation, len(self.train))

@@ -15,3 +15,12 @@ class Backend(Protocol):
     def evaluate(self, population: np.ndarray | None, prompts: list[str], seed: int = 0) -> list[list[str]]:
         """Completions for every (candidate, prompt) pair; `population` is (lambda, dim) offsets."""
         ...
+
+    def close(self) -> None:
+        """Release what the backend holds (wrapped layers, workers)."""
+        ...
+
+
+# A backend may also offer `run_generation(gen, optimizer, prompt_indices, seed, stats)`, returning
+# an object with `.population` and `.fitness`: then its workers regenerate the candidates from the
+# shared optimizer state and only (index, reward) pairs travel (the Ray backend does this).

@@ -30,6 +30,12 @@ class LocalBackend:
         self.progress = progress
         self.population_model = PopulationModel(model, space) if space is not None else None
 
+    def close(self) -> None:
+        """Unwrap the model's layers again, so the caller gets its plain model back."""
+        if self.population_model is not None:
+            self.population_model.remove()
+            self.population_model = None
+
     @property
     def dim(self) -> int:
         return self.space.dim if self.space is not None else 0
