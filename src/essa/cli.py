@@ -19,6 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["plan"]:  # the planner parses its own options
         return _guarded(lambda: _plan_main(argv[1:]))
+    if argv[:1] == ["compare"]:  # compare reads its own compare:/grpo: config sections
+        _quiet_libraries()
+        return _guarded(lambda: _compare_main(argv[1:]))
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may sit between options (argparse only collects the leading run).
@@ -89,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="base model for --merge (default: the run's model.name)")
     p.set_defaults(func=_export)
 
+    sub.add_parser("compare", help="ESSA vs GRPO from the same SFT adapter, same reward, prompts and budget "
+                   "(essa compare --help for its options)")
     sub.add_parser("plan", help="the paper's cost model: ESSA vs a gradient method at G GPUs "
                    "(essa plan --help for its options)")
 
@@ -163,6 +168,12 @@ def _export(args: argparse.Namespace) -> int:
     out = run_export(args.run_dir, args.out, merge=args.merge, model_name=args.model)
     print(json.dumps({"exported": str(out), "merged": args.merge}))
     return 0
+
+
+def _compare_main(argv: list[str]) -> int:
+    from essa.compare import compare_main
+
+    return compare_main(argv)
 
 
 def _plan_main(argv: list[str]) -> int:

@@ -1,0 +1,674 @@
+"""`essa compare`: ESSA vs GRPO from the same SFT adapter, same reward, same prompts, same budget.
+
+Protocol (what makes the comparison fair, and what the report claims):
+- One start adapter: the SFT adapter (trained once, or `adapter=PATH`), or with
+  `compare.svd_vectors: random` the same adapter with random orthonormal singular vectors and the
+  same singular values (the paper's Appendix E ablation). Both methods save the exact tensors they
+  start from (`essa/start_adapter`, `grpo/start_adapter`); the summary says whether they are equal.
+- One prompt stream: ESSA's mini-batch schedule over the task's train split. GRPO reads the same
+  stream in the same order, so after k steps both have seen the same first k batches.
+- One clock per method, counting training work only: ESSA generations (its validation passes are
+  taken off the clock by extending its budget by their duration), GRPO optimizer steps (snapshot
+  saves are off the clock). Each stops at the first step that ends past `compare.budget_s`.
+- Matched checkpoints: at every budget/`checkpoints` seconds each method snapshots its current
+  model (ESSA: the optimizer mean, no validation involved; GRPO: the current adapter). After
+  training, every snapshot is evaluated greedily by the same evaluator (the SVD-LoRA population
+  runtime with zero offsets) on the validation and the held-out test split. Selection
+  ("validation-best") reads validation accuracy only; the test split is only ever reported.
+- Peak memory: with `compare.isolate` (default) SFT, ESSA and GRPO each run in a fresh process
+  started with multiprocessing 'spawn'; each reports its own `ru_maxrss` right after training
+  (model load + training; evaluation comes later), so the two peaks are separable.
+
+Not implemented: SVD-GRPO (Adam on the singular-value offsets with a policy-gradient loss).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import multiprocessing
+import resource
+import sys
+import tempfile
+import time
+import typing
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from essa.config import Config, load_config
+from essa.errors import EssaError
+from essa.grpo import GrpoSettings
+from essa.io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    ensure_writable_dir,
+)
+from essa.svd_space import ADAPTER_WEIGHTS, SvdFactorPair, SvdLoraSpace
+
+log = logging.getLogger("essa.compare")
+COMPARE_CONFIG = "compare.yaml"
+REWARD_PLOT = "reward_vs_wallclock.png"
+ACCURACY_PLOT = "test_accuracy_vs_wallclock.png"
+# Upper bound on GRPO's prompt stream when compare.max_steps is unset (a 135M model on CPU
+# makes a few dozen steps in half an hour; a run that reaches this stops early and says so).
+STREAM_STEPS = 2000
+SVD_VECTORS = ("sft", "random")
+
+
+@dataclass
+class CompareSettings:
+    # Wall-clock seconds of training for each method.
+    budget_s: float = 1380.0
+    # Matched snapshots at budget * k / checkpoints, k = 1..checkpoints (plus t = 0 and the end).
+    checkpoints: int = 4
+    # Optional cap on ESSA generations and GRPO steps (null: the budget alone decides).
+    max_steps: int | None = None
+    # Singular vectors of the start adapter: the SFT adapter's own ("sft") or random orthonormal ones.
+    svd_vectors: str = "sft"
+    # Seed of the random singular vectors.
+    seed: int = 0
+    # Run SFT, ESSA and GRPO each in a fresh spawned process (separable peak memory).
+    isolate: bool = True
+
+    def validate(self) -> CompareSettings:
+        checks = [
+            (self.budget_s > 0, "compare.budget_s must be > 0", self.budget_s),
+            (self.checkpoints >= 1, "compare.checkpoints must be >= 1", self.checkpoints),
+            (self.max_steps is None or self.max_steps >= 1, "compare.max_steps must be >= 1 or null", self.max_steps),
+            (self.svd_vectors in SVD_VECTORS, "compare.svd_vectors must be sft or random", self.svd_vectors),
+        ]
+        for ok, message, value in checks:
+            if not ok:
+                raise EssaError(f"{message} (got {value!r})")
+        return self
+
+    def checkpoint_times(self) -> list[float]:
+        return [self.budget_s * k / self.checkpoints for k in range(1, self.checkpoints + 1)]
+
+
+# -- config --------------------------------------------------------------------------------------
+def load_compare_config(path: str | Path | None = None, overrides: list[str] | None = None
+                        ) -> tuple[Config, CompareSettings, GrpoSettings]:
+    """Packaged compare.yaml <- YAML file <- key=value overrides, for all three sections."""
+    packaged = yaml.safe_load(resources.files("essa").joinpath("configs", COMPARE_CONFIG).read_text())
+    user = _read_mapping(Path(path)) if path is not None else {}
+    sections: dict[str, dict[str, Any]] = {"compare": {}, "grpo": {}}
+    for source in (packaged, user):
+        for name, merged in sections.items():
+            part = source.pop(name, None) or {}
+            if not isinstance(part, dict):
+                raise EssaError(f"config key '{name}' is a section; give its keys, e.g. {name}.KEY: VALUE")
+            merged.update(part)
+    standard = []
+    for item in overrides or []:
+        head = item.split("=", 1)[0].split(".", 1)[0].strip()
+        if head in sections and "=" in item:
+            key, raw = item.split("=", 1)
+            if "." not in key:
+                raise EssaError(f"config key '{head}' is a section; give its keys, e.g. {head}.KEY=VALUE")
+            sections[head][key.split(".", 1)[1].strip()] = _yaml_value(raw)
+        else:
+            standard.append(item)
+    cfg = _config_from(user, standard, base=_config_from(packaged))
+    compare = _build_settings(CompareSettings, sections["compare"], "compare").validate()
+    grpo = _build_settings(GrpoSettings, sections["grpo"], "grpo").validate()
+    return cfg, compare, grpo
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise EssaError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise EssaError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise EssaError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _yaml_value(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def _config_from(data: dict[str, Any], overrides: list[str] | None = None, base: Config | None = None) -> Config:
+    """`load_config` on a mapping (it reads files, so the mapping goes through a temporary one)."""
+    with tempfile.TemporaryDirectory(prefix="essa-compare-") as tmp:
+        path = Path(tmp) / "config.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return load_config(path, overrides, base=base)
+
+
+def _build_settings(cls: type, data: dict[str, Any], section: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise EssaError(f"unknown config key '{section}.{unknown[0]}' (known: {', '.join(sorted(names))})")
+    return cls(**{k: _coerce(hints[k], v, f"{section}.{k}") for k, v in data.items()})
+
+
+def _coerce(tp: Any, value: Any, name: str) -> Any:
+    args = typing.get_args(tp)
+    if type(None) in args:
+        if value is None:
+            return None
+        tp = next(a for a in args if a is not type(None))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise EssaError(f"config key '{name}' must be true or false, got {value!r}")
+        return value
+    if tp in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (tp is int and value != int(value)):
+            raise EssaError(f"config key '{name}' must be {'an integer' if tp is int else 'a number'}, got {value!r}")
+        return tp(value)
+    if tp is str and (value is None or isinstance(value, (dict, list))):
+        raise EssaError(f"config key '{name}' must be a string, got {value!r}")
+    return str(value) if tp is str else value
+
+
+# -- the prompt stream and the start adapter --------------------------------------------------
+def essa_prompt_schedule(search: Any, n_train: int, steps: int) -> list[list[int]]:
+    """Train indices of ESSA's mini-batch for generations 0..steps-1 (its seeded sampling)."""
+    size = min(search.prompts_per_generation, n_train)
+    return [np.random.default_rng([search.seed, g]).choice(n_train, size=size, replace=False).tolist()
+            for g in range(steps)]
+
+
+def rechunk(schedule: list[list[int]], per_step: int) -> list[list[int]]:
+    """The same prompt stream, in the same order, cut into steps of `per_step` prompts."""
+    flat = [i for batch in schedule for i in batch]
+    return [flat[k:k + per_step] for k in range(0, len(flat) - per_step + 1, per_step)]
+
+
+def randomize_singular_vectors(space: SvdLoraSpace, seed: int) -> SvdLoraSpace:
+    """The same factor shapes, singular values and trainable counts, with random orthonormal U and V."""
+    gen = torch.Generator().manual_seed(seed)
+    pairs = []
+    for p in space.pairs:
+        (r, n), (m, _) = p.a.shape, p.b.shape
+        a = _orthonormal(r, r, gen) @ torch.diag(p.s_a) @ _orthonormal(n, r, gen).T
+        b = _orthonormal(m, r, gen) @ torch.diag(p.s_b) @ _orthonormal(r, r, gen).T
+        pairs.append(SvdFactorPair.decompose(p.name, a.to(p.a.dtype), b.to(p.b.dtype), p.trainable / p.rank,
+                                             p.scale))
+    return SvdLoraSpace(pairs, dict(space.adapter_config))
+
+
+def _orthonormal(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
+    """A (rows, cols) matrix with orthonormal columns, Haar-distributed (QR with sign fix)."""
+    q, r = torch.linalg.qr(torch.randn(rows, cols, generator=gen, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def same_adapter_tensors(dir_a: str | Path, dir_b: str | Path) -> bool:
+    """True when two PEFT adapter dirs hold the same tensor names with bit-identical values."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(Path(dir_a) / ADAPTER_WEIGHTS)), load_file(str(Path(dir_b) / ADAPTER_WEIGHTS))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- selection and time-to-target (validation picks, test only reports) -------------------------
+def validation_best(val_accuracies: list[float]) -> int:
+    """Index of the highest validation accuracy; ties go to the earliest snapshot."""
+    if not val_accuracies:
+        raise EssaError("no snapshots to select from")
+    return int(np.argmax(np.asarray(val_accuracies)))
+
+
+def time_to_target(points: list[dict[str, Any]], target: float) -> float | None:
+    """First snapshot time whose test accuracy reaches `target` (None: never within the budget)."""
+    for p in sorted(points, key=lambda p: p["time_s"]):
+        if p["test_accuracy"] >= target - 1e-12:
+            return p["time_s"]
+    return None
+
+
+# -- one method per process ---------------------------------------------------------------------
+def _quiet() -> None:
+    """A job's process shows our progress only: no weight-loading bars or library deprecation chatter."""
+    import warnings
+
+    import transformers
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def _run_job(isolate: bool, fn: Callable[..., dict[str, Any]], **kwargs: Any) -> dict[str, Any]:
+    if not isolate:
+        result = fn(**kwargs)
+        result["peak_rss_mb"] = None  # a shared process's high-water mark belongs to no one method
+        return result
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(fn, **kwargs).result()
+        except BrokenProcessPool as exc:
+            raise EssaError(f"the {fn.__name__.strip('_').removesuffix('_job')} process died: out of memory, or "
+                            "a script calling run_compare lacks the `if __name__ == '__main__':` guard") from exc
+
+
+def _sft_job(cfg: Config, progress: bool) -> dict[str, Any]:
+    from essa.commands import run_sft
+
+    _quiet()
+    t0 = time.perf_counter()
+    adapter = run_sft(cfg, progress=progress)
+    return {"adapter": str(adapter), "wall_clock_s": time.perf_counter() - t0, "peak_rss_mb": _peak_rss_mb()}
+
+
+class RecordingBackend:
+    """Wraps ESSA's backend: records the train prompts of each generation and keeps validation
+    passes off the clock (their duration is added to the trainer's budget)."""
+
+    def __init__(self, backend: Any, train_prompts: list[str], search: Any):
+        self.backend = backend
+        self.index = {p: i for i, p in enumerate(train_prompts)}
+        self.search = search
+        self.batches: list[list[int]] = []
+        self.validation_s = 0.0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.backend, name)
+
+    def evaluate(self, population: np.ndarray | None, prompts: list[str], seed: int = 0) -> list[list[str]]:
+        t0 = time.perf_counter()
+        out = self.backend.evaluate(population, prompts, seed=seed)
+        if population is not None and len(population) > 1:  # a generation (validation runs one candidate)
+            self.batches.append([self.index.get(p, -1) for p in prompts])
+        else:
+            spent = time.perf_counter() - t0
+            self.validation_s += spent
+            if self.search.time_budget_s is not None:
+                self.search.time_budget_s += spent
+        return out
+
+
+class EssaWatcher:
+    """`on_generation` hook: the training-only clock, per-generation rewards and mean snapshots."""
+
+    def __init__(self, recorder: RecordingBackend, times: list[float]):
+        self.recorder = recorder
+        self.times = list(times)
+        self.trainer: Any = None
+        self.last_t = 0.0  # the clock when the last generation ended
+        self.curve: list[dict[str, Any]] = []
+        self.snapshots: list[tuple[float, int, np.ndarray]] = []
+
+    def clock(self, state: Any) -> float:
+        return max(0.0, state.elapsed_s - self.recorder.validation_s)
+
+    def __call__(self, state: Any) -> None:
+        t = self.last_t = self.clock(state)
+        last = next(r for r in reversed(state.history) if "fitness_mean" in r)
+        self.curve.append({"step": state.generation, "wall_clock_s": round(t, 3),
+                           "reward_mean": last["fitness_mean"], "reward_max": last["fitness_max"]})
+        if self.times and t >= self.times[0]:
+            while self.times and t >= self.times[0]:
+                self.times.pop(0)
+            self.snapshots.append((t, state.generation, self.trainer.optimizer.mean.copy()))
+
+
+def _essa_job(cfg: Config, compare: CompareSettings, start_adapter: str, run_dir: str,
+              progress: bool) -> dict[str, Any]:
+    from essa.backends.local import LocalBackend
+    from essa.models import load_model
+    from essa.tasks import format_prompt, get_task
+    from essa.trainer import EssaTrainer
+
+    _quiet()
+    run_dir_p = ensure_writable_dir(run_dir)
+    model, tokenizer = load_model(cfg.model)
+    task = get_task(cfg.task)
+    space = SvdLoraSpace.from_adapter(start_adapter, cfg.essa.alpha, model=model)
+    space.save_adapter(np.zeros(space.dim), run_dir_p / "start_adapter")
+    search = dataclasses.replace(cfg.essa, time_budget_s=compare.budget_s, generations=compare.max_steps)
+    backend = LocalBackend(model, tokenizer, space, cfg.generation)
+    train_prompts = [format_prompt(tokenizer, task, ex) for ex in task.checked_split("train")]
+    recorder = RecordingBackend(backend, train_prompts, search)
+    watcher = EssaWatcher(recorder, compare.checkpoint_times())
+    try:
+        trainer = EssaTrainer(recorder, tokenizer, task, search, space.dim, run_dir_p, progress=progress,
+                              on_generation=watcher)
+        watcher.trainer = trainer
+        watcher.snapshots.append((0.0, 0, trainer.optimizer.mean.copy()))
+        result = trainer.run()
+        peak = _peak_rss_mb()
+        end_t = watcher.last_t
+        if watcher.snapshots[-1][1] != result.state.generation:
+            watcher.snapshots.append((end_t, result.state.generation, trainer.optimizer.mean.copy()))
+        space.save_adapter(result.final_z, run_dir_p / "adapter")
+        np.savez(run_dir_p / "snapshots.npz", **{f"t{i}": z for i, (_, _, z) in enumerate(watcher.snapshots)})
+        points = [dict(time_s=round(t, 3), step=g, **_accuracies(backend, tokenizer, task, z))
+                  for t, g, z in watcher.snapshots]
+        choice = {"choice": result.final_choice, "val_accuracy": result.validation[result.final_choice],
+                  "test_accuracy": _accuracies(backend, tokenizer, task, result.final_z, splits=("test",))
+                  ["test_accuracy"]}
+    finally:
+        backend.population_model.remove()
+    out = {"method": "essa", "steps": result.state.generation, "wall_clock_s": round(end_t, 3),
+           "stopped_by": _stopped_by(result.state.generation, compare.max_steps),
+           "validation_s_off_clock": round(recorder.validation_s, 3), "curve": watcher.curve, "points": points,
+           "prompts_used": recorder.batches, "trainer_choice": choice, "search_dim": space.dim,
+           "start_adapter": str(run_dir_p / "start_adapter"), "peak_rss_mb": peak,
+           "reward_failures": result.state.reward_failures}
+    atomic_write_json(run_dir_p / "result.json", out)
+    return out
+
+
+def _grpo_job(cfg: Config, compare: CompareSettings, grpo: GrpoSettings, start_adapter: str, run_dir: str,
+              schedule: list[list[int]], progress: bool) -> dict[str, Any]:
+    from essa.grpo import run_grpo
+    from essa.models import load_model
+    from essa.tasks import get_task
+
+    _quiet()
+    model, tokenizer = load_model(cfg.model)
+    task = get_task(cfg.task)
+    result = run_grpo(model, tokenizer, task, start_adapter, cfg, grpo, run_dir, budget_s=compare.budget_s,
+                      checkpoint_times=compare.checkpoint_times(), schedule=schedule,
+                      max_steps=compare.max_steps, progress=progress)
+    peak = _peak_rss_mb()
+    points = []
+    for snap in result.snapshots:
+        space = SvdLoraSpace.from_adapter(snap.adapter_dir, 1.0, model=model)
+        points.append(dict(time_s=snap.elapsed_s, step=snap.step, **_adapter_accuracies(model, tokenizer, task,
+                                                                                          space, cfg)))
+    stopped = "budget" if result.elapsed_s >= compare.budget_s else (
+        "max_steps" if compare.max_steps is not None else "prompt stream end")
+    out = {"method": "grpo", "steps": result.steps, "wall_clock_s": round(result.elapsed_s, 3),
+           "stopped_by": stopped, "curve": result.history, "points": points, "prompts_used": result.prompts_used,
+           "start_adapter": result.start_adapter, "peak_rss_mb": peak, "reward_failures": result.reward_failures,
+           "settings": dataclasses.asdict(grpo)}
+    atomic_write_json(Path(run_dir) / "result.json", out)
+    return out
+
+
+def _stopped_by(steps: int, max_steps: int | None) -> str:
+    return "max_steps" if max_steps is not None and steps >= max_steps else "budget"
+
+
+def _accuracies(backend: Any, tokenizer: Any, task: Any, z: np.ndarray | None,
+                splits: tuple[str, ...] = ("validation", "test")) -> dict[str, float]:
+    from essa.evaluate import evaluate_split
+
+    population = None if z is None else np.asarray(z)[None]
+    return {f"{'val' if s == 'validation' else s}_accuracy":
+            evaluate_split(backend, tokenizer, task, task.checked_split(s), population).metrics["accuracy"]
+            for s in splits}
+
+
+def _adapter_accuracies(model: Any, tokenizer: Any, task: Any, space: SvdLoraSpace, cfg: Config) -> dict[str, float]:
+    from essa.backends.local import LocalBackend
+
+    backend = LocalBackend(model, tokenizer, space, cfg.generation)
+    try:
+        return _accuracies(backend, tokenizer, task, None)
+    finally:
+        backend.population_model.remove()
+
+
+# -- the whole comparison -------------------------------------------------------------------------
+def run_compare(cfg: Config, compare_cfg: CompareSettings, grpo_cfg: GrpoSettings | None = None,
+                progress: bool = True) -> dict[str, Any]:
+    """SFT (or cfg.adapter) -> ESSA and GRPO from the same start -> plots, table, report in output_dir."""
+    from essa.commands import resolve_adapter_dir
+    from essa.tasks import get_task
+
+    compare_cfg.validate()
+    grpo_cfg = (grpo_cfg or GrpoSettings()).validate()
+    root = ensure_writable_dir(cfg.output_dir)
+    if any((root / name).exists() for name in ("essa", "grpo", "summary.json")):
+        raise EssaError(f"{root} already holds a comparison; choose another output_dir")
+    task = get_task(cfg.task)
+    for split in ("train", "validation", "test") + (() if cfg.adapter else ("sft",)):
+        task.checked_split(split)
+    _check_batches(cfg, grpo_cfg)
+    given = None if cfg.adapter is None else str(resolve_adapter_dir(cfg.adapter))
+    cfg.save(root / "config.yaml")
+    atomic_write_text(root / "compare.yaml", yaml.safe_dump(
+        {"compare": dataclasses.asdict(compare_cfg), "grpo": dataclasses.asdict(grpo_cfg)}, sort_keys=False))
+
+    sft = {"adapter": given, "wall_clock_s": None, "peak_rss_mb": None}
+    if given is None:
+        _say("1/3 LoRA SFT warm start")
+        sft = _run_job(compare_cfg.isolate, _sft_job, cfg=_with(cfg, output_dir=str(root / "sft")), progress=progress)
+    start = _start_adapter(Path(sft["adapter"]), cfg, compare_cfg, root)
+
+    schedule = essa_prompt_schedule(cfg.essa, len(task.checked_split("train")),
+                                    compare_cfg.max_steps or STREAM_STEPS)
+    per_step = grpo_cfg.prompts_per_step or len(schedule[0])
+    _say(f"2/3 ESSA for {compare_cfg.budget_s:.0f} s")
+    essa = _run_job(compare_cfg.isolate, _essa_job, cfg=cfg, compare=compare_cfg, start_adapter=str(start),
+                    run_dir=str(root / "essa"), progress=progress)
+    _say(f"3/3 GRPO for {compare_cfg.budget_s:.0f} s")
+    grpo = _run_job(compare_cfg.isolate, _grpo_job, cfg=cfg, compare=compare_cfg, grpo=grpo_cfg,
+                    start_adapter=str(start), run_dir=str(root / "grpo"),
+                    schedule=rechunk(schedule, per_step), progress=progress)
+    summary = summarize(cfg, compare_cfg, sft, essa, grpo, len(task.checked_split("test")))
+    write_outputs(root, summary, essa, grpo)
+    return summary
+
+
+def _check_batches(cfg: Config, grpo: GrpoSettings) -> None:
+    per_step = grpo.prompts_per_step or cfg.essa.prompts_per_generation
+    total = per_step * grpo.num_generations
+    if grpo.micro_batch_size is not None and total % grpo.micro_batch_size:
+        raise EssaError(f"grpo.micro_batch_size ({grpo.micro_batch_size}) must divide prompts_per_step x "
+                        f"num_generations ({per_step} x {grpo.num_generations} = {total})")
+
+
+def _start_adapter(sft_adapter: Path, cfg: Config, compare: CompareSettings, root: Path) -> Path:
+    if compare.svd_vectors == "sft":
+        return sft_adapter
+    space = SvdLoraSpace.from_adapter(sft_adapter, 1.0)
+    return randomize_singular_vectors(space, compare.seed).save_adapter(np.zeros(space.dim), root / "start_adapter")
+
+
+def summarize(cfg: Config, compare: CompareSettings, sft: dict[str, Any], essa: dict[str, Any],
+              grpo: dict[str, Any], test_examples: int) -> dict[str, Any]:
+    methods = {name: _method_row(res) for name, res in (("essa", essa), ("grpo", grpo))}
+    methods["essa"]["trainer_choice"] = essa["trainer_choice"]
+    e_final, g_final = methods["essa"]["final_test_accuracy"], methods["grpo"]["final_test_accuracy"]
+    return {
+        "model": cfg.model.name, "task": cfg.task.name, "budget_s": compare.budget_s,
+        "checkpoint_times_s": compare.checkpoint_times(), "svd_vectors": compare.svd_vectors,
+        "essa_decoding": "greedy" if cfg.generation.temperature <= 0 else f"T={cfg.generation.temperature}",
+        "test_examples": test_examples, "sft_adapter": sft["adapter"], "sft_wall_clock_s": sft["wall_clock_s"],
+        "sft_peak_rss_mb": sft["peak_rss_mb"],
+        "same_start_adapter": same_adapter_tensors(essa["start_adapter"], grpo["start_adapter"]),
+        "methods": methods,
+        "time_to_target": {
+            "essa_reaches_grpo_final_s": time_to_target(essa["points"], g_final), "grpo_final": g_final,
+            "grpo_reaches_essa_final_s": time_to_target(grpo["points"], e_final), "essa_final": e_final,
+        },
+    }
+
+
+def _method_row(res: dict[str, Any]) -> dict[str, Any]:
+    points = res["points"]
+    best = points[validation_best([p["val_accuracy"] for p in points])]
+    return {
+        "start_test_accuracy": points[0]["test_accuracy"], "final_test_accuracy": points[-1]["test_accuracy"],
+        "final_time_s": points[-1]["time_s"],
+        "validation_best": {"time_s": best["time_s"], "val_accuracy": best["val_accuracy"],
+                            "test_accuracy": best["test_accuracy"]},
+        "steps": res["steps"], "wall_clock_s": res["wall_clock_s"], "stopped_by": res["stopped_by"],
+        "peak_rss_mb": None if res["peak_rss_mb"] is None else round(res["peak_rss_mb"], 1),
+        "reward_failures": res["reward_failures"],
+    }
+
+
+# -- outputs --------------------------------------------------------------------------------------
+def write_outputs(root: Path, summary: dict[str, Any], essa: dict[str, Any], grpo: dict[str, Any]) -> None:
+    atomic_write_json(root / "summary.json", summary)
+    atomic_write_json(root / "comparison.json", {"methods": summary["methods"],
+                                                  "time_to_target": summary["time_to_target"]})
+    table = comparison_table(summary)
+    atomic_write_text(root / "comparison.md", table)
+    _plot(root / REWARD_PLOT, "training reward vs wall-clock", "mean training reward",
+          [(f"ESSA (population mean, {summary['essa_decoding']})", essa["curve"], "reward_mean"),
+           ("GRPO (sampled rollouts)", grpo["curve"], "reward_mean")])
+    _plot(root / ACCURACY_PLOT, f"held-out test accuracy vs wall-clock ({summary['test_examples']} problems)",
+          "test accuracy (greedy)",
+          [("ESSA (optimizer mean)", _as_curve(essa["points"]), "test_accuracy"),
+           ("GRPO (current adapter)", _as_curve(grpo["points"]), "test_accuracy")], markers=True)
+    atomic_write_text(root / "report.md", _report(summary, table))
+
+
+def _as_curve(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"wall_clock_s": p["time_s"], **p} for p in points]
+
+
+def comparison_table(summary: dict[str, Any]) -> str:
+    m, ttt = summary["methods"], summary["time_to_target"]
+
+    def cell(v: Any, unit: str) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return {"acc": f"{v:.3f}", "s": f"{v:.1f}", "MB": f"{v:.0f}"}[unit]
+        return str(v)
+
+    e, g = m["essa"], m["grpo"]
+    rows = [
+        ("test accuracy at start", "acc", e["start_test_accuracy"], g["start_test_accuracy"]),
+        ("final test accuracy", "acc", e["final_test_accuracy"], g["final_test_accuracy"]),
+        ("validation-best test accuracy", "acc", e["validation_best"]["test_accuracy"],
+         g["validation_best"]["test_accuracy"]),
+        ("  its validation accuracy", "acc", e["validation_best"]["val_accuracy"],
+         g["validation_best"]["val_accuracy"]),
+        ("  its wall-clock (s)", "s", e["validation_best"]["time_s"], g["validation_best"]["time_s"]),
+        ("time to the other's final test accuracy (s)", "s", ttt["essa_reaches_grpo_final_s"],
+         ttt["grpo_reaches_essa_final_s"]),
+        ("generations / optimizer steps", "s", e["steps"], g["steps"]),
+        ("training wall-clock (s)", "s", e["wall_clock_s"], g["wall_clock_s"]),
+        ("stopped by", "s", e["stopped_by"], g["stopped_by"]),
+        ("peak RSS, load + training (MB)", "MB", e["peak_rss_mb"], g["peak_rss_mb"]),
+    ]
+    lines = ["| | ESSA | GRPO |", "| --- | --- | --- |"]
+    lines += [f"| {name} | {cell(a, unit)} | {cell(b, unit)} |" for name, unit, a, b in rows]
+    lines += ["", "'-' in the time-to-target row: never reached within the budget."]
+    return "\n".join(lines) + "\n"
+
+
+def _report(summary: dict[str, Any], table: str) -> str:
+    m = summary["methods"]
+    choice = m["essa"]["trainer_choice"]
+    notes = [
+        f"Both methods start from `{summary['sft_adapter']}`"
+        + (" with random orthonormal singular vectors (same singular values)"
+           if summary["svd_vectors"] == "random" else "")
+        + f"; start tensors identical: {summary['same_start_adapter']}.",
+        f"Budget {summary['budget_s']:.0f} s of training each; matched snapshots at "
+        + ", ".join(f"{t:.0f}" for t in summary["checkpoint_times_s"]) + " s (plus the start and the end).",
+        "Both read the same prompt stream (ESSA's mini-batch schedule over the train split).",
+        ("Snapshots are evaluated greedily by one evaluator on the validation and the held-out test split. "
+         "'Validation-best' is chosen on validation accuracy only; the test split never selects anything."),
+        "Time-to-target uses snapshot times, so it is resolved only to the checkpoint spacing.",
+        (f"ESSA's own final choice ({choice['choice']}, picked on validation): test accuracy "
+         f"{choice['test_accuracy']:.3f}."),
+        "Peak RSS is each method's own process (multiprocessing 'spawn'), read after training."
+        if m["essa"]["peak_rss_mb"] is not None else "Peak RSS not measured (compare.isolate: false).",
+    ]
+    if summary["sft_wall_clock_s"] is not None:
+        notes.append(f"SFT warm start took {summary['sft_wall_clock_s']:.0f} s (not part of either budget).")
+    return "\n".join([
+        f"# ESSA vs GRPO: {summary['task']} on {summary['model']}", "", table,
+        f"![training reward vs wall-clock]({REWARD_PLOT})", "",
+        f"![held-out test accuracy vs wall-clock]({ACCURACY_PLOT})", "", "## Notes", "",
+        *[f"- {n}" for n in notes], "",
+    ])
+
+
+def _plot(path: Path, title: str, ylabel: str, series: list[tuple[str, list[dict[str, Any]], str]],
+          markers: bool = False) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for (label, rows, key), color in zip(series, ("tab:blue", "tab:red")):
+        xs = [r["wall_clock_s"] for r in rows if r.get(key) is not None]
+        ys = [r[key] for r in rows if r.get(key) is not None]
+        ax.plot(xs, ys, label=label, color=color, marker="o" if markers else None)
+    ax.set_xlabel("training wall-clock (s)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+# -- command line ---------------------------------------------------------------------------------
+def compare_main(argv: list[str]) -> int:
+    """`essa compare [--config FILE] [--quiet] [key=value ...]`: prints the summary as one JSON line."""
+    parser = argparse.ArgumentParser(prog="essa compare", description="ESSA vs GRPO from the same SFT adapter, "
+                                     "same reward, same prompts and the same wall-clock budget")
+    parser.add_argument("--config", default=None, help="YAML config (sections of `essa train` plus compare: "
+                        "and grpo:), over the packaged compare.yaml")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. compare.budget_s=600 grpo.lr=3e-5")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help or a usage error already printed
+        return int(exc.code or 0)
+    cfg, compare, grpo = load_compare_config(args.config, args.overrides)
+    print(json.dumps(run_compare(cfg, compare, grpo, progress=not args.quiet)))
+    return 0
+
+
+def _with(cfg: Config, **changes: Any) -> Config:
+    out = copy.deepcopy(cfg)
+    for key, value in changes.items():
+        setattr(out, key, value)
+    return out
+
+
+def _say(message: str) -> None:
+    print(f"[essa compare] {message}", file=sys.stderr, flush=True)
+    log.info(message)
+
+
+__all__ = [
+    "CompareSettings",
+    "compare_main",
+    "essa_prompt_schedule",
+    "load_compare_config",
+    "randomize_singular_vectors",
+    "rechunk",
+    "run_compare",
+    "same_adapter_tensors",
+    "time_to_target",
+    "validation_best",
+]

@@ -1,0 +1,316 @@
+"""GRPO baseline: TRL's GRPOTrainer on the same LoRA adapter, task reward and prompts as ESSA.
+
+The policy is the SFT adapter loaded trainable with PEFT (fp32, CPU or the model's device). Prompts
+are the task's chat-formatted strings (`format_prompt`), exactly the text ESSA generates from, and
+the reward is the task's reward through `essa.evaluate.score`, the same path ESSA's fitness takes.
+Training stops when a wall-clock budget is spent; at given times on that clock the current adapter
+is saved as a snapshot, so it can be evaluated later without the evaluation touching the clock.
+
+Settings (`grpo:` section of a compare config), with defaults sized for a ~135M model on CPU:
+    num_generations   group size G: completions sampled per prompt (advantages are group-relative)
+    prompts_per_step  distinct prompts per optimizer step (null: ESSA's prompts_per_generation)
+    lr                AdamW learning rate on the LoRA factors (constant schedule: the budget is
+                      wall-clock, so no step count is known to decay over)
+    beta              KL coefficient against the start adapter (0: TRL's default, no reference pass)
+    temperature       sampling temperature of the rollouts (GRPO needs varied completions per group;
+                      the reported held-out accuracy is always greedy, like ESSA's)
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from essa.config import Config
+from essa.errors import EssaError
+from essa.evaluate import score
+from essa.io import atomic_directory, atomic_write_text, ensure_writable_dir
+from essa.tasks import RewardStats, Task, format_prompt
+
+log = logging.getLogger("essa.grpo")
+METRICS = "metrics.jsonl"
+TRL_LOG = "trl_log.jsonl"
+START_ADAPTER = "start_adapter"
+SNAPSHOTS = "snapshots"
+
+
+@dataclass
+class GrpoSettings:
+    num_generations: int = 8
+    prompts_per_step: int | None = None
+    lr: float = 1e-4
+    beta: float = 0.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # Completions per forward/backward pass (gradient accumulation); null: the whole step at once.
+    micro_batch_size: int | None = None
+    gradient_checkpointing: bool = False
+    # TRL's loss aggregation ("dapo" is TRL's default; "grpo" is the original per-sequence mean).
+    loss_type: str = "dapo"
+    seed: int = 0
+
+    def validate(self) -> GrpoSettings:
+        checks = [
+            (self.num_generations >= 2, "grpo.num_generations must be >= 2 (GRPO compares completions within a group)",
+             self.num_generations),
+            (self.prompts_per_step is None or self.prompts_per_step >= 1, "grpo.prompts_per_step must be >= 1",
+             self.prompts_per_step),
+            (self.lr > 0, "grpo.lr must be > 0", self.lr),
+            (self.beta >= 0, "grpo.beta must be >= 0", self.beta),
+            (self.temperature > 0, "grpo.temperature must be > 0 (GRPO samples its rollouts)", self.temperature),
+            (0 < self.top_p <= 1, "grpo.top_p must be in (0, 1]", self.top_p),
+            (self.micro_batch_size is None or self.micro_batch_size >= 1, "grpo.micro_batch_size must be >= 1",
+             self.micro_batch_size),
+            (self.loss_type in ("dapo", "grpo", "bnpo", "dr_grpo"),
+             "grpo.loss_type must be one of dapo, grpo, bnpo, dr_grpo", self.loss_type),
+        ]
+        for ok, message, value in checks:
+            if not ok:
+                raise EssaError(f"{message} (got {value!r})")
+        return self
+
+
+@dataclass
+class Snapshot:
+    """The adapter at one point of the training clock."""
+
+    elapsed_s: float
+    step: int
+    adapter_dir: str
+
+
+@dataclass
+class GrpoResult:
+    steps: int
+    elapsed_s: float
+    snapshots: list[Snapshot]
+    history: list[dict[str, Any]]
+    # Train-split indices of the prompts of each optimizer step, in order.
+    prompts_used: list[list[int]] = field(default_factory=list)
+    start_adapter: str = ""
+    reward_failures: int = 0
+
+
+def run_grpo(model: Any, tokenizer: Any, task: Task, adapter_dir: str | Path, cfg: Config,
+             grpo_cfg: GrpoSettings, out_dir: str | Path,
+             checkpoint_cb: Callable[[Snapshot], None] | None = None, *,
+             budget_s: float, checkpoint_times: list[float] | None = None,
+             schedule: list[list[int]] | None = None, max_steps: int | None = None,
+             progress: bool = True) -> GrpoResult:
+    """GRPO from `adapter_dir` until `budget_s` seconds of training (or `max_steps`) are spent.
+
+    `schedule[k]` lists the train-split indices of step k's prompts (e.g. ESSA's mini-batches, so
+    both methods read the same prompt stream); without it, steps take seeded shuffled batches.
+    At each time in `checkpoint_times` (seconds on the training clock) the adapter is saved under
+    `out_dir/snapshots` and `checkpoint_cb` is called; the time both take is kept off the clock.
+    The caller's model is left without LoRA layers (unloaded, not merged) when this returns.
+    """
+    import peft
+    from trl import GRPOConfig, GRPOTrainer
+
+    grpo_cfg.validate()
+    if budget_s <= 0:
+        raise EssaError(f"the GRPO wall-clock budget must be > 0 seconds (got {budget_s})")
+    out_dir = ensure_writable_dir(out_dir)
+    train = task.checked_split("train")
+    if schedule:
+        per_step = len(schedule[0])
+    else:
+        per_step = min(grpo_cfg.prompts_per_step or cfg.essa.prompts_per_generation, len(train))
+        schedule = shuffled_schedule(len(train), per_step, grpo_cfg.seed, max_steps or 1000)
+    _check_schedule(schedule, per_step, len(train))
+    steps = len(schedule) if max_steps is None else min(max_steps, len(schedule))
+    prompts = [format_prompt(tokenizer, task, ex) for ex in train]
+    dataset = _dataset(schedule[:steps], prompts)
+
+    reward = TaskReward(task, train, prompts)
+    total = per_step * grpo_cfg.num_generations
+    micro = grpo_cfg.micro_batch_size or total
+    if total % micro:
+        raise EssaError(f"grpo.micro_batch_size ({micro}) must divide prompts_per_step x num_generations ({total})")
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    args = GRPOConfig(**_trl_args(cfg, grpo_cfg, out_dir, micro, total // micro, steps, on_cpu))
+    with warnings.catch_warnings():
+        # PEFT reads a deprecated transformers attribute; the warning is not the user's to act on.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        policy = peft.PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+    clock = BudgetCallback(budget_s, sorted(checkpoint_times or []), out_dir, reward, checkpoint_cb, progress)
+    trainer = GRPOTrainer(model=policy, reward_funcs=reward, args=args, train_dataset=dataset,
+                          processing_class=tokenizer, callbacks=[clock])
+    # Our callback reports progress; the stock ones print every log dict.
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    try:
+        with warnings.catch_warnings():
+            # transformers renames gradient_checkpointing; TRL still passes the old name.
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            trainer.train()
+        clock.final_snapshot(policy, trainer.state.global_step)
+    finally:
+        clock.close()
+        policy.unload()
+        del trainer
+        gc.collect()
+        model.eval()
+    return GrpoResult(steps=clock.steps, elapsed_s=clock.last_elapsed, snapshots=clock.snapshots,
+                      history=clock.history, prompts_used=reward.batches, start_adapter=str(out_dir / START_ADAPTER),
+                      reward_failures=reward.stats.failures)
+
+
+def shuffled_schedule(n_train: int, per_step: int, seed: int, steps: int) -> list[list[int]]:
+    """Plain GRPO data order: seeded passes over the train split, `per_step` prompts a step."""
+    rng = np.random.default_rng(seed)
+    order: list[int] = []
+    while len(order) < steps * per_step:
+        order.extend(rng.permutation(n_train).tolist())
+    return [order[k * per_step:(k + 1) * per_step] for k in range(steps)]
+
+
+def _check_schedule(schedule: list[list[int]], per_step: int, n_train: int) -> None:
+    for k, batch in enumerate(schedule):
+        if len(batch) != per_step:
+            raise EssaError(f"prompt schedule step {k} has {len(batch)} prompts; GRPO needs {per_step} per step")
+        if any(not 0 <= i < n_train for i in batch):
+            raise EssaError(f"prompt schedule step {k} names a prompt outside the train split")
+
+
+def _dataset(schedule: list[list[int]], prompts: list[str]) -> Any:
+    from datasets import Dataset
+
+    flat = [i for batch in schedule for i in batch]
+    return Dataset.from_dict({"prompt": [prompts[i] for i in flat], "train_index": flat})
+
+
+def _trl_args(cfg: Config, g: GrpoSettings, out_dir: Path, micro: int, accumulation: int, steps: int,
+              on_cpu: bool) -> dict[str, Any]:
+    """GRPOConfig keywords: the model's own precision and device (bf16 off: TRL defaults it on),
+    one optimizer step per rollout batch, no checkpoints or trackers (snapshots are ours)."""
+    return {
+        "output_dir": str(out_dir / "trl"), "use_cpu": on_cpu, "bf16": False, "fp16": False,
+        "learning_rate": g.lr, "lr_scheduler_type": "constant", "warmup_steps": 0, "beta": g.beta,
+        "num_generations": g.num_generations, "per_device_train_batch_size": micro,
+        "gradient_accumulation_steps": accumulation, "max_steps": steps, "num_train_epochs": 1,
+        "max_completion_length": cfg.generation.max_new_tokens, "temperature": g.temperature, "top_p": g.top_p,
+        "loss_type": g.loss_type, "gradient_checkpointing": g.gradient_checkpointing, "shuffle_dataset": False,
+        "logging_steps": 1, "save_strategy": "no", "report_to": "none", "disable_tqdm": True,
+        "seed": g.seed, "data_seed": g.seed, "dataloader_num_workers": 0, "log_completions": False,
+    }
+
+
+class TaskReward:
+    """The task's reward as a TRL reward function; records which train prompts each batch used."""
+
+    __name__ = "task_reward"
+
+    def __init__(self, task: Task, train: list[Any], prompts: list[str]):
+        self.task = task
+        self.train = train
+        self.prompts = prompts
+        self.stats = RewardStats()
+        self.batches: list[list[int]] = []
+        self.last: dict[str, float] = {}
+
+    def __call__(self, prompts: list[str], completions: list[str], train_index: list[int],
+                 **_: Any) -> list[float]:
+        for text, i in zip(prompts, train_index):
+            if text != self.prompts[i]:  # the trainer must hand back the prompt the index names
+                raise EssaError(f"GRPO prompt does not match train example {i}")
+        rewards = score(self.task, [list(completions)], [self.train[i] for i in train_index], self.stats)[0]
+        self.batches.append(list(dict.fromkeys(int(i) for i in train_index)))
+        self.last = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+                     "reward_max": float(rewards.max()), "completions": len(completions)}
+        return rewards.tolist()
+
+
+class BudgetCallback(TrainerCallback):
+    """Training clock, wall-clock budget, snapshots at fixed clock times, and per-step metrics."""
+
+    def __init__(self, budget_s: float, times: list[float], out_dir: Path, reward: TaskReward,
+                 checkpoint_cb: Callable[[Snapshot], None] | None, progress: bool = False):
+        self.budget_s = budget_s
+        self.bar = tqdm(total=round(budget_s), desc="GRPO", unit="s", disable=not progress, dynamic_ncols=True)
+        self.times = [t for t in times if t > 0]
+        self.out_dir = out_dir
+        self.reward = reward
+        self.checkpoint_cb = checkpoint_cb
+        self.snapshots: list[Snapshot] = []
+        self.history: list[dict[str, Any]] = []
+        self.steps = 0
+        self.last_elapsed = 0.0  # the clock when the last step ended
+        self._t0: float | None = None
+        self._paused = 0.0
+        self._trl_logs: list[dict[str, Any]] = []
+
+    def elapsed(self) -> float:
+        return 0.0 if self._t0 is None else time.perf_counter() - self._t0 - self._paused
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **_: Any) -> None:
+        # What GRPO starts from, saved as the trainer holds it (compared against ESSA's start).
+        self._save(model, self.out_dir / START_ADAPTER)
+        self.snapshots.append(Snapshot(0.0, 0, str(self.out_dir / START_ADAPTER)))
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **_: Any) -> None:
+        self.steps = state.global_step
+        elapsed = self.last_elapsed = self.elapsed()
+        self.history.append({"step": state.global_step, "wall_clock_s": round(elapsed, 3), **self.reward.last,
+                             "prompts": len(self.reward.batches[-1]) if self.reward.batches else 0})
+        if self.times and elapsed >= self.times[0]:
+            while self.times and elapsed >= self.times[0]:
+                self.times.pop(0)
+            self._snapshot(model, state.global_step, elapsed)
+        if elapsed >= self.budget_s:
+            control.should_training_stop = True
+        self._write_metrics()
+        self.bar.update(max(0, min(round(elapsed), self.bar.total) - self.bar.n))
+        self.bar.set_postfix(step=state.global_step, reward=f"{self.reward.last.get('reward_mean', 0.0):.3f}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **_: Any) -> None:
+        if logs:
+            self._trl_logs.append({"step": state.global_step, **{k: v for k, v in logs.items()
+                                                                  if isinstance(v, (int, float))}})
+            atomic_write_text(self.out_dir / TRL_LOG, "".join(_json(r) for r in self._trl_logs))
+
+    def final_snapshot(self, model: Any, step: int) -> None:
+        if self.snapshots and self.snapshots[-1].step == step:
+            return
+        self._snapshot(model, step, self.last_elapsed)
+
+    def _snapshot(self, model: Any, step: int, elapsed: float) -> None:
+        t0 = time.perf_counter()
+        path = self.out_dir / SNAPSHOTS / f"step{step:05d}"
+        self._save(model, path)
+        snap = Snapshot(round(elapsed, 3), step, str(path))
+        self.snapshots.append(snap)
+        if self.checkpoint_cb is not None:
+            self.checkpoint_cb(snap)
+        self._paused += time.perf_counter() - t0
+        log.info("GRPO snapshot at %.1f s (step %d): %s", elapsed, step, path)
+
+    @staticmethod
+    def _save(model: Any, path: Path) -> None:
+        with atomic_directory(path) as tmp:
+            model.save_pretrained(str(tmp), selected_adapters=["default"], save_embedding_layers=False)
+
+    def _write_metrics(self) -> None:
+        atomic_write_text(self.out_dir / METRICS, "".join(_json(r) for r in self.history))
+
+
+def _json(record: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(record) + "\n"

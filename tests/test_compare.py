@@ -1,0 +1,214 @@
+"""`essa compare` on a tiny model: same start, same prompts, matched budgets, validation-only selection."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from adapters import make_random_adapter
+from helpers import make_tiny_model_dir, tiny_llama
+from safetensors.torch import load_file
+
+from essa.compare import (
+    CompareSettings,
+    compare_main,
+    essa_prompt_schedule,
+    load_compare_config,
+    randomize_singular_vectors,
+    rechunk,
+    run_compare,
+    time_to_target,
+    validation_best,
+)
+from essa.config import SearchConfig
+from essa.errors import EssaError
+from essa.svd_space import SvdLoraSpace
+
+torch.set_num_threads(1)
+
+VOWEL_TASK = '''
+from essa.tasks import Example, Task
+
+
+class VowelTask(Task):
+    """Graded reward (share of vowels), so GRPO groups have non-zero advantages."""
+
+    name = "vowels"
+
+    def split(self, name):
+        offset = {"sft": 0, "train": 100, "validation": 200, "test": 300}[name]
+        size = 10 if name == "train" else 3
+        return [Example(prompt=f"say {offset + i}", answer=None) for i in range(size)]
+
+    def reward(self, completion, example):
+        return sum(c in "aeiou" for c in completion) / max(len(completion), 1)
+
+
+def make(cfg):
+    return VowelTask()
+'''
+
+TINY = [
+    "task.sft_size=16", "task.train_size=12", "task.validation_size=3", "task.test_size=3", "lora.rank=2",
+    "sft.batch_size=8", "generation.max_new_tokens=4", "essa.popsize=4", "essa.prompts_per_generation=2",
+    "essa.sigma0=0.5", "compare.checkpoints=2", "grpo.num_generations=2", "grpo.micro_batch_size=null",
+    "grpo.lr=0.05",
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_model_dir(tmp_path_factory.mktemp("m") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def vowel_task(tmp_path_factory):
+    path = tmp_path_factory.mktemp("task") / "vowels.py"
+    path.write_text(VOWEL_TASK)
+    return f"{path}:make"
+
+
+def result(root, method):
+    return json.loads((root / method / "result.json").read_text())
+
+
+def test_compare_isolated_runs_end_to_end_from_identical_start_and_prompts(model_dir, vowel_task, tmp_path):
+    adapter = make_random_adapter(tiny_llama(seed=0), tmp_path / "sft", rank=2)
+    root = tmp_path / "cmp"
+    cfg, compare, grpo = load_compare_config(None, [
+        f"model.name={model_dir}", f"task.name={vowel_task}", f"adapter={adapter}", f"output_dir={root}",
+        "compare.budget_s=1.5", "compare.max_steps=6", *TINY])
+    assert compare.isolate and compare.budget_s == 1.5 and grpo.lr == 0.05
+    summary = run_compare(cfg, compare, grpo, progress=False)
+
+    for name in ("reward_vs_wallclock.png", "test_accuracy_vs_wallclock.png"):
+        assert (root / name).read_bytes()[:4] == b"\x89PNG", name
+    assert "| final test accuracy |" in (root / "comparison.md").read_text()
+    assert "![held-out test accuracy vs wall-clock]" in (root / "report.md").read_text()
+    assert json.loads((root / "comparison.json").read_text())["methods"] == summary["methods"]
+
+    # Identical start: the tensors each method saved as its starting point are bit-equal.
+    start_e, start_g = (load_file(str(root / m / "start_adapter" / "adapter_model.safetensors"))
+                        for m in ("essa", "grpo"))
+    assert start_e.keys() == start_g.keys() and len(start_e) == 2 * 2 * 4
+    assert all(torch.equal(start_e[k], start_g[k]) for k in start_e)
+    assert summary["same_start_adapter"] is True
+
+    # Identical prompts: both consume ESSA's schedule over the train split, in order.
+    essa, grpo_res = result(root, "essa"), result(root, "grpo")
+    schedule = essa_prompt_schedule(cfg.essa, 10, 6)
+    assert essa["prompts_used"] == schedule[:essa["steps"]] and essa["steps"] >= 1
+    assert grpo_res["prompts_used"] == schedule[:grpo_res["steps"]] and grpo_res["steps"] >= 1
+    assert all(0 <= i < 10 for batch in essa["prompts_used"] + grpo_res["prompts_used"] for i in batch)
+
+    # Both trained within their budgets / step caps, and each has its own peak memory.
+    for res, row in ((essa, summary["methods"]["essa"]), (grpo_res, summary["methods"]["grpo"])):
+        assert row["stopped_by"] in ("budget", "max_steps")
+        assert res["steps"] == 6 or res["wall_clock_s"] >= 1.5
+        assert row["peak_rss_mb"] > 50
+        assert res["points"][0]["time_s"] == 0.0 and len(res["points"]) >= 2
+        times = [p["time_s"] for p in res["points"]]
+        assert times == sorted(times)
+    # GRPO really updated the adapter it started from.
+    last = load_file(str(max((root / "grpo" / "snapshots").iterdir()) / "adapter_model.safetensors"))
+    assert any(not torch.equal(last[k], start_g[k]) for k in start_g)
+    # ESSA's snapshots are optimizer means: the first is the zero start.
+    means = np.load(root / "essa" / "snapshots.npz")
+    assert np.all(means["t0"] == 0) and means["t0"].shape == (2 * 4 * 2 * 2,)
+
+
+def test_compare_main_with_sft_and_random_singular_vectors(model_dir, tmp_path, capsys):
+    root = tmp_path / "cmp"
+    config = tmp_path / "cmp.yaml"
+    config.write_text(yaml.safe_dump({"model": {"name": str(model_dir)}, "output_dir": str(root),
+                                      "compare": {"isolate": False, "svd_vectors": "random", "seed": 3}}))
+    code = compare_main(["--config", str(config), "--quiet", "compare.budget_s=0.5", "compare.max_steps=2",
+                         *TINY])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["svd_vectors"] == "random" and summary["sft_wall_clock_s"] is not None
+    assert summary["methods"]["essa"]["peak_rss_mb"] is None  # not separable in one process
+    assert summary["same_start_adapter"] is True
+    # Both started from the randomized adapter: SFT singular values, other singular vectors.
+    sft = SvdLoraSpace.from_adapter(root / "sft" / "adapter", 1.0)
+    start = SvdLoraSpace.from_adapter(root / "essa" / "start_adapter", 1.0)
+    for p, q in zip(sft.pairs, start.pairs):
+        assert torch.allclose(p.s_a, q.s_a, atol=1e-5) and torch.allclose(p.s_b, q.s_b, atol=1e-5)
+        assert not torch.allclose(p.a, q.a, atol=1e-3)
+    saved = yaml.safe_load((root / "compare.yaml").read_text())
+    assert saved["compare"]["svd_vectors"] == "random" and saved["grpo"]["num_generations"] == 2
+
+
+def test_randomize_singular_vectors_keeps_values_and_draws_orthonormal_vectors(tmp_path):
+    adapter = make_random_adapter(tiny_llama(seed=0), tmp_path / "a", rank=4)
+    space = SvdLoraSpace.from_adapter(adapter, 0.5)
+    rnd = randomize_singular_vectors(space, seed=1)
+    assert rnd.dim == space.dim and rnd.describe() == space.describe()
+    for p, q in zip(space.pairs, rnd.pairs):
+        assert q.a.shape == p.a.shape and q.b.shape == p.b.shape and q.trainable == p.trainable == 2
+        assert torch.allclose(q.s_a, p.s_a, atol=1e-5) and torch.allclose(q.s_b, p.s_b, atol=1e-5)
+        eye = torch.eye(p.rank, dtype=torch.float64)
+        assert torch.allclose(q.v_a.T @ q.v_a, eye, atol=1e-6) and torch.allclose(q.u_b.T @ q.u_b, eye, atol=1e-6)
+        assert (q.v_a.T @ p.v_a).abs().max() < 0.99  # not the SFT directions
+    again = randomize_singular_vectors(space, seed=1)
+    assert all(torch.equal(a.a, b.a) for a, b in zip(rnd.pairs, again.pairs))
+
+
+def test_selection_reads_validation_only_and_time_to_target():
+    vals = [0.2, 0.5, 0.5, 0.3]
+    tests = [0.9, 0.1, 0.4, 1.0]
+    assert validation_best(vals) == 1  # highest validation, earliest on ties: test plays no part
+    points = [{"time_s": t, "val_accuracy": v, "test_accuracy": a} for t, v, a in zip([0, 5, 10, 15], vals, tests)]
+    from essa.compare import _method_row
+
+    row = _method_row({"points": points, "steps": 3, "wall_clock_s": 15.0, "stopped_by": "budget",
+                       "peak_rss_mb": None, "reward_failures": 0})
+    assert row["validation_best"] == {"time_s": 5, "val_accuracy": 0.5, "test_accuracy": 0.1}
+    assert row["final_test_accuracy"] == 1.0 and row["start_test_accuracy"] == 0.9
+    with pytest.raises(EssaError):
+        validation_best([])
+    assert time_to_target(points[1:], 0.4) == 10
+    assert time_to_target(points[1:], 1.01) is None
+
+
+def test_grpo_reads_essa_prompt_stream_in_order():
+    search = SearchConfig(prompts_per_generation=3, seed=5)
+    schedule = essa_prompt_schedule(search, 20, 4)
+    assert all(len(set(b)) == 3 for b in schedule)
+    assert schedule == essa_prompt_schedule(search, 20, 4)
+    flat = [i for batch in schedule for i in batch]
+    assert rechunk(schedule, 2) == [flat[k:k + 2] for k in range(0, 12, 2)]
+    assert rechunk(schedule, 5) == [flat[:5], flat[5:10]]  # a partial last step is dropped
+
+
+@pytest.mark.parametrize("override, message", [
+    ("compare.budget_s=0", "compare.budget_s"),
+    ("compare.checkpoints=0", "compare.checkpoints"),
+    ("compare.svd_vectors=learned", "compare.svd_vectors"),
+    ("compare.bogus=1", "unknown config key 'compare.bogus'"),
+    ("compare.isolate=maybe", "compare.isolate"),
+    ("compare=3", "is a section"),
+    ("grpo.num_generations=1", "grpo.num_generations"),
+    ("grpo.temperature=0", "grpo.temperature"),
+    ("grpo.lr=fast", "grpo.lr"),
+    ("essa.popsize=1", "essa.popsize"),
+])
+def test_bad_compare_config_is_one_clear_error(override, message):
+    with pytest.raises(EssaError, match=message):
+        load_compare_config(None, [override])
+
+
+def test_bad_batches_and_existing_output_fail_before_any_work(model_dir, tmp_path):
+    cfg, compare, grpo = load_compare_config(None, [f"model.name={model_dir}", f"output_dir={tmp_path / 'o'}",
+                                                    *TINY, "grpo.micro_batch_size=3"])
+    with pytest.raises(EssaError, match="micro_batch_size"):
+        run_compare(cfg, compare, grpo, progress=False)
+    assert not (tmp_path / "o" / "config.yaml").exists()
+    (tmp_path / "o" / "essa").mkdir(parents=True)
+    with pytest.raises(EssaError, match="already holds a comparison"):
+        run_compare(cfg, CompareSettings(), None, progress=False)
+    with pytest.raises(EssaError, match="config file not found"):
+        load_compare_config(tmp_path / "missing.yaml")
