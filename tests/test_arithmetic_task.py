@@ -11,7 +11,8 @@ from essa.config import TaskConfig
 from essa.errors import EssaError
 from essa.tasks import SPLITS, Example, get_task
 from essa.tasks.answers import extract_boxed, final_answer, numeric_reward, parse_number
-from essa.tasks.arithmetic import ArithmeticTask, build_splits, make_problem
+from essa.tasks.arithmetic import ArithmeticTask, make_problem
+from essa.tasks.splits import build_splits
 
 SMALL = dict(sft_size=300, train_size=200, validation_size=50, test_size=80)
 

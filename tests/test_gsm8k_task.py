@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -13,13 +12,9 @@ from essa.config import TaskConfig
 from essa.errors import EssaError
 from essa.tasks import SPLITS, Example, RewardStats, get_task, safe_reward
 from essa.tasks.gsm8k import Gsm8kTask, format_number, gsm8k_gold, solution_target
+from task_helpers import assert_disjoint, write_jsonl
 
 SMALL = {"sft_size": 40, "train_size": 30, "validation_size": 10, "test_size": 12}
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return path
 
 
 def gsm_row(i: int) -> dict:
@@ -47,15 +42,6 @@ def file_task(files: tuple[Path, Path], seed: int = 0, **sizes) -> Gsm8kTask:
                                                        "test_file": str(test)},
                      **{**SMALL, **sizes})
     return Gsm8kTask(cfg)
-
-
-def assert_disjoint(task) -> None:
-    by_split = {s: [e.prompt for e in task.split(s)] for s in SPLITS}
-    for split, prompts in by_split.items():
-        assert len(prompts) == len(set(prompts)), split
-    for i, a in enumerate(SPLITS):
-        for b in SPLITS[i + 1:]:
-            assert not set(by_split[a]) & set(by_split[b]), (a, b)
 
 
 # ---- gold answers and targets -----------------------------------------------------------------

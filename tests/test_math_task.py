@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import subprocess
@@ -34,22 +33,9 @@ from essa.tasks.math_task import (
     simplest_radical,
     too_costly,
 )
+from task_helpers import assert_disjoint, write_jsonl
 
 SMALL = {"sft_size": 40, "train_size": 30, "validation_size": 10, "test_size": 12}
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return path
-
-
-def assert_disjoint(task) -> None:
-    by_split = {s: [e.prompt for e in task.split(s)] for s in SPLITS}
-    for split, prompts in by_split.items():
-        assert len(prompts) == len(set(prompts)), split
-    for i, a in enumerate(SPLITS):
-        for b in SPLITS[i + 1:]:
-            assert not set(by_split[a]) & set(by_split[b]), (a, b)
 
 
 def value_of(latex: str) -> sympy.Expr:

@@ -9,7 +9,8 @@ import pytest
 
 from essa.config import TaskConfig
 from essa.errors import EssaError
-from essa.tasks.data import load_records, split_sizes
+from essa.tasks.data import load_records
+from essa.tasks.splits import split_sizes
 
 ROWS = [{"prompt": "a", "response": "x"}, {"prompt": "b"}, {"prompt": "c", "response": None}]
 
@@ -67,34 +68,20 @@ def test_row_number_in_jsonl_is_the_line_number(tmp_path):
         load_records(str(path), required=["prompt"])
 
 
-@pytest.mark.parametrize("content", ["", "\n\n  \n"])
-def test_empty_jsonl_is_an_error(tmp_path, content):
-    path = tmp_path / "empty.jsonl"
+@pytest.mark.parametrize("name, content, message", [
+    ("empty.jsonl", "", "empty.jsonl holds no records"),
+    ("empty.jsonl", "\n\n  \n", "empty.jsonl holds no records"),
+    ("empty.json", "[]", "empty.json holds no records"),
+    ("bad.jsonl", '{"prompt": "a"}\n{"prompt": \n', "line 2 is not valid JSON"),
+    ("list.jsonl", '{"prompt": "a"}\n[1, 2]\n', "line 2 is not a JSON object"),
+    ("obj.json", '{"prompt": "a"}', "must hold a JSON list"),
+    ("d.csv", "prompt\na\n", "unsupported data file"),
+])
+def test_unreadable_file_is_a_clear_error(tmp_path, name, content, message):
+    path = tmp_path / name
     path.write_text(content)
-    with pytest.raises(EssaError, match="empty.jsonl holds no records"):
+    with pytest.raises(EssaError, match=message):
         load_records(str(path))
-
-
-def test_empty_json_list_is_an_error(tmp_path):
-    path = tmp_path / "empty.json"
-    path.write_text("[]")
-    with pytest.raises(EssaError, match="holds no records"):
-        load_records(str(path))
-
-
-def test_bad_json_line_and_non_object_rows(tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "a"}\n{"prompt": \n')
-    with pytest.raises(EssaError, match="line 2 is not valid JSON"):
-        load_records(str(bad))
-    listy = tmp_path / "list.jsonl"
-    listy.write_text('{"prompt": "a"}\n[1, 2]\n')
-    with pytest.raises(EssaError, match="line 2 is not a JSON object"):
-        load_records(str(listy))
-    not_list = tmp_path / "obj.json"
-    not_list.write_text('{"prompt": "a"}')
-    with pytest.raises(EssaError, match="must hold a JSON list"):
-        load_records(str(not_list))
 
 
 def test_missing_file_is_not_mistaken_for_a_hub_id(tmp_path):
@@ -102,13 +89,6 @@ def test_missing_file_is_not_mistaken_for_a_hub_id(tmp_path):
         load_records(str(tmp_path / "nope.jsonl"))
     with pytest.raises(EssaError, match="data file not found"):
         load_records("data/nope.parquet")
-
-
-def test_unsupported_suffix(tmp_path):
-    path = tmp_path / "d.csv"
-    path.write_text("prompt\na\n")
-    with pytest.raises(EssaError, match="unsupported data file"):
-        load_records(str(path))
 
 
 def test_hub_id_without_datasets_asks_for_a_local_file(monkeypatch):
@@ -141,6 +121,33 @@ def test_hub_rows_are_checked_like_file_rows(monkeypatch):
     assert calls == [("org/name", "validation")]
     with pytest.raises(EssaError, match=r"org/name \(split train\): row 2 has no 'prompt'"):
         load_records("org/name", required=["prompt"])
+
+
+def test_hub_config_is_passed_on_and_named_in_errors(monkeypatch, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def fake(name, config, split):
+        calls.append((name, config, split))
+        return [{"question": "q1"}, {"other": 1}]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    assert load_records("org/name", split="test", config="main") == [{"question": "q1"},
+                                                                     {"other": 1}]
+    assert calls == [("org/name", "main", "test")]
+    with pytest.raises(EssaError, match=r"org/name \(main, split train\): row 2 has no 'question'"):
+        load_records("org/name", required=["question"], config="main")
+    # A local file ignores the hub config.
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    assert load_records(str(path), config="main") == ROWS
+    assert len(calls) == 2
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(EssaError, match=r"could not load dataset 'org/name' \(main\).*local"):
+        load_records("org/name", config="main")
 
 
 def test_split_sizes_checks_values():

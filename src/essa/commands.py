@@ -205,7 +205,7 @@ def run_demo(cfg: Config, progress: bool = True, resume: bool = False) -> dict[s
     for split in ("sft", "train", "validation", "test"):
         task.checked_split(split)
 
-    sft_cfg = _sub(cfg, output_dir=str(root / "sft"))
+    sft_cfg = cfg.with_changes(output_dir=str(root / "sft"))
     _say("1/4 LoRA SFT warm start")
     t0 = time.perf_counter()
     adapter = root / "sft" / "adapter"
@@ -214,14 +214,14 @@ def run_demo(cfg: Config, progress: bool = True, resume: bool = False) -> dict[s
     sft_s = time.perf_counter() - t0
 
     _say("2/4 test accuracy of the SFT adapter")
-    before = run_eval(_sub(cfg, adapter=str(adapter)), "test", model_and_tokenizer=model_and_tokenizer)
+    before = run_eval(cfg.with_changes(adapter=str(adapter)), "test", model_and_tokenizer=model_and_tokenizer)
 
     _say("3/4 ESSA search")
-    train_cfg = _sub(cfg, adapter=str(adapter), output_dir=str(root / "essa"))
+    train_cfg = cfg.with_changes(adapter=str(adapter), output_dir=str(root / "essa"))
     train = run_train(train_cfg, resume=resume, progress=progress, model_and_tokenizer=model_and_tokenizer)
 
     _say("4/4 test accuracy of the ESSA adapter")
-    after = run_eval(_sub(cfg, adapter=str(root / "essa" / "adapter")), "test",
+    after = run_eval(cfg.with_changes(adapter=str(root / "essa" / "adapter")), "test",
                      model_and_tokenizer=model_and_tokenizer)
     run_export(root / "essa", root / "adapter")
     shutil.copy2(root / "essa" / PLOT, root / PLOT)
@@ -231,6 +231,7 @@ def run_demo(cfg: Config, progress: bool = True, resume: bool = False) -> dict[s
         "generations": train["generations"], "search_dim": train["search_dim"],
         "popsize": cfg.essa.popsize, "prompts_per_generation": cfg.essa.prompts_per_generation,
         "final_choice": train["final_choice"], "validation_accuracy": train["validation_accuracy"],
+        "test_metrics_sft": _split_metrics(before), "test_metrics_essa": _split_metrics(after),
         "sft_wall_clock_s": round(sft_s, 1), "essa_wall_clock_s": train["wall_clock_s"],
         "wall_clock_s": round(time.perf_counter() - start, 1),
     }
@@ -245,13 +246,10 @@ def run_demo(cfg: Config, progress: bool = True, resume: bool = False) -> dict[s
     return summary
 
 
-def _sub(cfg: Config, **changes: Any) -> Config:
-    import copy
-
-    out = copy.deepcopy(cfg)
-    for key, value in changes.items():
-        setattr(out, key, value)
-    return out
+def _split_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The numeric metrics of one `run_eval` result (accuracy, mean reward, task extras)."""
+    skip = {"task", "split", "model", "adapter", "examples"}
+    return {k: v for k, v in metrics.items() if k not in skip}
 
 
 def _say(message: str) -> None:

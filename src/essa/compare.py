@@ -25,16 +25,13 @@ Not implemented: SVD-GRPO (Adam on the singular-value offsets with a policy-grad
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import logging
 import multiprocessing
 import resource
 import sys
-import tempfile
 import time
-import typing
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -47,15 +44,18 @@ import numpy as np
 import torch
 import yaml
 
-from essa.config import Config, load_config
+from essa.config import (
+    Config,
+    build_section,
+    config_from_mapping,
+    merge_mapping,
+    merge_overrides,
+    read_yaml_mapping,
+)
 from essa.errors import EssaError
 from essa.grpo import GrpoSettings
-from essa.io import (
-    atomic_write_bytes,
-    atomic_write_json,
-    atomic_write_text,
-    ensure_writable_dir,
-)
+from essa.io import atomic_write_json, atomic_write_text, ensure_writable_dir
+from essa.report import line_plot
 from essa.svd_space import ADAPTER_WEIGHTS, SvdFactorPair, SvdLoraSpace
 
 log = logging.getLogger("essa.compare")
@@ -100,89 +100,29 @@ class CompareSettings:
 
 
 # -- config --------------------------------------------------------------------------------------
+SECTIONS = {"compare": CompareSettings, "grpo": GrpoSettings}
+
+
 def load_compare_config(path: str | Path | None = None, overrides: list[str] | None = None
                         ) -> tuple[Config, CompareSettings, GrpoSettings]:
     """Packaged compare.yaml <- YAML file <- key=value overrides, for all three sections."""
     packaged = yaml.safe_load(resources.files("essa").joinpath("configs", COMPARE_CONFIG).read_text())
-    user = _read_mapping(Path(path)) if path is not None else {}
-    sections: dict[str, dict[str, Any]] = {"compare": {}, "grpo": {}}
+    user = read_yaml_mapping(Path(path)) if path is not None else {}
+    sections = {name: dataclasses.asdict(cls()) for name, cls in SECTIONS.items()}
     for source in (packaged, user):
-        for name, merged in sections.items():
-            part = source.pop(name, None) or {}
-            if not isinstance(part, dict):
-                raise EssaError(f"config key '{name}' is a section; give its keys, e.g. {name}.KEY: VALUE")
-            merged.update(part)
-    standard = []
-    for item in overrides or []:
-        head = item.split("=", 1)[0].split(".", 1)[0].strip()
-        if head in sections and "=" in item:
-            key, raw = item.split("=", 1)
-            if "." not in key:
-                raise EssaError(f"config key '{head}' is a section; give its keys, e.g. {head}.KEY=VALUE")
-            sections[head][key.split(".", 1)[1].strip()] = _yaml_value(raw)
-        else:
-            standard.append(item)
-    cfg = _config_from(user, standard, base=_config_from(packaged))
-    compare = _build_settings(CompareSettings, sections["compare"], "compare").validate()
-    grpo = _build_settings(GrpoSettings, sections["grpo"], "grpo").validate()
+        # The sections leave `source`, so what remains is a plain essa config.
+        merge_mapping(sections, {name: source.pop(name) or {} for name in SECTIONS if name in source})
+    mine = [item for item in overrides or [] if _section_of(item) in SECTIONS]
+    merge_overrides(sections, mine)
+    standard = [item for item in overrides or [] if item not in mine]
+    cfg = config_from_mapping(user, standard, base=config_from_mapping(packaged))
+    compare = build_section(CompareSettings, sections["compare"], "compare.").validate()
+    grpo = build_section(GrpoSettings, sections["grpo"], "grpo.").validate()
     return cfg, compare, grpo
 
 
-def _read_mapping(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise EssaError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise EssaError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise EssaError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
-    return data
-
-
-def _yaml_value(raw: str) -> Any:
-    try:
-        return yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        return raw
-
-
-def _config_from(data: dict[str, Any], overrides: list[str] | None = None, base: Config | None = None) -> Config:
-    """`load_config` on a mapping (it reads files, so the mapping goes through a temporary one)."""
-    with tempfile.TemporaryDirectory(prefix="essa-compare-") as tmp:
-        path = Path(tmp) / "config.yaml"
-        path.write_text(yaml.safe_dump(data))
-        return load_config(path, overrides, base=base)
-
-
-def _build_settings(cls: type, data: dict[str, Any], section: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise EssaError(f"unknown config key '{section}.{unknown[0]}' (known: {', '.join(sorted(names))})")
-    return cls(**{k: _coerce(hints[k], v, f"{section}.{k}") for k, v in data.items()})
-
-
-def _coerce(tp: Any, value: Any, name: str) -> Any:
-    args = typing.get_args(tp)
-    if type(None) in args:
-        if value is None:
-            return None
-        tp = next(a for a in args if a is not type(None))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise EssaError(f"config key '{name}' must be true or false, got {value!r}")
-        return value
-    if tp in (int, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (tp is int and value != int(value)):
-            raise EssaError(f"config key '{name}' must be {'an integer' if tp is int else 'a number'}, got {value!r}")
-        return tp(value)
-    if tp is str and (value is None or isinstance(value, (dict, list))):
-        raise EssaError(f"config key '{name}' must be a string, got {value!r}")
-    return str(value) if tp is str else value
+def _section_of(override: str) -> str:
+    return override.split("=", 1)[0].split(".", 1)[0].strip()
 
 
 # -- the prompt stream and the start adapter --------------------------------------------------
@@ -455,7 +395,7 @@ def run_compare(cfg: Config, compare_cfg: CompareSettings, grpo_cfg: GrpoSetting
     sft = {"adapter": given, "wall_clock_s": None, "peak_rss_mb": None}
     if given is None:
         _say("1/3 LoRA SFT warm start")
-        sft = _run_job(compare_cfg.isolate, _sft_job, cfg=_with(cfg, output_dir=str(root / "sft")), progress=progress)
+        sft = _run_job(compare_cfg.isolate, _sft_job, cfg=cfg.with_changes(output_dir=str(root / "sft")), progress=progress)
     start = _start_adapter(Path(sft["adapter"]), cfg, compare_cfg, root)
 
     schedule = essa_prompt_schedule(cfg.essa, len(task.checked_split("train")),
@@ -606,28 +546,12 @@ def _report(summary: dict[str, Any], table: str) -> str:
 
 def _plot(path: Path, title: str, ylabel: str, series: list[tuple[str, list[dict[str, Any]], str]],
           markers: bool = False) -> None:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    lines = []
     for (label, rows, key), color in zip(series, ("tab:blue", "tab:red")):
-        xs = [r["wall_clock_s"] for r in rows if r.get(key) is not None]
-        ys = [r[key] for r in rows if r.get(key) is not None]
-        ax.plot(xs, ys, label=label, color=color, marker="o" if markers else None)
-    ax.set_xlabel("training wall-clock (s)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+        kept = [r for r in rows if r.get(key) is not None]
+        lines.append(([r["wall_clock_s"] for r in kept], [r[key] for r in kept],
+                      {"label": label, "color": color, "marker": "o" if markers else None}))
+    line_plot(path, lines, title=title, xlabel="training wall-clock (s)", ylabel=ylabel)
 
 
 # -- command line ---------------------------------------------------------------------------------
@@ -646,13 +570,6 @@ def compare_main(argv: list[str]) -> int:
     cfg, compare, grpo = load_compare_config(args.config, args.overrides)
     print(json.dumps(run_compare(cfg, compare, grpo, progress=not args.quiet)))
     return 0
-
-
-def _with(cfg: Config, **changes: Any) -> Config:
-    out = copy.deepcopy(cfg)
-    for key, value in changes.items():
-        setattr(out, key, value)
-    return out
 
 
 def _say(message: str) -> None:

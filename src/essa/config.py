@@ -6,6 +6,7 @@ repeated. Unknown keys and out-of-range values are rejected with an `EssaError` 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -142,6 +143,13 @@ class Config:
                "model.dtype must be float32, bfloat16 or float16", self.model.dtype)
         return self
 
+    def with_changes(self, **changes: Any) -> Config:
+        """A deep copy with the given top-level fields replaced; `self` is left as it is."""
+        out = copy.deepcopy(self)
+        for key, value in changes.items():
+            setattr(out, key, value)
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -159,16 +167,51 @@ def _check(ok: bool, message: str, value: Any) -> None:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 base: Config | None = None) -> Config:
     """Defaults (or `base`) <- YAML file <- `key=value` overrides, then validated."""
-    data = dataclasses.asdict(base or Config())
-    if path is not None:
-        _merge(data, _read_yaml(Path(path)), prefix="")
-    for item in overrides or []:
-        key, value = _parse_override(item)
-        _merge(data, _nest(key, value), prefix="")
-    return _build(Config, data, prefix="").validate()
+    data = read_yaml_mapping(Path(path)) if path is not None else {}
+    return config_from_mapping(data, overrides, base=base)
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def config_from_mapping(data: dict[str, Any], overrides: list[str] | None = None,
+                        base: Config | None = None) -> Config:
+    """`load_config` on a mapping already read (shaped like the YAML file)."""
+    merged = dataclasses.asdict(base or Config())
+    merge_mapping(merged, data)
+    merge_overrides(merged, overrides or [])
+    return _build(Config, merged, prefix="").validate()
+
+
+def build_section(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    """A config dataclass `cls` from its defaults updated by `data`, keys checked and values
+    coerced as for `Config`; `prefix` ("grpo.") names the section in error messages."""
+    merged = dataclasses.asdict(cls())
+    merge_mapping(merged, data, prefix=prefix)
+    return _build(cls, merged, prefix=prefix)
+
+
+def merge_overrides(dst: dict[str, Any], overrides: list[str], prefix: str = "") -> None:
+    """Apply `key.sub=value` overrides (values read as YAML) to the nested mapping `dst`."""
+    for item in overrides:
+        key, value = parse_override(item)
+        merge_mapping(dst, _nest(key, value), prefix=prefix)
+
+
+def merge_mapping(dst: dict[str, Any], src: dict[str, Any], prefix: str = "") -> None:
+    """Update the nested mapping `dst` from `src`, rejecting keys `dst` does not have."""
+    for key, value in src.items():
+        name = f"{prefix}{key}"
+        if key not in dst:
+            known = ", ".join(sorted(dst))
+            raise EssaError(f"unknown config key '{name}' (known at this level: {known})")
+        if isinstance(dst[key], dict) and not _is_free_mapping(name):
+            if not isinstance(value, dict):
+                raise EssaError(f"config key '{name}' is a section; give its keys, e.g. {name}.KEY=VALUE")
+            merge_mapping(dst[key], value, prefix=f"{name}.")
+        else:
+            dst[key] = value
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """The mapping a YAML config file holds ({} for an empty file)."""
     if not path.is_file():
         raise EssaError(f"config file not found: {path}")
     try:
@@ -182,7 +225,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return loaded
 
 
-def _parse_override(item: str) -> tuple[str, Any]:
+def parse_override(item: str) -> tuple[str, Any]:
+    """`key=value` as (key, value), the value read as YAML (a bad YAML value stays a string)."""
     if "=" not in item:
         raise EssaError(f"override {item!r} must look like key=value (e.g. essa.popsize=32)")
     key, raw = item.split("=", 1)
@@ -198,20 +242,6 @@ def _nest(dotted: str, value: Any) -> dict[str, Any]:
     for part in reversed(dotted.split(".")):
         out = {part: out}
     return out
-
-
-def _merge(dst: dict[str, Any], src: dict[str, Any], prefix: str) -> None:
-    for key, value in src.items():
-        name = f"{prefix}{key}"
-        if key not in dst:
-            known = ", ".join(sorted(dst))
-            raise EssaError(f"unknown config key '{name}' (known at this level: {known})")
-        if isinstance(dst[key], dict) and not _is_free_mapping(name):
-            if not isinstance(value, dict):
-                raise EssaError(f"config key '{name}' is a section; give its keys, e.g. {name}.KEY=VALUE")
-            _merge(dst[key], value, prefix=f"{name}.")
-        else:
-            dst[key] = value
 
 
 def _is_free_mapping(name: str) -> bool:

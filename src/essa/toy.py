@@ -21,7 +21,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import cma
 import numpy as np
@@ -306,7 +306,12 @@ def _minibatches(n: int, cfg: ToyConfig, seed: int) -> list[np.ndarray]:
     return [rng.choice(n, size=min(cfg.batch_size, n), replace=False) for _ in range(cfg.steps)]
 
 
-def _run_es(
+# One training step on a minibatch (z, base logits, labels); returns the singular values to report.
+_Update = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+def _run(
+    method: str,
     space: SingularSpace,
     data: _Data,
     base_train: np.ndarray,
@@ -314,38 +319,43 @@ def _run_es(
     cfg: ToyConfig,
     seed: int,
 ) -> _Curve:
+    """Held-out accuracy of one method at step 0, every `eval_every` steps and at the end."""
+    update = _es_update(space, cfg, seed) if method == "ES" else _sgd_update(space, cfg)
     z_train = data.x_train @ space.v_a
-    sigma0 = cfg.es_sigma_rel * float(np.sqrt(np.mean(space.s0**2)))
-    opts = {"popsize": cfg.popsize, "seed": seed + 1, "verbose": -9}
-    es = cma.CMAEvolutionStrategy(space.s0.copy(), sigma0, opts)
     curve = [(0, *evaluate(space.s0))]
     for step, i in enumerate(_minibatches(len(data.y_train), cfg, seed), start=1):
-        cands = np.asarray(es.ask())
-        logits = base_train[i] + space.delta_logits(z_train[i], cands)
-        fitness = _fitness(logits, data.y_train[i], cfg.es_fitness)
-        es.tell(list(cands), list(-fitness))  # cma minimizes
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            curve.append((step, *evaluate(es.mean)))  # the CMA mean is the model we report
-    return curve
-
-
-def _run_sgd(
-    space: SingularSpace,
-    data: _Data,
-    base_train: np.ndarray,
-    evaluate: _Evaluator,
-    cfg: ToyConfig,
-    seed: int,
-) -> _Curve:
-    z_train = data.x_train @ space.v_a
-    s = space.s0.copy()
-    curve = [(0, *evaluate(s))]
-    for step, i in enumerate(_minibatches(len(data.y_train), cfg, seed), start=1):
-        _, g = space.grad(z_train[i], base_train[i], data.y_train[i], s)
-        s = s - cfg.sgd_lr * g
+        s = update(z_train[i], base_train[i], data.y_train[i])
         if step % cfg.eval_every == 0 or step == cfg.steps:
             curve.append((step, *evaluate(s)))
     return curve
+
+
+def _es_update(space: SingularSpace, cfg: ToyConfig, seed: int) -> _Update:
+    """One CMA-ES generation per minibatch, all candidates on the same minibatch."""
+    sigma0 = cfg.es_sigma_rel * float(np.sqrt(np.mean(space.s0**2)))
+    opts = {"popsize": cfg.popsize, "seed": seed + 1, "verbose": -9}
+    es = cma.CMAEvolutionStrategy(space.s0.copy(), sigma0, opts)
+
+    def update(z: np.ndarray, base: np.ndarray, y: np.ndarray) -> np.ndarray:
+        cands = np.asarray(es.ask())
+        fitness = _fitness(base + space.delta_logits(z, cands), y, cfg.es_fitness)
+        es.tell(list(cands), list(-fitness))  # cma minimizes
+        return es.mean  # the CMA mean is the model we report
+
+    return update
+
+
+def _sgd_update(space: SingularSpace, cfg: ToyConfig) -> _Update:
+    """One plain SGD step on the singular values per minibatch."""
+    s = space.s0.copy()
+
+    def update(z: np.ndarray, base: np.ndarray, y: np.ndarray) -> np.ndarray:
+        nonlocal s
+        _, g = space.grad(z, base, y, s)
+        s = s - cfg.sgd_lr * g
+        return s
+
+    return update
 
 
 # ---------------------------------------------------------------- one seed, then the table
@@ -389,8 +399,8 @@ def _run_seed(cfg: ToyConfig, seed: int) -> dict[str, Any]:
     }
     for vectors, space in spaces.items():
         evaluate = _Evaluator(space, data, base_test)
-        out[f"ES/{vectors}"] = _run_es(space, data, base_train, evaluate, cfg, seed)
-        out[f"SGD/{vectors}"] = _run_sgd(space, data, base_train, evaluate, cfg, seed)
+        for method in METHODS:
+            out[f"{method}/{vectors}"] = _run(method, space, data, base_train, evaluate, cfg, seed)
     return out
 
 

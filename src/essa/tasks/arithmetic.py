@@ -19,15 +19,15 @@ from typing import TYPE_CHECKING, Callable
 
 from essa.errors import EssaError
 from essa.tasks.answers import numeric_reward
-from essa.tasks.base import SPLITS, Example, Task
+from essa.tasks.base import Example, Task
+from essa.tasks.data import reject_unknown_options
+from essa.tasks.splits import build_splits, pick_split, split_sizes
 
 if TYPE_CHECKING:
     from essa.config import TaskConfig
 
 SYSTEM_PROMPT = "Solve the problem. Reason briefly, then give the final answer in \\boxed{}."
 DIFFICULTIES = ("easy", "medium")
-# Held-out splits first, so their contents depend only on the seed and their own size.
-FILL_ORDER = ("test", "validation", "train", "sft")
 _KNOWN_OPTIONS = {"difficulty"}
 
 _NAMES = (
@@ -199,35 +199,6 @@ def make_problem(rng: random.Random, difficulty: str = "easy") -> Example:
     return rng.choice(_GENERATORS[difficulty])(rng)
 
 
-def build_splits(sizes: dict[str, int], make: Callable[[random.Random], Example],
-                 seed: str) -> dict[str, list[Example]]:
-    """Fill each split from its own seeded stream, skipping prompts taken by any split.
-
-    Raises EssaError when `make` stops producing new prompts (the template space is exhausted).
-    """
-    seen: set[str] = set()
-    out: dict[str, list[Example]] = {}
-    for split in FILL_ORDER:
-        size = sizes.get(split, 0)
-        rng = random.Random(f"{seed}/{split}")
-        examples: list[Example] = []
-        # Duplicates are rare in a large template space; many in a row mean it is exhausted.
-        budget = 20 * size + 1000
-        while len(examples) < size and budget > 0:
-            budget -= 1
-            example = make(rng)
-            if example.prompt not in seen:
-                seen.add(example.prompt)
-                examples.append(example)
-        if len(examples) < size:
-            raise EssaError(
-                f"could only generate {len(examples)} unique prompts for split '{split}' "
-                f"(asked for {size}; {len(seen)} prompts in all): lower the split sizes"
-            )
-        out[split] = examples
-    return out
-
-
 class ArithmeticTask(Task):
     """Short arithmetic word problems; reward 1.0 when the final answer equals the gold number."""
 
@@ -235,31 +206,19 @@ class ArithmeticTask(Task):
     system_prompt = SYSTEM_PROMPT
 
     def __init__(self, cfg: TaskConfig) -> None:
-        unknown = set(cfg.options) - _KNOWN_OPTIONS
-        if unknown:
-            raise EssaError(f"task 'arithmetic' got unknown option(s) {', '.join(sorted(unknown))} "
-                            f"(known: {', '.join(sorted(_KNOWN_OPTIONS))})")
+        reject_unknown_options(self.name, cfg.options, _KNOWN_OPTIONS)
         self.difficulty = str(cfg.options.get("difficulty", "easy"))
         if self.difficulty not in DIFFICULTIES:
             raise EssaError(f"task.options.difficulty must be one of {', '.join(DIFFICULTIES)} "
                             f"(got {self.difficulty!r})")
-        sizes = {s: _size(cfg, s) for s in SPLITS}
         self._splits = build_splits(
-            sizes, lambda rng: make_problem(rng, self.difficulty),
+            split_sizes(cfg), lambda rng: make_problem(rng, self.difficulty),
             seed=f"arithmetic/{self.difficulty}/{cfg.seed}",
         )
 
     def split(self, name: str) -> list[Example]:
-        if name not in self._splits:
-            raise EssaError(f"unknown split '{name}' (choose from {', '.join(SPLITS)})")
-        return list(self._splits[name])
+        return pick_split(self._splits, name)
 
     def reward(self, completion: str, example: Example) -> float:
         return numeric_reward(completion, example.answer)
 
-
-def _size(cfg: TaskConfig, split: str) -> int:
-    value = getattr(cfg, f"{split}_size")
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise EssaError(f"task.{split}_size must be a non-negative integer (got {value!r})")
-    return value

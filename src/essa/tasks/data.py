@@ -3,26 +3,30 @@
 `load_records` returns plain dicts and checks that every row has the fields a task needs, so a
 bad row is reported by file and row number before any model runs. A local file always works
 offline; a hub id needs the optional `datasets` package and network access.
+
+The option helpers read the `task.options` that file-backed tasks share: `source`
+("procedural" or "data") and, per side ("train" / "test"), `<side>_file`, `<side>_split` and
+`<side>_config`.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 from essa.errors import EssaError
-from essa.tasks.base import SPLITS
-
-if TYPE_CHECKING:
-    from essa.config import TaskConfig
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+SOURCES = ("procedural", "data")
+DATA_OPTIONS = {"source", "train_file", "test_file", "train_split", "test_split",
+                "train_config", "test_config"}
 
 
-def load_records(source: str, split: str | None = None,
-                 required: Iterable[str] = ()) -> list[dict[str, Any]]:
-    """Rows of a local .jsonl/.json/.parquet file or of a `datasets` id (`split` picks its split).
+def load_records(source: str, split: str | None = None, required: Iterable[str] = (),
+                 config: str | None = None) -> list[dict[str, Any]]:
+    """Rows of a local .jsonl/.json/.parquet file or of a `datasets` id (`split` picks its split,
+    `config` its configuration, such as GSM8K's "main"; both are ignored for a local file).
 
     Raises EssaError when the source is missing or empty, or a row lacks a `required` field
     (a null value counts as missing).
@@ -36,12 +40,45 @@ def load_records(source: str, split: str | None = None,
           or source.startswith((".", "/", "~"))):
         raise EssaError(f"data file not found: {source}")
     else:
-        rows = _read_hub(source, split)
-        where = f"{source} (split {split or 'train'})"
+        rows = _read_hub(source, split, config)
+        where = f"{source} ({config + ', ' if config else ''}split {split or 'train'})"
     if not rows:
         raise EssaError(f"{where} holds no records")
     _check_required(rows, list(required), where, jsonl=path.suffix.lower() == ".jsonl")
     return [row for _, row in rows]
+
+
+def reject_unknown_options(task: str, options: dict[str, Any], known: set[str]) -> None:
+    """EssaError naming any option of `task` that is not in `known`."""
+    unknown = set(options) - known
+    if unknown:
+        raise EssaError(f"task '{task}' got unknown option(s) {', '.join(sorted(unknown))} "
+                        f"(known: {', '.join(sorted(known))})")
+
+
+def check_options(task: str, options: dict[str, Any], known: set[str]) -> str:
+    """Reject unknown options; return the data source ("procedural" or "data").
+
+    Without a `source` option, naming a train or test file means "data".
+    """
+    reject_unknown_options(task, options, known)
+    has_files = bool(options.get("train_file") or options.get("test_file"))
+    source = str(options.get("source") or ("data" if has_files else "procedural"))
+    if source not in SOURCES:
+        raise EssaError(f"task.options.source must be one of {', '.join(SOURCES)} (got {source!r})")
+    return source
+
+
+def data_source(options: dict[str, Any], side: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    """Where one side ("train" or "test") of a file-backed task reads from: file, split, config.
+
+    Options win over `defaults`; the hub split defaults to the side's name.
+    """
+    return {
+        "source": str(options.get(f"{side}_file") or defaults[f"{side}_file"]),
+        "split": options.get(f"{side}_split") or defaults.get(f"{side}_split", side),
+        "config": options.get(f"{side}_config", defaults.get(f"{side}_config")),
+    }
 
 
 def _read_file(path: Path) -> list[tuple[int, dict[str, Any]]]:
@@ -102,18 +139,22 @@ def _numbered(records: list[Any], path: Path) -> list[tuple[int, dict[str, Any]]
     return out
 
 
-def _read_hub(name: str, split: str | None) -> list[tuple[int, dict[str, Any]]]:
+def _read_hub(name: str, split: str | None,
+              config: str | None) -> list[tuple[int, dict[str, Any]]]:
     hint = "give a local .jsonl/.json/.parquet file instead"
     try:
         import datasets
     except ImportError as exc:
         raise EssaError(f"'{name}' is not a local file and the `datasets` package is not "
                         f"installed: {hint}") from exc
+    # Only a set config is passed on: most ids have a single, default one.
+    args = (name, config) if config else (name,)
     try:
-        dataset = datasets.load_dataset(name, split=split or "train")
+        dataset = datasets.load_dataset(*args, split=split or "train")
     except Exception as exc:  # noqa: BLE001 - offline, unknown id, bad split: all one message
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EssaError(f"could not load dataset '{name}' from the hub ({first}): {hint}") from exc
+        label = f"'{name}' ({config})" if config else f"'{name}'"
+        raise EssaError(f"could not load dataset {label} from the hub ({first}): {hint}") from exc
     return list(enumerate((dict(row) for row in dataset), start=1))
 
 
@@ -124,14 +165,3 @@ def _check_required(rows: list[tuple[int, dict[str, Any]]], required: list[str],
         for name in required:
             if record.get(name) is None:
                 raise EssaError(f"{where}: {unit} {number} has no '{name}' field")
-
-
-def split_sizes(cfg: TaskConfig) -> dict[str, int]:
-    """The requested size of each split, checked to be a non-negative integer."""
-    sizes = {}
-    for split in SPLITS:
-        value = getattr(cfg, f"{split}_size")
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise EssaError(f"task.{split}_size must be a non-negative integer (got {value!r})")
-        sizes[split] = value
-    return sizes

@@ -22,23 +22,18 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from essa.errors import EssaError
 from essa.tasks.answers import numeric_reward, parse_number
-from essa.tasks.arithmetic import build_splits
-from essa.tasks.base import SPLITS, Example, Task
-from essa.tasks.data import FILE_SUFFIXES, load_records, split_sizes
+from essa.tasks.base import Example, Task
+from essa.tasks.data import load_records
+from essa.tasks.splits import generated_or_file_splits, pick_split
 
 if TYPE_CHECKING:
     from essa.config import TaskConfig
 
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
-SOURCES = ("procedural", "data")
-DATA_OPTIONS = {"source", "train_file", "test_file", "train_split", "test_split",
-                "train_config", "test_config"}
 GSM8K_FIELDS = ("question", "answer")
 
 _CALCULATOR_RE = re.compile(r"<<[^<>]*>>")
@@ -77,121 +72,6 @@ def solution_target(solution: str, gold: float) -> str:
     text = _FINAL_LINE_RE.sub("", text).rstrip()
     ending = f"The answer is \\boxed{{{format_number(gold)}}}."
     return f"{text}\n{ending}" if text else ending
-
-
-# ---- data sources shared by the file-backed math tasks ---------------------------------------
-
-def data_source(options: dict[str, Any], split: str, defaults: dict[str, Any]) -> dict[str, Any]:
-    """Where one side ("train" or "test") of a file-backed task reads from: file, split, config."""
-    return {
-        "source": str(options.get(f"{split}_file") or defaults[f"{split}_file"]),
-        "split": options.get(f"{split}_split") or defaults.get(f"{split}_split", split),
-        "config": options.get(f"{split}_config", defaults.get(f"{split}_config")),
-    }
-
-
-def load_rows(source: str, split: str | None, required: Iterable[str],
-              config: str | None = None) -> list[dict[str, Any]]:
-    """Records of a local file or a `datasets` id; `config` names the dataset's configuration.
-
-    Local files and config-less ids go through `essa.tasks.data.load_records`; an id with a
-    config (GSM8K's "main") is read here, with the same one-line errors.
-    """
-    if not config or _looks_local(source):
-        return load_records(source, split=split, required=required)
-    try:
-        import datasets
-    except ImportError as exc:
-        raise EssaError(f"'{source}' is not a local file and the `datasets` package is not "
-                        "installed: give a local .jsonl/.json/.parquet file instead") from exc
-    try:
-        rows = [dict(row) for row in datasets.load_dataset(source, config, split=split or "train")]
-    except Exception as exc:  # offline, unknown id, bad split: all one message
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EssaError(f"could not load dataset '{source}' ({config}) from the hub ({first}): "
-                        "give a local .jsonl/.json/.parquet file instead") from exc
-    where = f"{source} ({config}, split {split or 'train'})"
-    if not rows:
-        raise EssaError(f"{where} holds no records")
-    for number, row in enumerate(rows, start=1):
-        for name in required:
-            if row.get(name) is None:
-                raise EssaError(f"{where}: row {number} has no '{name}' field")
-    return rows
-
-
-def _looks_local(source: str) -> bool:
-    return (Path(source).expanduser().exists() or source.startswith((".", "/", "~"))
-            or source.lower().endswith(FILE_SUFFIXES))
-
-
-def unique_by_prompt(examples: Iterable[Example], exclude: set[str] = frozenset()) -> list[Example]:
-    """The examples in order, keeping the first of each prompt and none in `exclude`."""
-    seen = set(exclude)
-    out = []
-    for example in examples:
-        if example.prompt not in seen:
-            seen.add(example.prompt)
-            out.append(example)
-    return out
-
-
-def partition(pool: list[Example], sizes: dict[str, int], seed: str, where: str,
-              order: tuple[str, ...] = ("validation", "train", "sft")) -> dict[str, list[Example]]:
-    """Seeded, disjoint splits of a pool of unique prompts, filled in `order`.
-
-    Filling the held-out split first keeps it fixed when later sizes change.
-    """
-    wanted = sum(sizes[s] for s in order)
-    if wanted > len(pool):
-        asked = ", ".join(f"{s} {sizes[s]}" for s in order)
-        raise EssaError(f"{where} has {len(pool)} unique prompts, fewer than the {wanted} asked "
-                        f"for ({asked}): lower the split sizes")
-    shuffled = list(pool)
-    random.Random(seed).shuffle(shuffled)
-    out, start = {}, 0
-    for split in order:
-        out[split] = shuffled[start:start + sizes[split]]
-        start += sizes[split]
-    return out
-
-
-def file_splits(options: dict[str, Any], sizes: dict[str, int], seed: str,
-                defaults: dict[str, Any],
-                read: Callable[[dict[str, Any]], list[Example]]) -> dict[str, list[Example]]:
-    """All four splits from a train source and a test source (`read` turns one into examples).
-
-    A source whose splits are all empty is not read at all, so an offline run can name only
-    the file it needs.
-    """
-    test_pool: list[Example] = []
-    out: dict[str, list[Example]] = {s: [] for s in SPLITS}
-    if sizes["test"]:
-        test_pool = unique_by_prompt(read(data_source(options, "test", defaults)))
-        out.update(partition(test_pool, sizes, f"{seed}/test", _describe(options, "test", defaults),
-                             order=("test",)))
-    if any(sizes[s] for s in ("sft", "train", "validation")):
-        pool = unique_by_prompt(read(data_source(options, "train", defaults)),
-                                exclude={e.prompt for e in test_pool})
-        out.update(partition(pool, sizes, f"{seed}/train", _describe(options, "train", defaults)))
-    return out
-
-
-def _describe(options: dict[str, Any], split: str, defaults: dict[str, Any]) -> str:
-    return f"the {split} source {data_source(options, split, defaults)['source']}"
-
-
-def check_options(task: str, options: dict[str, Any], known: set[str]) -> str:
-    """Reject unknown options; return the data source ("procedural" or "data")."""
-    unknown = set(options) - known
-    if unknown:
-        raise EssaError(f"task '{task}' got unknown option(s) {', '.join(sorted(unknown))} "
-                        f"(known: {', '.join(sorted(known))})")
-    has_files = bool(options.get("train_file") or options.get("test_file"))
-    source = str(options.get("source") or ("data" if has_files else "procedural"))
-    if source not in SOURCES:
-        raise EssaError(f"task.options.source must be one of {', '.join(SOURCES)} (got {source!r})")
-    return source
 
 
 # ---- GSM8K ----------------------------------------------------------------------------------
@@ -236,23 +116,16 @@ class Gsm8kTask(Task):
     system_prompt = SYSTEM_PROMPT
 
     def __init__(self, cfg: TaskConfig) -> None:
-        options = dict(cfg.options)
-        self.source = check_options(self.name, options, DATA_OPTIONS)
-        sizes = split_sizes(cfg)
-        if self.source == "procedural":
-            self._splits = build_splits(sizes, procedural_problem, seed=f"gsm8k/{cfg.seed}")
-        else:
-            self._splits = file_splits(options, sizes, f"gsm8k/{cfg.seed}", _DEFAULTS, _read)
+        self.source, self._splits = generated_or_file_splits(
+            self.name, cfg, procedural_problem, _DEFAULTS, _read)
 
     def split(self, name: str) -> list[Example]:
-        if name not in self._splits:
-            raise EssaError(f"unknown split '{name}' (choose from {', '.join(SPLITS)})")
-        return list(self._splits[name])
+        return pick_split(self._splits, name)
 
     def reward(self, completion: str, example: Example) -> float:
         return numeric_reward(completion, example.answer)
 
 
 def _read(where: dict[str, Any]) -> list[Example]:
-    rows = load_rows(where["source"], where["split"], GSM8K_FIELDS, where["config"])
+    rows = load_records(where["source"], where["split"], GSM8K_FIELDS, where["config"])
     return gsm8k_examples(rows, where["source"])

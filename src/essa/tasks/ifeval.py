@@ -39,9 +39,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from essa.errors import EssaError
-from essa.tasks.arithmetic import build_splits
-from essa.tasks.base import SPLITS, Example, Task
-from essa.tasks.data import load_records, split_sizes
+from essa.tasks.base import Example, Task
+from essa.tasks.data import load_records, reject_unknown_options
+from essa.tasks.splits import build_splits, pick_split, split_sizes
 
 if TYPE_CHECKING:
     from if_verifiable import EvaluationScores
@@ -638,10 +638,7 @@ class IfevalTask(Task):
 
     def __init__(self, cfg: TaskConfig) -> None:
         options = dict(cfg.options)
-        unknown = set(options) - _KNOWN_OPTIONS
-        if unknown:
-            raise EssaError(f"task 'ifeval' got unknown option(s) {', '.join(sorted(unknown))} "
-                            f"(known: {', '.join(sorted(_KNOWN_OPTIONS))})")
+        reject_unknown_options(self.name, options, _KNOWN_OPTIONS)
         self.reward_mode = str(options.get("reward_mode", "loose"))
         if self.reward_mode not in REWARD_MODES:
             raise EssaError(f"task.options.reward_mode must be one of {', '.join(REWARD_MODES)} "
@@ -675,9 +672,7 @@ class IfevalTask(Task):
         return make
 
     def split(self, name: str) -> list[Example]:
-        if name not in self._splits:
-            raise EssaError(f"unknown split '{name}' (choose from {', '.join(SPLITS)})")
-        return list(self._splits[name])
+        return pick_split(self._splits, name)
 
     def reward(self, completion: str, example: Example) -> float:
         scores = evaluate(completion, example.answer, example.prompt)

@@ -12,7 +12,7 @@ Data (`task.options`):
   `HuggingFaceH4/MATH-500`; `train_split` / `test_split` and `train_config` / `test_config`
   pick hub splits and configurations). Rows need `problem` and a gold answer: the `answer`
   field, else the last \\boxed{} of `solution`. The split rules are GSM8K's
-  (`essa.tasks.gsm8k.file_splits`): the train source gives validation, train and sft, the test
+  (`essa.tasks.splits.file_splits`): the train source gives validation, train and sft, the test
   source (MATH500) gives test, and no prompt is in two splits.
 
 The SFT target is the reference solution, ending with the boxed gold answer.
@@ -32,16 +32,10 @@ from typing import TYPE_CHECKING, Any
 
 from essa.errors import EssaError
 from essa.tasks.answers import extract_boxed, final_answer
-from essa.tasks.arithmetic import build_splits
-from essa.tasks.base import SPLITS, Example, Task
-from essa.tasks.data import split_sizes
-from essa.tasks.gsm8k import (
-    DATA_OPTIONS,
-    SYSTEM_PROMPT,
-    check_options,
-    file_splits,
-    load_rows,
-)
+from essa.tasks.base import Example, Task
+from essa.tasks.data import load_records
+from essa.tasks.gsm8k import SYSTEM_PROMPT
+from essa.tasks.splits import generated_or_file_splits, pick_split
 
 if TYPE_CHECKING:
     from essa.config import TaskConfig
@@ -180,7 +174,7 @@ def _solution_target(solution: str, gold: str) -> str:
 
 
 def _read(where: dict[str, Any]) -> list[Example]:
-    rows = load_rows(where["source"], where["split"], MATH_FIELDS, where["config"])
+    rows = load_records(where["source"], where["split"], MATH_FIELDS, where["config"])
     return math_examples(rows, where["source"])
 
 
@@ -373,18 +367,11 @@ class MathTask(Task):
     system_prompt = SYSTEM_PROMPT
 
     def __init__(self, cfg: TaskConfig) -> None:
-        options = dict(cfg.options)
-        self.source = check_options(self.name, options, DATA_OPTIONS)
-        sizes = split_sizes(cfg)
-        if self.source == "procedural":
-            self._splits = build_splits(sizes, make_math_problem, seed=f"math/{cfg.seed}")
-        else:
-            self._splits = file_splits(options, sizes, f"math/{cfg.seed}", _DEFAULTS, _read)
+        self.source, self._splits = generated_or_file_splits(
+            self.name, cfg, make_math_problem, _DEFAULTS, _read)
 
     def split(self, name: str) -> list[Example]:
-        if name not in self._splits:
-            raise EssaError(f"unknown split '{name}' (choose from {', '.join(SPLITS)})")
-        return list(self._splits[name])
+        return pick_split(self._splits, name)
 
     def reward(self, completion: str, example: Example) -> float:
         return math_reward(completion, example.answer)

@@ -37,7 +37,8 @@ from typing import TYPE_CHECKING, Any
 
 from essa.errors import EssaError
 from essa.tasks.base import SPLITS, Example, Task
-from essa.tasks.data import load_records, split_sizes
+from essa.tasks.data import load_records, reject_unknown_options
+from essa.tasks.splits import pick_split, split_sizes
 
 if TYPE_CHECKING:
     from essa.config import TaskConfig
@@ -172,11 +173,7 @@ class RewardModelTask(Task):
 
     def __init__(self, cfg: TaskConfig) -> None:
         options = dict(cfg.options)
-        unknown = set(options) - _KNOWN_OPTIONS
-        if unknown:
-            known = ", ".join(sorted(_KNOWN_OPTIONS))
-            raise EssaError(f"task '{self.name}' got unknown option(s) "
-                            f"{', '.join(sorted(unknown))} (known: {known})")
+        reject_unknown_options(self.name, options, _KNOWN_OPTIONS)
         if not options.get("reward_model"):
             raise EssaError(f"task '{self.name}' needs task.options.reward_model "
                             "(a local reward-model directory)")
@@ -222,9 +219,7 @@ class RewardModelTask(Task):
         return out
 
     def split(self, name: str) -> list[Example]:
-        if name not in self._splits:
-            raise EssaError(f"unknown split '{name}' (choose from {', '.join(SPLITS)})")
-        return list(self._splits[name])
+        return pick_split(self._splits, name)
 
     def normalize(self, raw: float) -> float:
         value = (raw - self.shift) / self.scale
