@@ -134,7 +134,7 @@ def _eval(args: argparse.Namespace) -> int:
     from essa.commands import run_eval
 
     metrics = run_eval(_config(args), split=args.split, samples=args.samples, limit=args.limit,
-                       records_path=args.records, use_adapter=not args.no_adapter)
+                       records_path=args.records, use_adapter=not args.no_adapter, progress=not args.quiet)
     print(json.dumps(metrics))
     return 0
 

@@ -125,7 +125,7 @@ def _training_backend(cfg: Config, model: Any, tokenizer: Any, space: SvdLoraSpa
 # -- eval ----------------------------------------------------------------------------------------
 def run_eval(cfg: Config, split: str = "test", samples: int = 1, limit: int | None = None,
              records_path: str | Path | None = None, use_adapter: bool = True,
-             model_and_tokenizer: tuple[Any, Any] | None = None) -> dict[str, Any]:
+             model_and_tokenizer: tuple[Any, Any] | None = None, progress: bool = False) -> dict[str, Any]:
     if samples < 1:
         raise EssaError(f"--samples must be >= 1 (got {samples})")
     if samples > 1 and cfg.generation.temperature <= 0:
@@ -136,7 +136,7 @@ def run_eval(cfg: Config, split: str = "test", samples: int = 1, limit: int | No
     space = None
     if use_adapter and cfg.adapter is not None:
         space = SvdLoraSpace.from_adapter(resolve_adapter_dir(cfg.adapter), 1.0, model=model)
-    backend = LocalBackend(model, tokenizer, space, cfg.generation)
+    backend = LocalBackend(model, tokenizer, space, cfg.generation, progress=progress)
     try:
         result = evaluate_split(backend, tokenizer, task, examples, samples=samples, seed=cfg.essa.seed)
     finally:
@@ -214,14 +214,15 @@ def run_demo(cfg: Config, progress: bool = True, resume: bool = False) -> dict[s
     sft_s = time.perf_counter() - t0
 
     _say("2/4 test accuracy of the SFT adapter")
-    before = run_eval(cfg.with_changes(adapter=str(adapter)), "test", model_and_tokenizer=model_and_tokenizer)
+    before = run_eval(cfg.with_changes(adapter=str(adapter)), "test", model_and_tokenizer=model_and_tokenizer,
+                      progress=progress)
 
     _say("3/4 ESSA search")
     train_cfg = cfg.with_changes(adapter=str(adapter), output_dir=str(root / "essa"))
     train = run_train(train_cfg, resume=resume, progress=progress, model_and_tokenizer=model_and_tokenizer)
 
     _say("4/4 test accuracy of the ESSA adapter")
-    after = run_eval(cfg.with_changes(adapter=str(root / "essa" / "adapter")), "test",
+    after = run_eval(cfg.with_changes(adapter=str(root / "essa" / "adapter")), "test", progress=progress,
                      model_and_tokenizer=model_and_tokenizer)
     run_export(root / "essa", root / "adapter")
     shutil.copy2(root / "essa" / PLOT, root / PLOT)

@@ -51,7 +51,8 @@ class LocalBackend:
         out: list[list[str]] = [[""] * len(prompts) for _ in range(n_cand)]
         size = self.generation.batch_size
         chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
-        for i, chunk in enumerate(tqdm(chunks, desc="generate", leave=False, disable=not self.progress)):
+        for i, chunk in enumerate(tqdm(chunks, desc="generate", unit="batch", leave=False,
+                                      disable=not self.progress or len(chunks) < 2)):
             texts = self.generate([prompts[p] for _, p, _ in chunk], [c for _, _, c in chunk], seed + i)
             for (_, p, c), text in zip(chunk, texts):
                 out[c][p] = text
