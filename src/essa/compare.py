@@ -8,7 +8,7 @@ Protocol (what makes the comparison fair, and what the report claims):
 - One prompt stream: ESSA's mini-batch schedule over the task's train split. GRPO reads the same
   stream in the same order, so after k steps both have seen the same first k batches.
 - One clock per method, counting training work only: ESSA generations (its validation passes are
-  taken off the clock by extending its budget by their duration), GRPO optimizer steps (snapshot
+  kept off the trainer's search clock), GRPO optimizer steps (snapshot
   saves are off the clock). Each stops at the first step that ends past `compare.budget_s`.
 - Matched checkpoints: at every budget/`checkpoints` seconds each method snapshots its current
   model (ESSA: the optimizer mean, no validation involved; GRPO: the current adapter). After
@@ -221,29 +221,20 @@ def _sft_job(cfg: Config, progress: bool) -> dict[str, Any]:
 
 
 class RecordingBackend:
-    """Wraps ESSA's backend: records the train prompts of each generation and keeps validation
-    passes off the clock (their duration is added to the trainer's budget)."""
+    """Wraps ESSA's backend and records the train prompts of each generation."""
 
-    def __init__(self, backend: Any, train_prompts: list[str], search: Any):
+    def __init__(self, backend: Any, train_prompts: list[str]):
         self.backend = backend
         self.index = {p: i for i, p in enumerate(train_prompts)}
-        self.search = search
         self.batches: list[list[int]] = []
-        self.validation_s = 0.0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.backend, name)
 
     def evaluate(self, population: np.ndarray | None, prompts: list[str], seed: int = 0) -> list[list[str]]:
-        t0 = time.perf_counter()
         out = self.backend.evaluate(population, prompts, seed=seed)
         if population is not None and len(population) > 1:  # a generation (validation runs one candidate)
             self.batches.append([self.index.get(p, -1) for p in prompts])
-        else:
-            spent = time.perf_counter() - t0
-            self.validation_s += spent
-            if self.search.time_budget_s is not None:
-                self.search.time_budget_s += spent
         return out
 
 
@@ -259,7 +250,7 @@ class EssaWatcher:
         self.snapshots: list[tuple[float, int, np.ndarray]] = []
 
     def clock(self, state: Any) -> float:
-        return max(0.0, state.elapsed_s - self.recorder.validation_s)
+        return state.elapsed_s  # the trainer keeps validation off its search clock
 
     def __call__(self, state: Any) -> None:
         t = self.last_t = self.clock(state)
@@ -288,7 +279,7 @@ def _essa_job(cfg: Config, compare: CompareSettings, start_adapter: str, run_dir
     search = dataclasses.replace(cfg.essa, time_budget_s=compare.budget_s, generations=compare.max_steps)
     backend = LocalBackend(model, tokenizer, space, cfg.generation)
     train_prompts = [format_prompt(tokenizer, task, ex) for ex in task.checked_split("train")]
-    recorder = RecordingBackend(backend, train_prompts, search)
+    recorder = RecordingBackend(backend, train_prompts)
     watcher = EssaWatcher(recorder, compare.checkpoint_times())
     try:
         trainer = EssaTrainer(recorder, tokenizer, task, search, space.dim, run_dir_p, progress=progress,
@@ -311,7 +302,7 @@ def _essa_job(cfg: Config, compare: CompareSettings, start_adapter: str, run_dir
         backend.population_model.remove()
     out = {"method": "essa", "steps": result.state.generation, "wall_clock_s": round(end_t, 3),
            "stopped_by": _stopped_by(result.state.generation, compare.max_steps),
-           "validation_s_off_clock": round(recorder.validation_s, 3), "curve": watcher.curve, "points": points,
+           "validation_s_off_clock": round(result.state.validation_s, 3), "curve": watcher.curve, "points": points,
            "prompts_used": recorder.batches, "trainer_choice": choice, "search_dim": space.dim,
            "start_adapter": str(run_dir_p / "start_adapter"), "peak_rss_mb": peak,
            "reward_failures": result.state.reward_failures}
