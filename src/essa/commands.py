@@ -119,7 +119,7 @@ def _training_backend(cfg: Config, model: Any, tokenizer: Any, space: SvdLoraSpa
         return RayPopulationEvaluator(cfg.model, str(adapter_dir), cfg.essa.alpha, cfg.generation, cfg.task,
                                       cfg.essa, num_workers=cfg.backend.workers, ray_address=cfg.backend.ray_address,
                                       threads_per_worker=cfg.backend.threads_per_worker, log=_say)
-    return LocalBackend(model, tokenizer, space, cfg.generation)
+    return LocalBackend(model, tokenizer, space, cfg.generation, quantize=cfg.model.quantize)
 
 
 # -- eval ----------------------------------------------------------------------------------------
@@ -136,7 +136,8 @@ def run_eval(cfg: Config, split: str = "test", samples: int = 1, limit: int | No
     space = None
     if use_adapter and cfg.adapter is not None:
         space = SvdLoraSpace.from_adapter(resolve_adapter_dir(cfg.adapter), 1.0, model=model)
-    backend = LocalBackend(model, tokenizer, space, cfg.generation, progress=progress)
+    backend = LocalBackend(model, tokenizer, space, cfg.generation, progress=progress,
+                           quantize=cfg.model.quantize)
     try:
         result = evaluate_split(backend, tokenizer, task, examples, samples=samples, seed=cfg.essa.seed)
     finally:

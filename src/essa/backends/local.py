@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import numpy as np
@@ -10,6 +11,8 @@ import transformers
 from tqdm.auto import tqdm
 
 from essa.config import GenerationConfig
+from essa.errors import EssaError
+from essa.models import quantize_int8_
 from essa.population import PopulationModel
 from essa.svd_space import SvdLoraSpace
 
@@ -22,13 +25,19 @@ class LocalBackend:
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, space: SvdLoraSpace | None,
-                 generation: GenerationConfig, progress: bool = False):
+                 generation: GenerationConfig, progress: bool = False, quantize: str = "none"):
+        if quantize != "none":
+            model = copy.deepcopy(model)  # the caller keeps its float model
         self.model = model
         self.tokenizer = tokenizer
         self.space = space
         self.generation = generation
         self.progress = progress
         self.population_model = PopulationModel(model, space) if space is not None else None
+        if quantize == "int8":
+            quantize_int8_(model)
+        elif quantize != "none":
+            raise EssaError(f"unknown quantization '{quantize}' (choose none or int8)")
 
     def close(self) -> None:
         """Unwrap the model's layers again, so the caller gets its plain model back."""
