@@ -209,3 +209,17 @@ def test_outputs_written_atomically(tmp_path, monkeypatch):
     p = PlanInputs(**data["inputs"])
     assert data["rows"][2]["grad_step_s"] == pytest.approx(plan.grad_step_time(p, 4)["total"])
     assert any("ring all-reduce" in a for a in data["assumptions"])
+
+
+def test_calibration_measures_positive_throughputs(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from helpers import make_tiny_model_dir
+
+    from essa.calibrate import measure_throughputs
+    from essa.config import ModelConfig
+
+    gen, fb = measure_throughputs(ModelConfig(name=str(make_tiny_model_dir(tmp_path / "m"))), batch=2, new_tokens=4)
+    assert gen > 0 and fb > 0

@@ -179,7 +179,12 @@ def _compare_main(argv: list[str]) -> int:
 def _plan_main(argv: list[str]) -> int:
     from essa.plan import plan_main
 
-    return plan_main(argv)
+    def calibrate() -> tuple[float, float]:  # --calibrate: this machine, the bundled model
+        from essa.calibrate import measure_throughputs
+
+        return measure_throughputs()
+
+    return plan_main(argv, calibrate_fn=calibrate)
 
 
 def _fetch_model(args: argparse.Namespace) -> int:
