@@ -76,15 +76,13 @@ def run_sft(cfg: Config, progress: bool = True, model_and_tokenizer: tuple[Any, 
 # -- train ---------------------------------------------------------------------------------------
 def run_train(cfg: Config, resume: bool = False, progress: bool = True,
               model_and_tokenizer: tuple[Any, Any] | None = None) -> dict[str, Any]:
-    from essa.trainer import CHECKPOINT, EssaTrainer
+    from essa.trainer import EssaTrainer, refuse_to_overwrite
 
     adapter_dir = resolve_adapter_dir(cfg.adapter)
     task = get_task(cfg.task)
     task.checked_split("train")
     task.checked_split("validation")
-    if not resume and (Path(cfg.output_dir) / CHECKPOINT).exists():
-        raise EssaError(f"{cfg.output_dir} already holds an ESSA run; pass --resume to continue it "
-                        "or choose another output_dir")
+    refuse_to_overwrite(cfg.output_dir, resume)  # before anything is written there
     model, tokenizer = model_and_tokenizer or load_model(cfg.model)
     space = SvdLoraSpace.from_adapter(adapter_dir, cfg.essa.alpha, model=model)
     run_dir = _prepare_run_dir(cfg)
@@ -195,12 +193,10 @@ def run_demo(cfg: Config, progress: bool = True, resume: bool = False) -> dict[s
     With `resume`, a finished SFT adapter is reused and the ESSA search continues from its checkpoint.
     """
     start = time.perf_counter()
-    root = ensure_writable_dir(cfg.output_dir)
-    if not resume and any((root / name).exists() for name in ("sft", "essa", "summary.json")):
-        raise EssaError(f"{root} already holds a demo run; pass --resume to continue it, "
+    if not resume and any((Path(cfg.output_dir) / name).exists() for name in ("sft", "essa", "summary.json")):
+        raise EssaError(f"{cfg.output_dir} already holds a demo run; pass --resume to continue it, "
                         "or output_dir=NEW_DIR for a fresh one")
-    cfg.save(root / "config.yaml")
-    _log_to_file(root / "run.log")
+    root = _prepare_run_dir(cfg)
     model_and_tokenizer = load_model(cfg.model)
     task = get_task(cfg.task)
     for split in ("sft", "train", "validation", "test"):

@@ -166,9 +166,7 @@ class EssaTrainer:
             if resume:
                 log.info("no checkpoint in %s: starting a new run", self.run_dir)
             return TrainState()
-        if not resume:
-            raise EssaError(f"{self.run_dir} already holds an ESSA run; pass --resume to continue it "
-                            "or choose another output_dir")
+        refuse_to_overwrite(self.run_dir, resume)
         try:
             state: TrainState = pickle.loads(path.read_bytes())
         except Exception as exc:  # noqa: BLE001
@@ -191,7 +189,10 @@ class EssaTrainer:
         choices: dict[str, np.ndarray] = {"mean": self.optimizer.mean.copy()}
         if state.best_candidate is not None:
             choices["best_candidate"] = state.best_candidate
-        validation = {name: self.validation_accuracy(z) for name, z in choices.items()}
+        validation = {name: self.validation_accuracy(z) for name, z in choices.items()
+                      if not (name == "mean" and _validated_last(state))}
+        if _validated_last(state):  # the last generation already validated this very mean
+            validation = {"mean": state.history[-1]["val_accuracy"], **validation}
         if state.best_mean is not None and not np.array_equal(state.best_mean, choices["mean"]):
             choices["best_validated_mean"] = state.best_mean
             validation["best_validated_mean"] = state.best_mean_val
@@ -201,6 +202,18 @@ class EssaTrainer:
             "wall_clock_s": state.elapsed_s, "reward_failures": state.reward_failures,
         })
         return TrainResult(choices[choice], choice, validation, state)
+
+
+def refuse_to_overwrite(run_dir: str | Path, resume: bool) -> None:
+    """A run dir that already holds a checkpoint is only continued, and only with --resume."""
+    if not resume and (Path(run_dir) / CHECKPOINT).exists():
+        raise EssaError(f"{run_dir} already holds an ESSA run; pass --resume to continue it "
+                        "or choose another output_dir")
+
+
+def _validated_last(state: TrainState) -> bool:
+    last = state.history[-1] if state.history else {}
+    return last.get("generation") == state.generation and "val_accuracy" in last
 
 
 def _json_line(record: dict[str, Any]) -> str:
