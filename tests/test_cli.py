@@ -161,3 +161,15 @@ def test_plan_command_writes_table_and_plot(capsys, tmp_path):
     assert (tmp_path / "plan.png").is_file() and (tmp_path / "plan.json").is_file()
     code, _, err = run(capsys, "plan", "--model-params", "32Q")
     assert_clean_error(code, err, "32Q")
+
+
+def test_demo_defaults_are_the_packaged_demo_yaml():
+    from importlib import resources
+
+    from essa.cli import demo_defaults
+
+    packaged = yaml.safe_load(resources.files("essa").joinpath("configs", "demo.yaml").read_text())
+    cfg = demo_defaults()
+    assert cfg.essa.popsize == packaged["essa"]["popsize"]
+    assert cfg.task.sft_size == packaged["task"]["sft_size"]
+    assert cfg.generation.max_new_tokens == packaged["generation"]["max_new_tokens"]

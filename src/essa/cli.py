@@ -9,7 +9,7 @@ import sys
 from importlib import resources
 from typing import Any, Callable
 
-from essa.config import Config, load_config
+from essa.config import Config, config_from_mapping, load_config
 from essa.errors import EssaError
 
 DEMO_CONFIG = "demo.yaml"
@@ -149,17 +149,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 def demo_defaults() -> Config:
     """The demo's settings: the packaged demo.yaml over the library defaults."""
+    import yaml
+
     text = resources.files("essa").joinpath("configs", DEMO_CONFIG).read_text()
-    import tempfile
-
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
-        fh.write(text)
-    try:
-        return load_config(fh.name)
-    finally:
-        import os
-
-        os.unlink(fh.name)
+    return config_from_mapping(yaml.safe_load(text))
 
 
 def _export(args: argparse.Namespace) -> int:
