@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import peft
@@ -173,3 +174,17 @@ def test_demo_defaults_are_the_packaged_demo_yaml():
     assert cfg.essa.popsize == packaged["essa"]["popsize"]
     assert cfg.task.sft_size == packaged["task"]["sft_size"]
     assert cfg.generation.max_new_tokens == packaged["generation"]["max_new_tokens"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_vllm_backend_without_vllm_installed(capsys, model_dir, tmp_path):
+    adapter = make_random_adapter(tiny_llama(seed=0), tmp_path / "adapter", rank=4)
+    code, _, err = run(capsys, "train", f"model.name={model_dir}", f"adapter={adapter}", "backend.kind=vllm",
+                       f"output_dir={tmp_path / 'run'}", *SMALL)
+    assert_clean_error(code, err, "needs vLLM")
+    assert not (tmp_path / "run").exists()
+
+
+def test_int8_quantize_is_not_a_vllm_setting(capsys, tmp_path):
+    code, _, err = run(capsys, "train", "backend.kind=vllm", "model.quantize=int8", f"output_dir={tmp_path / 'run'}")
+    assert_clean_error(code, err, "backend.vllm_options.quantization")

@@ -23,7 +23,7 @@ from essa.config import Config
 from essa.errors import EssaError
 from essa.evaluate import evaluate_split
 from essa.io import atomic_directory, atomic_write_json, atomic_write_text, ensure_writable_dir
-from essa.models import load_model
+from essa.models import engine_model_source, load_model, load_tokenizer
 from essa.report import plot_training, write_report
 from essa.svd_space import ADAPTER_CONFIG, SvdLoraSpace
 from essa.tasks import get_task
@@ -83,7 +83,9 @@ def run_train(cfg: Config, resume: bool = False, progress: bool = True,
     task.checked_split("train")
     task.checked_split("validation")
     refuse_to_overwrite(cfg.output_dir, resume)  # before anything is written there
-    model, tokenizer = model_and_tokenizer or load_model(cfg.model)
+    _require_engine(cfg)
+    model, tokenizer = model_and_tokenizer or _model_for_backend(cfg)
+    # Without a local model (vLLM, Ray) the engines check that the adapter fits their own copy.
     space = SvdLoraSpace.from_adapter(adapter_dir, cfg.essa.alpha, model=model)
     run_dir = _prepare_run_dir(cfg)
     _say(space.describe())
@@ -109,15 +111,42 @@ def run_train(cfg: Config, resume: bool = False, progress: bool = True,
     return summary
 
 
+def _require_engine(cfg: Config) -> None:
+    if cfg.backend.kind == "vllm":
+        from essa.backends.vllm_backend import require_vllm
+
+        require_vllm()
+
+
+def _model_for_backend(cfg: Config) -> tuple[Any, Any]:
+    """(model, tokenizer); the model only where this process runs it (the local backend)."""
+    if cfg.backend.kind == "local":
+        return load_model(cfg.model)
+    return None, load_tokenizer(cfg.model)
+
+
 def _training_backend(cfg: Config, model: Any, tokenizer: Any, space: SvdLoraSpace, adapter_dir: Path) -> Any:
+    if cfg.backend.kind == "vllm":
+        return _vllm_backend(cfg, tokenizer, space, max_loras=cfg.essa.popsize)
     if cfg.backend.kind == "ray":
         from essa.backends.ray_backend import RayPopulationEvaluator
 
         _say(f"starting {cfg.backend.workers} Ray workers")
         return RayPopulationEvaluator(cfg.model, str(adapter_dir), cfg.essa.alpha, cfg.generation, cfg.task,
                                       cfg.essa, num_workers=cfg.backend.workers, ray_address=cfg.backend.ray_address,
-                                      threads_per_worker=cfg.backend.threads_per_worker, log=_say)
+                                      threads_per_worker=cfg.backend.threads_per_worker, log=_say,
+                                      engine=cfg.backend.worker_engine, vllm_options=cfg.backend.vllm_options)
     return LocalBackend(model, tokenizer, space, cfg.generation, quantize=cfg.model.quantize)
+
+
+def _vllm_backend(cfg: Config, tokenizer: Any, space: SvdLoraSpace | None, max_loras: int,
+                  progress: bool = False) -> Any:
+    from essa.backends.vllm_backend import VllmBackend
+
+    _say("starting the vLLM engine")
+    return VllmBackend(engine_model_source(cfg.model.name), tokenizer, space, cfg.generation,
+                       dtype=cfg.model.dtype, max_loras=max_loras, threads=cfg.model.threads,
+                       engine_options=cfg.backend.vllm_options, progress=progress, seed=cfg.essa.seed)
 
 
 # -- eval ----------------------------------------------------------------------------------------
@@ -130,12 +159,17 @@ def run_eval(cfg: Config, split: str = "test", samples: int = 1, limit: int | No
         raise EssaError("avg@k / pass@k need sampling: set generation.temperature > 0 with --samples > 1")
     task = get_task(cfg.task)
     examples = task.checked_split(split)[:limit]
-    model, tokenizer = model_and_tokenizer or load_model(cfg.model)
+    vllm = cfg.backend.kind == "vllm"  # a Ray pool is for training; evaluation runs here
+    _require_engine(cfg)
+    model, tokenizer = model_and_tokenizer or (_model_for_backend(cfg) if vllm else load_model(cfg.model))
     space = None
     if use_adapter and cfg.adapter is not None:
         space = SvdLoraSpace.from_adapter(resolve_adapter_dir(cfg.adapter), 1.0, model=model)
-    backend = LocalBackend(model, tokenizer, space, cfg.generation, progress=progress,
-                           quantize=cfg.model.quantize)
+    if vllm:
+        backend = _vllm_backend(cfg, tokenizer, space, max_loras=1, progress=progress)
+    else:
+        backend = LocalBackend(model, tokenizer, space, cfg.generation, progress=progress,
+                               quantize=cfg.model.quantize)
     try:
         result = evaluate_split(backend, tokenizer, task, examples, samples=samples, seed=cfg.essa.seed)
     finally:

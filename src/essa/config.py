@@ -93,12 +93,17 @@ class SearchConfig:
 
 @dataclass
 class BackendConfig:
-    # local: this process (population-batched runtime); ray: a pool of Ray workers (paper Alg. 1).
+    # local: this process (population-batched runtime); vllm: a vLLM engine in this process's
+    # care, one LoRA request per candidate; ray: a pool of Ray workers (paper Alg. 1).
     kind: str = "local"
     workers: int = 2
     # Address of an existing Ray cluster; null starts a local one.
     ray_address: str | None = None
     threads_per_worker: int = 1
+    # What each Ray worker runs: transformers (the population runtime) or vllm.
+    worker_engine: str = "transformers"
+    # Extra keyword arguments for vllm.LLM (quantization, max_model_len, gpu_memory_utilization, ...).
+    vllm_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -133,7 +138,13 @@ class Config:
             "set essa.generations or essa.time_budget_s (or both)",
             None,
         )
-        _check(self.backend.kind in ("local", "ray"), "backend.kind must be local or ray", self.backend.kind)
+        _check(self.backend.kind in ("local", "ray", "vllm"), "backend.kind must be local, ray or vllm",
+               self.backend.kind)
+        _check(self.backend.worker_engine in ("transformers", "vllm"),
+               "backend.worker_engine must be transformers or vllm", self.backend.worker_engine)
+        _check(self.model.quantize == "none" or self._engine() == "transformers",
+               "model.quantize applies to the transformers runtime; with vLLM set "
+               "backend.vllm_options.quantization instead", self.model.quantize)
         _check(self.backend.workers >= 1, "backend.workers must be >= 1", self.backend.workers)
         _check(self.lora.rank >= 1, "lora.rank must be >= 1", self.lora.rank)
         _check(bool(self.lora.targets), "lora.targets must not be empty", self.lora.targets)
@@ -148,6 +159,12 @@ class Config:
         _check(self.model.dtype in ("float32", "bfloat16", "float16"),
                "model.dtype must be float32, bfloat16 or float16", self.model.dtype)
         return self
+
+    def _engine(self) -> str:
+        """The inference engine that evaluates candidates: transformers or vllm."""
+        if self.backend.kind == "vllm" or (self.backend.kind == "ray" and self.backend.worker_engine == "vllm"):
+            return "vllm"
+        return "transformers"
 
     def with_changes(self, **changes: Any) -> Config:
         """A deep copy with the given top-level fields replaced; `self` is left as it is."""

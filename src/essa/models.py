@@ -68,6 +68,23 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
     return model, tokenizer
 
 
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The model's tokenizer alone (for backends that load the weights in their own engine)."""
+    source, kwargs = _locate(cfg.name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise _load_error(cfg.name, source, exc) from exc
+    _prepare_tokenizer(tokenizer)
+    return tokenizer
+
+
+def engine_model_source(name: str) -> str:
+    """What an external engine (vLLM) loads for `name`: a local directory, a .gguf file or a hub id."""
+    source, kwargs = _locate(name)
+    return str(Path(source) / kwargs["gguf_file"]) if "gguf_file" in kwargs else source
+
+
 def resolve_model_dir(name: str) -> Path | None:
     """The local HF directory `name` refers to (fetching the bundled model if needed), else None."""
     if name == BUNDLED_ALIAS:

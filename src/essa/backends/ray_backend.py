@@ -86,24 +86,18 @@ class PopulationWorker:
     """Runs inside a Ray actor: model + SVD-LoRA space + task + its own optimizer copy."""
 
     def __init__(self, model: ModelConfig, adapter_dir: str, alpha: float, generation: GenerationConfig,
-                 task: TaskConfig, search: SearchConfig, threads: int):
-        import torch
-
-        from essa.backends.local import LocalBackend
-        from essa.models import load_model
+                 task: TaskConfig, search: SearchConfig, threads: int, engine: str = "transformers",
+                 vllm_options: dict[str, Any] | None = None):
         from essa.optim import make_optimizer
-        from essa.svd_space import SvdLoraSpace
         from essa.tasks import get_task
 
-        torch.set_num_threads(threads)
-        lm, self.tokenizer = load_model(dataclasses.replace(model, threads=threads))
-        space = SvdLoraSpace.from_adapter(adapter_dir, alpha, model=lm)
-        self.backend = LocalBackend(lm, self.tokenizer, space, generation)
+        self.tokenizer, self.backend = _worker_backend(engine, model, adapter_dir, alpha, generation, search,
+                                                       threads, vllm_options)
         self.task = get_task(task)
         self.train = self.task.checked_split("train")
         self._prompts: dict[int, str] = {}
         # Every worker starts where a fresh driver optimizer starts: the shared seed.
-        self.optimizer = make_optimizer(search.optimizer, space.dim, search.popsize, search.sigma0,
+        self.optimizer = make_optimizer(search.optimizer, self.backend.dim, search.popsize, search.sigma0,
                                         search.seed, lr=search.openai_es_lr)
         self.gen = 0  # generations told so far
         self.population: np.ndarray | None = None  # asked candidates of generation self.gen
@@ -179,7 +173,8 @@ class RayPopulationEvaluator:
                  task: TaskConfig, search: SearchConfig, num_workers: int = 2, ray_address: str | None = None,
                  threads_per_worker: int = 1, log: Callable[[str], None] | None = None,
                  chunk_size: int | None = None, cpus_per_worker: float | None = None,
-                 max_retries: int = 3, startup_timeout_s: float = 600.0):
+                 max_retries: int = 3, startup_timeout_s: float = 600.0, engine: str = "transformers",
+                 vllm_options: dict[str, Any] | None = None):
         if num_workers < 1:
             raise EssaError(f"num_workers must be >= 1 (got {num_workers})")
         if threads_per_worker < 1:
@@ -194,7 +189,7 @@ class RayPopulationEvaluator:
         self.max_retries = max_retries
         self._owns_ray = self._init_ray(ray_address, num_workers * (cpus_per_worker or threads_per_worker))
         worker_args = (_absolute_model(model), _absolute(adapter_dir), alpha, generation, _absolute_task(task),
-                       search, threads_per_worker)
+                       search, threads_per_worker, engine, vllm_options)
         self._actor_cls = self._ray.remote(num_cpus=cpus_per_worker or threads_per_worker, max_restarts=0,
                                            max_task_retries=0)(PopulationWorker)
         self._worker_args = worker_args
@@ -407,6 +402,33 @@ class RayPopulationEvaluator:
 
 # The name the backends registry and users reach for; the same class serves both roles.
 RayBackend = RayPopulationEvaluator
+
+
+def _worker_backend(engine: str, model: ModelConfig, adapter_dir: str, alpha: float,
+                    generation: GenerationConfig, search: SearchConfig, threads: int,
+                    vllm_options: dict[str, Any] | None) -> tuple[Any, Any]:
+    """(tokenizer, backend) of one worker: the population runtime or a vLLM engine."""
+    import torch
+
+    from essa.svd_space import SvdLoraSpace
+
+    torch.set_num_threads(threads)
+    model = dataclasses.replace(model, threads=threads)
+    if engine == "vllm":
+        from essa.backends.vllm_backend import VllmBackend
+        from essa.models import engine_model_source, load_tokenizer
+
+        tokenizer = load_tokenizer(model)
+        space = SvdLoraSpace.from_adapter(adapter_dir, alpha)
+        return tokenizer, VllmBackend(engine_model_source(model.name), tokenizer, space, generation,
+                                      dtype=model.dtype, max_loras=search.popsize, threads=threads,
+                                      engine_options=vllm_options, seed=search.seed)
+    from essa.backends.local import LocalBackend
+    from essa.models import load_model
+
+    lm, tokenizer = load_model(model)
+    space = SvdLoraSpace.from_adapter(adapter_dir, alpha, model=lm)
+    return tokenizer, LocalBackend(lm, tokenizer, space, generation)
 
 
 def _import_ray() -> Any:
