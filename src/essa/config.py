@@ -24,9 +24,8 @@ class ModelConfig:
     # Bundled alias ("smollm2-135m-instruct"), a local HF directory, a hub id, or a .gguf file.
     name: str = "smollm2-135m-instruct"
     dtype: str = "float32"
-    # none | int8: dynamic INT8 weights for the base model's linear layers during generation
-    # (CPU); the SVD-LoRA branch and the output head stay in float. Experimental: it costs
-    # SmolLM2-135M most of its accuracy (docs/BENCHMARKS.md).
+    # none | int8 | int4: weight-only quantized base linears in the local runtime (PyTorch CPU
+    # kernels; int4 in groups of 32); the SVD-LoRA branch and the output head stay in float.
     quantize: str = "none"
     # CPU threads for torch; null leaves torch's default.
     threads: int | None = None
@@ -154,7 +153,7 @@ class Config:
                self.generation.batch_size)
         _check(self.generation.temperature >= 0, "generation.temperature must be >= 0",
                self.generation.temperature)
-        _check(self.model.quantize in ("none", "int8"), "model.quantize must be none or int8",
+        _check(self.model.quantize in ("none", "int8", "int4"), "model.quantize must be none, int8 or int4",
                self.model.quantize)
         _check(self.model.dtype in ("float32", "bfloat16", "float16"),
                "model.dtype must be float32, bfloat16 or float16", self.model.dtype)

@@ -285,23 +285,3 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
 
 def _progress(message: str) -> None:
     print(f"essa: {message}", file=sys.stderr, flush=True)
-
-
-
-def quantize_int8_(model: nn.Module) -> nn.Module:
-    """Give every nn.Linear of `model` INT8 weights in place (dynamic quantization, CPU).
-
-    Called after the population layers are installed, it quantizes each wrapped base layer and
-    leaves the SVD-LoRA branch (plain float tensors) as it is.
-    """
-    import warnings
-
-    from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
-
-    # The output head stays in float: per-tensor INT8 over a 49k-token vocabulary wrecks the answers.
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    spec = {name: default_dynamic_qconfig for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and module is not head}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)

@@ -12,8 +12,8 @@ from tqdm.auto import tqdm
 
 from essa.config import GenerationConfig
 from essa.errors import EssaError
-from essa.models import quantize_int8_
 from essa.population import PopulationModel
+from essa.quantize import METHODS, quantize_base_
 from essa.svd_space import SvdLoraSpace
 
 
@@ -26,6 +26,8 @@ class LocalBackend:
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, space: SvdLoraSpace | None,
                  generation: GenerationConfig, progress: bool = False, quantize: str = "none"):
+        if quantize not in METHODS:
+            raise EssaError(f"unknown quantization '{quantize}' (choose one of {', '.join(METHODS)})")
         if quantize != "none":
             model = copy.deepcopy(model)  # the caller keeps its float model
         self.model = model
@@ -34,10 +36,7 @@ class LocalBackend:
         self.generation = generation
         self.progress = progress
         self.population_model = PopulationModel(model, space) if space is not None else None
-        if quantize == "int8":
-            quantize_int8_(model)
-        elif quantize != "none":
-            raise EssaError(f"unknown quantization '{quantize}' (choose none or int8)")
+        quantize_base_(model, quantize)  # after wrapping: the SVD-LoRA branch stays in float
 
     def close(self) -> None:
         """Unwrap the model's layers again, so the caller gets its plain model back."""

@@ -428,7 +428,7 @@ def _worker_backend(engine: str, model: ModelConfig, adapter_dir: str, alpha: fl
 
     lm, tokenizer = load_model(model)
     space = SvdLoraSpace.from_adapter(adapter_dir, alpha, model=lm)
-    return tokenizer, LocalBackend(lm, tokenizer, space, generation)
+    return tokenizer, LocalBackend(lm, tokenizer, space, generation, quantize=model.quantize)
 
 
 def _import_ray() -> Any:

@@ -136,6 +136,7 @@ def require_vllm() -> None:
 
 
 def _import_vllm() -> Any:
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's INFO lines would bury essa's progress
     try:
         import vllm
         import vllm.lora.request
