@@ -120,13 +120,13 @@ def test_compare_isolated_runs_end_to_end_from_identical_start_and_prompts(model
     assert np.all(means["t0"] == 0) and means["t0"].shape == (2 * 4 * 2 * 2,)
 
 
-def test_compare_main_with_sft_and_random_singular_vectors(model_dir, tmp_path, capsys):
+def test_compare_main_with_sft_random_singular_vectors_and_svd_grpo(model_dir, tmp_path, capsys):
     root = tmp_path / "cmp"
     config = tmp_path / "cmp.yaml"
     config.write_text(yaml.safe_dump({"model": {"name": str(model_dir)}, "output_dir": str(root),
                                       "compare": {"isolate": False, "svd_vectors": "random", "seed": 3}}))
     code = compare_main(["--config", str(config), "--quiet", "compare.budget_s=0.5", "compare.max_steps=2",
-                         *TINY])
+                         *TINY, "grpo.svd_only=true"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["svd_vectors"] == "random" and summary["sft_wall_clock_s"] is not None
@@ -140,6 +140,13 @@ def test_compare_main_with_sft_and_random_singular_vectors(model_dir, tmp_path, 
         assert not torch.allclose(p.a, q.a, atol=1e-3)
     saved = yaml.safe_load((root / "compare.yaml").read_text())
     assert saved["compare"]["svd_vectors"] == "random" and saved["grpo"]["num_generations"] == 2
+    # The baseline was SVD-GRPO: its snapshots keep the start's singular vectors, and it is named so.
+    assert saved["grpo"]["svd_only"] is True and summary["baseline"] == "SVD-GRPO"
+    assert "| | ESSA | SVD-GRPO |" in (root / "comparison.md").read_text()
+    last = SvdLoraSpace.from_adapter(max((root / "grpo" / "snapshots").iterdir()), 1.0)
+    for p, q in zip(start.pairs, last.pairs):
+        overlap = (p.u_a.T @ q.u_a).abs()  # same left singular vectors up to sign (and order)
+        assert torch.allclose(overlap.max(dim=1).values, torch.ones(p.rank, dtype=overlap.dtype), atol=1e-4)
 
 
 def test_randomize_singular_vectors_keeps_values_and_draws_orthonormal_vectors(tmp_path):

@@ -19,7 +19,8 @@ Protocol (what makes the comparison fair, and what the report claims):
   started with multiprocessing 'spawn'; each reports its own `ru_maxrss` right after training
   (model load + training; evaluation comes later), so the two peaks are separable.
 
-Not implemented: SVD-GRPO (Adam on the singular-value offsets with a policy-gradient loss).
+With `grpo.svd_only: true` the baseline is SVD-GRPO: the same GRPO, but only the singular-value
+offsets ESSA searches are trained (`svd_grpo.py`); tables and plots then name it SVD-GRPO.
 """
 
 from __future__ import annotations
@@ -395,11 +396,12 @@ def run_compare(cfg: Config, compare_cfg: CompareSettings, grpo_cfg: GrpoSetting
     _say(f"2/3 ESSA for {compare_cfg.budget_s:.0f} s")
     essa = _run_job(compare_cfg.isolate, _essa_job, cfg=cfg, compare=compare_cfg, start_adapter=str(start),
                     run_dir=str(root / "essa"), progress=progress)
-    _say(f"3/3 GRPO for {compare_cfg.budget_s:.0f} s")
+    _say(f"3/3 {'SVD-GRPO' if grpo_cfg.svd_only else 'GRPO'} for {compare_cfg.budget_s:.0f} s")
     grpo = _run_job(compare_cfg.isolate, _grpo_job, cfg=cfg, compare=compare_cfg, grpo=grpo_cfg,
                     start_adapter=str(start), run_dir=str(root / "grpo"),
                     schedule=rechunk(schedule, per_step), progress=progress)
-    summary = summarize(cfg, compare_cfg, sft, essa, grpo, len(task.checked_split("test")))
+    summary = summarize(cfg, compare_cfg, sft, essa, grpo, len(task.checked_split("test")),
+                        baseline="SVD-GRPO" if grpo_cfg.svd_only else "GRPO")
     write_outputs(root, summary, essa, grpo)
     return summary
 
@@ -420,12 +422,12 @@ def _start_adapter(sft_adapter: Path, cfg: Config, compare: CompareSettings, roo
 
 
 def summarize(cfg: Config, compare: CompareSettings, sft: dict[str, Any], essa: dict[str, Any],
-              grpo: dict[str, Any], test_examples: int) -> dict[str, Any]:
+              grpo: dict[str, Any], test_examples: int, baseline: str = "GRPO") -> dict[str, Any]:
     methods = {name: _method_row(res) for name, res in (("essa", essa), ("grpo", grpo))}
     methods["essa"]["trainer_choice"] = essa["trainer_choice"]
     e_final, g_final = methods["essa"]["final_test_accuracy"], methods["grpo"]["final_test_accuracy"]
     return {
-        "model": cfg.model.name, "task": cfg.task.name, "budget_s": compare.budget_s,
+        "model": cfg.model.name, "task": cfg.task.name, "baseline": baseline, "budget_s": compare.budget_s,
         "checkpoint_times_s": compare.checkpoint_times(), "svd_vectors": compare.svd_vectors,
         "essa_decoding": "greedy" if cfg.generation.temperature <= 0 else f"T={cfg.generation.temperature}",
         "test_examples": test_examples, "sft_adapter": sft["adapter"], "sft_wall_clock_s": sft["wall_clock_s"],
@@ -462,12 +464,16 @@ def write_outputs(root: Path, summary: dict[str, Any], essa: dict[str, Any], grp
     atomic_write_text(root / "comparison.md", table)
     _plot(root / REWARD_PLOT, "training reward vs wall-clock", "mean training reward",
           [(f"ESSA (population mean, {summary['essa_decoding']})", essa["curve"], "reward_mean"),
-           ("GRPO (sampled rollouts)", grpo["curve"], "reward_mean")])
+           (f"{_baseline(summary)} (sampled rollouts)", grpo["curve"], "reward_mean")])
     _plot(root / ACCURACY_PLOT, f"held-out test accuracy vs wall-clock ({summary['test_examples']} problems)",
           "test accuracy (greedy)",
           [("ESSA (optimizer mean)", _as_curve(essa["points"]), "test_accuracy"),
-           ("GRPO (current adapter)", _as_curve(grpo["points"]), "test_accuracy")], markers=True)
+           (f"{_baseline(summary)} (current adapter)", _as_curve(grpo["points"]), "test_accuracy")], markers=True)
     atomic_write_text(root / "report.md", _report(summary, table))
+
+
+def _baseline(summary: dict[str, Any]) -> str:
+    return summary["baseline"]
 
 
 def _as_curve(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -500,7 +506,7 @@ def comparison_table(summary: dict[str, Any]) -> str:
         ("stopped by", "s", e["stopped_by"], g["stopped_by"]),
         ("peak RSS, load + training (MB)", "MB", e["peak_rss_mb"], g["peak_rss_mb"]),
     ]
-    lines = ["| | ESSA | GRPO |", "| --- | --- | --- |"]
+    lines = [f"| | ESSA | {_baseline(summary)} |", "| --- | --- | --- |"]
     lines += [f"| {name} | {cell(a, unit)} | {cell(b, unit)} |" for name, unit, a, b in rows]
     lines += ["", "'-' in the time-to-target row: never reached within the budget."]
     return "\n".join(lines) + "\n"
@@ -528,7 +534,7 @@ def _report(summary: dict[str, Any], table: str) -> str:
     if summary["sft_wall_clock_s"] is not None:
         notes.append(f"SFT warm start took {summary['sft_wall_clock_s']:.0f} s (not part of either budget).")
     return "\n".join([
-        f"# ESSA vs GRPO: {summary['task']} on {summary['model']}", "", table,
+        f"# ESSA vs {_baseline(summary)}: {summary['task']} on {summary['model']}", "", table,
         f"![training reward vs wall-clock]({REWARD_PLOT})", "",
         f"![held-out test accuracy vs wall-clock]({ACCURACY_PLOT})", "", "## Notes", "",
         *[f"- {n}" for n in notes], "",

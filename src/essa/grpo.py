@@ -14,6 +14,7 @@ Settings (`grpo:` section of a compare config), with defaults sized for a ~135M 
     beta              KL coefficient against the start adapter (0: TRL's default, no reference pass)
     temperature       sampling temperature of the rollouts (GRPO needs varied completions per group;
                       the reported held-out accuracy is always greedy, like ESSA's)
+    svd_only          SVD-GRPO: train only the singular-value offsets ESSA searches (`svd_grpo.py`)
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ class GrpoSettings:
     gradient_checkpointing: bool = False
     # TRL's loss aggregation ("dapo" is TRL's default; "grpo" is the original per-sequence mean).
     loss_type: str = "dapo"
+    # SVD-GRPO: only the singular-value offsets of essa.alpha's trainable singular values learn.
+    svd_only: bool = False
     seed: int = 0
 
     def validate(self) -> GrpoSettings:
@@ -145,7 +148,9 @@ def run_grpo(model: Any, tokenizer: Any, task: Task, adapter_dir: str | Path, cf
         # PEFT reads a deprecated transformers attribute; the warning is not the user's to act on.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         policy = peft.PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
-    clock = BudgetCallback(budget_s, sorted(checkpoint_times or []), out_dir, reward, checkpoint_cb, progress)
+    saver = _svd_only_saver(policy, adapter_dir, cfg.essa.alpha) if grpo_cfg.svd_only else None
+    clock = BudgetCallback(budget_s, sorted(checkpoint_times or []), out_dir, reward, checkpoint_cb, progress,
+                           saver=saver)
     trainer = GRPOTrainer(model=policy, reward_funcs=reward, args=args, train_dataset=dataset,
                           processing_class=tokenizer, callbacks=[clock])
     # Our callback reports progress; the stock ones print every log dict.
@@ -166,6 +171,17 @@ def run_grpo(model: Any, tokenizer: Any, task: Task, adapter_dir: str | Path, cf
     return GrpoResult(steps=clock.steps, elapsed_s=clock.last_elapsed, snapshots=clock.snapshots,
                       history=clock.history, prompts_used=reward.batches, start_adapter=str(out_dir / START_ADAPTER),
                       reward_failures=reward.stats.failures)
+
+
+def _svd_only_saver(policy: Any, adapter_dir: str | Path, alpha: float) -> Callable[[Any, Path], None]:
+    """Restrict `policy` to the singular-value offsets; snapshots are written from those offsets."""
+    from essa.svd_grpo import offsets_vector, restrict_to_singular_values
+    from essa.svd_space import SvdLoraSpace
+
+    space = SvdLoraSpace.from_adapter(adapter_dir, alpha)
+    offsets = restrict_to_singular_values(policy, space)
+    log.info("SVD-GRPO: %d trainable singular-value offsets", space.dim)
+    return lambda _model, path: space.save_adapter(offsets_vector(offsets), path)
 
 
 def shuffled_schedule(n_train: int, per_step: int, seed: int, steps: int) -> list[list[int]]:
@@ -237,8 +253,10 @@ class BudgetCallback(TrainerCallback):
     """Training clock, wall-clock budget, snapshots at fixed clock times, and per-step metrics."""
 
     def __init__(self, budget_s: float, times: list[float], out_dir: Path, reward: TaskReward,
-                 checkpoint_cb: Callable[[Snapshot], None] | None, progress: bool = False):
+                 checkpoint_cb: Callable[[Snapshot], None] | None, progress: bool = False,
+                 saver: Callable[[Any, Path], None] | None = None):
         self.budget_s = budget_s
+        self._save = saver or _save_peft
         self.bar = tqdm(total=round(budget_s), desc="GRPO", unit="s", disable=not progress, dynamic_ncols=True)
         self.times = [t for t in times if t > 0]
         self.out_dir = out_dir
@@ -301,13 +319,13 @@ class BudgetCallback(TrainerCallback):
         self._paused += time.perf_counter() - t0
         log.info("GRPO snapshot at %.1f s (step %d): %s", elapsed, step, path)
 
-    @staticmethod
-    def _save(model: Any, path: Path) -> None:
-        with atomic_directory(path) as tmp:
-            model.save_pretrained(str(tmp), selected_adapters=["default"], save_embedding_layers=False)
-
     def _write_metrics(self) -> None:
         atomic_write_text(self.out_dir / METRICS, "".join(_json(r) for r in self.history))
+
+
+def _save_peft(model: Any, path: Path) -> None:
+    with atomic_directory(path) as tmp:
+        model.save_pretrained(str(tmp), selected_adapters=["default"], save_embedding_layers=False)
 
 
 def _json(record: dict[str, Any]) -> str:
