@@ -188,3 +188,12 @@ def test_vllm_backend_without_vllm_installed(capsys, model_dir, tmp_path):
 def test_int8_quantize_is_not_a_vllm_setting(capsys, tmp_path):
     code, _, err = run(capsys, "train", "backend.kind=vllm", "model.quantize=int8", f"output_dir={tmp_path / 'run'}")
     assert_clean_error(code, err, "backend.vllm_options.quantization")
+
+
+def test_ray_address_flag_selects_an_existing_ray_cluster():
+    from essa.cli import _config, _parser
+
+    args = _parser().parse_args(["train", "--ray-address", "10.0.0.5:6379", "backend.workers=4"])
+    cfg = _config(args)
+    assert (cfg.backend.kind, cfg.backend.ray_address, cfg.backend.workers) == ("ray", "10.0.0.5:6379", 4)
+    assert _config(_parser().parse_args(["train"])).backend.kind == "local"

@@ -76,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     p = _command(sub, "sft", "LoRA SFT warm start on the task's SFT split -> OUTPUT_DIR/adapter", _sft)
     p = _command(sub, "train", "ESSA search from an SFT adapter (adapter=PATH)", _train)
     p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its checkpoint")
+    p.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                   help="evaluate on an existing Ray cluster (sets backend.kind=ray, backend.ray_address)")
     p = _command(sub, "eval", "accuracy of the model (+ adapter=PATH) on a task split, as one JSON line", _eval)
     p.add_argument("--split", default="test", help="sft | train | validation | test (default: test)")
     p.add_argument("--samples", type=int, default=1, help="completions per prompt; > 1 adds avg@k and pass@k")
@@ -112,7 +114,10 @@ def _command(sub: Any, name: str, help_text: str, func: Callable[[argparse.Names
 
 
 def _config(args: argparse.Namespace, base: Config | None = None) -> Config:
-    return load_config(args.config, args.overrides, base=base)
+    overrides = list(args.overrides)
+    if getattr(args, "ray_address", None):
+        overrides += ["backend.kind=ray", f"backend.ray_address={args.ray_address}"]
+    return load_config(args.config, overrides, base=base)
 
 
 def _sft(args: argparse.Namespace) -> int:
