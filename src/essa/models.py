@@ -28,7 +28,7 @@ from transformers import (
 )
 
 from essa.config import ModelConfig
-from essa.errors import EssaError
+from essa.errors import EssaError, first_line
 from essa.io import atomic_directory, atomic_write_json
 
 try:  # POSIX only; elsewhere concurrent first runs are simply not serialized.
@@ -168,7 +168,7 @@ def _looks_like_path(name: str) -> bool:
 
 
 def _load_error(name: str, source: str, exc: Exception) -> EssaError:
-    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    reason = first_line(exc)
     if Path(source).expanduser().exists():
         return EssaError(f"could not load model {name!r}: {reason}")
     return EssaError(

@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from essa.config import GenerationConfig, ModelConfig, SearchConfig, TaskConfig
-from essa.errors import EssaError
+from essa.errors import EssaError, first_line
 from essa.optim import Optimizer
 from essa.tasks import RewardStats
 
@@ -330,7 +330,7 @@ class RayPopulationEvaluator:
                 attempts[item] += 1
                 if attempts[item] > self.max_retries:
                     raise EssaError(f"{what}: {work[item].label} lost its worker {attempts[item]} times; "
-                                    f"giving up ({_first_line(exc)})") from exc
+                                    f"giving up ({first_line(exc)})") from exc
                 self._replace(slot, f"{what}: worker {slot} lost ({type(exc).__name__}); "
                                     f"re-queued {work[item].label}")
                 queue.appendleft(item)
@@ -339,7 +339,7 @@ class RayPopulationEvaluator:
             except ray.exceptions.RayTaskError as exc:
                 cause = getattr(exc, "cause", None) or exc
                 raise EssaError(f"{what}: a worker failed on {work[item].label}: "
-                                f"{type(cause).__name__}: {_first_line(cause)}") from exc
+                                f"{type(cause).__name__}: {first_line(cause)}") from exc
             self._bytes += _size(value)
             work[item].done(slot)
             results[item] = value
@@ -369,7 +369,7 @@ class RayPopulationEvaluator:
         try:
             self._ray.init(**kwargs)
         except Exception as exc:  # noqa: BLE001 - connection/startup problems: one clear line
-            raise EssaError(f"could not start or reach Ray ({address or 'local'}): {_first_line(exc)}") from exc
+            raise EssaError(f"could not start or reach Ray ({address or 'local'}): {first_line(exc)}") from exc
         return True
 
     def _check_workers(self, timeout_s: float) -> tuple[int, int]:
@@ -383,7 +383,7 @@ class RayPopulationEvaluator:
         except ray.exceptions.RayError as exc:
             self.close()
             cause = getattr(exc, "cause", None) or exc
-            raise EssaError(f"a Ray worker failed to start: {_first_line(cause)}") from exc
+            raise EssaError(f"a Ray worker failed to start: {first_line(cause)}") from exc
         if len({(i["dim"], i["train_size"]) for i in infos}) != 1:
             self.close()
             raise EssaError("Ray workers disagree on the search space or the task: check paths on every node")
@@ -452,10 +452,6 @@ def _chunk_seed(seed: int, chunk: int) -> int:
 def _size(obj: Any) -> int:
     return len(pickle.dumps(obj, protocol=5))
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _absolute(path: str) -> str:

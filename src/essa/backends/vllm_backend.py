@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from essa.config import GenerationConfig
-from essa.errors import EssaError
+from essa.errors import EssaError, first_line
 from essa.svd_space import SvdLoraSpace
 
 # vLLM accepts only these maximum LoRA ranks.
@@ -61,7 +61,7 @@ class VllmBackend:
             self.llm = vllm.LLM(model=model_source, **options)
         except Exception as exc:
             shutil.rmtree(self._tmp_root, ignore_errors=True)
-            raise EssaError(f"vLLM could not start an engine for {model_source}: {_first_line(exc)}") from exc
+            raise EssaError(f"vLLM could not start an engine for {model_source}: {first_line(exc)}") from exc
 
     @property
     def dim(self) -> int:
@@ -141,7 +141,7 @@ def _import_vllm() -> Any:
         import vllm
         import vllm.lora.request
     except ImportError as exc:
-        raise EssaError(f"{_MISSING}; importing it failed: {_first_line(exc)}") from exc
+        raise EssaError(f"{_MISSING}; importing it failed: {first_line(exc)}") from exc
     return vllm
 
 
@@ -167,7 +167,3 @@ def _ram_dir() -> str | None:
     shm = Path("/dev/shm")
     return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

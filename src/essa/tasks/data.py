@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
-from essa.errors import EssaError
+from essa.errors import EssaError, first_line
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 SOURCES = ("procedural", "data")
@@ -152,9 +152,8 @@ def _read_hub(name: str, split: str | None,
     try:
         dataset = datasets.load_dataset(*args, split=split or "train")
     except Exception as exc:  # noqa: BLE001 - offline, unknown id, bad split: all one message
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         label = f"'{name}' ({config})" if config else f"'{name}'"
-        raise EssaError(f"could not load dataset {label} from the hub ({first}): {hint}") from exc
+        raise EssaError(f"could not load dataset {label} from the hub ({first_line(exc)}): {hint}") from exc
     return list(enumerate((dict(row) for row in dataset), start=1))
 
 

@@ -35,7 +35,7 @@ import math
 import random
 from typing import TYPE_CHECKING, Any
 
-from essa.errors import EssaError
+from essa.errors import EssaError, first_line
 from essa.tasks.base import SPLITS, Example, Task
 from essa.tasks.data import load_records, reject_unknown_options
 from essa.tasks.splits import pick_split, split_sizes
@@ -91,8 +91,7 @@ class RewardScorer:
                 self.model_name, dtype=getattr(torch, self.dtype),
                 trust_remote_code=self.trust_remote_code)
         except Exception as exc:  # noqa: BLE001 - missing dir, offline hub, bad config: one line
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise EssaError(f"could not load reward model '{self.model_name}': {first}") from exc
+            raise EssaError(f"could not load reward model '{self.model_name}': {first_line(exc)}") from exc
         if tokenizer.pad_token is None:
             if tokenizer.eos_token is None:
                 raise EssaError(f"reward model '{self.model_name}': its tokenizer has neither a "
