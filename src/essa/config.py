@@ -19,13 +19,18 @@ import yaml
 from essa.errors import EssaError
 
 
+# Values of model.quantize (essa.quantize implements the non-"none" ones).
+QUANTIZE_METHODS = ("none", "int8", "int4")
+
+
 @dataclass
 class ModelConfig:
     # Bundled alias ("smollm2-135m-instruct"), a local HF directory, a hub id, or a .gguf file.
     name: str = "smollm2-135m-instruct"
     dtype: str = "float32"
-    # none | int8 | int4: weight-only quantized base linears in the local runtime (PyTorch CPU
-    # kernels; int4 in groups of 32); the SVD-LoRA branch and the output head stay in float.
+    # none | int8 | int4: quantized base linears in the local runtime (PyTorch CPU kernels; int8
+    # per-token activations x per-channel weights, int4 weight-only in groups of 32); the SVD-LoRA
+    # branch and the output head stay in float.
     quantize: str = "none"
     # CPU threads for torch; null leaves torch's default.
     threads: int | None = None
@@ -153,8 +158,8 @@ class Config:
                self.generation.batch_size)
         _check(self.generation.temperature >= 0, "generation.temperature must be >= 0",
                self.generation.temperature)
-        _check(self.model.quantize in ("none", "int8", "int4"), "model.quantize must be none, int8 or int4",
-               self.model.quantize)
+        _check(self.model.quantize in QUANTIZE_METHODS,
+               f"model.quantize must be one of {', '.join(QUANTIZE_METHODS)}", self.model.quantize)
         _check(self.model.dtype in ("float32", "bfloat16", "float16"),
                "model.dtype must be float32, bfloat16 or float16", self.model.dtype)
         return self

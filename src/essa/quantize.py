@@ -19,14 +19,30 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from essa.config import QUANTIZE_METHODS
 from essa.errors import EssaError
 
-METHODS = ("none", "int8", "int4")
 INT4_GROUP = 32
 _INT4_INNER_K_TILES = 2
 
 
-class Int8Linear(nn.Module):
+class _QuantizedLinear(nn.Module):
+    """Shared by both formats: flatten the leading dims, multiply, restore them, add the float bias."""
+
+    in_features: int
+    out_features: int
+    bias: torch.Tensor | None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._matmul(x.reshape(-1, self.in_features))
+        y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+    def _matmul(self, flat: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Int8Linear(_QuantizedLinear):
     """y = x W^T + b in int8 arithmetic: W int8 per output channel, x quantized per token on the fly.
 
     Per-token (per-row) activation scales keep the large activation outliers of small LLMs from
@@ -44,16 +60,14 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", scale)
         self.bias = linear.bias
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).float()
+    def _matmul(self, flat: torch.Tensor) -> torch.Tensor:
+        flat = flat.float()
         row_scale = flat.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12).div_(127.0)
         q = torch.round(flat / row_scale).to(torch.int8)
-        y = torch._int_mm(q, self.qweight_t).float().mul_(row_scale).mul_(self.scales)
-        y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-        return y if self.bias is None else y + self.bias
+        return torch._int_mm(q, self.qweight_t).float().mul_(row_scale).mul_(self.scales)
 
 
-class Int4WeightOnlyLinear(nn.Module):
+class Int4WeightOnlyLinear(_QuantizedLinear):
     """y = x W^T + b with W in 4-bit groups of 32 inputs (scale and minimum per group)."""
 
     def __init__(self, linear: nn.Linear, group_size: int = INT4_GROUP):
@@ -73,20 +87,17 @@ class Int4WeightOnlyLinear(nn.Module):
         self.register_buffer("scale_and_zero", torch.stack([scale.T, zero.T], dim=2).to(torch.bfloat16).contiguous())
         self.bias = linear.bias
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _matmul(self, flat: torch.Tensor) -> torch.Tensor:
         # The kernel is fast with bf16 activations only (fp32 takes a reference path ~50x slower).
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = torch._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size, self.scale_and_zero)
-        y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-        return y if self.bias is None else y + self.bias
+        return torch._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), self.packed, self.group_size,
+                                                 self.scale_and_zero)
 
 
 _LAYERS = {"int8": Int8Linear, "int4": Int4WeightOnlyLinear}
 
 
-def quantize_base_(model: nn.Module, method: str, keep_float: tuple[str, ...] = ()) -> nn.Module:
-    """Replace every nn.Linear of `model` but the output head (and modules whose name ends with
-    one of `keep_float`) by its `method` version.
+def quantize_base_(model: nn.Module, method: str) -> nn.Module:
+    """Replace every nn.Linear of `model` but the output head by its `method` version.
 
     Called after the population layers are installed, it swaps each wrapped base layer and
     leaves the SVD-LoRA branch (plain float buffers) as it is.
@@ -94,11 +105,10 @@ def quantize_base_(model: nn.Module, method: str, keep_float: tuple[str, ...] = 
     if method == "none":
         return model
     if method not in _LAYERS:
-        raise EssaError(f"unknown quantization '{method}' (choose one of {', '.join(METHODS)})")
+        raise EssaError(f"unknown quantization '{method}' (choose one of {', '.join(QUANTIZE_METHODS)})")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     targets = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) and module is not head
-               and not any(name.endswith(suffix) for suffix in keep_float)]
+               if isinstance(module, nn.Linear) and module is not head]
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -11,9 +11,8 @@ import transformers
 from tqdm.auto import tqdm
 
 from essa.config import GenerationConfig
-from essa.errors import EssaError
 from essa.population import PopulationModel
-from essa.quantize import METHODS, quantize_base_
+from essa.quantize import quantize_base_
 from essa.svd_space import SvdLoraSpace
 
 
@@ -26,8 +25,6 @@ class LocalBackend:
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, space: SvdLoraSpace | None,
                  generation: GenerationConfig, progress: bool = False, quantize: str = "none"):
-        if quantize not in METHODS:
-            raise EssaError(f"unknown quantization '{quantize}' (choose one of {', '.join(METHODS)})")
         if quantize != "none":
             model = copy.deepcopy(model)  # the caller keeps its float model
         self.model = model
