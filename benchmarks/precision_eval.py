@@ -13,6 +13,7 @@ reported with its ratio to fp32 on the same run. The last stdout line is one JSO
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -58,16 +59,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     task = get_task(cfg.task)
     examples = task.checked_split("test")[:args.limit]
     adapter = resolve_adapter_dir(args.adapter)
-    models = {}
-    for dtype in sorted({PRECISIONS[p][0] for p in args.precisions}):
-        models[dtype] = load_model(cfg.model.__class__(name=cfg.model.name, dtype=dtype, threads=args.threads))
+    models = {dtype: load_model(dataclasses.replace(cfg.model, dtype=dtype))
+              for dtype in sorted({PRECISIONS[p][0] for p in args.precisions})}
+    space = SvdLoraSpace.from_adapter(adapter, 1.0, model=next(iter(models.values()))[0])
     seconds: dict[str, list[float]] = {name: [] for name in args.precisions}
     accuracy: dict[str, float] = {}
     for rep in range(args.repeats):
         for name in args.precisions:
             dtype, quantize = PRECISIONS[name]
             model, tokenizer = models[dtype]
-            space = SvdLoraSpace.from_adapter(adapter, 1.0, model=model)
             # Built per run (not timed): backends wrap the model's layers, and close() unwraps them.
             backend = LocalBackend(model, tokenizer, space, cfg.generation, quantize=quantize)
             try:

@@ -23,7 +23,7 @@ from essa.config import Config
 from essa.errors import EssaError
 from essa.evaluate import evaluate_split
 from essa.io import atomic_directory, atomic_write_json, atomic_write_text, ensure_writable_dir
-from essa.models import engine_model_source, load_model, load_tokenizer
+from essa.models import load_model, load_tokenizer
 from essa.report import plot_training, write_report
 from essa.svd_space import ADAPTER_CONFIG, SvdLoraSpace
 from essa.tasks import get_task
@@ -84,7 +84,7 @@ def run_train(cfg: Config, resume: bool = False, progress: bool = True,
     task.checked_split("validation")
     refuse_to_overwrite(cfg.output_dir, resume)  # before anything is written there
     _require_engine(cfg)
-    model, tokenizer = model_and_tokenizer or _model_for_backend(cfg)
+    model, tokenizer = model_and_tokenizer or _model_and_tokenizer(cfg, load_weights=cfg.backend.kind == "local")
     # Without a local model (vLLM, Ray) the engines check that the adapter fits their own copy.
     space = SvdLoraSpace.from_adapter(adapter_dir, cfg.essa.alpha, model=model)
     run_dir = _prepare_run_dir(cfg)
@@ -118,11 +118,9 @@ def _require_engine(cfg: Config) -> None:
         require_vllm()
 
 
-def _model_for_backend(cfg: Config) -> tuple[Any, Any]:
-    """(model, tokenizer); the model only where this process runs it (the local backend)."""
-    if cfg.backend.kind == "local":
-        return load_model(cfg.model)
-    return None, load_tokenizer(cfg.model)
+def _model_and_tokenizer(cfg: Config, load_weights: bool) -> tuple[Any, Any]:
+    """(model, tokenizer); engines that load the weights themselves (vLLM, Ray workers) get (None, tokenizer)."""
+    return load_model(cfg.model) if load_weights else (None, load_tokenizer(cfg.model))
 
 
 def _training_backend(cfg: Config, model: Any, tokenizer: Any, space: SvdLoraSpace, adapter_dir: Path) -> Any:
@@ -144,9 +142,8 @@ def _vllm_backend(cfg: Config, tokenizer: Any, space: SvdLoraSpace | None, max_l
     from essa.backends.vllm_backend import VllmBackend
 
     _say("starting the vLLM engine")
-    return VllmBackend(engine_model_source(cfg.model.name), tokenizer, space, cfg.generation,
-                       dtype=cfg.model.dtype, max_loras=max_loras, threads=cfg.model.threads,
-                       engine_options=cfg.backend.vllm_options, progress=progress, seed=cfg.essa.seed)
+    return VllmBackend.for_model(cfg.model, tokenizer, space, cfg.generation, max_loras=max_loras,
+                                 engine_options=cfg.backend.vllm_options, progress=progress, seed=cfg.essa.seed)
 
 
 # -- eval ----------------------------------------------------------------------------------------
@@ -160,8 +157,7 @@ def run_eval(cfg: Config, split: str = "test", samples: int = 1, limit: int | No
     task = get_task(cfg.task)
     examples = task.checked_split(split)[:limit]
     vllm = cfg.backend.kind == "vllm"  # a Ray pool is for training; evaluation runs here
-    _require_engine(cfg)
-    model, tokenizer = model_and_tokenizer or (_model_for_backend(cfg) if vllm else load_model(cfg.model))
+    model, tokenizer = model_and_tokenizer or _model_and_tokenizer(cfg, load_weights=not vllm)
     space = None
     if use_adapter and cfg.adapter is not None:
         space = SvdLoraSpace.from_adapter(resolve_adapter_dir(cfg.adapter), 1.0, model=model)

@@ -408,21 +408,17 @@ def _worker_backend(engine: str, model: ModelConfig, adapter_dir: str, alpha: fl
                     generation: GenerationConfig, search: SearchConfig, threads: int,
                     vllm_options: dict[str, Any] | None) -> tuple[Any, Any]:
     """(tokenizer, backend) of one worker: the population runtime or a vLLM engine."""
-    import torch
-
     from essa.svd_space import SvdLoraSpace
 
-    torch.set_num_threads(threads)
-    model = dataclasses.replace(model, threads=threads)
+    model = dataclasses.replace(model, threads=threads)  # load_model / the engine apply it
     if engine == "vllm":
         from essa.backends.vllm_backend import VllmBackend
-        from essa.models import engine_model_source, load_tokenizer
+        from essa.models import load_tokenizer
 
         tokenizer = load_tokenizer(model)
         space = SvdLoraSpace.from_adapter(adapter_dir, alpha)
-        return tokenizer, VllmBackend(engine_model_source(model.name), tokenizer, space, generation,
-                                      dtype=model.dtype, max_loras=search.popsize, threads=threads,
-                                      engine_options=vllm_options, seed=search.seed)
+        return tokenizer, VllmBackend.for_model(model, tokenizer, space, generation, max_loras=search.popsize,
+                                                engine_options=vllm_options, seed=search.seed)
     from essa.backends.local import LocalBackend
     from essa.models import load_model
 

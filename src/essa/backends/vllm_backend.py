@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from essa.config import GenerationConfig
+from essa.config import GenerationConfig, ModelConfig
 from essa.errors import EssaError, first_line
+from essa.models import engine_model_source
 from essa.svd_space import SvdLoraSpace
 
 # vLLM accepts only these maximum LoRA ranks.
@@ -62,6 +63,13 @@ class VllmBackend:
         except Exception as exc:
             shutil.rmtree(self._tmp_root, ignore_errors=True)
             raise EssaError(f"vLLM could not start an engine for {model_source}: {first_line(exc)}") from exc
+
+    @classmethod
+    def for_model(cls, model: ModelConfig, tokenizer: Any, space: SvdLoraSpace | None,
+                  generation: GenerationConfig, **kwargs: Any) -> VllmBackend:
+        """The backend for an essa model config: its source, dtype and thread count."""
+        return cls(engine_model_source(model.name), tokenizer, space, generation, dtype=model.dtype,
+                   threads=model.threads, **kwargs)
 
     @property
     def dim(self) -> int:
