@@ -23,16 +23,22 @@ from essa.svd_space import SvdFactorPair, SvdLoraSpace
 
 
 class PopulationLoraLinear(nn.Module):
-    """A frozen base linear layer plus an SVD-LoRA branch whose singular values vary per batch row."""
+    """A frozen base linear layer plus an SVD-LoRA branch whose singular values vary per batch row.
+
+    In a half-precision model the singular-value tables and the branch after its first projection
+    stay in float32: bf16 spaces values near 0.5 about 0.002 apart, which would erase the small
+    offsets candidates differ by. That costs little, as the branch has rank r.
+    """
 
     def __init__(self, base: nn.Linear, pair: SvdFactorPair):
         super().__init__()
         self.base = base
         dtype, device = base.weight.dtype, base.weight.device
+        branch = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
         self.register_buffer("v_a", pair.v_a.to(device=device, dtype=dtype), persistent=False)
-        self.register_buffer("mid_t", (pair.v_b.T @ pair.u_a).T.contiguous().to(device=device, dtype=dtype),
+        self.register_buffer("mid_t", (pair.v_b.T @ pair.u_a).T.contiguous().to(device=device, dtype=branch),
                              persistent=False)
-        self.register_buffer("u_b_t", pair.u_b.T.contiguous().to(device=device, dtype=dtype), persistent=False)
+        self.register_buffer("u_b_t", pair.u_b.T.contiguous().to(device=device, dtype=branch), persistent=False)
         self.scale = pair.scale
         # (rows, r) singular values for the current batch; None runs the plain base layer.
         self.row_s_a: torch.Tensor | None = None
@@ -54,11 +60,15 @@ class PopulationLoraLinear(nn.Module):
         y = self.base(x)
         if self.row_s_a is None:
             return y
-        if x.shape[0] != self.row_s_a.shape[0]:
-            raise RuntimeError(f"batch has {x.shape[0]} rows but {self.row_s_a.shape[0]} candidate rows are set")
-        h = (x @ self.v_a) * self.row_s_a[:, None, :]
-        h = (h @ self.mid_t) * self.row_s_b[:, None, :]
-        return y + h @ self.u_b_t
+        rows = self.row_s_a.shape[0]
+        if x.dim() < 2 or x.shape[0] != rows:
+            raise RuntimeError(f"input of shape {tuple(x.shape)} does not have the {rows} candidate rows that are set "
+                               "as its first dimension")
+        # (rows, r) -> (rows, 1, ..., 1, r): one table row per batch row, whatever lies in between.
+        shape = (rows,) + (1,) * (x.dim() - 2) + (-1,)
+        h = (x @ self.v_a).to(self.mid_t.dtype) * self.row_s_a.view(shape)
+        h = (h @ self.mid_t) * self.row_s_b.view(shape)
+        return y + (h @ self.u_b_t).to(y.dtype)
 
 
 class PopulationModel:
@@ -81,28 +91,38 @@ class PopulationModel:
         self._tables: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def set_population(self, population: np.ndarray) -> None:
-        """Precompute each candidate's singular values; rows pick from these by candidate index."""
-        dtype = self.layers[0].v_a.dtype
-        device = self.layers[0].v_a.device
+        """Precompute each candidate's singular values; rows pick from these by candidate index.
+
+        Each layer keeps its table on its own device (a model may be split across devices).
+        """
         self._tables = [
-            (s_a.to(device=device, dtype=dtype), (s_b * layer.scale).to(device=device, dtype=dtype))
+            (s_a.to(device=layer.mid_t.device, dtype=layer.mid_t.dtype),
+             (s_b * layer.scale).to(device=layer.mid_t.device, dtype=layer.mid_t.dtype))
             for layer, (s_a, s_b) in zip(self.layers, self.space.singular_values(population))
         ]
 
-    @contextmanager
-    def rows(self, candidate_of_row: list[int] | np.ndarray) -> Iterator[None]:
-        """Within the block, batch row i runs candidate `candidate_of_row[i]` of the population."""
+    def select_rows(self, candidate_of_row: list[int] | np.ndarray) -> None:
+        """From now on batch row i runs candidate `candidate_of_row[i]` of the population."""
         if self._tables is None:
-            raise RuntimeError("call set_population() before rows()")
+            raise RuntimeError("call set_population() before selecting rows")
         index = torch.as_tensor(np.asarray(candidate_of_row), dtype=torch.long)
         for layer, (s_a, s_b) in zip(self.layers, self._tables):
             layer.row_s_a = s_a.index_select(0, index.to(s_a.device))
             layer.row_s_b = s_b.index_select(0, index.to(s_b.device))
+
+    def clear_rows(self) -> None:
+        """Back to the plain base model in every layer."""
+        for layer in self.layers:
+            layer.row_s_a = layer.row_s_b = None
+
+    @contextmanager
+    def rows(self, candidate_of_row: list[int] | np.ndarray) -> Iterator[None]:
+        """Within the block, batch row i runs candidate `candidate_of_row[i]` of the population."""
+        self.select_rows(candidate_of_row)
         try:
             yield
         finally:
-            for layer in self.layers:
-                layer.row_s_a = layer.row_s_b = None
+            self.clear_rows()
 
     def remove(self) -> nn.Module:
         """Unwrap the layers again and return the plain model."""

@@ -1,4 +1,4 @@
-"""Local transformers/PyTorch backend: the population runtime driven by HF `generate`."""
+"""Local transformers/PyTorch backend: the population runtime in this process."""
 
 from __future__ import annotations
 
@@ -11,20 +11,28 @@ import transformers
 from tqdm.auto import tqdm
 
 from essa.config import GenerationConfig
+from essa.decoding import BatchDecoder, DecodeSettings
 from essa.population import PopulationModel
 from essa.quantize import quantize_base_
 from essa.svd_space import SvdLoraSpace
 
+ENGINES = ("essa", "generate")
+
 
 class LocalBackend:
-    """Evaluates a whole population in batched `generate` calls on one model in this process.
+    """Evaluates a whole population on one model in this process; each batch row carries its own
+    candidate's singular values. With `space=None` it runs the plain model.
 
-    Rows are (candidate, prompt) pairs, sorted by prompt length so a batch pads little; each
-    row carries its own candidate's singular values. With `space=None` it runs the plain model.
+    `engine="essa"` decodes with `essa.decoding.BatchDecoder` (shared prompt prefix per candidate,
+    finished rows leave the batch, one seeded random stream per row); `engine="generate"` is the
+    reference path through HF `generate`, rows sorted by prompt length.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, space: SvdLoraSpace | None,
-                 generation: GenerationConfig, progress: bool = False, quantize: str = "none"):
+                 generation: GenerationConfig, progress: bool = False, quantize: str = "none",
+                 engine: str = "essa"):
+        if engine not in ENGINES:
+            raise ValueError(f"unknown decoding engine {engine!r} (choose one of {', '.join(ENGINES)})")
         if quantize != "none":
             model = copy.deepcopy(model)  # the caller keeps its float model
         self.model = model
@@ -32,8 +40,12 @@ class LocalBackend:
         self.space = space
         self.generation = generation
         self.progress = progress
+        self.engine = engine
         self.population_model = PopulationModel(model, space) if space is not None else None
         quantize_base_(model, quantize)  # after wrapping: the SVD-LoRA branch stays in float
+        select = self.population_model.select_rows if self.population_model is not None else None
+        self.decoder = BatchDecoder(model, self._decode_settings(), select_rows=select,
+                                    pad_token_id=tokenizer.pad_token_id)
 
     def close(self) -> None:
         """Unwrap the model's layers again, so the caller gets its plain model back."""
@@ -51,21 +63,51 @@ class LocalBackend:
             if population is None:
                 population = np.zeros((1, self.space.dim))
             self.population_model.set_population(population)
-        lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
-        rows = sorted(((lengths[p], p, c) for c in range(n_cand) for p in range(len(prompts))))
+        ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        rows = [(c, p) for c in range(n_cand) for p in range(len(prompts))]
         out: list[list[str]] = [[""] * len(prompts) for _ in range(n_cand)]
+        try:
+            if self.engine == "essa":
+                texts = self._decode(ids, rows, seed)
+            else:
+                texts = self._generate_all(prompts, ids, rows, seed)
+        finally:
+            if self.population_model is not None:
+                self.population_model.clear_rows()
+        for (c, p), text in zip(rows, texts):
+            out[c][p] = text
+        return out
+
+    # -- the essa decoder ---------------------------------------------------------------------
+    def _decode(self, ids: list[list[int]], rows: list[tuple[int, int]], seed: int) -> list[str]:
+        result = self.decoder.decode([ids[p] for _, p in rows], [c for c, _ in rows],
+                                     [row_seed(seed, c, p) for c, p in rows])
+        return self.tokenizer.batch_decode(result.tokens, skip_special_tokens=True)
+
+    def _decode_settings(self) -> DecodeSettings:
+        g = self.generation
+        eos = self.tokenizer.eos_token_id
+        return DecodeSettings(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
+                              eos_token_ids=tuple(eos if isinstance(eos, list) else [eos]),
+                              batch_size=g.batch_size)
+
+    # -- the reference path: HF generate ------------------------------------------------------
+    def _generate_all(self, prompts: list[str], ids: list[list[int]], rows: list[tuple[int, int]],
+                      seed: int) -> list[str]:
+        order = sorted(range(len(rows)), key=lambda k: (len(ids[rows[k][1]]), rows[k][1], rows[k][0]))
+        texts = [""] * len(rows)
         size = self.generation.batch_size
-        chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
+        chunks = [order[i:i + size] for i in range(0, len(order), size)]
         for i, chunk in enumerate(tqdm(chunks, desc="generate", unit="batch", leave=False,
                                       disable=not self.progress or len(chunks) < 2)):
-            texts = self.generate([prompts[p] for _, p, _ in chunk], [c for _, _, c in chunk], seed + i)
-            for (_, p, c), text in zip(chunk, texts):
-                out[c][p] = text
-        return out
+            outs = self.generate([prompts[rows[k][1]] for k in chunk], [rows[k][0] for k in chunk], seed + i)
+            for k, text in zip(chunk, outs):
+                texts[k] = text
+        return texts
 
     @torch.inference_mode()
     def generate(self, prompts: list[str], candidate_of_row: list[int], seed: int = 0) -> list[str]:
-        """One batched generate call; row i runs candidate `candidate_of_row[i]`."""
+        """One batched HF `generate` call; row i runs candidate `candidate_of_row[i]`."""
         batch = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         batch = {k: v.to(self.model.device) for k, v in batch.items()}
         torch.manual_seed(seed)
@@ -89,3 +131,8 @@ class LocalBackend:
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
         )
+
+
+def row_seed(seed: int, candidate: int, prompt: int) -> int:
+    """The sampling seed of one (candidate, prompt) row: independent of batching and row order."""
+    return int(np.random.SeedSequence([seed, candidate, prompt]).generate_state(1, np.uint64)[0] >> 1)

@@ -1,0 +1,247 @@
+"""Batched decoding of many (candidate, prompt) rows: our own loop over the model's forward and cache.
+
+Three things HF `generate` does not do for ESSA's workload, each exact under causal attention:
+- **Shared prefix.** The prompts of one evaluation usually begin alike (chat template and system
+  prompt). That prefix is prefilled once per candidate and its KV cache is copied to the
+  candidate's rows; each row then prefills only the rest of its prompt.
+- **Rows leave when they finish.** A row that emits EOS (or reaches `max_new_tokens`) is dropped
+  from the batch and its cache rows with it, instead of decoding padding until the longest row ends.
+- **One random stream per row.** A sampled row draws from its own seeded generator, so its tokens do
+  not depend on which other rows share its batch (batch size, Ray chunking, row order).
+
+The model's own forward, attention and cache classes do the work (nothing of attention is
+re-implemented here). Which candidate a row runs is set through `PopulationModel.select_rows`.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+# Finished rows leave the batch once they are at least this fraction of it (measured: docs/BENCHMARKS.md).
+COMPACT_FRACTION = 0.25
+# Called with the candidate index of every batch row before each forward pass (None: plain model).
+SelectRows = Callable[[list[int]], None]
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    max_new_tokens: int
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    eos_token_ids: tuple[int, ...] = ()
+    batch_size: int = 64  # rows decoded together
+
+
+@dataclass
+class DecodeResult:
+    tokens: list[list[int]]  # per row, the new tokens without the final EOS
+    # Per row, the logits of every chosen token's step (steps x vocab); only with keep_logits.
+    logits: list[torch.Tensor] | None = None
+    prefix_tokens: int = 0  # length of the prompt prefix shared by all rows
+    forward_tokens: int = 0  # tokens that went through the model (prefix + suffixes + decoded)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def common_prefix_length(sequences: list[list[int]]) -> int:
+    """Length of the longest token prefix shared by all sequences."""
+    if not sequences:
+        return 0
+    first = sequences[0]
+    n = min(len(s) for s in sequences)
+    for i in range(n):
+        token = first[i]
+        if any(s[i] != token for s in sequences):
+            return i
+    return n
+
+
+def choose_tokens(logits: torch.Tensor, settings: DecodeSettings, uniforms: torch.Tensor | None) -> torch.Tensor:
+    """Next token of each row: argmax (greedy) or an inverse-CDF draw with one uniform per row.
+
+    Inverse-CDF sampling needs a single uniform number per row and step, which is what makes a
+    row's sample independent of its batch: the uniform comes from the row's own generator.
+    """
+    if settings.temperature <= 0:
+        return logits.max(dim=-1).indices  # the first maximum, as argmax; several times faster on CPU
+    probs = torch.softmax(logits.float() / settings.temperature, dim=-1)
+    if settings.top_p < 1.0:
+        probs, order = probs.sort(dim=-1, descending=True)
+        before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
+        probs = probs.masked_fill(before >= settings.top_p, 0.0)  # the top token always stays
+    else:
+        order = None
+    cdf = probs.cumsum(dim=-1)
+    target = uniforms.to(cdf.dtype) * cdf[:, -1]
+    picked = torch.searchsorted(cdf, target[:, None]).clamp_(max=cdf.shape[-1] - 1).squeeze(-1)
+    return picked if order is None else order.gather(-1, picked[:, None]).squeeze(-1)
+
+
+class BatchDecoder:
+    """Decodes rows of (prompt token ids, candidate, seed) with a causal LM and its KV cache."""
+
+    def __init__(self, model: torch.nn.Module, settings: DecodeSettings, select_rows: SelectRows | None = None,
+                 pad_token_id: int = 0):
+        self.model = model
+        self.settings = settings
+        self.select_rows = select_rows
+        self.pad_token_id = pad_token_id
+        self.device = next(model.parameters()).device
+        # transformers 5.x renamed `past_key_values` to `cache` (the old name warns until it is removed).
+        params = inspect.signature(model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+
+    @torch.inference_mode()
+    def decode(self, prompts: list[list[int]], candidates: list[int], seeds: list[int] | None = None,
+               keep_logits: bool = False, share_prefix: bool = True) -> DecodeResult:
+        """New tokens for every row; row i runs candidate `candidates[i]` and samples with `seeds[i]`."""
+        if not (len(prompts) == len(candidates) and (seeds is None or len(seeds) == len(prompts))):
+            raise ValueError("prompts, candidates and seeds must have one entry per row")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        seeds = list(seeds) if seeds is not None else [0] * len(prompts)
+        self._capacity = max(len(p) for p in prompts) + self.settings.max_new_tokens
+        # The last prompt token of every row stays out of the prefix: its logits start decoding.
+        prefix_len = min(common_prefix_length(prompts), min(len(p) for p in prompts) - 1) if share_prefix else 0
+        prefix = self._prefill_prefix(prompts[0][:prefix_len], sorted(set(candidates))) if prefix_len else None
+        result = DecodeResult([[] for _ in prompts], [None] * len(prompts) if keep_logits else None, prefix_len)
+        result.forward_tokens = prefix_len * (len(prefix[1]) if prefix else 0)
+        # Rows of similar suffix length share a batch, so little padding is prefilled.
+        order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), candidates[i], i))
+        size = self.settings.batch_size
+        for start in range(0, len(order), size):
+            self._decode_batch(order[start:start + size], prompts, candidates, seeds, prefix, prefix_len, result)
+        return result
+
+    # -- prefill -------------------------------------------------------------------------------
+    def _prefill_prefix(self, prefix: list[int], unique: list[int]) -> tuple[DynamicCache, dict[int, int]]:
+        """The prefix's KV cache with one row per distinct candidate, and candidate -> cache row."""
+        ids = torch.tensor([prefix] * len(unique), device=self.device)
+        cache = self._new_cache()
+        self._forward(ids, torch.ones_like(ids), None, cache, unique)
+        return cache, {c: i for i, c in enumerate(unique)}
+
+    def _new_cache(self) -> DynamicCache:
+        cache = DynamicCache(config=self.model.config)
+        if all(type(layer) is DynamicLayer for layer in cache.layers):  # full attention everywhere
+            cache.layers = [PreallocatedLayer(self._capacity) for _ in cache.layers]
+        return cache
+
+    def _batch_cache(self, prefix: tuple[DynamicCache, dict[int, int]] | None, rows: list[int],
+                     candidates: list[int]) -> DynamicCache:
+        if prefix is None:
+            return self._new_cache()
+        cache, row_of = prefix
+        out = copy.deepcopy(cache)
+        out.batch_select_indices(torch.tensor([row_of[candidates[i]] for i in rows], device=self.device))
+        return out
+
+    # -- one batch -----------------------------------------------------------------------------
+    def _decode_batch(self, rows: list[int], prompts: list[list[int]], candidates: list[int], seeds: list[int],
+                      prefix: tuple[DynamicCache, dict[int, int]] | None, prefix_len: int,
+                      result: DecodeResult) -> None:
+        s = self.settings
+        suffixes = [prompts[i][prefix_len:] for i in rows]
+        width = max(len(x) for x in suffixes)
+        # Left padding between prefix and suffix keeps every row's last prompt token in the last column.
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        suffix_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, x in enumerate(suffixes):
+            ids[r, width - len(x):] = torch.tensor(x)
+            suffix_mask[r, width - len(x):] = 1
+        mask = torch.cat([torch.ones((len(rows), prefix_len), dtype=torch.long), suffix_mask], dim=1).to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp_(min=0)[:, prefix_len:]
+        cache = self._batch_cache(prefix, rows, candidates)
+        active = list(rows)
+        logits = self._forward(ids.to(self.device), mask, positions, cache, [candidates[i] for i in active])
+        result.forward_tokens += int(suffix_mask.sum())
+        generators = {i: torch.Generator().manual_seed(int(seeds[i]) % 2**63) for i in rows}
+        steps: dict[int, list[torch.Tensor]] = {i: [] for i in rows}
+        eos = torch.tensor(s.eos_token_ids or [-1], device=self.device)
+        done = torch.zeros(len(active), dtype=torch.bool, device=self.device)
+        for step in range(s.max_new_tokens):
+            uniforms = None if s.temperature <= 0 else torch.cat([torch.rand(1, generator=generators[i])
+                                                                  for i in active])
+            tokens = choose_tokens(logits, s, uniforms)
+            ended = ~done & torch.isin(tokens, eos)
+            for r in (~done).nonzero().squeeze(-1).tolist():
+                if result.logits is not None:
+                    steps[active[r]].append(logits[r].float().cpu())
+                if not ended[r]:
+                    result.tokens[active[r]].append(int(tokens[r]))
+            done |= ended
+            if step == s.max_new_tokens - 1 or bool(done.all()):
+                break
+            if int(done.sum()) >= COMPACT_FRACTION * len(active):
+                # Finished rows leave, their cache rows too. Copying the cache costs about as much as
+                # a few decode steps of a row, so rows leave in groups rather than one by one.
+                keep = (~done).nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                mask, positions, tokens, done = mask[keep], positions[keep], tokens[keep], done[keep]
+                active = [active[int(k)] for k in keep]
+            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=mask.device)], dim=1)
+            positions = positions[:, -1:] + 1
+            logits = self._forward(tokens[:, None], mask, positions, cache, [candidates[i] for i in active])
+            result.forward_tokens += len(active)
+        if result.logits is not None:
+            for i in rows:
+                result.logits[i] = torch.stack(steps[i])
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor | None, cache: DynamicCache,
+                 candidate_of_row: list[int]) -> torch.Tensor:
+        """Logits of each row's last position; the cache grows by `ids`' columns."""
+        if self.select_rows is not None:
+            self.select_rows(candidate_of_row)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=1, **{self._cache_kwarg: cache})
+        return out.logits[:, -1, :]
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A `DynamicLayer` that writes new keys and values into a buffer sized for the whole decode.
+
+    `DynamicLayer` concatenates the full cache with every new token; at population batch sizes
+    that copy costs about a tenth of a decode step. The visible cache is a view of the filled part.
+    """
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        rows, heads = key_states.shape[:2]
+        self._keys = key_states.new_zeros((rows, heads, self.capacity, key_states.shape[-1]))
+        self._values = value_states.new_zeros((rows, heads, self.capacity, value_states.shape[-1]))
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(f"decode cache holds {self.capacity} positions, {end} were asked for")
+        self._keys[:, :, self.length:end] = key_states
+        self._values[:, :, self.length:end] = value_states
+        self.length = end
+        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if not self.is_initialized:
+            return
+        n, end = len(indices), self.length
+        if n <= self._keys.shape[0]:  # fewer rows: copy only the filled part, into the same buffers
+            self._keys[:n, :, :end] = self._keys[indices, :, :end]
+            self._values[:n, :, :end] = self._values[indices, :, :end]
+            self._keys, self._values = self._keys[:n], self._values[:n]
+        else:  # more rows (a prefix spread over its candidates' rows): new buffers
+            self._keys, self._values = self._keys[indices], self._values[indices]
+        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]

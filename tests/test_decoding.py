@@ -1,0 +1,156 @@
+"""The population decoder (essa.decoding) against HF generate and against a plain forward pass.
+
+Rows mix candidates and prompt lengths, share a chat-template prefix, and end at different steps:
+the newline character is used as the stop token, which the tiny random model emits often.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from adapters import make_random_adapter
+from essa.decoding import BatchDecoder, DecodeSettings, choose_tokens, common_prefix_length
+from essa.population import PopulationModel
+from essa.svd_space import SvdLoraSpace
+from helpers import tiny_llama, tiny_tokenizer
+
+QUESTIONS = ["hi", "what is 2+2?", "tell me a story about a cat", "a", "list three colours", "why?"]
+MAX_NEW = 14
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    model, tok = tiny_llama(), tiny_tokenizer()
+    adapter = make_random_adapter(model, tmp_path_factory.mktemp("dec") / "adapter", rank=4, lora_alpha=8)
+    space = SvdLoraSpace.from_adapter(adapter, 1.0, model=model)
+    runtime = PopulationModel(model, space)
+    population = np.random.default_rng(0).normal(0, 0.3, (3, space.dim))
+    runtime.set_population(population)
+    prompts = [tok(tok.apply_chat_template([{"role": "system", "content": "Be brief."},
+                                           {"role": "user", "content": q}], tokenize=False,
+                                          add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+               for q in QUESTIONS]
+    rows = [(c, p) for c in range(len(population)) for p in range(len(prompts))]
+    stop = tok.convert_tokens_to_ids("\n")
+    yield model, tok, runtime, prompts, rows, stop
+    runtime.remove()
+
+
+def _decoder(setup, **settings) -> BatchDecoder:
+    model, tok, runtime, _, _, stop = setup
+    base = dict(max_new_tokens=MAX_NEW, eos_token_ids=(stop,), batch_size=64)
+    return BatchDecoder(model, DecodeSettings(**(base | settings)), select_rows=runtime.select_rows,
+                        pad_token_id=tok.pad_token_id)
+
+
+def _decode(setup, decoder, seeds=None, **kwargs):
+    _, _, runtime, prompts, rows, _ = setup
+    try:
+        return decoder.decode([prompts[p] for _, p in rows], [c for c, _ in rows], seeds, **kwargs)
+    finally:
+        runtime.clear_rows()
+
+
+def _hf_generate(setup, rows):
+    """Tokens and per-step logits of HF generate, greedy, one batch (left padding)."""
+    model, tok, runtime, prompts, _, stop = setup
+    width = max(len(prompts[p]) for _, p in rows)
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(prompts[p])) + prompts[p] for _, p in rows])
+    mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(prompts[p]) for _, p in rows])[:, None]).long()
+    config = transformers.GenerationConfig(max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=stop,
+                                           pad_token_id=tok.pad_token_id, output_logits=True,
+                                           return_dict_in_generate=True)
+    with torch.no_grad(), runtime.rows([c for c, _ in rows]):
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    tokens, logits = [], []
+    for r in range(len(rows)):
+        new = out.sequences[r, width:].tolist()
+        n = new.index(stop) + 1 if stop in new else len(new)
+        tokens.append([t for t in new[:n] if t != stop])
+        logits.append(torch.stack([step[r] for step in out.logits[:n]]))
+    return tokens, logits
+
+
+def test_greedy_tokens_and_logits_match_hf_generate(setup):
+    rows = setup[4]
+    ours = _decode(setup, _decoder(setup, batch_size=7), keep_logits=True)
+    tokens, logits = _hf_generate(setup, rows)
+    assert ours.tokens == tokens
+    for mine, theirs in zip(ours.logits, logits):
+        assert mine.shape == theirs.shape
+        assert torch.allclose(mine, theirs, atol=1e-4)
+    lengths = {len(t) for t in tokens}
+    assert len(lengths) >= 3 and min(lengths) < MAX_NEW - 1  # rows really end at different steps
+    assert ours.prefix_tokens > 5  # the chat template + system prompt were shared
+
+
+def test_prefix_sharing_and_row_dropping_change_nothing(setup):
+    shared = _decode(setup, _decoder(setup, batch_size=64), keep_logits=True)
+    plain = _decode(setup, _decoder(setup, batch_size=1), keep_logits=True, share_prefix=False)
+    assert shared.tokens == plain.tokens
+    for a, b in zip(shared.logits, plain.logits):
+        assert torch.allclose(a, b, atol=1e-4)
+    assert shared.forward_tokens < plain.forward_tokens
+
+
+def _teacher_forced_logits(setup, row, continuation):
+    """Logits for every new token of a row from one plain forward pass over prompt + continuation."""
+    model, _, runtime, prompts, _, _ = setup
+    c, p = row
+    ids = torch.tensor([prompts[p] + continuation])
+    with torch.no_grad(), runtime.rows([c]):
+        logits = model(input_ids=ids).logits[0]
+    return logits[len(prompts[p]) - 1:]
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_sampled_rows_do_not_depend_on_their_batch(setup, top_p):
+    rows = setup[4]
+    seeds = [1000 + 7 * i for i in range(len(rows))]
+    decoder = _decoder(setup, temperature=1.3, top_p=top_p, batch_size=64)
+    together = _decode(setup, decoder, seeds, keep_logits=True)
+    alone = _decode(setup, _decoder(setup, temperature=1.3, top_p=top_p, batch_size=1), seeds, share_prefix=False)
+    assert together.tokens == alone.tokens
+    other_seeds = _decode(setup, decoder, [s + 1 for s in seeds])
+    assert other_seeds.tokens != together.tokens
+    # Every step's logits are the model's own, as one uncached forward pass computes them.
+    stop = setup[5]
+    for row, tokens, logits in zip(rows, together.tokens, together.logits):
+        ended = len(logits) > len(tokens)
+        reference = _teacher_forced_logits(setup, row, tokens + ([stop] if ended else []))
+        assert torch.allclose(logits, reference[:len(logits)], atol=1e-4)
+
+
+def test_row_order_does_not_matter(setup):
+    _, _, runtime, prompts, rows, _ = setup
+    seeds = [11 * i for i in range(len(rows))]
+    decoder = _decoder(setup, temperature=1.0, batch_size=4)
+    forward = _decode(setup, decoder, seeds)
+    perm = np.random.default_rng(1).permutation(len(rows))
+    try:
+        shuffled = decoder.decode([prompts[rows[i][1]] for i in perm], [rows[i][0] for i in perm],
+                                  [seeds[i] for i in perm])
+    finally:
+        runtime.clear_rows()
+    assert [shuffled.tokens[list(perm).index(i)] for i in range(len(rows))] == forward.tokens
+
+
+def test_inverse_cdf_sampling_follows_the_distribution():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(40000, 1)
+    u = torch.rand(40000, generator=torch.Generator().manual_seed(0))
+    settings = DecodeSettings(max_new_tokens=1, temperature=1.0)
+    freq = torch.bincount(choose_tokens(logits, settings, u), minlength=4).float() / 40000
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.01)
+    nucleus = torch.bincount(choose_tokens(logits, DecodeSettings(1, 1.0, top_p=0.75), u), minlength=4)
+    assert nucleus[2:].sum() == 0  # 0.5 + 0.3 covers top_p 0.75: the tail is never drawn
+    assert abs(nucleus[0] / nucleus[:2].sum() - 0.5 / 0.8) < 0.01
+    assert choose_tokens(logits[:2], DecodeSettings(1, 0.0), None).tolist() == [0, 0]
+
+
+def test_common_prefix_length():
+    assert common_prefix_length([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2
+    assert common_prefix_length([[5], [6]]) == 0
+    assert common_prefix_length([]) == 0
