@@ -27,7 +27,7 @@ import torch
 
 from _common import build_random_adapter, json_main, log, require_positive
 from essa.backends.ray_backend import RayPopulationEvaluator
-from essa.config import GenerationConfig, ModelConfig, SearchConfig, TaskConfig
+from essa.config import DecodingConfig, ModelConfig, SearchConfig, TaskConfig
 from essa.models import load_model
 from essa.optim import make_optimizer
 
@@ -60,8 +60,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     load0 = os.getloadavg()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    generation = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=0.0,
-                                  batch_size=args.candidates * args.prompts)
+    decoding = DecodingConfig(max_new_tokens=args.max_new_tokens, temperature=0.0,
+                              batch_size=args.candidates * args.prompts)
     search = SearchConfig(optimizer="sep-cma", popsize=args.candidates, sigma0=args.sigma0, seed=args.seed)
     task = TaskConfig(name="arithmetic", train_size=max(args.prompts, 8))
     prompt_indices = list(range(args.prompts))
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             startup = {}
             for n in (1, 2):
                 t0 = time.perf_counter()
-                pools[n] = RayPopulationEvaluator(ModelConfig(name=args.model), str(adapter), 1.0, generation,
+                pools[n] = RayPopulationEvaluator(ModelConfig(name=args.model), str(adapter), 1.0, decoding,
                                                   task, search, num_workers=n, threads_per_worker=1, log=log)
                 startup[n] = round(time.perf_counter() - t0, 1)
         optimizers = {n: make_optimizer(search.optimizer, pools[n].dim, search.popsize, search.sigma0, search.seed)

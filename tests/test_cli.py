@@ -19,7 +19,7 @@ torch.set_num_threads(1)
 
 SMALL = [
     "task.sft_size=16", "task.train_size=16", "task.validation_size=4", "task.test_size=4",
-    "lora.rank=4", "sft.batch_size=8", "generation.max_new_tokens=4", "essa.popsize=4",
+    "lora.rank=4", "sft.batch_size=8", "decoding.max_new_tokens=4", "essa.popsize=4",
     "essa.prompts_per_generation=2", "essa.generations=2", "essa.eval_every=1", "--quiet",
 ]
 
@@ -76,7 +76,7 @@ def test_export_merge_matches_peft_logits(capsys, model_dir, tmp_path):
 
 
 def test_sampled_eval_reports_avg_and_pass_at_k(capsys, model_dir, tmp_path):
-    code, out, err = run(capsys, "eval", f"model.name={model_dir}", "generation.temperature=1.0", "--samples", 3,
+    code, out, err = run(capsys, "eval", f"model.name={model_dir}", "decoding.temperature=1.0", "--samples", 3,
                          "--split", "test", "--limit", 2, *SMALL)
     metrics = last_json(out)
     assert code == 0, err
@@ -173,7 +173,7 @@ def test_demo_defaults_are_the_packaged_demo_yaml():
     cfg = demo_defaults()
     assert cfg.essa.popsize == packaged["essa"]["popsize"]
     assert cfg.task.sft_size == packaged["task"]["sft_size"]
-    assert cfg.generation.max_new_tokens == packaged["generation"]["max_new_tokens"]
+    assert cfg.decoding.max_new_tokens == packaged["decoding"]["max_new_tokens"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")

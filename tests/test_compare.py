@@ -53,7 +53,7 @@ def make(cfg):
 
 TINY = [
     "task.sft_size=16", "task.train_size=12", "task.validation_size=3", "task.test_size=3", "lora.rank=2",
-    "sft.batch_size=8", "generation.max_new_tokens=4", "essa.popsize=4", "essa.prompts_per_generation=2",
+    "sft.batch_size=8", "decoding.max_new_tokens=4", "essa.popsize=4", "essa.prompts_per_generation=2",
     "essa.sigma0=0.5", "compare.checkpoints=2", "grpo.num_generations=2", "grpo.micro_batch_size=null",
     "grpo.lr=0.05",
 ]

@@ -14,7 +14,7 @@ from adapters import make_random_adapter
 from helpers import tiny_llama, tiny_tokenizer
 
 from essa.backends.local import LocalBackend
-from essa.config import GenerationConfig, ModelConfig, SearchConfig, TaskConfig
+from essa.config import DecodingConfig, ModelConfig, SearchConfig, TaskConfig
 from essa.errors import EssaError
 from essa.evaluate import score
 from essa.optim import make_optimizer
@@ -31,7 +31,7 @@ torch.set_num_threads(1)
 TASK_FILE = Path(__file__).with_name("ray_tasks.py")
 SEARCH = SearchConfig(optimizer="sep-cma", popsize=4, sigma0=0.5, prompts_per_generation=3, generations=2,
                       eval_every=2, seed=7)
-GENERATION = GenerationConfig(max_new_tokens=6, batch_size=32)
+DECODING = DecodingConfig(max_new_tokens=6, batch_size=32)
 GENERATIONS = 3
 
 
@@ -68,7 +68,7 @@ def files(tmp_path_factory):
 
 def make_evaluator(model_dir, adapter, task: TaskConfig, messages: list[str] | None = None,
                    workers: int = 2) -> RayPopulationEvaluator:
-    return RayPopulationEvaluator(ModelConfig(name=str(model_dir)), str(adapter), 1.0, GENERATION, task, SEARCH,
+    return RayPopulationEvaluator(ModelConfig(name=str(model_dir)), str(adapter), 1.0, DECODING, task, SEARCH,
                                   num_workers=workers, cpus_per_worker=0.5,
                                   log=messages.append if messages is not None else None)
 
@@ -87,7 +87,7 @@ def local_history(files):
     _, adapter, _ = files
     model, tok = tiny_llama(seed=0), tiny_tokenizer()
     space = SvdLoraSpace.from_adapter(adapter, 1.0, model=model)
-    backend = LocalBackend(model, tok, space, GENERATION)
+    backend = LocalBackend(model, tok, space, DECODING)
     task = get_task(task_config())
     train = task.checked_split("train")
     opt = make_optimizer(SEARCH.optimizer, space.dim, SEARCH.popsize, SEARCH.sigma0, SEARCH.seed)
@@ -210,7 +210,7 @@ def test_trainer_runs_on_ray_backend_evaluate(evaluator, files, tmp_path):
                           progress=False).run()
     model, tok = tiny_llama(seed=0), tiny_tokenizer()
     space = SvdLoraSpace.from_adapter(adapter, 1.0, model=model)
-    local = LocalBackend(model, tok, space, GENERATION)
+    local = LocalBackend(model, tok, space, DECODING)
     local_run = EssaTrainer(local, tok, task, SEARCH, space.dim, tmp_path / "local", progress=False).run()
 
     def metrics(run_dir):  # everything but the timings

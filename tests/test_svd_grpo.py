@@ -39,7 +39,7 @@ def factors(path):
 def test_svd_grpo_changes_only_the_searched_singular_values(tmp_path):
     model = tiny_llama(seed=0)
     adapter = make_random_adapter(model, tmp_path / "sft", rank=4)
-    cfg = load_config(overrides=["generation.max_new_tokens=4", "essa.prompts_per_generation=2", "essa.alpha=0.5"])
+    cfg = load_config(overrides=["decoding.max_new_tokens=4", "essa.prompts_per_generation=2", "essa.alpha=0.5"])
     settings = GrpoSettings(num_generations=2, lr=0.05, svd_only=True)
     result = run_grpo(model, tiny_tokenizer(), VowelTask(), adapter, cfg, settings, tmp_path / "out",
                       budget_s=600, max_steps=3, progress=False)

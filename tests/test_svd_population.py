@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from adapters import make_random_adapter, merged_model
 from essa.backends.local import LocalBackend
-from essa.config import GenerationConfig
+from essa.config import DecodingConfig
 from essa.errors import EssaError
 from essa.population import PopulationLoraLinear, PopulationModel
 from essa.svd_space import SvdLoraSpace
@@ -83,7 +83,7 @@ def test_mixed_population_logits_match_merged_weights(base, adapter_dir):
 
 def test_batched_generation_equals_each_candidate_alone(base, adapter_dir):
     tok = tiny_tokenizer()
-    gen = GenerationConfig(max_new_tokens=10, batch_size=16)
+    gen = DecodingConfig(max_new_tokens=10, batch_size=16)
     space = SvdLoraSpace.from_adapter(adapter_dir, alpha=1.0, model=base)
     population = random_population(space, 4, seed=3)
     prompts = ["hello there", "2+2=", "a much longer prompt than the others", "x"]

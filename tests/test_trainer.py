@@ -10,7 +10,7 @@ import torch
 
 from adapters import make_random_adapter
 from essa.backends.local import LocalBackend
-from essa.config import GenerationConfig, SearchConfig
+from essa.config import DecodingConfig, SearchConfig
 from essa.errors import EssaError
 from essa.svd_space import SvdLoraSpace
 from essa.tasks import Example, Task
@@ -45,7 +45,7 @@ def adapter_dir(tmp_path_factory):
 def make_trainer(adapter_dir, run_dir, generations, on_generation=None, optimizer="sep-cma"):
     model, tok = tiny_llama(seed=0), tiny_tokenizer()
     space = SvdLoraSpace.from_adapter(adapter_dir, 1.0, model=model)
-    backend = LocalBackend(model, tok, space, GenerationConfig(max_new_tokens=6, batch_size=32))
+    backend = LocalBackend(model, tok, space, DecodingConfig(max_new_tokens=6, batch_size=32))
     search = SearchConfig(optimizer=optimizer, popsize=4, sigma0=0.5, prompts_per_generation=3,
                           generations=generations, eval_every=2, seed=7)
     return EssaTrainer(backend, tok, VowelTask(), search, space.dim, run_dir, progress=False,

@@ -130,11 +130,11 @@ def _training_backend(cfg: Config, model: Any, tokenizer: Any, space: SvdLoraSpa
         from essa.backends.ray_backend import RayPopulationEvaluator
 
         _say(f"starting {cfg.backend.workers} Ray workers")
-        return RayPopulationEvaluator(cfg.model, str(adapter_dir), cfg.essa.alpha, cfg.generation, cfg.task,
+        return RayPopulationEvaluator(cfg.model, str(adapter_dir), cfg.essa.alpha, cfg.decoding, cfg.task,
                                       cfg.essa, num_workers=cfg.backend.workers, ray_address=cfg.backend.ray_address,
                                       threads_per_worker=cfg.backend.threads_per_worker, log=_say,
                                       engine=cfg.backend.worker_engine, vllm_options=cfg.backend.vllm_options)
-    return LocalBackend(model, tokenizer, space, cfg.generation, quantize=cfg.model.quantize)
+    return LocalBackend(model, tokenizer, space, cfg.decoding, quantize=cfg.model.quantize)
 
 
 def _vllm_backend(cfg: Config, tokenizer: Any, space: SvdLoraSpace | None, max_loras: int,
@@ -142,7 +142,7 @@ def _vllm_backend(cfg: Config, tokenizer: Any, space: SvdLoraSpace | None, max_l
     from essa.backends.vllm_backend import VllmBackend
 
     _say("starting the vLLM engine")
-    return VllmBackend.for_model(cfg.model, tokenizer, space, cfg.generation, max_loras=max_loras,
+    return VllmBackend.for_model(cfg.model, tokenizer, space, cfg.decoding, max_loras=max_loras,
                                  engine_options=cfg.backend.vllm_options, progress=progress, seed=cfg.essa.seed)
 
 
@@ -152,8 +152,8 @@ def run_eval(cfg: Config, split: str = "test", samples: int = 1, limit: int | No
              model_and_tokenizer: tuple[Any, Any] | None = None, progress: bool = False) -> dict[str, Any]:
     if samples < 1:
         raise EssaError(f"--samples must be >= 1 (got {samples})")
-    if samples > 1 and cfg.generation.temperature <= 0:
-        raise EssaError("avg@k / pass@k need sampling: set generation.temperature > 0 with --samples > 1")
+    if samples > 1 and cfg.decoding.temperature <= 0:
+        raise EssaError("avg@k / pass@k need sampling: set decoding.temperature > 0 with --samples > 1")
     task = get_task(cfg.task)
     examples = task.checked_split(split)[:limit]
     vllm = cfg.backend.kind == "vllm"  # a Ray pool is for training; evaluation runs here
@@ -164,7 +164,7 @@ def run_eval(cfg: Config, split: str = "test", samples: int = 1, limit: int | No
     if vllm:
         backend = _vllm_backend(cfg, tokenizer, space, max_loras=1, progress=progress)
     else:
-        backend = LocalBackend(model, tokenizer, space, cfg.generation, progress=progress,
+        backend = LocalBackend(model, tokenizer, space, cfg.decoding, progress=progress,
                                quantize=cfg.model.quantize)
     try:
         result = evaluate_split(backend, tokenizer, task, examples, samples=samples, seed=cfg.essa.seed)

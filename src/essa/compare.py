@@ -278,7 +278,7 @@ def _essa_job(cfg: Config, compare: CompareSettings, start_adapter: str, run_dir
     space = SvdLoraSpace.from_adapter(start_adapter, cfg.essa.alpha, model=model)
     space.save_adapter(np.zeros(space.dim), run_dir_p / "start_adapter")
     search = dataclasses.replace(cfg.essa, time_budget_s=compare.budget_s, generations=compare.max_steps)
-    backend = LocalBackend(model, tokenizer, space, cfg.generation)
+    backend = LocalBackend(model, tokenizer, space, cfg.decoding)
     train_prompts = [format_prompt(tokenizer, task, ex) for ex in task.checked_split("train")]
     recorder = RecordingBackend(backend, train_prompts)
     watcher = EssaWatcher(recorder, compare.checkpoint_times())
@@ -356,7 +356,7 @@ def _accuracies(backend: Any, tokenizer: Any, task: Any, z: np.ndarray | None,
 def _adapter_accuracies(model: Any, tokenizer: Any, task: Any, space: SvdLoraSpace, cfg: Config) -> dict[str, float]:
     from essa.backends.local import LocalBackend
 
-    backend = LocalBackend(model, tokenizer, space, cfg.generation)
+    backend = LocalBackend(model, tokenizer, space, cfg.decoding)
     try:
         return _accuracies(backend, tokenizer, task, None)
     finally:
@@ -429,7 +429,7 @@ def summarize(cfg: Config, compare: CompareSettings, sft: dict[str, Any], essa: 
     return {
         "model": cfg.model.name, "task": cfg.task.name, "baseline": baseline, "budget_s": compare.budget_s,
         "checkpoint_times_s": compare.checkpoint_times(), "svd_vectors": compare.svd_vectors,
-        "essa_decoding": "greedy" if cfg.generation.temperature <= 0 else f"T={cfg.generation.temperature}",
+        "essa_decoding": "greedy" if cfg.decoding.temperature <= 0 else f"T={cfg.decoding.temperature}",
         "test_examples": test_examples, "sft_adapter": sft["adapter"], "sft_wall_clock_s": sft["wall_clock_s"],
         "sft_peak_rss_mb": sft["peak_rss_mb"],
         "same_start_adapter": same_adapter_tensors(essa["start_adapter"], grpo["start_adapter"]),

@@ -68,7 +68,7 @@ class SftConfig:
 
 
 @dataclass
-class GenerationConfig:
+class DecodingConfig:
     max_new_tokens: int = 48
     # 0 means greedy decoding.
     temperature: float = 0.0
@@ -116,7 +116,7 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     sft: SftConfig = field(default_factory=SftConfig)
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
     essa: SearchConfig = field(default_factory=SearchConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
     # SFT adapter directory that `essa train` / `essa eval` start from.
@@ -152,12 +152,12 @@ class Config:
         _check(self.backend.workers >= 1, "backend.workers must be >= 1", self.backend.workers)
         _check(self.lora.rank >= 1, "lora.rank must be >= 1", self.lora.rank)
         _check(bool(self.lora.targets), "lora.targets must not be empty", self.lora.targets)
-        _check(self.generation.max_new_tokens >= 1, "generation.max_new_tokens must be >= 1",
-               self.generation.max_new_tokens)
-        _check(self.generation.batch_size >= 1, "generation.batch_size must be >= 1",
-               self.generation.batch_size)
-        _check(self.generation.temperature >= 0, "generation.temperature must be >= 0",
-               self.generation.temperature)
+        _check(self.decoding.max_new_tokens >= 1, "decoding.max_new_tokens must be >= 1",
+               self.decoding.max_new_tokens)
+        _check(self.decoding.batch_size >= 1, "decoding.batch_size must be >= 1",
+               self.decoding.batch_size)
+        _check(self.decoding.temperature >= 0, "decoding.temperature must be >= 0",
+               self.decoding.temperature)
         _check(self.model.quantize in QUANTIZE_METHODS,
                f"model.quantize must be one of {', '.join(QUANTIZE_METHODS)}", self.model.quantize)
         _check(self.model.dtype in ("float32", "bfloat16", "float16"),

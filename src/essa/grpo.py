@@ -217,7 +217,7 @@ def _trl_args(cfg: Config, g: GrpoSettings, out_dir: Path, micro: int, accumulat
         "learning_rate": g.lr, "lr_scheduler_type": "constant", "warmup_steps": 0, "beta": g.beta,
         "num_generations": g.num_generations, "per_device_train_batch_size": micro,
         "gradient_accumulation_steps": accumulation, "max_steps": steps, "num_train_epochs": 1,
-        "max_completion_length": cfg.generation.max_new_tokens, "temperature": g.temperature, "top_p": g.top_p,
+        "max_completion_length": cfg.decoding.max_new_tokens, "temperature": g.temperature, "top_p": g.top_p,
         "loss_type": g.loss_type, "gradient_checkpointing": g.gradient_checkpointing, "shuffle_dataset": False,
         "logging_steps": 1, "save_strategy": "no", "report_to": "none", "disable_tqdm": True,
         "seed": g.seed, "data_seed": g.seed, "dataloader_num_workers": 0, "log_completions": False,

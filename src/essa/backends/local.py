@@ -10,7 +10,7 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
-from essa.config import GenerationConfig
+from essa.config import DecodingConfig
 from essa.population import PopulationModel
 from essa.quantize import quantize_base_
 from essa.svd_space import SvdLoraSpace
@@ -24,13 +24,13 @@ class LocalBackend:
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, space: SvdLoraSpace | None,
-                 generation: GenerationConfig, progress: bool = False, quantize: str = "none"):
+                 decoding: DecodingConfig, progress: bool = False, quantize: str = "none"):
         if quantize != "none":
             model = copy.deepcopy(model)  # the caller keeps its float model
         self.model = model
         self.tokenizer = tokenizer
         self.space = space
-        self.generation = generation
+        self.decoding = decoding
         self.progress = progress
         self.population_model = PopulationModel(model, space) if space is not None else None
         quantize_base_(model, quantize)  # after wrapping: the SVD-LoRA branch stays in float
@@ -54,7 +54,7 @@ class LocalBackend:
         lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
         rows = sorted(((lengths[p], p, c) for c in range(n_cand) for p in range(len(prompts))))
         out: list[list[str]] = [[""] * len(prompts) for _ in range(n_cand)]
-        size = self.generation.batch_size
+        size = self.decoding.batch_size
         chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
         for i, chunk in enumerate(tqdm(chunks, desc="generate", unit="batch", leave=False,
                                       disable=not self.progress or len(chunks) < 2)):
@@ -78,7 +78,7 @@ class LocalBackend:
         return self.tokenizer.batch_decode(new, skip_special_tokens=True)
 
     def _generation_config(self) -> transformers.GenerationConfig:
-        g = self.generation
+        g = self.decoding
         sample = g.temperature > 0
         return transformers.GenerationConfig(
             max_new_tokens=g.max_new_tokens,

@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from essa.config import GenerationConfig, ModelConfig, SearchConfig, TaskConfig
+from essa.config import DecodingConfig, ModelConfig, SearchConfig, TaskConfig
 from essa.errors import EssaError, first_line
 from essa.optim import Optimizer
 from essa.tasks import RewardStats
@@ -85,13 +85,13 @@ def fingerprint(rows: np.ndarray) -> str:
 class PopulationWorker:
     """Runs inside a Ray actor: model + SVD-LoRA space + task + its own optimizer copy."""
 
-    def __init__(self, model: ModelConfig, adapter_dir: str, alpha: float, generation: GenerationConfig,
+    def __init__(self, model: ModelConfig, adapter_dir: str, alpha: float, decoding: DecodingConfig,
                  task: TaskConfig, search: SearchConfig, threads: int, engine: str = "transformers",
                  vllm_options: dict[str, Any] | None = None):
         from essa.optim import make_optimizer
         from essa.tasks import get_task
 
-        self.tokenizer, self.backend = _worker_backend(engine, model, adapter_dir, alpha, generation, search,
+        self.tokenizer, self.backend = _worker_backend(engine, model, adapter_dir, alpha, decoding, search,
                                                        threads, vllm_options)
         self.task = get_task(task)
         self.train = self.task.checked_split("train")
@@ -169,7 +169,7 @@ class RayPopulationEvaluator:
     travel); `evaluate` implements the `Backend` protocol by shipping candidate rows.
     """
 
-    def __init__(self, model: ModelConfig, adapter_dir: str, alpha: float, generation: GenerationConfig,
+    def __init__(self, model: ModelConfig, adapter_dir: str, alpha: float, decoding: DecodingConfig,
                  task: TaskConfig, search: SearchConfig, num_workers: int = 2, ray_address: str | None = None,
                  threads_per_worker: int = 1, log: Callable[[str], None] | None = None,
                  chunk_size: int | None = None, cpus_per_worker: float | None = None,
@@ -188,7 +188,7 @@ class RayPopulationEvaluator:
         self.chunk_size = chunk_size or math.ceil(search.popsize / num_workers)
         self.max_retries = max_retries
         self._owns_ray = self._init_ray(ray_address, num_workers * (cpus_per_worker or threads_per_worker))
-        worker_args = (_absolute_model(model), _absolute(adapter_dir), alpha, generation, _absolute_task(task),
+        worker_args = (_absolute_model(model), _absolute(adapter_dir), alpha, decoding, _absolute_task(task),
                        search, threads_per_worker, engine, vllm_options)
         self._actor_cls = self._ray.remote(num_cpus=cpus_per_worker or threads_per_worker, max_restarts=0,
                                            max_task_retries=0)(PopulationWorker)
@@ -405,7 +405,7 @@ RayBackend = RayPopulationEvaluator
 
 
 def _worker_backend(engine: str, model: ModelConfig, adapter_dir: str, alpha: float,
-                    generation: GenerationConfig, search: SearchConfig, threads: int,
+                    decoding: DecodingConfig, search: SearchConfig, threads: int,
                     vllm_options: dict[str, Any] | None) -> tuple[Any, Any]:
     """(tokenizer, backend) of one worker: the population runtime or a vLLM engine."""
     from essa.svd_space import SvdLoraSpace
@@ -417,14 +417,14 @@ def _worker_backend(engine: str, model: ModelConfig, adapter_dir: str, alpha: fl
 
         tokenizer = load_tokenizer(model)
         space = SvdLoraSpace.from_adapter(adapter_dir, alpha)
-        return tokenizer, VllmBackend.for_model(model, tokenizer, space, generation, max_loras=search.popsize,
+        return tokenizer, VllmBackend.for_model(model, tokenizer, space, decoding, max_loras=search.popsize,
                                                 engine_options=vllm_options, seed=search.seed)
     from essa.backends.local import LocalBackend
     from essa.models import load_model
 
     lm, tokenizer = load_model(model)
     space = SvdLoraSpace.from_adapter(adapter_dir, alpha, model=lm)
-    return tokenizer, LocalBackend(lm, tokenizer, space, generation, quantize=model.quantize)
+    return tokenizer, LocalBackend(lm, tokenizer, space, decoding, quantize=model.quantize)
 
 
 def _import_ray() -> Any:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from essa.config import GenerationConfig, ModelConfig
+from essa.config import DecodingConfig, ModelConfig
 from essa.errors import EssaError, first_line
 from essa.models import engine_model_source
 from essa.svd_space import SvdLoraSpace
@@ -41,13 +41,13 @@ class VllmBackend:
     """
 
     def __init__(self, model_source: str, tokenizer: Any, space: SvdLoraSpace | None,
-                 generation: GenerationConfig, *, dtype: str = "float32", max_loras: int = 16,
+                 decoding: DecodingConfig, *, dtype: str = "float32", max_loras: int = 16,
                  threads: int | None = None, engine_options: dict[str, Any] | None = None,
                  progress: bool = False, seed: int = 0):
         vllm = _import_vllm()
         self.tokenizer = tokenizer
         self.space = space
-        self.generation = generation
+        self.decoding = decoding
         self.progress = progress
         self._lora_request = vllm.lora.request.LoRARequest
         self._sampling_params = vllm.SamplingParams
@@ -66,9 +66,9 @@ class VllmBackend:
 
     @classmethod
     def for_model(cls, model: ModelConfig, tokenizer: Any, space: SvdLoraSpace | None,
-                  generation: GenerationConfig, **kwargs: Any) -> VllmBackend:
+                  decoding: DecodingConfig, **kwargs: Any) -> VllmBackend:
         """The backend for an essa model config: its source, dtype and thread count."""
-        return cls(engine_model_source(model.name), tokenizer, space, generation, dtype=model.dtype,
+        return cls(engine_model_source(model.name), tokenizer, space, decoding, dtype=model.dtype,
                    threads=model.threads, **kwargs)
 
     @property
@@ -97,7 +97,7 @@ class VllmBackend:
         shutil.rmtree(self._tmp_root, ignore_errors=True)
 
     def _params(self, seed: int) -> Any:
-        g = self.generation
+        g = self.decoding
         sample = g.temperature > 0
         return self._sampling_params(
             max_tokens=g.max_new_tokens,
