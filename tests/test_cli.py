@@ -190,10 +190,43 @@ def test_int8_quantize_is_not_a_vllm_setting(capsys, tmp_path):
     assert_clean_error(code, err, "backend.vllm_options.quantization")
 
 
-def test_ray_address_flag_selects_an_existing_ray_cluster():
-    from essa.cli import _config, _parser
+@pytest.mark.parametrize("override, message", [
+    ("model.threads=0", "model.threads must be >= 1 or null"),
+    ("backend.threads_per_worker=0", "backend.threads_per_worker must be >= 1"),
+    ("backend.kind=gpu", "backend.kind must be one of local, vllm, ray"),
+    ("backend.chunk_timeout_s=0", "backend.chunk_timeout_s must be > 0 or null"),
+    ("decoding.top_p=0", "decoding.top_p must be in (0, 1]"),
+    ("essa.optimizer_options.lr=0.1", "unknown config key 'essa.optimizer_options.lr': optimizer cma"),
+    ("grpo.micro_batch_size=5", "grpo.micro_batch_size must divide"),
+])
+def test_bad_settings_name_the_key_the_user_set(capsys, tmp_path, override, message):
+    code, _, err = run(capsys, "train", override, f"output_dir={tmp_path / 'out'}")
+    assert_clean_error(code, err, message)
+    assert not (tmp_path / "out").exists()
 
-    args = _parser().parse_args(["train", "--ray-address", "10.0.0.5:6379", "backend.workers=4"])
+
+def test_free_mappings_take_the_users_keys():
+    from essa.config import load_config
+
+    cfg = load_config(None, ["backend.vllm_options.quantization=awq", "backend.vllm_options.max_model_len=512",
+                             "essa.optimizer=openai-es", "essa.optimizer_options.lr=0.1", "task.options.level=2"])
+    assert cfg.backend.vllm_options == {"quantization": "awq", "max_model_len": 512}
+    assert cfg.essa.optimizer_options == {"lr": 0.1} and cfg.task.options == {"level": 2}
+
+
+def test_plan_and_compare_are_commands_of_the_one_parser(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0 and "compare" in out and "plan" in out
+    code, _, err = run(capsys, "compare", "--no-such-flag")
+    assert_clean_error(code, err, "unrecognized arguments: --no-such-flag")
+    code, _, err = run(capsys, "plan", "--gpus")
+    assert_clean_error(code, err, "--gpus")
+
+
+def test_ray_address_flag_selects_an_existing_ray_cluster():
+    from essa.cli import _config, parse_args
+
+    args = parse_args(["train", "--ray-address", "10.0.0.5:6379", "backend.workers=4"])
     cfg = _config(args)
     assert (cfg.backend.kind, cfg.backend.ray_address, cfg.backend.workers) == ("ray", "10.0.0.5:6379", 4)
-    assert _config(_parser().parse_args(["train"])).backend.kind == "local"
+    assert _config(parse_args(["train"])).backend.kind == "local"

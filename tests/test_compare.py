@@ -12,9 +12,8 @@ from adapters import make_random_adapter
 from helpers import make_tiny_model_dir, tiny_llama
 from safetensors.torch import load_file
 
+from essa.cli import main
 from essa.compare import (
-    CompareSettings,
-    compare_main,
     essa_prompt_schedule,
     load_compare_config,
     randomize_singular_vectors,
@@ -78,11 +77,11 @@ def result(root, method):
 def test_compare_isolated_runs_end_to_end_from_identical_start_and_prompts(model_dir, vowel_task, tmp_path):
     adapter = make_random_adapter(tiny_llama(seed=0), tmp_path / "sft", rank=2)
     root = tmp_path / "cmp"
-    cfg, compare, grpo = load_compare_config(None, [
+    cfg = load_compare_config(None, [
         f"model.name={model_dir}", f"task.name={vowel_task}", f"adapter={adapter}", f"output_dir={root}",
         "compare.budget_s=1.5", "compare.max_steps=6", *TINY])
-    assert compare.isolate and compare.budget_s == 1.5 and grpo.lr == 0.05
-    summary = run_compare(cfg, compare, grpo, progress=False)
+    assert cfg.compare.isolate and cfg.compare.budget_s == 1.5 and cfg.grpo.lr == 0.05
+    summary = run_compare(cfg, progress=False)
 
     for name in ("reward_vs_wallclock.png", "test_accuracy_vs_wallclock.png"):
         assert (root / name).read_bytes()[:4] == b"\x89PNG", name
@@ -120,13 +119,13 @@ def test_compare_isolated_runs_end_to_end_from_identical_start_and_prompts(model
     assert np.all(means["t0"] == 0) and means["t0"].shape == (2 * 4 * 2 * 2,)
 
 
-def test_compare_main_with_sft_random_singular_vectors_and_svd_grpo(model_dir, tmp_path, capsys):
+def test_compare_command_with_sft_random_singular_vectors_and_svd_grpo(model_dir, tmp_path, capsys):
     root = tmp_path / "cmp"
     config = tmp_path / "cmp.yaml"
     config.write_text(yaml.safe_dump({"model": {"name": str(model_dir)}, "output_dir": str(root),
                                       "compare": {"isolate": False, "svd_vectors": "random", "seed": 3}}))
-    code = compare_main(["--config", str(config), "--quiet", "compare.budget_s=0.5", "compare.max_steps=2",
-                         *TINY, "grpo.svd_only=true"])
+    code = main(["compare", "--config", str(config), "--quiet", "compare.budget_s=0.5", "compare.max_steps=2",
+                 *TINY, "grpo.svd_only=true"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["svd_vectors"] == "random" and summary["sft_wall_clock_s"] is not None
@@ -138,7 +137,7 @@ def test_compare_main_with_sft_random_singular_vectors_and_svd_grpo(model_dir, t
     for p, q in zip(sft.pairs, start.pairs):
         assert torch.allclose(p.s_a, q.s_a, atol=1e-5) and torch.allclose(p.s_b, q.s_b, atol=1e-5)
         assert not torch.allclose(p.a, q.a, atol=1e-3)
-    saved = yaml.safe_load((root / "compare.yaml").read_text())
+    saved = yaml.safe_load((root / "config.yaml").read_text())
     assert saved["compare"]["svd_vectors"] == "random" and saved["grpo"]["num_generations"] == 2
     # The baseline was SVD-GRPO: its snapshots keep the start's singular vectors, and it is named so.
     assert saved["grpo"]["svd_only"] is True and summary["baseline"] == "SVD-GRPO"
@@ -209,13 +208,11 @@ def test_bad_compare_config_is_one_clear_error(override, message):
 
 
 def test_bad_batches_and_existing_output_fail_before_any_work(model_dir, tmp_path):
-    cfg, compare, grpo = load_compare_config(None, [f"model.name={model_dir}", f"output_dir={tmp_path / 'o'}",
-                                                    *TINY, "grpo.micro_batch_size=3"])
-    with pytest.raises(EssaError, match="micro_batch_size"):
-        run_compare(cfg, compare, grpo, progress=False)
-    assert not (tmp_path / "o" / "config.yaml").exists()
+    with pytest.raises(EssaError, match="grpo.micro_batch_size"):
+        load_compare_config(None, [f"model.name={model_dir}", *TINY, "grpo.micro_batch_size=3"])
+    cfg = load_compare_config(None, [f"model.name={model_dir}", f"output_dir={tmp_path / 'o'}", *TINY])
     (tmp_path / "o" / "essa").mkdir(parents=True)
     with pytest.raises(EssaError, match="already holds a comparison"):
-        run_compare(cfg, CompareSettings(), None, progress=False)
+        run_compare(cfg, progress=False)
     with pytest.raises(EssaError, match="config file not found"):
         load_compare_config(tmp_path / "missing.yaml")

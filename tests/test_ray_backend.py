@@ -3,6 +3,7 @@ and ships O(popsize) bytes per generation whatever the model size."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -90,7 +91,7 @@ def local_history(files):
     backend = LocalBackend(model, tok, space, DECODING)
     task = get_task(task_config())
     train = task.checked_split("train")
-    opt = make_optimizer(SEARCH.optimizer, space.dim, SEARCH.popsize, SEARCH.sigma0, SEARCH.seed)
+    opt = make_optimizer(SEARCH, space.dim)
     history = []
     for gen in range(GENERATIONS):
         population = opt.ask()
@@ -103,7 +104,7 @@ def local_history(files):
 
 
 def run_ray(ev: RayPopulationEvaluator, dim: int, before=None) -> tuple[list, list[int]]:
-    opt = make_optimizer(SEARCH.optimizer, dim, SEARCH.popsize, SEARCH.sigma0, SEARCH.seed)
+    opt = make_optimizer(SEARCH, dim)
     history, sent = [], []
     for gen in range(GENERATIONS):
         if before is not None:
@@ -129,10 +130,10 @@ def test_two_workers_match_local_backend_and_resync_after_resume(evaluator, loca
     assert any(np.ptp(fitness) > 0 for _, fitness in local_history)
 
     # A resumed driver (a new optimizer object, restored from a checkpoint) is adopted once.
-    opt = make_optimizer(SEARCH.optimizer, evaluator.dim, SEARCH.popsize, SEARCH.sigma0, SEARCH.seed)
+    opt = make_optimizer(SEARCH, evaluator.dim)
     for gen in range(2):
         opt.tell(*evaluator.run_generation(gen, opt, prompt_indices(gen), seed=gen))
-    resumed = make_optimizer(SEARCH.optimizer, evaluator.dim, SEARCH.popsize, SEARCH.sigma0, SEARCH.seed)
+    resumed = make_optimizer(SEARCH, evaluator.dim)
     resumed.load_state_dict(opt.state_dict())
     population, fitness = evaluator.run_generation(2, resumed, prompt_indices(2), seed=2)
     np.testing.assert_array_equal(population, local_history[2][0])
@@ -140,12 +141,12 @@ def test_two_workers_match_local_backend_and_resync_after_resume(evaluator, loca
 
 
 def test_driver_out_of_sync_is_detected(evaluator):
-    opt = make_optimizer(SEARCH.optimizer, evaluator.dim, SEARCH.popsize, SEARCH.sigma0, SEARCH.seed)
+    opt = make_optimizer(SEARCH, evaluator.dim)
     population, fitness = evaluator.run_generation(0, opt, prompt_indices(0))
     opt.tell(population + 1.0, fitness)  # not what the workers will apply
     with pytest.raises(EssaError, match="out of sync"):
         evaluator.run_generation(1, opt, prompt_indices(1))
-    wrong = make_optimizer(SEARCH.optimizer, evaluator.dim, SEARCH.popsize + 2, SEARCH.sigma0, SEARCH.seed)
+    wrong = make_optimizer(dataclasses.replace(SEARCH, popsize=SEARCH.popsize + 2), evaluator.dim)
     with pytest.raises(EssaError, match="popsize"):
         evaluator.run_generation(0, wrong, prompt_indices(0))
 
@@ -173,7 +174,7 @@ def test_worker_dying_mid_generation_is_replaced_and_fitness_unchanged(ray_sessi
         # Killed between generations, after a resync to a new driver: the replacement starts
         # from the shipped driver state instead of replaying from scratch.
         ray.kill(ev.actor(0))
-        opt = make_optimizer(SEARCH.optimizer, ev.dim, SEARCH.popsize, SEARCH.sigma0, SEARCH.seed)
+        opt = make_optimizer(SEARCH, ev.dim)
         for gen in range(2):
             population, fitness = ev.run_generation(gen, opt, prompt_indices(gen), seed=gen)
             opt.tell(population, fitness)

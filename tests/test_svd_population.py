@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from adapters import make_random_adapter, merged_model
 from essa.backends.local import LocalBackend
-from essa.config import DecodingConfig
+from essa.config import DecodingConfig, SearchConfig
 from essa.errors import EssaError
 from essa.population import PopulationLoraLinear, PopulationModel
 from essa.svd_space import SvdLoraSpace
@@ -121,9 +121,14 @@ def test_remove_restores_plain_linears(base, adapter_dir):
 
 
 @pytest.mark.parametrize("alpha", [0.0, -0.5, 1.5])
-def test_alpha_outside_unit_interval_is_rejected(adapter_dir, alpha):
-    with pytest.raises(EssaError, match="alpha"):
-        SvdLoraSpace.from_adapter(adapter_dir, alpha=alpha)
+def test_alpha_outside_unit_interval_is_rejected(alpha):
+    with pytest.raises(EssaError, match=r"essa.alpha must be in \(0, 1\]"):
+        SearchConfig(alpha=alpha)
+
+
+def test_alpha_leaving_no_trainable_singular_value_is_rejected(adapter_dir):
+    with pytest.raises(EssaError, match="no trainable singular value at rank 4"):
+        SvdLoraSpace.from_adapter(adapter_dir, alpha=0.2)
 
 
 def test_adapter_for_other_targets_is_rejected(adapter_dir, tmp_path):

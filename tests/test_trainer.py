@@ -42,12 +42,12 @@ def adapter_dir(tmp_path_factory):
     return make_random_adapter(tiny_llama(seed=0), tmp_path_factory.mktemp("a") / "sft", rank=2)
 
 
-def make_trainer(adapter_dir, run_dir, generations, on_generation=None, optimizer="sep-cma"):
+def make_trainer(adapter_dir, run_dir, generations, on_generation=None, optimizer="sep-cma", time_budget_s=None):
     model, tok = tiny_llama(seed=0), tiny_tokenizer()
     space = SvdLoraSpace.from_adapter(adapter_dir, 1.0, model=model)
     backend = LocalBackend(model, tok, space, DecodingConfig(max_new_tokens=6, batch_size=32))
     search = SearchConfig(optimizer=optimizer, popsize=4, sigma0=0.5, prompts_per_generation=3,
-                          generations=generations, eval_every=2, seed=7)
+                          generations=generations, time_budget_s=time_budget_s, eval_every=2, seed=7)
     return EssaTrainer(backend, tok, VowelTask(), search, space.dim, run_dir, progress=False,
                        on_generation=on_generation)
 
@@ -96,7 +96,5 @@ def test_existing_run_is_not_overwritten_without_resume(adapter_dir, tmp_path):
 
 
 def test_time_budget_stops_the_run(adapter_dir, tmp_path):
-    trainer = make_trainer(adapter_dir, tmp_path, None)
-    trainer.cfg.time_budget_s = 0.0
-    result = trainer.run()
+    result = make_trainer(adapter_dir, tmp_path, None, time_budget_s=0.0).run()
     assert result.state.generation == 0

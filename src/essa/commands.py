@@ -78,12 +78,12 @@ def run_train(cfg: Config, resume: bool = False, progress: bool = True,
               model_and_tokenizer: tuple[Any, Any] | None = None) -> dict[str, Any]:
     from essa.trainer import EssaTrainer, refuse_to_overwrite
 
+    _require_engine(cfg)
     adapter_dir = resolve_adapter_dir(cfg.adapter)
     task = get_task(cfg.task)
     task.checked_split("train")
     task.checked_split("validation")
     refuse_to_overwrite(cfg.output_dir, resume)  # before anything is written there
-    _require_engine(cfg)
     model, tokenizer = model_and_tokenizer or _model_and_tokenizer(cfg, load_weights=cfg.backend.kind == "local")
     # Without a local model (vLLM, Ray) the engines check that the adapter fits their own copy.
     space = SvdLoraSpace.from_adapter(adapter_dir, cfg.essa.alpha, model=model)
@@ -112,10 +112,11 @@ def run_train(cfg: Config, resume: bool = False, progress: bool = True,
 
 
 def _require_engine(cfg: Config) -> None:
-    if cfg.backend.kind == "vllm":
-        from essa.backends.vllm_backend import require_vllm
+    engine = cfg.backend.worker_engine if cfg.backend.kind == "ray" else cfg.backend.kind
+    if engine == "vllm":
+        from essa.backends.vllm_backend import VllmBackend
 
-        require_vllm()
+        VllmBackend.check(cfg)
 
 
 def _model_and_tokenizer(cfg: Config, load_weights: bool) -> tuple[Any, Any]:

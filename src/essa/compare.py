@@ -25,9 +25,7 @@ offsets ESSA searches are trained (`svd_grpo.py`); tables and plots then name it
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import logging
 import multiprocessing
 import resource
@@ -45,16 +43,8 @@ import numpy as np
 import torch
 import yaml
 
-from essa.config import (
-    Config,
-    build_section,
-    config_from_mapping,
-    merge_mapping,
-    merge_overrides,
-    read_yaml_mapping,
-)
+from essa.config import Config, config_from_mapping, load_config
 from essa.errors import EssaError
-from essa.grpo import GrpoSettings
 from essa.io import atomic_write_json, atomic_write_text, ensure_writable_dir
 from essa.report import line_plot
 from essa.svd_space import ADAPTER_WEIGHTS, SvdFactorPair, SvdLoraSpace
@@ -66,64 +56,17 @@ ACCURACY_PLOT = "test_accuracy_vs_wallclock.png"
 # Upper bound on GRPO's prompt stream when compare.max_steps is unset (a 135M model on CPU
 # makes a few dozen steps in half an hour; a run that reaches this stops early and says so).
 STREAM_STEPS = 2000
-SVD_VECTORS = ("sft", "random")
-
-
-@dataclass
-class CompareSettings:
-    # Wall-clock seconds of training for each method.
-    budget_s: float = 1380.0
-    # Matched snapshots at budget * k / checkpoints, k = 1..checkpoints (plus t = 0 and the end).
-    checkpoints: int = 4
-    # Optional cap on ESSA generations and GRPO steps (null: the budget alone decides).
-    max_steps: int | None = None
-    # Singular vectors of the start adapter: the SFT adapter's own ("sft") or random orthonormal ones.
-    svd_vectors: str = "sft"
-    # Seed of the random singular vectors.
-    seed: int = 0
-    # Run SFT, ESSA and GRPO each in a fresh spawned process (separable peak memory).
-    isolate: bool = True
-
-    def validate(self) -> CompareSettings:
-        checks = [
-            (self.budget_s > 0, "compare.budget_s must be > 0", self.budget_s),
-            (self.checkpoints >= 1, "compare.checkpoints must be >= 1", self.checkpoints),
-            (self.max_steps is None or self.max_steps >= 1, "compare.max_steps must be >= 1 or null", self.max_steps),
-            (self.svd_vectors in SVD_VECTORS, "compare.svd_vectors must be sft or random", self.svd_vectors),
-        ]
-        for ok, message, value in checks:
-            if not ok:
-                raise EssaError(f"{message} (got {value!r})")
-        return self
-
-    def checkpoint_times(self) -> list[float]:
-        return [self.budget_s * k / self.checkpoints for k in range(1, self.checkpoints + 1)]
 
 
 # -- config --------------------------------------------------------------------------------------
-SECTIONS = {"compare": CompareSettings, "grpo": GrpoSettings}
+def compare_defaults() -> Config:
+    """The comparison's settings: the packaged compare.yaml over the library defaults."""
+    return config_from_mapping(yaml.safe_load(resources.files("essa").joinpath("configs", COMPARE_CONFIG).read_text()))
 
 
-def load_compare_config(path: str | Path | None = None, overrides: list[str] | None = None
-                        ) -> tuple[Config, CompareSettings, GrpoSettings]:
-    """Packaged compare.yaml <- YAML file <- key=value overrides, for all three sections."""
-    packaged = yaml.safe_load(resources.files("essa").joinpath("configs", COMPARE_CONFIG).read_text())
-    user = read_yaml_mapping(Path(path)) if path is not None else {}
-    sections = {name: dataclasses.asdict(cls()) for name, cls in SECTIONS.items()}
-    for source in (packaged, user):
-        # The sections leave `source`, so what remains is a plain essa config.
-        merge_mapping(sections, {name: source.pop(name) or {} for name in SECTIONS if name in source})
-    mine = [item for item in overrides or [] if _section_of(item) in SECTIONS]
-    merge_overrides(sections, mine)
-    standard = [item for item in overrides or [] if item not in mine]
-    cfg = config_from_mapping(user, standard, base=config_from_mapping(packaged))
-    compare = build_section(CompareSettings, sections["compare"], "compare.").validate()
-    grpo = build_section(GrpoSettings, sections["grpo"], "grpo.").validate()
-    return cfg, compare, grpo
-
-
-def _section_of(override: str) -> str:
-    return override.split("=", 1)[0].split(".", 1)[0].strip()
+def load_compare_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Packaged compare.yaml <- YAML file <- key=value overrides (all sections, compare: and grpo: included)."""
+    return load_config(path, overrides, base=compare_defaults())
 
 
 # -- the prompt stream and the start adapter --------------------------------------------------
@@ -264,8 +207,7 @@ class EssaWatcher:
             self.snapshots.append((t, state.generation, self.trainer.optimizer.mean.copy()))
 
 
-def _essa_job(cfg: Config, compare: CompareSettings, start_adapter: str, run_dir: str,
-              progress: bool) -> dict[str, Any]:
+def _essa_job(cfg: Config, start_adapter: str, run_dir: str, progress: bool) -> dict[str, Any]:
     from essa.backends.local import LocalBackend
     from essa.models import load_model
     from essa.tasks import format_prompt, get_task
@@ -277,6 +219,7 @@ def _essa_job(cfg: Config, compare: CompareSettings, start_adapter: str, run_dir
     task = get_task(cfg.task)
     space = SvdLoraSpace.from_adapter(start_adapter, cfg.essa.alpha, model=model)
     space.save_adapter(np.zeros(space.dim), run_dir_p / "start_adapter")
+    compare = cfg.compare
     search = dataclasses.replace(cfg.essa, time_budget_s=compare.budget_s, generations=compare.max_steps)
     backend = LocalBackend(model, tokenizer, space, cfg.decoding)
     train_prompts = [format_prompt(tokenizer, task, ex) for ex in task.checked_split("train")]
@@ -311,8 +254,8 @@ def _essa_job(cfg: Config, compare: CompareSettings, start_adapter: str, run_dir
     return out
 
 
-def _grpo_job(cfg: Config, compare: CompareSettings, grpo: GrpoSettings, start_adapter: str, run_dir: str,
-              schedule: list[list[int]], progress: bool) -> dict[str, Any]:
+def _grpo_job(cfg: Config, start_adapter: str, run_dir: str, schedule: list[list[int]],
+              progress: bool) -> dict[str, Any]:
     from essa.grpo import run_grpo
     from essa.models import load_model
     from essa.tasks import get_task
@@ -320,9 +263,8 @@ def _grpo_job(cfg: Config, compare: CompareSettings, grpo: GrpoSettings, start_a
     _quiet()
     model, tokenizer = load_model(cfg.model)
     task = get_task(cfg.task)
-    result = run_grpo(model, tokenizer, task, start_adapter, cfg, grpo, run_dir, budget_s=compare.budget_s,
-                      checkpoint_times=compare.checkpoint_times(), schedule=schedule,
-                      max_steps=compare.max_steps, progress=progress)
+    compare = cfg.compare
+    result = run_grpo(model, tokenizer, task, start_adapter, cfg, run_dir, schedule=schedule, progress=progress)
     peak = _peak_rss_mb()
     points = []
     for snap in result.snapshots:
@@ -334,7 +276,7 @@ def _grpo_job(cfg: Config, compare: CompareSettings, grpo: GrpoSettings, start_a
     out = {"method": "grpo", "steps": result.steps, "wall_clock_s": round(result.elapsed_s, 3),
            "stopped_by": stopped, "curve": result.history, "points": points, "prompts_used": result.prompts_used,
            "start_adapter": result.start_adapter, "peak_rss_mb": peak, "reward_failures": result.reward_failures,
-           "settings": dataclasses.asdict(grpo)}
+           "settings": dataclasses.asdict(cfg.grpo)}
     atomic_write_json(Path(run_dir) / "result.json", out)
     return out
 
@@ -364,65 +306,52 @@ def _adapter_accuracies(model: Any, tokenizer: Any, task: Any, space: SvdLoraSpa
 
 
 # -- the whole comparison -------------------------------------------------------------------------
-def run_compare(cfg: Config, compare_cfg: CompareSettings, grpo_cfg: GrpoSettings | None = None,
-                progress: bool = True) -> dict[str, Any]:
+def run_compare(cfg: Config, progress: bool = True) -> dict[str, Any]:
     """SFT (or cfg.adapter) -> ESSA and GRPO from the same start -> plots, table, report in output_dir."""
     from essa.commands import resolve_adapter_dir
     from essa.tasks import get_task
 
-    compare_cfg.validate()
-    grpo_cfg = (grpo_cfg or GrpoSettings()).validate()
+    compare_cfg, grpo_cfg = cfg.compare, cfg.grpo
     root = ensure_writable_dir(cfg.output_dir)
     if any((root / name).exists() for name in ("essa", "grpo", "summary.json")):
         raise EssaError(f"{root} already holds a comparison; choose another output_dir")
     task = get_task(cfg.task)
     for split in ("train", "validation", "test") + (() if cfg.adapter else ("sft",)):
         task.checked_split(split)
-    _check_batches(cfg, grpo_cfg)
     given = None if cfg.adapter is None else str(resolve_adapter_dir(cfg.adapter))
     cfg.save(root / "config.yaml")
-    atomic_write_text(root / "compare.yaml", yaml.safe_dump(
-        {"compare": dataclasses.asdict(compare_cfg), "grpo": dataclasses.asdict(grpo_cfg)}, sort_keys=False))
 
     sft = {"adapter": given, "wall_clock_s": None, "peak_rss_mb": None}
     if given is None:
         _say("1/3 LoRA SFT warm start")
         sft = _run_job(compare_cfg.isolate, _sft_job, cfg=cfg.with_changes(output_dir=str(root / "sft")), progress=progress)
-    start = _start_adapter(Path(sft["adapter"]), cfg, compare_cfg, root)
+    start = _start_adapter(Path(sft["adapter"]), cfg, root)
 
     schedule = essa_prompt_schedule(cfg.essa, len(task.checked_split("train")),
                                     compare_cfg.max_steps or STREAM_STEPS)
-    per_step = grpo_cfg.prompts_per_step or len(schedule[0])
     _say(f"2/3 ESSA for {compare_cfg.budget_s:.0f} s")
-    essa = _run_job(compare_cfg.isolate, _essa_job, cfg=cfg, compare=compare_cfg, start_adapter=str(start),
+    essa = _run_job(compare_cfg.isolate, _essa_job, cfg=cfg, start_adapter=str(start),
                     run_dir=str(root / "essa"), progress=progress)
     _say(f"3/3 {'SVD-GRPO' if grpo_cfg.svd_only else 'GRPO'} for {compare_cfg.budget_s:.0f} s")
-    grpo = _run_job(compare_cfg.isolate, _grpo_job, cfg=cfg, compare=compare_cfg, grpo=grpo_cfg,
-                    start_adapter=str(start), run_dir=str(root / "grpo"),
-                    schedule=rechunk(schedule, per_step), progress=progress)
-    summary = summarize(cfg, compare_cfg, sft, essa, grpo, len(task.checked_split("test")),
+    grpo = _run_job(compare_cfg.isolate, _grpo_job, cfg=cfg, start_adapter=str(start), run_dir=str(root / "grpo"),
+                    schedule=rechunk(schedule, cfg.grpo_prompts_per_step), progress=progress)
+    summary = summarize(cfg, sft, essa, grpo, len(task.checked_split("test")),
                         baseline="SVD-GRPO" if grpo_cfg.svd_only else "GRPO")
     write_outputs(root, summary, essa, grpo)
     return summary
 
 
-def _check_batches(cfg: Config, grpo: GrpoSettings) -> None:
-    per_step = grpo.prompts_per_step or cfg.essa.prompts_per_generation
-    total = per_step * grpo.num_generations
-    if grpo.micro_batch_size is not None and total % grpo.micro_batch_size:
-        raise EssaError(f"grpo.micro_batch_size ({grpo.micro_batch_size}) must divide prompts_per_step x "
-                        f"num_generations ({per_step} x {grpo.num_generations} = {total})")
-
-
-def _start_adapter(sft_adapter: Path, cfg: Config, compare: CompareSettings, root: Path) -> Path:
+def _start_adapter(sft_adapter: Path, cfg: Config, root: Path) -> Path:
+    compare = cfg.compare
     if compare.svd_vectors == "sft":
         return sft_adapter
     space = SvdLoraSpace.from_adapter(sft_adapter, 1.0)
     return randomize_singular_vectors(space, compare.seed).save_adapter(np.zeros(space.dim), root / "start_adapter")
 
 
-def summarize(cfg: Config, compare: CompareSettings, sft: dict[str, Any], essa: dict[str, Any],
-              grpo: dict[str, Any], test_examples: int, baseline: str = "GRPO") -> dict[str, Any]:
+def summarize(cfg: Config, sft: dict[str, Any], essa: dict[str, Any], grpo: dict[str, Any],
+              test_examples: int, baseline: str = "GRPO") -> dict[str, Any]:
+    compare = cfg.compare
     methods = {name: _method_row(res) for name, res in (("essa", essa), ("grpo", grpo))}
     methods["essa"]["trainer_choice"] = essa["trainer_choice"]
     e_final, g_final = methods["essa"]["final_test_accuracy"], methods["grpo"]["final_test_accuracy"]
@@ -551,32 +480,13 @@ def _plot(path: Path, title: str, ylabel: str, series: list[tuple[str, list[dict
     line_plot(path, lines, title=title, xlabel="training wall-clock (s)", ylabel=ylabel)
 
 
-# -- command line ---------------------------------------------------------------------------------
-def compare_main(argv: list[str]) -> int:
-    """`essa compare [--config FILE] [--quiet] [key=value ...]`: prints the summary as one JSON line."""
-    parser = argparse.ArgumentParser(prog="essa compare", description="ESSA vs GRPO from the same SFT adapter, "
-                                     "same reward, same prompts and the same wall-clock budget")
-    parser.add_argument("--config", default=None, help="YAML config (sections of `essa train` plus compare: "
-                        "and grpo:), over the packaged compare.yaml")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. compare.budget_s=600 grpo.lr=3e-5")
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help or a usage error already printed
-        return int(exc.code or 0)
-    cfg, compare, grpo = load_compare_config(args.config, args.overrides)
-    print(json.dumps(run_compare(cfg, compare, grpo, progress=not args.quiet)))
-    return 0
-
-
 def _say(message: str) -> None:
     print(f"[essa compare] {message}", file=sys.stderr, flush=True)
     log.info(message)
 
 
 __all__ = [
-    "CompareSettings",
-    "compare_main",
+    "compare_defaults",
     "essa_prompt_schedule",
     "load_compare_config",
     "randomize_singular_vectors",

@@ -6,15 +6,8 @@ the reward is the task's reward through `essa.evaluate.score`, the same path ESS
 Training stops when a wall-clock budget is spent; at given times on that clock the current adapter
 is saved as a snapshot, so it can be evaluated later without the evaluation touching the clock.
 
-Settings (`grpo:` section of a compare config), with defaults sized for a ~135M model on CPU:
-    num_generations   group size G: completions sampled per prompt (advantages are group-relative)
-    prompts_per_step  distinct prompts per optimizer step (null: ESSA's prompts_per_generation)
-    lr                AdamW learning rate on the LoRA factors (constant schedule: the budget is
-                      wall-clock, so no step count is known to decay over)
-    beta              KL coefficient against the start adapter (0: TRL's default, no reference pass)
-    temperature       sampling temperature of the rollouts (GRPO needs varied completions per group;
-                      the reported held-out accuracy is always greedy, like ESSA's)
-    svd_only          SVD-GRPO: train only the singular-value offsets ESSA searches (`svd_grpo.py`)
+Settings: the `grpo:` section (`essa.config.GrpoConfig`); budget, snapshot times and step cap
+come from the `compare:` section.
 """
 
 from __future__ import annotations
@@ -33,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from essa.config import Config
+from essa.config import Config, GrpoConfig
 from essa.errors import EssaError
 from essa.evaluate import score
 from essa.io import atomic_directory, atomic_write_text, ensure_writable_dir
@@ -44,44 +37,6 @@ METRICS = "metrics.jsonl"
 TRL_LOG = "trl_log.jsonl"
 START_ADAPTER = "start_adapter"
 SNAPSHOTS = "snapshots"
-
-
-@dataclass
-class GrpoSettings:
-    num_generations: int = 8
-    prompts_per_step: int | None = None
-    lr: float = 1e-4
-    beta: float = 0.0
-    temperature: float = 1.0
-    top_p: float = 1.0
-    # Completions per forward/backward pass (gradient accumulation); null: the whole step at once.
-    micro_batch_size: int | None = None
-    gradient_checkpointing: bool = False
-    # TRL's loss aggregation ("dapo" is TRL's default; "grpo" is the original per-sequence mean).
-    loss_type: str = "dapo"
-    # SVD-GRPO: only the singular-value offsets of essa.alpha's trainable singular values learn.
-    svd_only: bool = False
-    seed: int = 0
-
-    def validate(self) -> GrpoSettings:
-        checks = [
-            (self.num_generations >= 2, "grpo.num_generations must be >= 2 (GRPO compares completions within a group)",
-             self.num_generations),
-            (self.prompts_per_step is None or self.prompts_per_step >= 1, "grpo.prompts_per_step must be >= 1",
-             self.prompts_per_step),
-            (self.lr > 0, "grpo.lr must be > 0", self.lr),
-            (self.beta >= 0, "grpo.beta must be >= 0", self.beta),
-            (self.temperature > 0, "grpo.temperature must be > 0 (GRPO samples its rollouts)", self.temperature),
-            (0 < self.top_p <= 1, "grpo.top_p must be in (0, 1]", self.top_p),
-            (self.micro_batch_size is None or self.micro_batch_size >= 1, "grpo.micro_batch_size must be >= 1",
-             self.micro_batch_size),
-            (self.loss_type in ("dapo", "grpo", "bnpo", "dr_grpo"),
-             "grpo.loss_type must be one of dapo, grpo, bnpo, dr_grpo", self.loss_type),
-        ]
-        for ok, message, value in checks:
-            if not ok:
-                raise EssaError(f"{message} (got {value!r})")
-        return self
 
 
 @dataclass
@@ -105,32 +60,28 @@ class GrpoResult:
     reward_failures: int = 0
 
 
-def run_grpo(model: Any, tokenizer: Any, task: Task, adapter_dir: str | Path, cfg: Config,
-             grpo_cfg: GrpoSettings, out_dir: str | Path,
+def run_grpo(model: Any, tokenizer: Any, task: Task, adapter_dir: str | Path, cfg: Config, out_dir: str | Path,
              checkpoint_cb: Callable[[Snapshot], None] | None = None, *,
-             budget_s: float, checkpoint_times: list[float] | None = None,
-             schedule: list[list[int]] | None = None, max_steps: int | None = None,
-             progress: bool = True) -> GrpoResult:
-    """GRPO from `adapter_dir` until `budget_s` seconds of training (or `max_steps`) are spent.
+             schedule: list[list[int]] | None = None, progress: bool = True) -> GrpoResult:
+    """GRPO (`cfg.grpo`) from `adapter_dir` until compare.budget_s seconds of training (or
+    compare.max_steps steps) are spent.
 
     `schedule[k]` lists the train-split indices of step k's prompts (e.g. ESSA's mini-batches, so
     both methods read the same prompt stream); without it, steps take seeded shuffled batches.
-    At each time in `checkpoint_times` (seconds on the training clock) the adapter is saved under
-    `out_dir/snapshots` and `checkpoint_cb` is called; the time both take is kept off the clock.
+    At each of compare's checkpoint times (seconds on the training clock) the adapter is saved
+    under `out_dir/snapshots` and `checkpoint_cb` is called; the time both take is kept off the clock.
     The caller's model is left without LoRA layers (unloaded, not merged) when this returns.
     """
     import peft
     from trl import GRPOConfig, GRPOTrainer
 
-    grpo_cfg.validate()
-    if budget_s <= 0:
-        raise EssaError(f"the GRPO wall-clock budget must be > 0 seconds (got {budget_s})")
+    grpo_cfg, max_steps = cfg.grpo, cfg.compare.max_steps
     out_dir = ensure_writable_dir(out_dir)
     train = task.checked_split("train")
     if schedule:
         per_step = len(schedule[0])
     else:
-        per_step = min(grpo_cfg.prompts_per_step or cfg.essa.prompts_per_generation, len(train))
+        per_step = cfg.grpo_prompts_per_step
         schedule = shuffled_schedule(len(train), per_step, grpo_cfg.seed, max_steps or 1000)
     _check_schedule(schedule, per_step, len(train))
     steps = len(schedule) if max_steps is None else min(max_steps, len(schedule))
@@ -139,9 +90,7 @@ def run_grpo(model: Any, tokenizer: Any, task: Task, adapter_dir: str | Path, cf
 
     reward = TaskReward(task, train, prompts)
     total = per_step * grpo_cfg.num_generations
-    micro = grpo_cfg.micro_batch_size or total
-    if total % micro:
-        raise EssaError(f"grpo.micro_batch_size ({micro}) must divide prompts_per_step x num_generations ({total})")
+    micro = grpo_cfg.micro_batch_size or total  # divides total: the config checks it
     on_cpu = next(model.parameters()).device.type == "cpu"
     args = GRPOConfig(**_trl_args(cfg, grpo_cfg, out_dir, micro, total // micro, steps, on_cpu))
     with warnings.catch_warnings():
@@ -149,8 +98,8 @@ def run_grpo(model: Any, tokenizer: Any, task: Task, adapter_dir: str | Path, cf
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         policy = peft.PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
     saver = _svd_only_saver(policy, adapter_dir, cfg.essa.alpha) if grpo_cfg.svd_only else None
-    clock = BudgetCallback(budget_s, sorted(checkpoint_times or []), out_dir, reward, checkpoint_cb, progress,
-                           saver=saver)
+    clock = BudgetCallback(cfg.compare.budget_s, cfg.compare.checkpoint_times(), out_dir, reward, checkpoint_cb,
+                           progress, saver=saver)
     trainer = GRPOTrainer(model=policy, reward_funcs=reward, args=args, train_dataset=dataset,
                           processing_class=tokenizer, callbacks=[clock])
     # Our callback reports progress; the stock ones print every log dict.
@@ -208,7 +157,7 @@ def _dataset(schedule: list[list[int]], prompts: list[str]) -> Any:
     return Dataset.from_dict({"prompt": [prompts[i] for i in flat], "train_index": flat})
 
 
-def _trl_args(cfg: Config, g: GrpoSettings, out_dir: Path, micro: int, accumulation: int, steps: int,
+def _trl_args(cfg: Config, g: GrpoConfig, out_dir: Path, micro: int, accumulation: int, steps: int,
               on_cpu: bool) -> dict[str, Any]:
     """GRPOConfig keywords: the model's own precision and device (bf16 off: TRL defaults it on),
     one optimizer step per rollout batch, no checkpoints or trackers (snapshots are ours)."""

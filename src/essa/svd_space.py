@@ -89,9 +89,9 @@ class SvdLoraSpace:
 
     @classmethod
     def from_adapter(cls, adapter_dir: str | Path, alpha: float, model: torch.nn.Module | None = None) -> SvdLoraSpace:
-        """Build the space from a PEFT LoRA adapter dir; with `model`, check it fits that model."""
-        if not 0.0 < alpha <= 1.0:
-            raise EssaError(f"essa.alpha must be in (0, 1] (got {alpha!r})")
+        """Build the space from a PEFT LoRA adapter dir; with `model`, check it fits that model.
+
+        `alpha` is essa.alpha, in (0, 1] (SearchConfig checks it)."""
         config, tensors = read_peft_adapter(adapter_dir)
         factors = _group_factors(tensors, adapter_dir)
         rank = int(config.get("r", 0))

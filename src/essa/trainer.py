@@ -72,8 +72,7 @@ class EssaTrainer:
         self.train = task.checked_split("train")
         self.validation = task.checked_split("validation")
         self.train_prompts = [format_prompt(tokenizer, task, ex) for ex in self.train]
-        self.optimizer = make_optimizer(search.optimizer, dim, search.popsize, search.sigma0, search.seed,
-                                        lr=search.openai_es_lr)
+        self.optimizer = make_optimizer(search, dim)
 
     # -- public -----------------------------------------------------------------------------
     def run(self, resume: bool = False) -> TrainResult:

@@ -21,6 +21,18 @@ class Backend(Protocol):
         ...
 
 
+# The backend registry: `backend.kind` names one of these ("module:Class", imported on use).
+_BACKENDS = {
+    "local": "essa.backends.local:LocalBackend",
+    "vllm": "essa.backends.vllm_backend:VllmBackend",
+    "ray": "essa.backends.ray_backend:RayPopulationEvaluator",
+}
+
+
+def available_backends() -> list[str]:
+    return list(_BACKENDS)
+
+
 # A backend may also offer `run_generation(gen, optimizer, prompt_indices, seed, stats)`, returning
 # an object with `.population` and `.fitness`: then its workers regenerate the candidates from the
 # shared optimizer state and only (index, reward) pairs travel (the Ray backend does this).

@@ -97,8 +97,7 @@ class PopulationWorker:
         self.train = self.task.checked_split("train")
         self._prompts: dict[int, str] = {}
         # Every worker starts where a fresh driver optimizer starts: the shared seed.
-        self.optimizer = make_optimizer(search.optimizer, self.backend.dim, search.popsize, search.sigma0,
-                                        search.seed, lr=search.openai_es_lr)
+        self.optimizer = make_optimizer(search, self.backend.dim)
         self.gen = 0  # generations told so far
         self.population: np.ndarray | None = None  # asked candidates of generation self.gen
 

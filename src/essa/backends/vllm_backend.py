@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from essa.config import DecodingConfig, ModelConfig
+from essa.config import Config, DecodingConfig, ModelConfig
 from essa.errors import EssaError, first_line
 from essa.models import engine_model_source
 from essa.svd_space import SvdLoraSpace
@@ -63,6 +63,14 @@ class VllmBackend:
         except Exception as exc:
             shutil.rmtree(self._tmp_root, ignore_errors=True)
             raise EssaError(f"vLLM could not start an engine for {model_source}: {first_line(exc)}") from exc
+
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        """Refuse settings vLLM ignores, and a missing vLLM, before anything is written."""
+        if cfg.model.quantize != "none":
+            raise EssaError(f"model.quantize={cfg.model.quantize} applies to the local runtime; with vLLM set "
+                            "backend.vllm_options.quantization instead")
+        require_vllm()
 
     @classmethod
     def for_model(cls, model: ModelConfig, tokenizer: Any, space: SvdLoraSpace | None,
@@ -164,8 +172,6 @@ def _set_cpu_env(threads: int | None) -> None:
     """CPU engine settings, read by vLLM's engine processes; the user's own settings win."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", _DEFAULT_CPU_KV_GIB)
     if threads is not None:
-        if threads < 1:
-            raise EssaError(f"backend.threads_per_worker must be >= 1 (got {threads})")
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         os.environ["OMP_NUM_THREADS"] = str(threads)
 
