@@ -185,9 +185,13 @@ def test_vllm_backend_without_vllm_installed(capsys, model_dir, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_int8_quantize_is_not_a_vllm_setting(capsys, tmp_path):
-    code, _, err = run(capsys, "train", "backend.kind=vllm", "model.quantize=int8", f"output_dir={tmp_path / 'run'}")
+@pytest.mark.parametrize("backend", [["backend.kind=vllm"], ["backend.kind=ray", "backend.worker_engine=vllm"]])
+def test_int8_quantize_is_not_a_vllm_setting(capsys, model_dir, tmp_path, backend):
+    adapter = make_random_adapter(tiny_llama(seed=0), tmp_path / "adapter", rank=4)
+    code, _, err = run(capsys, "train", *backend, "model.quantize=int8", f"model.name={model_dir}",
+                       f"adapter={adapter}", f"output_dir={tmp_path / 'run'}")
     assert_clean_error(code, err, "backend.vllm_options.quantization")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("override, message", [

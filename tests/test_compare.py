@@ -14,16 +14,17 @@ from safetensors.torch import load_file
 
 from essa.cli import main
 from essa.compare import (
-    essa_prompt_schedule,
+    check_same_prompts,
+    check_same_start,
     load_compare_config,
     randomize_singular_vectors,
-    rechunk,
     run_compare,
     time_to_target,
     validation_best,
 )
 from essa.config import SearchConfig
 from essa.errors import EssaError
+from essa.schedule import prompt_stream, rechunk
 from essa.svd_space import SvdLoraSpace
 
 torch.set_num_threads(1)
@@ -98,7 +99,7 @@ def test_compare_isolated_runs_end_to_end_from_identical_start_and_prompts(model
 
     # Identical prompts: both consume ESSA's schedule over the train split, in order.
     essa, grpo_res = result(root, "essa"), result(root, "grpo")
-    schedule = essa_prompt_schedule(cfg.essa, 10, 6)
+    schedule = prompt_stream(cfg.essa, 10, 6)
     assert essa["prompts_used"] == schedule[:essa["steps"]] and essa["steps"] >= 1
     assert grpo_res["prompts_used"] == schedule[:grpo_res["steps"]] and grpo_res["steps"] >= 1
     assert all(0 <= i < 10 for batch in essa["prompts_used"] + grpo_res["prompts_used"] for i in batch)
@@ -130,7 +131,7 @@ def test_compare_command_with_sft_random_singular_vectors_and_svd_grpo(model_dir
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["svd_vectors"] == "random" and summary["sft_wall_clock_s"] is not None
     assert summary["methods"]["essa"]["peak_rss_mb"] is None  # not separable in one process
-    assert summary["same_start_adapter"] is True
+    assert summary["same_start_adapter"] is True and summary["same_prompt_stream"] is True
     # Both started from the randomized adapter: SFT singular values, other singular vectors.
     sft = SvdLoraSpace.from_adapter(root / "sft" / "adapter", 1.0)
     start = SvdLoraSpace.from_adapter(root / "essa" / "start_adapter", 1.0)
@@ -146,6 +147,46 @@ def test_compare_command_with_sft_random_singular_vectors_and_svd_grpo(model_dir
     for p, q in zip(start.pairs, last.pairs):
         overlap = (p.u_a.T @ q.u_a).abs()  # same left singular vectors up to sign (and order)
         assert torch.allclose(overlap.max(dim=1).values, torch.ones(p.rank, dtype=overlap.dtype), atol=1e-4)
+
+
+@pytest.mark.ray
+def test_compare_runs_essa_on_the_configured_backend_ray(model_dir, vowel_task, tmp_path, capsys):
+    """`essa compare backend.kind=ray` on a local Ray cluster, with GRPO micro-batching on: the
+    harness itself verifies identical start tensors and prompt streams, or the run fails."""
+    pytest.importorskip("ray")
+    adapter = make_random_adapter(tiny_llama(seed=0), tmp_path / "sft", rank=2)
+    root = tmp_path / "cmp"
+    code = main(["compare", "--quiet", f"model.name={model_dir}", f"task.name={vowel_task}", f"adapter={adapter}",
+                 f"output_dir={root}", "compare.budget_s=600", "compare.max_steps=3", "compare.isolate=false",
+                 *TINY, "grpo.micro_batch_size=2", "backend.kind=ray", "backend.workers=1"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "starting 1 Ray workers" in err  # ESSA trained on the Ray pool
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["same_start_adapter"] and summary["same_prompt_stream"]
+    essa, grpo_res = result(root, "essa"), result(root, "grpo")
+    assert essa["steps"] == grpo_res["steps"] == 3
+    # Two micro-batches per GRPO step (2 prompts x 2 completions, 2 per pass) read one step's prompts.
+    assert grpo_res["settings"]["micro_batch_size"] == 2
+    assert grpo_res["prompts_used"] == rechunk(prompt_stream(load_compare_config(None, TINY).essa, 10, 3), 2)
+    assert (root / "essa" / "metrics.jsonl").is_file() and len(essa["points"]) >= 2
+
+
+def test_harness_fails_a_comparison_whose_inputs_differ(tmp_path):
+    stream = [[0, 1], [2, 3], [4, 5]]
+    same = {"steps": 2, "prompts_used": [[0, 1], [2, 3]]}
+    check_same_prompts(stream, 1, same, {"steps": 3, "prompts_used": [[0], [1], [2]]})
+    with pytest.raises(EssaError, match="ESSA did not read the shared prompt stream.*step 1"):
+        check_same_prompts(stream, 2, {"steps": 2, "prompts_used": [[0, 1], [3, 2]]}, same)
+    with pytest.raises(EssaError, match="GRPO did not read the shared prompt stream.*step 1"):
+        check_same_prompts(stream, 2, same, {"steps": 3, "prompts_used": [[0, 1], [2, 3, 4]]})
+    with pytest.raises(EssaError, match="GRPO did not read"):  # a step it did not record
+        check_same_prompts(stream, 2, same, {"steps": 2, "prompts_used": [[0, 1]]})
+    a = make_random_adapter(tiny_llama(seed=0), tmp_path / "a", rank=2, seed=0)
+    b = make_random_adapter(tiny_llama(seed=0), tmp_path / "b", rank=2, seed=1)
+    check_same_start({"start_adapter": a}, {"start_adapter": a})
+    with pytest.raises(EssaError, match="different adapter tensors"):
+        check_same_start({"start_adapter": a}, {"start_adapter": b})
 
 
 def test_randomize_singular_vectors_keeps_values_and_draws_orthonormal_vectors(tmp_path):
@@ -182,9 +223,9 @@ def test_selection_reads_validation_only_and_time_to_target():
 
 def test_grpo_reads_essa_prompt_stream_in_order():
     search = SearchConfig(prompts_per_generation=3, seed=5)
-    schedule = essa_prompt_schedule(search, 20, 4)
+    schedule = prompt_stream(search, 20, 4)
     assert all(len(set(b)) == 3 for b in schedule)
-    assert schedule == essa_prompt_schedule(search, 20, 4)
+    assert schedule == prompt_stream(search, 20, 4)
     flat = [i for batch in schedule for i in batch]
     assert rechunk(schedule, 2) == [flat[k:k + 2] for k in range(0, 12, 2)]
     assert rechunk(schedule, 5) == [flat[:5], flat[5:10]]  # a partial last step is dropped

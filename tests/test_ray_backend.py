@@ -15,7 +15,7 @@ from adapters import make_random_adapter
 from helpers import tiny_llama, tiny_tokenizer
 
 from essa.backends.local import LocalBackend
-from essa.config import DecodingConfig, ModelConfig, SearchConfig, TaskConfig
+from essa.config import BackendConfig, Config, DecodingConfig, ModelConfig, SearchConfig, TaskConfig
 from essa.errors import EssaError
 from essa.evaluate import score
 from essa.optim import make_optimizer
@@ -69,9 +69,13 @@ def files(tmp_path_factory):
 
 def make_evaluator(model_dir, adapter, task: TaskConfig, messages: list[str] | None = None,
                    workers: int = 2) -> RayPopulationEvaluator:
-    return RayPopulationEvaluator(ModelConfig(name=str(model_dir)), str(adapter), 1.0, DECODING, task, SEARCH,
-                                  num_workers=workers, cpus_per_worker=0.5,
+    return RayPopulationEvaluator(ray_config(model_dir, task, workers), str(adapter), 1.0, cpus_per_worker=0.5,
                                   log=messages.append if messages is not None else None)
+
+
+def ray_config(model_dir, task: TaskConfig, workers: int = 2) -> Config:
+    return Config(model=ModelConfig(name=str(model_dir)), task=task, decoding=DECODING, essa=SEARCH,
+                  backend=BackendConfig(kind="ray", workers=workers))
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +113,7 @@ def run_ray(ev: RayPopulationEvaluator, dim: int, before=None) -> tuple[list, li
     for gen in range(GENERATIONS):
         if before is not None:
             before(gen)
-        population, fitness = ev.run_generation(gen, opt, prompt_indices(gen), seed=gen)
+        population, fitness = ev.run_indices(gen, opt, prompt_indices(gen), seed=gen)
         opt.tell(population, fitness)
         history.append((population, fitness))
         sent.append(ev.bytes_sent_last_generation)
@@ -132,23 +136,23 @@ def test_two_workers_match_local_backend_and_resync_after_resume(evaluator, loca
     # A resumed driver (a new optimizer object, restored from a checkpoint) is adopted once.
     opt = make_optimizer(SEARCH, evaluator.dim)
     for gen in range(2):
-        opt.tell(*evaluator.run_generation(gen, opt, prompt_indices(gen), seed=gen))
+        opt.tell(*evaluator.run_indices(gen, opt, prompt_indices(gen), seed=gen))
     resumed = make_optimizer(SEARCH, evaluator.dim)
     resumed.load_state_dict(opt.state_dict())
-    population, fitness = evaluator.run_generation(2, resumed, prompt_indices(2), seed=2)
+    population, fitness = evaluator.run_indices(2, resumed, prompt_indices(2), seed=2)
     np.testing.assert_array_equal(population, local_history[2][0])
     np.testing.assert_array_equal(fitness, local_history[2][1])
 
 
 def test_driver_out_of_sync_is_detected(evaluator):
     opt = make_optimizer(SEARCH, evaluator.dim)
-    population, fitness = evaluator.run_generation(0, opt, prompt_indices(0))
+    population, fitness = evaluator.run_indices(0, opt, prompt_indices(0))
     opt.tell(population + 1.0, fitness)  # not what the workers will apply
     with pytest.raises(EssaError, match="out of sync"):
-        evaluator.run_generation(1, opt, prompt_indices(1))
+        evaluator.run_indices(1, opt, prompt_indices(1))
     wrong = make_optimizer(dataclasses.replace(SEARCH, popsize=SEARCH.popsize + 2), evaluator.dim)
     with pytest.raises(EssaError, match="popsize"):
-        evaluator.run_generation(0, wrong, prompt_indices(0))
+        evaluator.run_indices(0, wrong, prompt_indices(0))
 
 
 def test_worker_dying_mid_generation_is_replaced_and_fitness_unchanged(ray_session, files, local_history):
@@ -176,7 +180,7 @@ def test_worker_dying_mid_generation_is_replaced_and_fitness_unchanged(ray_sessi
         ray.kill(ev.actor(0))
         opt = make_optimizer(SEARCH, ev.dim)
         for gen in range(2):
-            population, fitness = ev.run_generation(gen, opt, prompt_indices(gen), seed=gen)
+            population, fitness = ev.run_indices(gen, opt, prompt_indices(gen), seed=gen)
             opt.tell(population, fitness)
             np.testing.assert_array_equal(fitness, local_history[gen][1])
         assert ev.replacements == 2
@@ -207,12 +211,12 @@ def test_trainer_runs_on_ray_backend_evaluate(evaluator, files, tmp_path):
     """The trainer drives the Ray backend (workers regenerate candidates) and matches the local backend."""
     _, adapter, _ = files
     task = get_task(task_config())
-    ray_run = EssaTrainer(evaluator, tiny_tokenizer(), task, SEARCH, evaluator.dim, tmp_path / "ray",
+    ray_run = EssaTrainer(evaluator, tiny_tokenizer(), task, SEARCH, tmp_path / "ray",
                           progress=False).run()
     model, tok = tiny_llama(seed=0), tiny_tokenizer()
     space = SvdLoraSpace.from_adapter(adapter, 1.0, model=model)
     local = LocalBackend(model, tok, space, DECODING)
-    local_run = EssaTrainer(local, tok, task, SEARCH, space.dim, tmp_path / "local", progress=False).run()
+    local_run = EssaTrainer(local, tok, task, SEARCH, tmp_path / "local", progress=False).run()
 
     def metrics(run_dir):  # everything but the timings
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()

@@ -48,7 +48,7 @@ def make_trainer(adapter_dir, run_dir, generations, on_generation=None, optimize
     backend = LocalBackend(model, tok, space, DecodingConfig(max_new_tokens=6, batch_size=32))
     search = SearchConfig(optimizer=optimizer, popsize=4, sigma0=0.5, prompts_per_generation=3,
                           generations=generations, time_budget_s=time_budget_s, eval_every=2, seed=7)
-    return EssaTrainer(backend, tok, VowelTask(), search, space.dim, run_dir, progress=False,
+    return EssaTrainer(backend, tok, VowelTask(), search, run_dir, progress=False,
                        on_generation=on_generation)
 
 

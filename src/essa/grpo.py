@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -30,6 +29,7 @@ from essa.config import Config, GrpoConfig
 from essa.errors import EssaError
 from essa.evaluate import score
 from essa.io import atomic_directory, atomic_write_text, ensure_writable_dir
+from essa.schedule import STREAM_STEPS, SnapshotSchedule, prompt_stream, rechunk
 from essa.tasks import RewardStats, Task, format_prompt
 
 log = logging.getLogger("essa.grpo")
@@ -66,8 +66,8 @@ def run_grpo(model: Any, tokenizer: Any, task: Task, adapter_dir: str | Path, cf
     """GRPO (`cfg.grpo`) from `adapter_dir` until compare.budget_s seconds of training (or
     compare.max_steps steps) are spent.
 
-    `schedule[k]` lists the train-split indices of step k's prompts (e.g. ESSA's mini-batches, so
-    both methods read the same prompt stream); without it, steps take seeded shuffled batches.
+    `schedule[k]` lists the train-split indices of step k's prompts; by default ESSA's prompt
+    stream cut into steps of `cfg.grpo_prompts_per_step`, so both methods read the same prompts.
     At each of compare's checkpoint times (seconds on the training clock) the adapter is saved
     under `out_dir/snapshots` and `checkpoint_cb` is called; the time both take is kept off the clock.
     The caller's model is left without LoRA layers (unloaded, not merged) when this returns.
@@ -78,17 +78,15 @@ def run_grpo(model: Any, tokenizer: Any, task: Task, adapter_dir: str | Path, cf
     grpo_cfg, max_steps = cfg.grpo, cfg.compare.max_steps
     out_dir = ensure_writable_dir(out_dir)
     train = task.checked_split("train")
-    if schedule:
-        per_step = len(schedule[0])
-    else:
-        per_step = cfg.grpo_prompts_per_step
-        schedule = shuffled_schedule(len(train), per_step, grpo_cfg.seed, max_steps or 1000)
+    per_step = cfg.grpo_prompts_per_step
+    if schedule is None:
+        schedule = rechunk(prompt_stream(cfg.essa, len(train), max_steps or STREAM_STEPS), per_step)
     _check_schedule(schedule, per_step, len(train))
     steps = len(schedule) if max_steps is None else min(max_steps, len(schedule))
     prompts = [format_prompt(tokenizer, task, ex) for ex in train]
     dataset = _dataset(schedule[:steps], prompts)
 
-    reward = TaskReward(task, train, prompts)
+    reward = TaskReward(task, train, prompts, grpo_cfg.num_generations)
     total = per_step * grpo_cfg.num_generations
     micro = grpo_cfg.micro_batch_size or total  # divides total: the config checks it
     on_cpu = next(model.parameters()).device.type == "cpu"
@@ -133,15 +131,6 @@ def _svd_only_saver(policy: Any, adapter_dir: str | Path, alpha: float) -> Calla
     return lambda _model, path: space.save_adapter(offsets_vector(offsets), path)
 
 
-def shuffled_schedule(n_train: int, per_step: int, seed: int, steps: int) -> list[list[int]]:
-    """Plain GRPO data order: seeded passes over the train split, `per_step` prompts a step."""
-    rng = np.random.default_rng(seed)
-    order: list[int] = []
-    while len(order) < steps * per_step:
-        order.extend(rng.permutation(n_train).tolist())
-    return [order[k * per_step:(k + 1) * per_step] for k in range(steps)]
-
-
 def _check_schedule(schedule: list[list[int]], per_step: int, n_train: int) -> None:
     for k, batch in enumerate(schedule):
         if len(batch) != per_step:
@@ -174,14 +163,15 @@ def _trl_args(cfg: Config, g: GrpoConfig, out_dir: Path, micro: int, accumulatio
 
 
 class TaskReward:
-    """The task's reward as a TRL reward function; records which train prompts each batch used."""
+    """The task's reward as a TRL reward function; records which train prompts each step used."""
 
     __name__ = "task_reward"
 
-    def __init__(self, task: Task, train: list[Any], prompts: list[str]):
+    def __init__(self, task: Task, train: list[Any], prompts: list[str], group_size: int):
         self.task = task
         self.train = train
         self.prompts = prompts
+        self.group_size = group_size
         self.stats = RewardStats()
         self.batches: list[list[int]] = []
         self.last: dict[str, float] = {}
@@ -191,8 +181,13 @@ class TaskReward:
         for text, i in zip(prompts, train_index):
             if text != self.prompts[i]:  # the trainer must hand back the prompt the index names
                 raise EssaError(f"GRPO prompt does not match train example {i}")
+        # TRL samples each prompt's group as consecutive rows: one step's prompts are every
+        # group_size-th row (a prompt may appear twice in a step: the stream crosses generations).
+        step = [int(i) for i in train_index[::self.group_size]]
+        if [int(i) for i in train_index] != [i for i in step for _ in range(self.group_size)]:
+            raise EssaError("GRPO rollouts are not in groups of consecutive rows; cannot tell which prompts it read")
         rewards = score(self.task, [list(completions)], [self.train[i] for i in train_index], self.stats)[0]
-        self.batches.append(list(dict.fromkeys(int(i) for i in train_index)))
+        self.batches.append(step)
         self.last = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
                      "reward_max": float(rewards.max()), "completions": len(completions)}
         return rewards.tolist()
@@ -207,7 +202,7 @@ class BudgetCallback(TrainerCallback):
         self.budget_s = budget_s
         self._save = saver or _save_peft
         self.bar = tqdm(total=round(budget_s), desc="GRPO", unit="s", disable=not progress, dynamic_ncols=True)
-        self.times = [t for t in times if t > 0]
+        self.schedule = SnapshotSchedule(times)
         self.out_dir = out_dir
         self.reward = reward
         self.checkpoint_cb = checkpoint_cb
@@ -233,9 +228,7 @@ class BudgetCallback(TrainerCallback):
         elapsed = self.last_elapsed = self.elapsed()
         self.history.append({"step": state.global_step, "wall_clock_s": round(elapsed, 3), **self.reward.last,
                              "prompts": len(self.reward.batches[-1]) if self.reward.batches else 0})
-        if self.times and elapsed >= self.times[0]:
-            while self.times and elapsed >= self.times[0]:
-                self.times.pop(0)
+        if self.schedule.due(elapsed):
             self._snapshot(model, state.global_step, elapsed)
         if elapsed >= self.budget_s:
             control.should_training_stop = True

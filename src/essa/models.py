@@ -21,6 +21,7 @@ from typing import Iterator
 import torch
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
@@ -73,6 +74,20 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
         raise _load_error(cfg.name, source, exc) from exc
     _prepare_tokenizer(tokenizer)
     return tokenizer
+
+
+def load_model_skeleton(cfg: ModelConfig) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """The model's architecture on the meta device (no weights, no memory) and its tokenizer:
+    enough to check that an adapter fits before an engine that loads the weights itself starts."""
+    source, kwargs = _locate(cfg.name)
+    tokenizer = load_tokenizer(cfg)
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise _load_error(cfg.name, source, exc) from exc
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return skeleton, tokenizer
 
 
 def engine_model_source(name: str) -> str:

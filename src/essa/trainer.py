@@ -19,12 +19,13 @@ from typing import Any, Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from essa.backends import Backend
+from essa.backends import Backend, Minibatch
 from essa.config import SearchConfig
 from essa.errors import EssaError
-from essa.evaluate import evaluate_split, score
+from essa.evaluate import evaluate_split
 from essa.io import atomic_write_json, atomic_write_pickle, atomic_write_text, ensure_writable_dir
 from essa.optim import make_optimizer
+from essa.schedule import minibatch_indices
 from essa.tasks import RewardStats, Task, format_prompt
 
 CHECKPOINT = "checkpoint.pkl"
@@ -58,21 +59,22 @@ class TrainResult:
 
 
 class EssaTrainer:
-    def __init__(self, backend: Backend, tokenizer: Any, task: Task, search: SearchConfig, dim: int,
-                 run_dir: str | Path, progress: bool = True,
-                 on_generation: Callable[[TrainState], None] | None = None):
+    """The search over `backend.dim` singular-value offsets; `on_generation(state)` runs after each generation."""
+
+    def __init__(self, backend: Backend, tokenizer: Any, task: Task, search: SearchConfig, run_dir: str | Path,
+                 progress: bool = True, on_generation: Callable[[TrainState], None] | None = None):
         self.backend = backend
         self.tokenizer = tokenizer
         self.task = task
         self.cfg = search
-        self.dim = dim
+        self.dim = backend.dim
         self.run_dir = ensure_writable_dir(run_dir)
         self.progress = progress
         self.on_generation = on_generation
         self.train = task.checked_split("train")
         self.validation = task.checked_split("validation")
         self.train_prompts = [format_prompt(tokenizer, task, ex) for ex in self.train]
-        self.optimizer = make_optimizer(search, dim)
+        self.optimizer = make_optimizer(search, self.dim)
 
     # -- public -----------------------------------------------------------------------------
     def run(self, resume: bool = False) -> TrainResult:
@@ -97,9 +99,9 @@ class EssaTrainer:
     def _step(self, state: TrainState) -> None:
         gen = state.generation
         t0 = time.perf_counter()
-        batch = self._minibatch(gen)
         stats = RewardStats()
-        population, fitness = self._evaluate_generation(gen, batch, stats)
+        population, fitness = self.backend.run_generation(gen, self.optimizer, self.task, self._minibatch(gen),
+                                                          self._seed(gen), stats)
         self.optimizer.tell(population, fitness)
         best = int(np.argmax(fitness))
         if fitness[best] > state.best_fitness:
@@ -118,19 +120,9 @@ class EssaTrainer:
             self._validate_mean(state)
         self._checkpoint(state)
 
-    def _evaluate_generation(self, gen: int, batch: np.ndarray, stats: RewardStats) -> tuple[np.ndarray, np.ndarray]:
-        """(population, fitness) of one generation; distributed backends regenerate candidates themselves."""
-        run_generation = getattr(self.backend, "run_generation", None)
-        if run_generation is not None:
-            result = run_generation(gen, self.optimizer, [int(i) for i in batch], self._seed(gen), stats)
-            return result.population, result.fitness
-        population = self.optimizer.ask()
-        completions = self.backend.evaluate(population, [self.train_prompts[i] for i in batch], seed=self._seed(gen))
-        return population, score(self.task, completions, [self.train[i] for i in batch], stats).mean(axis=1)
-
-    def _minibatch(self, gen: int) -> np.ndarray:
-        size = min(self.cfg.prompts_per_generation, len(self.train))
-        return np.random.default_rng([self.cfg.seed, gen]).choice(len(self.train), size=size, replace=False)
+    def _minibatch(self, gen: int) -> Minibatch:
+        indices = minibatch_indices(self.cfg, len(self.train), gen)
+        return Minibatch(indices, [self.train_prompts[i] for i in indices], [self.train[i] for i in indices])
 
     def _seed(self, gen: int) -> int:
         return int(np.random.default_rng([self.cfg.seed, gen, 1]).integers(2**31))

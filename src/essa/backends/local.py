@@ -10,13 +10,14 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
-from essa.config import DecodingConfig
+from essa.backends import Backend, BackendInputs
+from essa.config import Config, DecodingConfig
 from essa.population import PopulationModel
 from essa.quantize import quantize_base_
 from essa.svd_space import SvdLoraSpace
 
 
-class LocalBackend:
+class LocalBackend(Backend):
     """Evaluates a whole population in batched `generate` calls on one model in this process.
 
     Rows are (candidate, prompt) pairs, sorted by prompt length so a batch pads little; each
@@ -35,15 +36,16 @@ class LocalBackend:
         self.population_model = PopulationModel(model, space) if space is not None else None
         quantize_base_(model, quantize)  # after wrapping: the SVD-LoRA branch stays in float
 
+    @classmethod
+    def from_config(cls, cfg: Config, inputs: BackendInputs, progress: bool = False) -> LocalBackend:
+        return cls(inputs.model, inputs.tokenizer, inputs.space, cfg.decoding, progress=progress,
+                   quantize=cfg.model.quantize)
+
     def close(self) -> None:
         """Unwrap the model's layers again, so the caller gets its plain model back."""
         if self.population_model is not None:
             self.population_model.remove()
             self.population_model = None
-
-    @property
-    def dim(self) -> int:
-        return self.space.dim if self.space is not None else 0
 
     def evaluate(self, population: np.ndarray | None, prompts: list[str], seed: int = 0) -> list[list[str]]:
         n_cand = 1 if population is None else len(population)

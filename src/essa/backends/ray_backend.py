@@ -15,8 +15,9 @@ replaying the fitness history (or, after a resync, from the one state the driver
 its chunk is re-queued. Chunks have fixed contents and seeds, so a re-queued chunk gives the
 same fitness on any worker.
 
-`evaluate(population, prompts, seed)` (the `Backend` protocol) ships candidate rows instead; it
-serves validation, where the population is one vector.
+`evaluate(population, prompts, seed)` ships candidate rows instead; it serves validation, where
+the population is one vector. Each worker builds its own backend (`backend.worker_engine`, local or
+vllm) through the same registry as every other caller.
 """
 
 from __future__ import annotations
@@ -31,14 +32,15 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
-from essa.config import DecodingConfig, ModelConfig, SearchConfig, TaskConfig
+from essa.backends import Backend, BackendInputs, Generation, Minibatch, backend_class
+from essa.config import Config, TaskConfig
 from essa.errors import EssaError, first_line
 from essa.optim import Optimizer
-from essa.tasks import RewardStats
+from essa.tasks import RewardStats, Task
 
 _log = logging.getLogger("essa.ray")
 
@@ -68,11 +70,6 @@ class ChunkResult:
     fingerprint: str  # hash of the candidate rows the worker regenerated
 
 
-class Generation(NamedTuple):
-    population: np.ndarray  # (popsize, dim), as the driver optimizer asked them
-    fitness: np.ndarray  # (popsize,)
-
-
 def fingerprint(rows: np.ndarray) -> str:
     """A short hash of candidate rows: driver and workers must regenerate identical bits."""
     data = np.ascontiguousarray(rows, dtype=np.float64).tobytes()
@@ -83,21 +80,21 @@ def fingerprint(rows: np.ndarray) -> str:
 
 
 class PopulationWorker:
-    """Runs inside a Ray actor: model + SVD-LoRA space + task + its own optimizer copy."""
+    """Runs inside a Ray actor: a backend (model + SVD-LoRA space) + task + its own optimizer copy."""
 
-    def __init__(self, model: ModelConfig, adapter_dir: str, alpha: float, decoding: DecodingConfig,
-                 task: TaskConfig, search: SearchConfig, threads: int, engine: str = "transformers",
-                 vllm_options: dict[str, Any] | None = None):
+    def __init__(self, cfg: Config, adapter_dir: str, alpha: float):
+        from essa.backends import build_backend, load_inputs
         from essa.optim import make_optimizer
         from essa.tasks import get_task
 
-        self.tokenizer, self.backend = _worker_backend(engine, model, adapter_dir, alpha, decoding, search,
-                                                       threads, vllm_options)
-        self.task = get_task(task)
+        engine = cfg.backend.worker_engine
+        inputs = load_inputs(cfg, adapter_dir, alpha, kind=engine)
+        self.tokenizer, self.backend = inputs.tokenizer, build_backend(cfg, inputs, kind=engine)
+        self.task = get_task(cfg.task)
         self.train = self.task.checked_split("train")
         self._prompts: dict[int, str] = {}
         # Every worker starts where a fresh driver optimizer starts: the shared seed.
-        self.optimizer = make_optimizer(search, self.backend.dim)
+        self.optimizer = make_optimizer(cfg.essa, self.backend.dim)
         self.gen = 0  # generations told so far
         self.population: np.ndarray | None = None  # asked candidates of generation self.gen
 
@@ -119,7 +116,7 @@ class PopulationWorker:
         fitness = score(self.task, completions, examples, stats).mean(axis=1)
         return ChunkResult(fitness, stats.failures, self._count_tokens(completions), fingerprint(rows))
 
-    def generate(self, population: np.ndarray | None, prompts: list[str], seed: int) -> list[list[str]]:
+    def evaluate(self, population: np.ndarray | None, prompts: list[str], seed: int) -> list[list[str]]:
         return self.backend.evaluate(population, prompts, seed=seed)
 
     def _catch_up(self, job: ChunkJob) -> None:
@@ -161,39 +158,55 @@ class _Work:
     done: Callable[[int], None] = lambda slot: None
 
 
-class RayPopulationEvaluator:
+class RayPopulationEvaluator(Backend):
     """Driver side of the distributed population: N workers, a chunk queue and fault tolerance.
 
     `run_generation` is the paper's protocol (workers regenerate candidates, only scalars
-    travel); `evaluate` implements the `Backend` protocol by shipping candidate rows.
+    travel); `evaluate` ships candidate rows. Settings: the `backend:` section (workers,
+    ray_address, threads_per_worker, worker_engine), `essa:` (the optimizer every worker copies),
+    and the model, task and decoding each worker loads.
     """
 
-    def __init__(self, model: ModelConfig, adapter_dir: str, alpha: float, decoding: DecodingConfig,
-                 task: TaskConfig, search: SearchConfig, num_workers: int = 2, ray_address: str | None = None,
-                 threads_per_worker: int = 1, log: Callable[[str], None] | None = None,
-                 chunk_size: int | None = None, cpus_per_worker: float | None = None,
-                 max_retries: int = 3, startup_timeout_s: float = 600.0, engine: str = "transformers",
-                 vllm_options: dict[str, Any] | None = None):
-        if num_workers < 1:
-            raise EssaError(f"num_workers must be >= 1 (got {num_workers})")
-        if threads_per_worker < 1:
-            raise EssaError(f"threads_per_worker must be >= 1 (got {threads_per_worker})")
-        if chunk_size is not None and chunk_size < 1:
-            raise EssaError(f"chunk_size must be >= 1 (got {chunk_size})")
+    loads_weights = True  # the workers load the model
+
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        """Ray is installed, and each worker runs a backend that works in one process."""
+        _import_ray()
+        engine = backend_class(cfg.backend.worker_engine)
+        if issubclass(engine, RayPopulationEvaluator):
+            raise EssaError(f"backend.worker_engine must be a backend that runs in one process, "
+                            f"not {cfg.backend.worker_engine}")
+        engine.check(cfg)
+
+    @classmethod
+    def evaluation_kind(cls, cfg: Config) -> str:
+        return cfg.backend.worker_engine  # the pool is for training; single adapters evaluate here
+
+    @classmethod
+    def from_config(cls, cfg: Config, inputs: BackendInputs, progress: bool = False) -> RayPopulationEvaluator:
+        from essa.console import say
+
+        if inputs.adapter_dir is None:
+            raise EssaError("the Ray backend evaluates an adapter: set adapter=PATH")
+        say(f"starting {cfg.backend.workers} Ray workers")
+        return cls(cfg, inputs.adapter_dir, inputs.alpha, log=say)
+
+    def __init__(self, cfg: Config, adapter_dir: str | Path, alpha: float, *,
+                 log: Callable[[str], None] | None = None, chunk_size: int | None = None,
+                 cpus_per_worker: float | None = None, max_retries: int = 3, startup_timeout_s: float = 600.0):
         self._ray = _import_ray()
         self.log = log or _log.info
-        self.search = search
-        self.num_workers = num_workers
-        self.chunk_size = chunk_size or math.ceil(search.popsize / num_workers)
+        self.search = cfg.essa
+        self.num_workers = cfg.backend.workers
+        self.chunk_size = chunk_size or math.ceil(self.search.popsize / self.num_workers)
         self.max_retries = max_retries
-        self._owns_ray = self._init_ray(ray_address, num_workers * (cpus_per_worker or threads_per_worker))
-        worker_args = (_absolute_model(model), _absolute(adapter_dir), alpha, decoding, _absolute_task(task),
-                       search, threads_per_worker, engine, vllm_options)
-        self._actor_cls = self._ray.remote(num_cpus=cpus_per_worker or threads_per_worker, max_restarts=0,
-                                           max_task_retries=0)(PopulationWorker)
-        self._worker_args = worker_args
-        self._slots = [_Slot(self._actor_cls.remote(*worker_args)) for _ in range(num_workers)]
-        self.dim, self.train_size = self._check_workers(startup_timeout_s)
+        cpus = cpus_per_worker or cfg.backend.threads_per_worker
+        self._owns_ray = self._init_ray(cfg.backend.ray_address, self.num_workers * cpus)
+        self._worker_args = (_worker_config(cfg), _absolute(str(adapter_dir)), alpha)
+        self._actor_cls = self._ray.remote(num_cpus=cpus, max_restarts=0, max_task_retries=0)(PopulationWorker)
+        self._slots = [_Slot(self._actor_cls.remote(*self._worker_args)) for _ in range(self.num_workers)]
+        self._dim, self.train_size = self._check_workers(startup_timeout_s)
         # Lock-step bookkeeping: fitness of every generation since `_base`, whose starting
         # optimizer state is `_base_state` (None: a fresh optimizer built from `search`).
         self._driver: Optimizer | None = None
@@ -206,13 +219,23 @@ class RayPopulationEvaluator:
         self.replacements = 0
 
     # -- public --------------------------------------------------------------------------------
-    def run_generation(self, gen: int, optimizer: Optimizer, prompt_indices: Sequence[int], seed: int = 0,
-                       stats: RewardStats | None = None) -> Generation:
+    @property
+    def dim(self) -> int:
+        return self._dim  # as the workers report it
+
+    def run_generation(self, gen: int, optimizer: Optimizer, task: Task, batch: Minibatch, seed: int,
+                       stats: RewardStats) -> Generation:
         """Ask `optimizer` (the driver's) for generation `gen` and return its candidates and fitness.
 
+        Only `batch.indices` travel: the workers hold the task and format its prompts themselves.
         The caller must then `optimizer.tell(population, fitness)` with exactly these values:
         the workers apply the same tell when the next generation's chunks reach them.
         """
+        return self.run_indices(gen, optimizer, batch.indices, seed, stats)
+
+    def run_indices(self, gen: int, optimizer: Optimizer, prompt_indices: Sequence[int], seed: int = 0,
+                    stats: RewardStats | None = None) -> Generation:
+        """`run_generation` from the train-split indices of the generation's prompts."""
         self._check_driver(optimizer, prompt_indices)
         if not self._in_lockstep(gen, optimizer):
             self._resync(gen, optimizer)
@@ -239,7 +262,7 @@ class RayPopulationEvaluator:
         return Generation(population, fitness)
 
     def evaluate(self, population: np.ndarray | None, prompts: list[str], seed: int = 0) -> list[list[str]]:
-        """`Backend.evaluate`: completions[candidate][prompt], rows shipped to the workers."""
+        """Completions[candidate][prompt], candidate rows shipped to the workers."""
         n_cand = 1 if population is None else len(population)
         out: list[list[str]] = [[""] * len(prompts) for _ in range(n_cand)]
         pieces = self._pieces(n_cand, len(prompts))
@@ -248,7 +271,7 @@ class RayPopulationEvaluator:
             rows = None if population is None else np.asarray(population[cands.start:cands.stop])
             args = (rows, prompts[prs.start:prs.stop], _chunk_seed(seed, k))
             work.append(_Work(f"rows {cands.start}-{cands.stop - 1} x prompts {prs.start}-{prs.stop - 1}",
-                              lambda slot, a=args: ("generate", a)))
+                              lambda slot, a=args: ("evaluate", a)))
         for (cands, prs), texts in zip(pieces, self._dispatch(work, "evaluation")):
             for c, row in zip(cands, texts):
                 out[c][prs.start:prs.stop] = row
@@ -399,38 +422,11 @@ class RayPopulationEvaluator:
         return [(range(n_cand), range(lo, min(lo + step, n_prompts))) for lo in range(0, n_prompts, step)]
 
 
-# The name the backends registry and users reach for; the same class serves both roles.
-RayBackend = RayPopulationEvaluator
-
-
-def _worker_backend(engine: str, model: ModelConfig, adapter_dir: str, alpha: float,
-                    decoding: DecodingConfig, search: SearchConfig, threads: int,
-                    vllm_options: dict[str, Any] | None) -> tuple[Any, Any]:
-    """(tokenizer, backend) of one worker: the population runtime or a vLLM engine."""
-    from essa.svd_space import SvdLoraSpace
-
-    model = dataclasses.replace(model, threads=threads)  # load_model / the engine apply it
-    if engine == "vllm":
-        from essa.backends.vllm_backend import VllmBackend
-        from essa.models import load_tokenizer
-
-        tokenizer = load_tokenizer(model)
-        space = SvdLoraSpace.from_adapter(adapter_dir, alpha)
-        return tokenizer, VllmBackend.for_model(model, tokenizer, space, decoding, max_loras=search.popsize,
-                                                engine_options=vllm_options, seed=search.seed)
-    from essa.backends.local import LocalBackend
-    from essa.models import load_model
-
-    lm, tokenizer = load_model(model)
-    space = SvdLoraSpace.from_adapter(adapter_dir, alpha, model=lm)
-    return tokenizer, LocalBackend(lm, tokenizer, space, decoding, quantize=model.quantize)
-
-
 def _import_ray() -> Any:
     try:
         import ray
     except ImportError as exc:
-        raise EssaError("the Ray backend needs the 'ray' package: pip install 'ray>=2.60'") from exc
+        raise EssaError("backend.kind=ray needs Ray: pip install 'essa[ray]' (ray>=2.40)") from exc
     return ray
 
 
@@ -455,8 +451,11 @@ def _absolute(path: str) -> str:
     return str(p.resolve()) if p.exists() else path
 
 
-def _absolute_model(model: ModelConfig) -> ModelConfig:
-    return dataclasses.replace(model, name=_absolute(model.name))
+def _worker_config(cfg: Config) -> Config:
+    """The config a worker runs: local paths absolute (workers may run in another directory) and
+    its own thread count."""
+    model = dataclasses.replace(cfg.model, name=_absolute(cfg.model.name), threads=cfg.backend.threads_per_worker)
+    return cfg.with_changes(model=model, task=_absolute_task(cfg.task))
 
 
 def _absolute_task(task: TaskConfig) -> TaskConfig:
@@ -466,5 +465,4 @@ def _absolute_task(task: TaskConfig) -> TaskConfig:
     return task
 
 
-__all__ = ["ChunkJob", "ChunkResult", "Generation", "PopulationWorker", "RayBackend",
-           "RayPopulationEvaluator", "fingerprint"]
+__all__ = ["ChunkJob", "ChunkResult", "PopulationWorker", "RayPopulationEvaluator", "fingerprint"]

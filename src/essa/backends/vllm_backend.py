@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from essa.config import Config, DecodingConfig, ModelConfig
+from essa.backends import Backend, BackendInputs
+from essa.config import Config, DecodingConfig
 from essa.errors import EssaError, first_line
 from essa.models import engine_model_source
 from essa.svd_space import SvdLoraSpace
@@ -33,7 +34,7 @@ _VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 _DEFAULT_CPU_KV_GIB = "2"
 
 
-class VllmBackend:
+class VllmBackend(Backend):
     """Evaluates a population on a vLLM engine with one LoRA request per candidate.
 
     `engine_options` go to `vllm.LLM` unchanged (e.g. `quantization`, `max_model_len`,
@@ -64,6 +65,8 @@ class VllmBackend:
             shutil.rmtree(self._tmp_root, ignore_errors=True)
             raise EssaError(f"vLLM could not start an engine for {model_source}: {first_line(exc)}") from exc
 
+    loads_weights = True
+
     @classmethod
     def check(cls, cfg: Config) -> None:
         """Refuse settings vLLM ignores, and a missing vLLM, before anything is written."""
@@ -73,15 +76,11 @@ class VllmBackend:
         require_vllm()
 
     @classmethod
-    def for_model(cls, model: ModelConfig, tokenizer: Any, space: SvdLoraSpace | None,
-                  decoding: DecodingConfig, **kwargs: Any) -> VllmBackend:
-        """The backend for an essa model config: its source, dtype and thread count."""
-        return cls(engine_model_source(model.name), tokenizer, space, decoding, dtype=model.dtype,
-                   threads=model.threads, **kwargs)
-
-    @property
-    def dim(self) -> int:
-        return self.space.dim if self.space is not None else 0
+    def from_config(cls, cfg: Config, inputs: BackendInputs, progress: bool = False) -> VllmBackend:
+        """An engine for the config's model (source, dtype, threads), room for a population of LoRAs."""
+        return cls(engine_model_source(cfg.model.name), inputs.tokenizer, inputs.space, cfg.decoding,
+                   dtype=cfg.model.dtype, max_loras=cfg.essa.popsize, threads=cfg.model.threads,
+                   engine_options=cfg.backend.vllm_options, progress=progress, seed=cfg.essa.seed)
 
     def evaluate(self, population: np.ndarray | None, prompts: list[str], seed: int = 0) -> list[list[str]]:
         if self.space is not None and population is None:
