@@ -165,7 +165,37 @@ def read_peft_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str
         raise EssaError(f"adapter {adapter_dir} is a {config.get('peft_type')} adapter; ESSA needs LoRA")
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         raise EssaError(f"adapter {adapter_dir} uses per-module rank/alpha patterns, which are not supported")
+    _refuse_weights_beyond_lora_factors(config, tensors, adapter_dir)
     return config, tensors
+
+
+# Settings under which an adapter holds trained weights besides the LoRA factors A and B. ESSA
+# searches, runs and exports only A and B, so such weights would be silently dropped.
+_EXTRA_WEIGHTS = {
+    "use_dora": "DoRA magnitude vectors (use_dora: true)",
+    "modules_to_save": "fully trained modules_to_save",
+    "lora_bias": "LoRA biases (lora_bias: true)",
+}
+
+
+def _refuse_weights_beyond_lora_factors(config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                                        adapter_dir: Any) -> None:
+    found = [f"{what} {config[key]!r}" if key == "modules_to_save" else what
+             for key, what in _EXTRA_WEIGHTS.items() if config.get(key)]
+    if config.get("bias", "none") != "none":
+        found.append(f"trained biases (bias: {config['bias']})")
+    others = [key for key in tensors if not _is_lora_factor(key)]
+    if others:
+        found.append(f"{len(others)} tensor(s) that are not LoRA factors, e.g. {others[0]}")
+    if found:
+        raise EssaError(f"adapter {adapter_dir} holds weights ESSA would drop: {'; '.join(found)}. ESSA needs a "
+                        "plain LoRA adapter (only lora_A / lora_B weights of linear layers)")
+
+
+def _is_lora_factor(key: str) -> bool:
+    # PEFT saves "<module>.lora_A.weight" (older versions "<module>.lora_A.<adapter name>.weight").
+    parts = key.split(".")
+    return parts[-1] == "weight" and ("lora_A" in parts[-3:-1] or "lora_B" in parts[-3:-1])
 
 
 def _group_factors(tensors: dict[str, torch.Tensor], adapter_dir: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
