@@ -68,14 +68,14 @@ def files(tmp_path_factory):
 
 
 def make_evaluator(model_dir, adapter, task: TaskConfig, messages: list[str] | None = None,
-                   workers: int = 2) -> RayPopulationEvaluator:
-    return RayPopulationEvaluator(ray_config(model_dir, task, workers), str(adapter), 1.0, cpus_per_worker=0.5,
+                   **backend) -> RayPopulationEvaluator:
+    return RayPopulationEvaluator(ray_config(model_dir, task, **backend), str(adapter), 1.0, cpus_per_worker=0.5,
                                   log=messages.append if messages is not None else None)
 
 
-def ray_config(model_dir, task: TaskConfig, workers: int = 2) -> Config:
+def ray_config(model_dir, task: TaskConfig, **backend) -> Config:
     return Config(model=ModelConfig(name=str(model_dir)), task=task, decoding=DECODING, essa=SEARCH,
-                  backend=BackendConfig(kind="ray", workers=workers))
+                  backend=BackendConfig(kind="ray", **{"workers": 2, **backend}))
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +184,28 @@ def test_worker_dying_mid_generation_is_replaced_and_fitness_unchanged(ray_sessi
             opt.tell(population, fitness)
             np.testing.assert_array_equal(fitness, local_history[gen][1])
         assert ev.replacements == 2
+    finally:
+        ev.close()
+
+
+def test_worker_hanging_mid_generation_is_replaced_and_fitness_unchanged(ray_session, files, local_history):
+    """A worker that stays alive but never answers (ray.wait alone would block forever) is
+    detected by backend.chunk_timeout_s, replaced, and its chunk re-queued."""
+    model_dir, adapter, root = files
+    marker = root / "hang-once"
+    messages: list[str] = []
+    # Far above a tiny chunk's time even on a loaded machine; the test waits this long once.
+    ev = make_evaluator(model_dir, adapter, task_config(hang_once_file=str(marker)), messages, chunk_timeout_s=10)
+    try:
+        def arm(gen):
+            if gen == 1:  # the first worker to score a completion in generation 1 hangs
+                marker.touch()
+
+        history, _ = run_ray(ev, ev.dim, before=arm)
+        assert not marker.exists()
+        assert ev.replacements == 1
+        assert any("generation 1" in m and "hung" in m and "backend.chunk_timeout_s=10" in m for m in messages)
+        assert_same_history(history, local_history)
     finally:
         ev.close()
 

@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import pickle
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -147,6 +148,7 @@ class _Slot:
     actor: Any
     told: int = 0  # generations this worker has applied (as far as the driver knows)
     needs_reset: bool = False  # next chunk carries the driver's base state
+    starting: bool = False  # a replacement whose model may still be loading when its first chunk is sent
 
 
 @dataclass
@@ -201,6 +203,8 @@ class RayPopulationEvaluator(Backend):
         self.num_workers = cfg.backend.workers
         self.chunk_size = chunk_size or math.ceil(self.search.popsize / self.num_workers)
         self.max_retries = max_retries
+        self.chunk_timeout_s = cfg.backend.chunk_timeout_s
+        self.startup_timeout_s = startup_timeout_s
         cpus = cpus_per_worker or cfg.backend.threads_per_worker
         self._owns_ray = self._init_ray(cfg.backend.ray_address, self.num_workers * cpus)
         self._worker_args = (_worker_config(cfg), _absolute(str(adapter_dir)), alpha)
@@ -332,48 +336,68 @@ class RayPopulationEvaluator(Backend):
 
     # -- dispatch and fault tolerance ----------------------------------------------------------
     def _dispatch(self, work: list[_Work], what: str) -> list[Any]:
-        """Run every item on some idle worker; a lost worker is replaced and its item re-queued."""
+        """Run every item on some idle worker. A worker that dies, or sends nothing back within
+        backend.chunk_timeout_s (hung), is replaced and its item re-queued."""
         ray = self._ray
         queue, idle = deque(range(len(work))), deque(range(len(self._slots)))
-        running: dict[Any, tuple[int, int]] = {}
+        running: dict[Any, tuple[int, int, float]] = {}  # result ref -> (slot, item, deadline)
         results: list[Any] = [None] * len(work)
         attempts: Counter[int] = Counter()
+
+        def retry(slot: int, item: int, why: str, exc: BaseException | None = None) -> None:
+            attempts[item] += 1
+            if attempts[item] > self.max_retries:
+                raise EssaError(f"{what}: {work[item].label} lost its worker {attempts[item]} times; "
+                                f"giving up ({why})") from exc
+            self._replace(slot, f"{what}: worker {slot} {why}; re-queued {work[item].label}")
+            queue.appendleft(item)
+            idle.append(slot)
+
         while queue or running:
             while queue and idle:
                 slot, item = idle.popleft(), queue.popleft()
                 method, args = work[item].call(slot)
                 self._bytes += _size(args)
-                running[getattr(self._slots[slot].actor, method).remote(*args)] = (slot, item)
-            ready, _ = ray.wait(list(running), num_returns=1)
-            slot, item = running.pop(ready[0])
+                ref = getattr(self._slots[slot].actor, method).remote(*args)
+                running[ref] = (slot, item, self._deadline(self._slots[slot]))
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=_seconds_until(running))
+            if not ready:  # a deadline passed: those workers are hung (alive, but silent)
+                now = time.monotonic()
+                for ref, (slot, item, deadline) in list(running.items()):
+                    if now >= deadline:
+                        del running[ref]
+                        retry(slot, item, f"sent nothing back within backend.chunk_timeout_s="
+                                          f"{self.chunk_timeout_s:g} s (hung)")
+                continue
+            slot, item, _ = running.pop(ready[0])
             try:
                 value = ray.get(ready[0])
             except _worker_lost_errors(ray) as exc:
-                attempts[item] += 1
-                if attempts[item] > self.max_retries:
-                    raise EssaError(f"{what}: {work[item].label} lost its worker {attempts[item]} times; "
-                                    f"giving up ({first_line(exc)})") from exc
-                self._replace(slot, f"{what}: worker {slot} lost ({type(exc).__name__}); "
-                                    f"re-queued {work[item].label}")
-                queue.appendleft(item)
-                idle.append(slot)
+                retry(slot, item, f"lost ({type(exc).__name__}: {first_line(exc)})", exc)
                 continue
             except ray.exceptions.RayTaskError as exc:
                 cause = getattr(exc, "cause", None) or exc
                 raise EssaError(f"{what}: a worker failed on {work[item].label}: "
                                 f"{type(cause).__name__}: {first_line(cause)}") from exc
             self._bytes += _size(value)
+            self._slots[slot].starting = False
             work[item].done(slot)
             results[item] = value
             idle.append(slot)
         return results
+
+    def _deadline(self, slot: _Slot) -> float:
+        """When a chunk sent to `slot` now counts as hung; a replacement first gets time to start."""
+        if self.chunk_timeout_s is None:
+            return math.inf
+        return time.monotonic() + self.chunk_timeout_s + (self.startup_timeout_s if slot.starting else 0.0)
 
     def _replace(self, index: int, why: str) -> None:
         """A fresh actor in the slot; it catches up from the base state and the fitness history."""
         self._ray.kill(self._slots[index].actor, no_restart=True)
         fresh = self._base_state is None  # a new worker starts at generation 0 of `search`
         self._slots[index] = _Slot(self._actor_cls.remote(*self._worker_args),
-                                   told=0 if fresh else self._base, needs_reset=not fresh)
+                                   told=0 if fresh else self._base, needs_reset=not fresh, starting=True)
         self.replacements += 1
         self.log(f"ray: {why}; started a replacement worker that replays "
                  f"{len(self._history)} generation(s) of fitness")
@@ -433,6 +457,12 @@ def _import_ray() -> Any:
 def _worker_lost_errors(ray: Any) -> tuple[type[BaseException], ...]:
     e = ray.exceptions
     return (e.RayActorError, e.WorkerCrashedError, e.ObjectLostError, e.NodeDiedError, e.OutOfMemoryError)
+
+
+def _seconds_until(running: dict[Any, tuple[int, int, float]]) -> float | None:
+    """How long `ray.wait` may block before the earliest deadline (None: no deadline)."""
+    first = min(deadline for _, _, deadline in running.values())
+    return None if first == math.inf else max(0.0, first - time.monotonic())
 
 
 def _chunk_seed(seed: int, chunk: int) -> int:
