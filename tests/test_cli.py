@@ -49,7 +49,7 @@ def test_sft_train_eval_export_pipeline(capsys, model_dir, tmp_path):
                        f"output_dir={run_dir}", *SMALL)
     summary = last_json(out)
     assert code == 0 and summary["generations"] == 2 and summary["search_dim"] == 8 * 2 * 4
-    for name in ("metrics.jsonl", "checkpoint.pkl", "report.md", "reward_vs_wallclock.png", "config.yaml"):
+    for name in ("metrics.jsonl", "checkpoint.npz", "report.md", "reward_vs_wallclock.png", "config.yaml"):
         assert (run_dir / name).is_file(), name
     assert (run_dir / "reward_vs_wallclock.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -116,7 +116,7 @@ def test_adapter_not_matching_model(capsys, model_dir, tmp_path):
     code, _, err = run(capsys, "train", f"model.name={model_dir}", f"adapter={adapter}",
                        f"output_dir={tmp_path / 'run'}", *SMALL)
     assert_clean_error(code, err, "model's layer is")
-    assert not (tmp_path / "run" / "checkpoint.pkl").exists()
+    assert not (tmp_path / "run" / "checkpoint.npz").exists()
     assert not (tmp_path / "run" / "adapter").exists()
 
 

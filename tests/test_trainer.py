@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import pickle
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ from adapters import make_random_adapter
 from essa.backends.local import LocalBackend
 from essa.config import DecodingConfig, SearchConfig
 from essa.errors import EssaError
+from essa.io import atomic_write_state, read_state
 from essa.svd_space import SvdLoraSpace
 from essa.tasks import Example, Task
 from essa.trainer import EssaTrainer
@@ -86,7 +90,7 @@ def test_run_writes_metrics_checkpoint_and_validation_best_choice(adapter_dir, t
     final = json.loads((tmp_path / "final.json").read_text())
     assert final["choice"] == result.final_choice
     assert final["validation_accuracy"][final["choice"]] == max(final["validation_accuracy"].values())
-    assert (tmp_path / "checkpoint.pkl").is_file()
+    assert (tmp_path / "checkpoint.npz").is_file()
 
 
 def test_existing_run_is_not_overwritten_without_resume(adapter_dir, tmp_path):
@@ -98,3 +102,48 @@ def test_existing_run_is_not_overwritten_without_resume(adapter_dir, tmp_path):
 def test_time_budget_stops_the_run(adapter_dir, tmp_path):
     result = make_trainer(adapter_dir, tmp_path, None, time_budget_s=0.0).run()
     assert result.state.generation == 0
+
+
+class RunsCode:
+    """Unpickling this touches a file: the proof that a loader ran code from the file it read."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_checkpoint_of_an_older_essa_is_never_loaded(adapter_dir, tmp_path):
+    marker = tmp_path / "code-ran"
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoint.pkl").write_bytes(pickle.dumps(RunsCode(marker)))
+    with pytest.raises(EssaError, match="checkpoint.pkl of an older essa, which is not loaded"):
+        make_trainer(adapter_dir, run_dir, 2).run(resume=True)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("optimizer", ["cma", "sep-cma"])
+def test_tampered_cma_state_runs_no_code_and_says_so(adapter_dir, tmp_path, optimizer):
+    """pycma's strategy is stored pickled inside the .npz; it loads through an unpickler that only
+    rebuilds numpy arrays and pycma's classes."""
+    run_dir, marker = tmp_path / "run", tmp_path / "code-ran"
+    make_trainer(adapter_dir, run_dir, 1, optimizer=optimizer).run()
+    tree = read_state(run_dir / "checkpoint.npz")
+    tree["optimizer"]["es"] = np.frombuffer(pickle.dumps(RunsCode(marker)), dtype=np.uint8)
+    atomic_write_state(run_dir / "checkpoint.npz", tree)
+    with pytest.raises(EssaError, match="posix.system is not allowed in an optimizer state"):
+        make_trainer(adapter_dir, run_dir, 2, optimizer=optimizer).run(resume=True)
+    assert not marker.exists()
+
+
+def test_checkpoint_with_a_pickled_entry_runs_no_code_and_says_so(adapter_dir, tmp_path):
+    run_dir, marker = tmp_path / "run", tmp_path / "code-ran"
+    run_dir.mkdir()
+    buf = io.BytesIO()
+    np.savez(buf, __tree__=np.array([RunsCode(marker)], dtype=object))  # np.load would unpickle it
+    (run_dir / "checkpoint.npz").write_bytes(buf.getvalue())
+    with pytest.raises(EssaError, match="cannot read state file .*allow_pickle=False"):
+        make_trainer(adapter_dir, run_dir, 2).run(resume=True)
+    assert not marker.exists()
