@@ -116,15 +116,35 @@ def test_adapter_not_matching_model(capsys, model_dir, tmp_path):
     code, _, err = run(capsys, "train", f"model.name={model_dir}", f"adapter={adapter}",
                        f"output_dir={tmp_path / 'run'}", *SMALL)
     assert_clean_error(code, err, "model's layer is")
-    assert not (tmp_path / "run" / "checkpoint.npz").exists()
-    assert not (tmp_path / "run" / "adapter").exists()
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.ray
+def test_adapter_not_matching_model_on_ray_fails_before_writing_or_starting_workers(capsys, model_dir, tmp_path):
+    """Ray workers (and vLLM engines) load the weights themselves: the adapter is checked against
+    a weightless copy of the model first."""
+    ray = pytest.importorskip("ray")
+    adapter = make_random_adapter(tiny_llama(seed=0, hidden_size=48), tmp_path / "adapter", rank=4)
+    code, _, err = run(capsys, "train", f"model.name={model_dir}", f"adapter={adapter}", "backend.kind=ray",
+                       "backend.workers=1", f"output_dir={tmp_path / 'run'}", *SMALL)
+    assert_clean_error(code, err, "model's layer is")
+    assert not (tmp_path / "run").exists()
+    assert not ray.is_initialized()
 
 
 def test_sft_targets_not_in_model(capsys, model_dir, tmp_path):
     code, _, err = run(capsys, "sft", f"model.name={model_dir}", "lora.targets=[c_attn]",
                        f"output_dir={tmp_path / 'sft'}", *SMALL)
     assert_clean_error(code, err, "c_attn")
-    assert not (tmp_path / "sft" / "adapter").exists()
+    assert not (tmp_path / "sft").exists()
+
+
+@pytest.mark.parametrize("bad, message", [("task.test_size=0", "empty 'test' split"),
+                                          ("lora.targets=[c_attn]", "c_attn")])
+def test_demo_with_bad_input_writes_nothing(capsys, model_dir, tmp_path, bad, message):
+    code, _, err = run(capsys, "demo", f"model.name={model_dir}", f"output_dir={tmp_path / 'demo'}", *SMALL, bad)
+    assert_clean_error(code, err, message)
+    assert not (tmp_path / "demo").exists()
 
 
 def test_unwritable_output_dir(capsys, model_dir, tmp_path):

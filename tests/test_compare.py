@@ -252,6 +252,13 @@ def test_bad_batches_and_existing_output_fail_before_any_work(model_dir, tmp_pat
     with pytest.raises(EssaError, match="grpo.micro_batch_size"):
         load_compare_config(None, [f"model.name={model_dir}", *TINY, "grpo.micro_batch_size=3"])
     cfg = load_compare_config(None, [f"model.name={model_dir}", f"output_dir={tmp_path / 'o'}", *TINY])
+    other = make_random_adapter(tiny_llama(seed=0, hidden_size=48), tmp_path / "other", rank=2)
+    with pytest.raises(EssaError, match="model's layer is"):
+        run_compare(cfg.with_changes(adapter=str(other)), progress=False)
+    with pytest.raises(EssaError, match="c_attn"):
+        run_compare(load_compare_config(None, [f"model.name={model_dir}", f"output_dir={tmp_path / 'o'}", *TINY,
+                                               "lora.targets=[c_attn]"]), progress=False)
+    assert not (tmp_path / "o").exists()
     (tmp_path / "o" / "essa").mkdir(parents=True)
     with pytest.raises(EssaError, match="already holds a comparison"):
         run_compare(cfg, progress=False)

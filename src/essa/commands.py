@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from essa.backends import build_backend, evaluation_kind, load_inputs
+from essa.backends import backend_class, build_backend, evaluation_kind, load_inputs
 from essa.config import Config
 from essa.console import say
 from essa.errors import EssaError
@@ -63,12 +63,13 @@ def _log_to_file(path: Path) -> None:
 
 # -- sft -----------------------------------------------------------------------------------------
 def run_sft(cfg: Config, progress: bool = True, model_and_tokenizer: tuple[Any, Any] | None = None) -> Path:
-    from essa.sft import run_sft as train_lora
+    from essa.sft import check_targets, run_sft as train_lora
 
     task = get_task(cfg.task)
     task.checked_split("sft")
-    run_dir = _prepare_run_dir(cfg)
     model, tokenizer = model_and_tokenizer or load_model(cfg.model)
+    check_targets(model, cfg.lora.targets)
+    run_dir = _prepare_run_dir(cfg)  # only after every check
     result = train_lora(model, tokenizer, task, cfg.lora, cfg.sft, run_dir / "adapter", progress=progress)
     log.info("SFT done: %d steps, final loss %.4f, %.1f s", result.steps, result.final_loss, result.wall_clock_s)
     return Path(result.adapter_dir)
@@ -184,11 +185,16 @@ def run_demo(cfg: Config, progress: bool = True, resume: bool = False) -> dict[s
     if not resume and any((Path(cfg.output_dir) / name).exists() for name in ("sft", "essa", "summary.json")):
         raise EssaError(f"{cfg.output_dir} already holds a demo run; pass --resume to continue it, "
                         "or output_dir=NEW_DIR for a fresh one")
-    root = _prepare_run_dir(cfg)
-    model_and_tokenizer = load_model(cfg.model)
+    from essa.sft import check_targets
+
     task = get_task(cfg.task)
     for split in ("sft", "train", "validation", "test"):
         task.checked_split(split)
+    for kind in (cfg.backend.kind, evaluation_kind(cfg)):
+        backend_class(kind).check(cfg)
+    model_and_tokenizer = load_model(cfg.model)
+    check_targets(model_and_tokenizer[0], cfg.lora.targets)
+    root = _prepare_run_dir(cfg)  # only after every check
 
     sft_cfg = cfg.with_changes(output_dir=str(root / "sft"))
     say("1/4 LoRA SFT warm start")
