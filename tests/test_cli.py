@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import peft
 import pytest
@@ -174,6 +180,56 @@ def test_resume_required_for_existing_run(capsys, model_dir, tmp_path):
     assert_clean_error(code, err, "--resume")
     code, out, _ = run(capsys, *args, "--resume", "essa.generations=3")
     assert code == 0 and last_json(out)["generations"] == 3
+
+
+def test_train_killed_mid_generation_resumes_to_the_same_run(model_dir, tmp_path):
+    """`essa train` in its own process, SIGKILLed while it scores generation 3, then `--resume`:
+    the same fitness history, validation, final choice and final adapter as a run never killed."""
+    adapter = make_random_adapter(tiny_llama(seed=0), tmp_path / "adapter", rank=2)
+    task = f"task.name={Path(__file__).with_name('ray_tasks.py')}:make_vowel_task"
+    args = ["train", f"model.name={model_dir}", f"adapter={adapter}", task, "task.options.any_vowel=true",
+            "essa.popsize=4", "essa.prompts_per_generation=3", "essa.generations=4", "essa.eval_every=2",
+            "decoding.max_new_tokens=6", "--quiet"]
+
+    def train(out, *extra, wait=True):
+        cmd = [sys.executable, "-m", "essa.cli", *args, f"output_dir={out}", *extra]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if wait:
+            assert proc.wait(timeout=600) == 0, proc.stderr.read()[-2000:]
+        return proc
+
+    train(tmp_path / "straight")
+    # Reward calls: 6 to validate the start, 12 per generation, 6 to validate after generation 2;
+    # call 40 falls in the middle of generation 3.
+    reached = tmp_path / "reached"
+    proc = train(tmp_path / "killed", "task.options.hang_at_call=40", f"task.options.reached_file={reached}",
+                 wait=False)
+    for _ in range(6000):
+        if reached.exists() or proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    assert reached.exists(), proc.stderr.read()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    killed = tmp_path / "killed"
+    assert [r["generation"] for r in _records(killed) if "fitness_mean" in r] == [1, 2]
+    train(killed, "--resume")
+
+    def without_timings(run_dir):
+        return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in _records(run_dir)]
+
+    assert without_timings(killed) == without_timings(tmp_path / "straight")
+    assert len({r["val_accuracy"] for r in _records(killed) if "val_accuracy" in r}) > 1  # informative
+    final = [json.loads((run / "final.json").read_text()) for run in (killed, tmp_path / "straight")]
+    assert final[0]["choice"] == final[1]["choice"]
+    assert final[0]["validation_accuracy"] == final[1]["validation_accuracy"]
+    weights = [(run / "adapter" / "adapter_model.safetensors").read_bytes() for run in (killed, tmp_path / "straight")]
+    assert weights[0] == weights[1]
+
+
+def _records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_plan_command_writes_table_and_plot(capsys, tmp_path):

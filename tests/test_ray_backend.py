@@ -229,12 +229,17 @@ def test_bytes_per_generation_do_not_grow_with_the_model(evaluator, files):
     assert max(big_sent) < SEARCH.popsize * big.dim * 8
 
 
-def test_trainer_runs_on_ray_backend_evaluate(evaluator, files, tmp_path):
-    """The trainer drives the Ray backend (workers regenerate candidates) and matches the local backend."""
-    _, adapter, _ = files
-    task = get_task(task_config())
-    ray_run = EssaTrainer(evaluator, tiny_tokenizer(), task, SEARCH, tmp_path / "ray",
-                          progress=False).run()
+def test_trainer_on_ray_matches_the_local_backend_including_validation(ray_session, files, tmp_path):
+    """The trainer drives the Ray backend (workers regenerate candidates, validation ships rows) and
+    matches the local backend: fitness, validation accuracies that differ, the final adapter."""
+    model_dir, adapter, _ = files
+    task_cfg = task_config(any_vowel=True)
+    task = get_task(task_cfg)
+    evaluator = make_evaluator(model_dir, adapter, task_cfg)
+    try:
+        ray_run = EssaTrainer(evaluator, tiny_tokenizer(), task, SEARCH, tmp_path / "ray", progress=False).run()
+    finally:
+        evaluator.close()
     model, tok = tiny_llama(seed=0), tiny_tokenizer()
     space = SvdLoraSpace.from_adapter(adapter, 1.0, model=model)
     local = LocalBackend(model, tok, space, DECODING)
@@ -247,3 +252,7 @@ def test_trainer_runs_on_ray_backend_evaluate(evaluator, files, tmp_path):
     assert metrics(tmp_path / "ray") == metrics(tmp_path / "local")
     assert ray_run.validation == local_run.validation
     np.testing.assert_array_equal(ray_run.final_z, local_run.final_z)
+    # Validation accuracies differ along the run, so the equalities above are not all-zero ones.
+    accuracies = [r["val_accuracy"] for r in metrics(tmp_path / "local") if "val_accuracy" in r]
+    accuracies += list(local_run.validation.values())
+    assert len(set(accuracies)) > 1 and max(accuracies) > 0, accuracies

@@ -37,6 +37,8 @@ def factors(path):
 
 
 def test_svd_grpo_changes_only_the_searched_singular_values(tmp_path):
+    """The snapshot holds the factors the trained policy computes with (its parametrized weights),
+    so a gradient that reached anything but the offsets would show up here."""
     model = tiny_llama(seed=0)
     adapter = make_random_adapter(model, tmp_path / "sft", rank=4)
     cfg = load_config(overrides=["decoding.max_new_tokens=4", "essa.prompts_per_generation=2", "essa.alpha=0.5",

@@ -121,14 +121,15 @@ def run_grpo(model: Any, tokenizer: Any, task: Task, adapter_dir: str | Path, cf
 
 
 def _svd_only_saver(policy: Any, adapter_dir: str | Path, alpha: float) -> Callable[[Any, Path], None]:
-    """Restrict `policy` to the singular-value offsets; snapshots are written from those offsets."""
-    from essa.svd_grpo import offsets_vector, restrict_to_singular_values
+    """Restrict `policy` to the singular-value offsets. Snapshots hold the LoRA factors the policy
+    actually computes with (its parametrized weights), not factors rebuilt from the offsets."""
+    from essa.svd_grpo import policy_factors, restrict_to_singular_values
     from essa.svd_space import SvdLoraSpace
 
     space = SvdLoraSpace.from_adapter(adapter_dir, alpha)
-    offsets = restrict_to_singular_values(policy, space)
+    restrict_to_singular_values(policy, space)
     log.info("SVD-GRPO: %d trainable singular-value offsets", space.dim)
-    return lambda _model, path: space.save_adapter(offsets_vector(offsets), path)
+    return lambda model, path: space.save_factors(policy_factors(model, space), path)
 
 
 def _check_schedule(schedule: list[list[int]], per_step: int, n_train: int) -> None:

@@ -141,8 +141,12 @@ class SvdLoraSpace:
 
     def save_adapter(self, z: np.ndarray, out_dir: str | Path) -> Path:
         """Write the candidate as a standard PEFT adapter dir (atomically)."""
+        return self.save_factors(self.factors(z), out_dir)
+
+    def save_factors(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], out_dir: str | Path) -> Path:
+        """Write {module name: (A, B)} as a standard PEFT adapter dir with this adapter's config."""
         tensors = {}
-        for name, (a, b) in self.factors(z).items():
+        for name, (a, b) in factors.items():
             tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = a.contiguous()
             tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = b.contiguous()
         with atomic_directory(out_dir) as tmp:
