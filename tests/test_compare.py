@@ -173,15 +173,18 @@ def test_compare_runs_essa_on_the_configured_backend_ray(model_dir, vowel_task, 
 
 
 def test_harness_fails_a_comparison_whose_inputs_differ(tmp_path):
-    stream = [[0, 1], [2, 3], [4, 5]]
-    same = {"steps": 2, "prompts_used": [[0, 1], [2, 3]]}
-    check_same_prompts(stream, 1, same, {"steps": 3, "prompts_used": [[0], [1], [2]]})
+    search = SearchConfig(prompts_per_generation=2, seed=4)
+    stream = prompt_stream(search, 10, 3)
+    flat = [i for batch in stream for i in batch]
+    same = {"steps": 2, "prompts_used": stream[:2]}
+    check_same_prompts(search, 10, 1, same, {"steps": 5, "prompts_used": [[i] for i in flat[:5]]})
+    swapped = [stream[0], stream[1][::-1]]
     with pytest.raises(EssaError, match="ESSA did not read the shared prompt stream.*step 1"):
-        check_same_prompts(stream, 2, {"steps": 2, "prompts_used": [[0, 1], [3, 2]]}, same)
+        check_same_prompts(search, 10, 2, {"steps": 2, "prompts_used": swapped}, same)
     with pytest.raises(EssaError, match="GRPO did not read the shared prompt stream.*step 1"):
-        check_same_prompts(stream, 2, same, {"steps": 3, "prompts_used": [[0, 1], [2, 3, 4]]})
+        check_same_prompts(search, 10, 2, same, {"steps": 3, "prompts_used": [stream[0], flat[2:5], stream[2]]})
     with pytest.raises(EssaError, match="GRPO did not read"):  # a step it did not record
-        check_same_prompts(stream, 2, same, {"steps": 2, "prompts_used": [[0, 1]]})
+        check_same_prompts(search, 10, 2, same, {"steps": 2, "prompts_used": stream[:1]})
     a = make_random_adapter(tiny_llama(seed=0), tmp_path / "a", rank=2, seed=0)
     b = make_random_adapter(tiny_llama(seed=0), tmp_path / "b", rank=2, seed=1)
     check_same_start({"start_adapter": a}, {"start_adapter": a})

@@ -45,7 +45,7 @@ import torch
 import yaml
 
 from essa.backends import Backend, Generation, Minibatch, backend_class, build_backend, evaluation_kind, load_inputs
-from essa.config import Config, config_from_mapping, load_config
+from essa.config import Config, SearchConfig, config_from_mapping, load_config
 from essa.console import say
 from essa.errors import EssaError
 from essa.io import atomic_write_json, atomic_write_text, ensure_writable_dir
@@ -106,8 +106,12 @@ def check_same_start(essa: dict[str, Any], grpo: dict[str, Any]) -> None:
                         f"{grpo['start_adapter']}): the comparison is void")
 
 
-def check_same_prompts(stream: list[list[int]], per_step: int, essa: dict[str, Any], grpo: dict[str, Any]) -> None:
-    """ESSA's generations and GRPO's steps read the shared prompt stream, in order, nothing else."""
+def check_same_prompts(search: SearchConfig, n_train: int, per_step: int, essa: dict[str, Any],
+                       grpo: dict[str, Any]) -> None:
+    """ESSA's generations and GRPO's steps (`per_step` prompts each) read the shared prompt stream,
+    in order, and nothing else."""
+    generations = max(essa["steps"], -(-grpo["steps"] * per_step // min(search.prompts_per_generation, n_train)))
+    stream = prompt_stream(search, n_train, generations)
     expected = {"ESSA": stream[:essa["steps"]], "GRPO": rechunk(stream, per_step)[:grpo["steps"]]}
     for (name, want), used in zip(expected.items(), (essa["prompts_used"], grpo["prompts_used"])):
         if used != want:
@@ -337,7 +341,8 @@ def run_compare(cfg: Config, progress: bool = True) -> dict[str, Any]:
         sft = _run_job(compare_cfg.isolate, _sft_job, cfg=cfg.with_changes(output_dir=str(root / "sft")), progress=progress)
     start = _start_adapter(Path(sft["adapter"]), cfg, root)
 
-    stream = prompt_stream(cfg.essa, len(task.checked_split("train")), compare_cfg.max_steps or STREAM_STEPS)
+    n_train = len(task.checked_split("train"))
+    stream = prompt_stream(cfg.essa, n_train, compare_cfg.max_steps or STREAM_STEPS)
     _say(f"2/3 ESSA for {compare_cfg.budget_s:.0f} s")
     essa = _run_job(compare_cfg.isolate, _essa_job, cfg=cfg, start_adapter=str(start),
                     run_dir=str(root / "essa"), progress=progress)
@@ -345,7 +350,7 @@ def run_compare(cfg: Config, progress: bool = True) -> dict[str, Any]:
     grpo = _run_job(compare_cfg.isolate, _grpo_job, cfg=cfg, start_adapter=str(start), run_dir=str(root / "grpo"),
                     schedule=rechunk(stream, cfg.grpo_prompts_per_step), progress=progress)
     check_same_start(essa, grpo)
-    check_same_prompts(stream, cfg.grpo_prompts_per_step, essa, grpo)
+    check_same_prompts(cfg.essa, n_train, cfg.grpo_prompts_per_step, essa, grpo)
     summary = summarize(cfg, sft, essa, grpo, len(task.checked_split("test")),
                         baseline="SVD-GRPO" if grpo_cfg.svd_only else "GRPO")
     write_outputs(root, summary, essa, grpo)

@@ -37,7 +37,15 @@ from typing import Any
 
 import numpy as np
 
-from essa.backends import Backend, BackendInputs, Generation, Minibatch, backend_class
+from essa.backends import (
+    Backend,
+    BackendInputs,
+    Generation,
+    Minibatch,
+    backend_class,
+    build_backend,
+    load_inputs,
+)
 from essa.config import Config, TaskConfig
 from essa.errors import EssaError, first_line
 from essa.optim import Optimizer
@@ -84,7 +92,6 @@ class PopulationWorker:
     """Runs inside a Ray actor: a backend (model + SVD-LoRA space) + task + its own optimizer copy."""
 
     def __init__(self, cfg: Config, adapter_dir: str, alpha: float):
-        from essa.backends import build_backend, load_inputs
         from essa.optim import make_optimizer
         from essa.tasks import get_task
 
