@@ -47,6 +47,7 @@ from essa.backends import (
     load_inputs,
 )
 from essa.config import Config, TaskConfig
+from essa.console import say
 from essa.errors import EssaError, first_line
 from essa.optim import Optimizer
 from essa.tasks import RewardStats, Task
@@ -194,8 +195,6 @@ class RayPopulationEvaluator(Backend):
 
     @classmethod
     def from_config(cls, cfg: Config, inputs: BackendInputs, progress: bool = False) -> RayPopulationEvaluator:
-        from essa.console import say
-
         if inputs.adapter_dir is None:
             raise EssaError("the Ray backend evaluates an adapter: set adapter=PATH")
         say(f"starting {cfg.backend.workers} Ray workers")
