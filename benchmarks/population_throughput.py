@@ -37,7 +37,7 @@ import torch
 from _common import build_random_adapter, json_main, log, require_positive
 
 from essa.backends.local import LocalBackend
-from essa.config import GenerationConfig, ModelConfig, TaskConfig
+from essa.config import DecodingConfig, ModelConfig, TaskConfig
 from essa.errors import EssaError
 from essa.models import load_model
 from essa.population import PopulationModel
@@ -221,7 +221,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.perf_counter()
     model, tokenizer = load_model(ModelConfig(name=args.model, dtype="float32", threads=args.threads))
     task, examples, prompts = _prompts(tokenizer, args.prompts)
-    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=0.0, batch_size=args.batch_size)
+    gen = DecodingConfig(max_new_tokens=args.max_new_tokens, temperature=0.0, batch_size=args.batch_size)
     with tempfile.TemporaryDirectory(prefix="essa-bench-") as tmp:
         adapter = build_random_adapter(model, Path(tmp) / "adapter", args.rank, args.lora_alpha,
                                        args.b_std, args.seed)

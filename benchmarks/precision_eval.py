@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             dtype, quantize = PRECISIONS[name]
             model, tokenizer = models[dtype]
             # Built per run (not timed): backends wrap the model's layers, and close() unwraps them.
-            backend = LocalBackend(model, tokenizer, space, cfg.generation, quantize=quantize)
+            backend = LocalBackend(model, tokenizer, space, cfg.decoding, quantize=quantize)
             try:
                 t = time.perf_counter()
                 result = evaluate_split(backend, tokenizer, task, examples)

@@ -27,7 +27,7 @@ import torch
 
 from _common import build_random_adapter, json_main, log, require_positive
 from essa.backends.ray_backend import RayPopulationEvaluator
-from essa.config import GenerationConfig, ModelConfig, SearchConfig, TaskConfig
+from essa.config import BackendConfig, Config, DecodingConfig, ModelConfig, SearchConfig, TaskConfig
 from essa.models import load_model
 from essa.optim import make_optimizer
 
@@ -60,8 +60,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     load0 = os.getloadavg()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    generation = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=0.0,
-                                  batch_size=args.candidates * args.prompts)
+    decoding = DecodingConfig(max_new_tokens=args.max_new_tokens, temperature=0.0,
+                              batch_size=args.candidates * args.prompts)
     search = SearchConfig(optimizer="sep-cma", popsize=args.candidates, sigma0=args.sigma0, seed=args.seed)
     task = TaskConfig(name="arithmetic", train_size=max(args.prompts, 8))
     prompt_indices = list(range(args.prompts))
@@ -74,18 +74,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             startup = {}
             for n in (1, 2):
                 t0 = time.perf_counter()
-                pools[n] = RayPopulationEvaluator(ModelConfig(name=args.model), str(adapter), 1.0, generation,
-                                                  task, search, num_workers=n, threads_per_worker=1, log=log)
+                cfg = Config(model=ModelConfig(name=args.model), task=task, decoding=decoding, essa=search,
+                             backend=BackendConfig(kind="ray", workers=n, threads_per_worker=1))
+                pools[n] = RayPopulationEvaluator(cfg, adapter, 1.0, log=log)
                 startup[n] = round(time.perf_counter() - t0, 1)
-        optimizers = {n: make_optimizer(search.optimizer, pools[n].dim, search.popsize, search.sigma0, search.seed)
-                      for n in pools}
+        optimizers = {n: make_optimizer(search, pools[n].dim) for n in pools}
         rates: dict[int, list[float]] = {1: [], 2: []}
         seconds: dict[int, list[float]] = {1: [], 2: []}
         fitness: dict[int, list[np.ndarray]] = {1: [], 2: []}
         for gen in range(args.repeats + 1):
             for n, pool in pools.items():
                 t0 = time.perf_counter()
-                population, fit = pool.run_generation(gen, optimizers[n], prompt_indices, seed=gen)
+                population, fit = pool.run_indices(gen, optimizers[n], prompt_indices, seed=gen)
                 dt = time.perf_counter() - t0
                 optimizers[n].tell(population, fit)
                 fitness[n].append(fit)

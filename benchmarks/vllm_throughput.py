@@ -29,7 +29,7 @@ from _common import build_random_adapter, json_main, log, require_positive
 from population_throughput import _agreement, _mean_reward, _prompts, random_population
 
 from essa.backends.local import LocalBackend
-from essa.config import GenerationConfig, ModelConfig
+from essa.config import DecodingConfig, ModelConfig
 from essa.models import engine_model_source, load_model
 from essa.svd_space import SvdLoraSpace
 
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     load0 = os.getloadavg()
     model, tokenizer = load_model(ModelConfig(name=args.model, dtype="float32", threads=args.threads))
     task, examples, prompts = _prompts(tokenizer, args.prompts)
-    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=0.0, batch_size=args.batch_size)
+    gen = DecodingConfig(max_new_tokens=args.max_new_tokens, temperature=0.0, batch_size=args.batch_size)
     with tempfile.TemporaryDirectory(prefix="essa-bench-") as tmp:
         adapter = build_random_adapter(model, Path(tmp) / "adapter", args.rank, 2.0 * args.rank,
                                        args.b_std, args.seed)

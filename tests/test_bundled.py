@@ -9,7 +9,7 @@ import torch
 
 from adapters import make_random_adapter
 from essa.backends.local import LocalBackend
-from essa.config import GenerationConfig, ModelConfig, TaskConfig
+from essa.config import DecodingConfig, ModelConfig, TaskConfig
 from essa.models import load_model
 from essa.population import PopulationModel
 from essa.svd_space import SvdLoraSpace
@@ -69,7 +69,7 @@ def test_population_generation_on_bundled_model(bundled, adapter_dir):
     task = get_task(TaskConfig(test_size=2))
     prompts = [format_prompt(tokenizer, task, ex) for ex in task.split("test")]
     space = SvdLoraSpace.from_adapter(adapter_dir, alpha=1.0, model=model)
-    backend = LocalBackend(model, tokenizer, space, GenerationConfig(max_new_tokens=8, batch_size=8))
+    backend = LocalBackend(model, tokenizer, space, DecodingConfig(max_new_tokens=8, batch_size=8))
     try:
         completions = backend.evaluate(np.zeros((2, space.dim)), prompts)
     finally:

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import peft
 import pytest
@@ -19,7 +25,7 @@ torch.set_num_threads(1)
 
 SMALL = [
     "task.sft_size=16", "task.train_size=16", "task.validation_size=4", "task.test_size=4",
-    "lora.rank=4", "sft.batch_size=8", "generation.max_new_tokens=4", "essa.popsize=4",
+    "lora.rank=4", "sft.batch_size=8", "decoding.max_new_tokens=4", "essa.popsize=4",
     "essa.prompts_per_generation=2", "essa.generations=2", "essa.eval_every=1", "--quiet",
 ]
 
@@ -49,7 +55,7 @@ def test_sft_train_eval_export_pipeline(capsys, model_dir, tmp_path):
                        f"output_dir={run_dir}", *SMALL)
     summary = last_json(out)
     assert code == 0 and summary["generations"] == 2 and summary["search_dim"] == 8 * 2 * 4
-    for name in ("metrics.jsonl", "checkpoint.pkl", "report.md", "reward_vs_wallclock.png", "config.yaml"):
+    for name in ("metrics.jsonl", "checkpoint.npz", "report.md", "reward_vs_wallclock.png", "config.yaml"):
         assert (run_dir / name).is_file(), name
     assert (run_dir / "reward_vs_wallclock.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -76,7 +82,7 @@ def test_export_merge_matches_peft_logits(capsys, model_dir, tmp_path):
 
 
 def test_sampled_eval_reports_avg_and_pass_at_k(capsys, model_dir, tmp_path):
-    code, out, err = run(capsys, "eval", f"model.name={model_dir}", "generation.temperature=1.0", "--samples", 3,
+    code, out, err = run(capsys, "eval", f"model.name={model_dir}", "decoding.temperature=1.0", "--samples", 3,
                          "--split", "test", "--limit", 2, *SMALL)
     metrics = last_json(out)
     assert code == 0, err
@@ -116,15 +122,35 @@ def test_adapter_not_matching_model(capsys, model_dir, tmp_path):
     code, _, err = run(capsys, "train", f"model.name={model_dir}", f"adapter={adapter}",
                        f"output_dir={tmp_path / 'run'}", *SMALL)
     assert_clean_error(code, err, "model's layer is")
-    assert not (tmp_path / "run" / "checkpoint.pkl").exists()
-    assert not (tmp_path / "run" / "adapter").exists()
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.ray
+def test_adapter_not_matching_model_on_ray_fails_before_writing_or_starting_workers(capsys, model_dir, tmp_path):
+    """Ray workers (and vLLM engines) load the weights themselves: the adapter is checked against
+    a weightless copy of the model first."""
+    ray = pytest.importorskip("ray")
+    adapter = make_random_adapter(tiny_llama(seed=0, hidden_size=48), tmp_path / "adapter", rank=4)
+    code, _, err = run(capsys, "train", f"model.name={model_dir}", f"adapter={adapter}", "backend.kind=ray",
+                       "backend.workers=1", f"output_dir={tmp_path / 'run'}", *SMALL)
+    assert_clean_error(code, err, "model's layer is")
+    assert not (tmp_path / "run").exists()
+    assert not ray.is_initialized()
 
 
 def test_sft_targets_not_in_model(capsys, model_dir, tmp_path):
     code, _, err = run(capsys, "sft", f"model.name={model_dir}", "lora.targets=[c_attn]",
                        f"output_dir={tmp_path / 'sft'}", *SMALL)
     assert_clean_error(code, err, "c_attn")
-    assert not (tmp_path / "sft" / "adapter").exists()
+    assert not (tmp_path / "sft").exists()
+
+
+@pytest.mark.parametrize("bad, message", [("task.test_size=0", "empty 'test' split"),
+                                          ("lora.targets=[c_attn]", "c_attn")])
+def test_demo_with_bad_input_writes_nothing(capsys, model_dir, tmp_path, bad, message):
+    code, _, err = run(capsys, "demo", f"model.name={model_dir}", f"output_dir={tmp_path / 'demo'}", *SMALL, bad)
+    assert_clean_error(code, err, message)
+    assert not (tmp_path / "demo").exists()
 
 
 def test_unwritable_output_dir(capsys, model_dir, tmp_path):
@@ -156,6 +182,56 @@ def test_resume_required_for_existing_run(capsys, model_dir, tmp_path):
     assert code == 0 and last_json(out)["generations"] == 3
 
 
+def test_train_killed_mid_generation_resumes_to_the_same_run(model_dir, tmp_path):
+    """`essa train` in its own process, SIGKILLed while it scores generation 3, then `--resume`:
+    the same fitness history, validation, final choice and final adapter as a run never killed."""
+    adapter = make_random_adapter(tiny_llama(seed=0), tmp_path / "adapter", rank=2)
+    task = f"task.name={Path(__file__).with_name('ray_tasks.py')}:make_vowel_task"
+    args = ["train", f"model.name={model_dir}", f"adapter={adapter}", task, "task.options.any_vowel=true",
+            "essa.popsize=4", "essa.prompts_per_generation=3", "essa.generations=4", "essa.eval_every=2",
+            "decoding.max_new_tokens=6", "--quiet"]
+
+    def train(out, *extra, wait=True):
+        cmd = [sys.executable, "-m", "essa.cli", *args, f"output_dir={out}", *extra]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if wait:
+            assert proc.wait(timeout=600) == 0, proc.stderr.read()[-2000:]
+        return proc
+
+    train(tmp_path / "straight")
+    # Reward calls: 6 to validate the start, 12 per generation, 6 to validate after generation 2;
+    # call 40 falls in the middle of generation 3.
+    reached = tmp_path / "reached"
+    proc = train(tmp_path / "killed", "task.options.hang_at_call=40", f"task.options.reached_file={reached}",
+                 wait=False)
+    for _ in range(6000):
+        if reached.exists() or proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    assert reached.exists(), proc.stderr.read()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    killed = tmp_path / "killed"
+    assert [r["generation"] for r in _records(killed) if "fitness_mean" in r] == [1, 2]
+    train(killed, "--resume")
+
+    def without_timings(run_dir):
+        return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in _records(run_dir)]
+
+    assert without_timings(killed) == without_timings(tmp_path / "straight")
+    assert len({r["val_accuracy"] for r in _records(killed) if "val_accuracy" in r}) > 1  # informative
+    final = [json.loads((run / "final.json").read_text()) for run in (killed, tmp_path / "straight")]
+    assert final[0]["choice"] == final[1]["choice"]
+    assert final[0]["validation_accuracy"] == final[1]["validation_accuracy"]
+    weights = [(run / "adapter" / "adapter_model.safetensors").read_bytes() for run in (killed, tmp_path / "straight")]
+    assert weights[0] == weights[1]
+
+
+def _records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_plan_command_writes_table_and_plot(capsys, tmp_path):
     code, out, _ = run(capsys, "plan", "--model-params", "32B", "--gpus", "1,16,128", "--out", tmp_path)
     assert code == 0 and "speedup" in out and "Assumptions" in out
@@ -173,7 +249,7 @@ def test_demo_defaults_are_the_packaged_demo_yaml():
     cfg = demo_defaults()
     assert cfg.essa.popsize == packaged["essa"]["popsize"]
     assert cfg.task.sft_size == packaged["task"]["sft_size"]
-    assert cfg.generation.max_new_tokens == packaged["generation"]["max_new_tokens"]
+    assert cfg.decoding.max_new_tokens == packaged["decoding"]["max_new_tokens"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
@@ -185,15 +261,52 @@ def test_vllm_backend_without_vllm_installed(capsys, model_dir, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_int8_quantize_is_not_a_vllm_setting(capsys, tmp_path):
-    code, _, err = run(capsys, "train", "backend.kind=vllm", "model.quantize=int8", f"output_dir={tmp_path / 'run'}")
+@pytest.mark.parametrize("backend", [["backend.kind=vllm"], ["backend.kind=ray", "backend.worker_engine=vllm"]])
+def test_int8_quantize_is_not_a_vllm_setting(capsys, model_dir, tmp_path, backend):
+    adapter = make_random_adapter(tiny_llama(seed=0), tmp_path / "adapter", rank=4)
+    code, _, err = run(capsys, "train", *backend, "model.quantize=int8", f"model.name={model_dir}",
+                       f"adapter={adapter}", f"output_dir={tmp_path / 'run'}")
     assert_clean_error(code, err, "backend.vllm_options.quantization")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.threads=0", "model.threads must be >= 1 or null"),
+    ("backend.threads_per_worker=0", "backend.threads_per_worker must be >= 1"),
+    ("backend.kind=gpu", "backend.kind must be one of local, vllm, ray"),
+    ("backend.chunk_timeout_s=0", "backend.chunk_timeout_s must be > 0 or null"),
+    ("decoding.top_p=0", "decoding.top_p must be in (0, 1]"),
+    ("essa.optimizer_options.lr=0.1", "unknown config key 'essa.optimizer_options.lr': optimizer cma"),
+    ("grpo.micro_batch_size=5", "grpo.micro_batch_size must divide"),
+])
+def test_bad_settings_name_the_key_the_user_set(capsys, tmp_path, override, message):
+    code, _, err = run(capsys, "train", override, f"output_dir={tmp_path / 'out'}")
+    assert_clean_error(code, err, message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_free_mappings_take_the_users_keys():
+    from essa.config import load_config
+
+    cfg = load_config(None, ["backend.vllm_options.quantization=awq", "backend.vllm_options.max_model_len=512",
+                             "essa.optimizer=openai-es", "essa.optimizer_options.lr=0.1", "task.options.level=2"])
+    assert cfg.backend.vllm_options == {"quantization": "awq", "max_model_len": 512}
+    assert cfg.essa.optimizer_options == {"lr": 0.1} and cfg.task.options == {"level": 2}
+
+
+def test_plan_and_compare_are_commands_of_the_one_parser(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0 and "compare" in out and "plan" in out
+    code, _, err = run(capsys, "compare", "--no-such-flag")
+    assert_clean_error(code, err, "unrecognized arguments: --no-such-flag")
+    code, _, err = run(capsys, "plan", "--gpus")
+    assert_clean_error(code, err, "--gpus")
 
 
 def test_ray_address_flag_selects_an_existing_ray_cluster():
-    from essa.cli import _config, _parser
+    from essa.cli import _config, parse_args
 
-    args = _parser().parse_args(["train", "--ray-address", "10.0.0.5:6379", "backend.workers=4"])
+    args = parse_args(["train", "--ray-address", "10.0.0.5:6379", "backend.workers=4"])
     cfg = _config(args)
     assert (cfg.backend.kind, cfg.backend.ray_address, cfg.backend.workers) == ("ray", "10.0.0.5:6379", 4)
-    assert _config(_parser().parse_args(["train"])).backend.kind == "local"
+    assert _config(parse_args(["train"])).backend.kind == "local"

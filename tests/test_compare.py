@@ -12,19 +12,19 @@ from adapters import make_random_adapter
 from helpers import make_tiny_model_dir, tiny_llama
 from safetensors.torch import load_file
 
+from essa.cli import main
 from essa.compare import (
-    CompareSettings,
-    compare_main,
-    essa_prompt_schedule,
+    check_same_prompts,
+    check_same_start,
     load_compare_config,
     randomize_singular_vectors,
-    rechunk,
     run_compare,
     time_to_target,
     validation_best,
 )
 from essa.config import SearchConfig
 from essa.errors import EssaError
+from essa.schedule import prompt_stream, rechunk
 from essa.svd_space import SvdLoraSpace
 
 torch.set_num_threads(1)
@@ -53,7 +53,7 @@ def make(cfg):
 
 TINY = [
     "task.sft_size=16", "task.train_size=12", "task.validation_size=3", "task.test_size=3", "lora.rank=2",
-    "sft.batch_size=8", "generation.max_new_tokens=4", "essa.popsize=4", "essa.prompts_per_generation=2",
+    "sft.batch_size=8", "decoding.max_new_tokens=4", "essa.popsize=4", "essa.prompts_per_generation=2",
     "essa.sigma0=0.5", "compare.checkpoints=2", "grpo.num_generations=2", "grpo.micro_batch_size=null",
     "grpo.lr=0.05",
 ]
@@ -78,11 +78,11 @@ def result(root, method):
 def test_compare_isolated_runs_end_to_end_from_identical_start_and_prompts(model_dir, vowel_task, tmp_path):
     adapter = make_random_adapter(tiny_llama(seed=0), tmp_path / "sft", rank=2)
     root = tmp_path / "cmp"
-    cfg, compare, grpo = load_compare_config(None, [
+    cfg = load_compare_config(None, [
         f"model.name={model_dir}", f"task.name={vowel_task}", f"adapter={adapter}", f"output_dir={root}",
         "compare.budget_s=1.5", "compare.max_steps=6", *TINY])
-    assert compare.isolate and compare.budget_s == 1.5 and grpo.lr == 0.05
-    summary = run_compare(cfg, compare, grpo, progress=False)
+    assert cfg.compare.isolate and cfg.compare.budget_s == 1.5 and cfg.grpo.lr == 0.05
+    summary = run_compare(cfg, progress=False)
 
     for name in ("reward_vs_wallclock.png", "test_accuracy_vs_wallclock.png"):
         assert (root / name).read_bytes()[:4] == b"\x89PNG", name
@@ -99,7 +99,7 @@ def test_compare_isolated_runs_end_to_end_from_identical_start_and_prompts(model
 
     # Identical prompts: both consume ESSA's schedule over the train split, in order.
     essa, grpo_res = result(root, "essa"), result(root, "grpo")
-    schedule = essa_prompt_schedule(cfg.essa, 10, 6)
+    schedule = prompt_stream(cfg.essa, 10, 6)
     assert essa["prompts_used"] == schedule[:essa["steps"]] and essa["steps"] >= 1
     assert grpo_res["prompts_used"] == schedule[:grpo_res["steps"]] and grpo_res["steps"] >= 1
     assert all(0 <= i < 10 for batch in essa["prompts_used"] + grpo_res["prompts_used"] for i in batch)
@@ -120,25 +120,25 @@ def test_compare_isolated_runs_end_to_end_from_identical_start_and_prompts(model
     assert np.all(means["t0"] == 0) and means["t0"].shape == (2 * 4 * 2 * 2,)
 
 
-def test_compare_main_with_sft_random_singular_vectors_and_svd_grpo(model_dir, tmp_path, capsys):
+def test_compare_command_with_sft_random_singular_vectors_and_svd_grpo(model_dir, tmp_path, capsys):
     root = tmp_path / "cmp"
     config = tmp_path / "cmp.yaml"
     config.write_text(yaml.safe_dump({"model": {"name": str(model_dir)}, "output_dir": str(root),
                                       "compare": {"isolate": False, "svd_vectors": "random", "seed": 3}}))
-    code = compare_main(["--config", str(config), "--quiet", "compare.budget_s=0.5", "compare.max_steps=2",
-                         *TINY, "grpo.svd_only=true"])
+    code = main(["compare", "--config", str(config), "--quiet", "compare.budget_s=0.5", "compare.max_steps=2",
+                 *TINY, "grpo.svd_only=true"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["svd_vectors"] == "random" and summary["sft_wall_clock_s"] is not None
     assert summary["methods"]["essa"]["peak_rss_mb"] is None  # not separable in one process
-    assert summary["same_start_adapter"] is True
+    assert summary["same_start_adapter"] is True and summary["same_prompt_stream"] is True
     # Both started from the randomized adapter: SFT singular values, other singular vectors.
     sft = SvdLoraSpace.from_adapter(root / "sft" / "adapter", 1.0)
     start = SvdLoraSpace.from_adapter(root / "essa" / "start_adapter", 1.0)
     for p, q in zip(sft.pairs, start.pairs):
         assert torch.allclose(p.s_a, q.s_a, atol=1e-5) and torch.allclose(p.s_b, q.s_b, atol=1e-5)
         assert not torch.allclose(p.a, q.a, atol=1e-3)
-    saved = yaml.safe_load((root / "compare.yaml").read_text())
+    saved = yaml.safe_load((root / "config.yaml").read_text())
     assert saved["compare"]["svd_vectors"] == "random" and saved["grpo"]["num_generations"] == 2
     # The baseline was SVD-GRPO: its snapshots keep the start's singular vectors, and it is named so.
     assert saved["grpo"]["svd_only"] is True and summary["baseline"] == "SVD-GRPO"
@@ -147,6 +147,49 @@ def test_compare_main_with_sft_random_singular_vectors_and_svd_grpo(model_dir, t
     for p, q in zip(start.pairs, last.pairs):
         overlap = (p.u_a.T @ q.u_a).abs()  # same left singular vectors up to sign (and order)
         assert torch.allclose(overlap.max(dim=1).values, torch.ones(p.rank, dtype=overlap.dtype), atol=1e-4)
+
+
+@pytest.mark.ray
+def test_compare_runs_essa_on_the_configured_backend_ray(model_dir, vowel_task, tmp_path, capsys):
+    """`essa compare backend.kind=ray` on a local Ray cluster, with GRPO micro-batching on: the
+    harness itself verifies identical start tensors and prompt streams, or the run fails."""
+    pytest.importorskip("ray")
+    adapter = make_random_adapter(tiny_llama(seed=0), tmp_path / "sft", rank=2)
+    root = tmp_path / "cmp"
+    code = main(["compare", "--quiet", f"model.name={model_dir}", f"task.name={vowel_task}", f"adapter={adapter}",
+                 f"output_dir={root}", "compare.budget_s=600", "compare.max_steps=3", "compare.isolate=false",
+                 *TINY, "grpo.micro_batch_size=2", "backend.kind=ray", "backend.workers=1"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "starting 1 Ray workers" in err  # ESSA trained on the Ray pool
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["same_start_adapter"] and summary["same_prompt_stream"]
+    essa, grpo_res = result(root, "essa"), result(root, "grpo")
+    assert essa["steps"] == grpo_res["steps"] == 3
+    # Two micro-batches per GRPO step (2 prompts x 2 completions, 2 per pass) read one step's prompts.
+    assert grpo_res["settings"]["micro_batch_size"] == 2
+    assert grpo_res["prompts_used"] == rechunk(prompt_stream(load_compare_config(None, TINY).essa, 10, 3), 2)
+    assert (root / "essa" / "metrics.jsonl").is_file() and len(essa["points"]) >= 2
+
+
+def test_harness_fails_a_comparison_whose_inputs_differ(tmp_path):
+    search = SearchConfig(prompts_per_generation=2, seed=4)
+    stream = prompt_stream(search, 10, 3)
+    flat = [i for batch in stream for i in batch]
+    same = {"steps": 2, "prompts_used": stream[:2]}
+    check_same_prompts(search, 10, 1, same, {"steps": 5, "prompts_used": [[i] for i in flat[:5]]})
+    swapped = [stream[0], stream[1][::-1]]
+    with pytest.raises(EssaError, match="ESSA did not read the shared prompt stream.*step 1"):
+        check_same_prompts(search, 10, 2, {"steps": 2, "prompts_used": swapped}, same)
+    with pytest.raises(EssaError, match="GRPO did not read the shared prompt stream.*step 1"):
+        check_same_prompts(search, 10, 2, same, {"steps": 3, "prompts_used": [stream[0], flat[2:5], stream[2]]})
+    with pytest.raises(EssaError, match="GRPO did not read"):  # a step it did not record
+        check_same_prompts(search, 10, 2, same, {"steps": 2, "prompts_used": stream[:1]})
+    a = make_random_adapter(tiny_llama(seed=0), tmp_path / "a", rank=2, seed=0)
+    b = make_random_adapter(tiny_llama(seed=0), tmp_path / "b", rank=2, seed=1)
+    check_same_start({"start_adapter": a}, {"start_adapter": a})
+    with pytest.raises(EssaError, match="different adapter tensors"):
+        check_same_start({"start_adapter": a}, {"start_adapter": b})
 
 
 def test_randomize_singular_vectors_keeps_values_and_draws_orthonormal_vectors(tmp_path):
@@ -183,9 +226,9 @@ def test_selection_reads_validation_only_and_time_to_target():
 
 def test_grpo_reads_essa_prompt_stream_in_order():
     search = SearchConfig(prompts_per_generation=3, seed=5)
-    schedule = essa_prompt_schedule(search, 20, 4)
+    schedule = prompt_stream(search, 20, 4)
     assert all(len(set(b)) == 3 for b in schedule)
-    assert schedule == essa_prompt_schedule(search, 20, 4)
+    assert schedule == prompt_stream(search, 20, 4)
     flat = [i for batch in schedule for i in batch]
     assert rechunk(schedule, 2) == [flat[k:k + 2] for k in range(0, 12, 2)]
     assert rechunk(schedule, 5) == [flat[:5], flat[5:10]]  # a partial last step is dropped
@@ -209,13 +252,18 @@ def test_bad_compare_config_is_one_clear_error(override, message):
 
 
 def test_bad_batches_and_existing_output_fail_before_any_work(model_dir, tmp_path):
-    cfg, compare, grpo = load_compare_config(None, [f"model.name={model_dir}", f"output_dir={tmp_path / 'o'}",
-                                                    *TINY, "grpo.micro_batch_size=3"])
-    with pytest.raises(EssaError, match="micro_batch_size"):
-        run_compare(cfg, compare, grpo, progress=False)
-    assert not (tmp_path / "o" / "config.yaml").exists()
+    with pytest.raises(EssaError, match="grpo.micro_batch_size"):
+        load_compare_config(None, [f"model.name={model_dir}", *TINY, "grpo.micro_batch_size=3"])
+    cfg = load_compare_config(None, [f"model.name={model_dir}", f"output_dir={tmp_path / 'o'}", *TINY])
+    other = make_random_adapter(tiny_llama(seed=0, hidden_size=48), tmp_path / "other", rank=2)
+    with pytest.raises(EssaError, match="model's layer is"):
+        run_compare(cfg.with_changes(adapter=str(other)), progress=False)
+    with pytest.raises(EssaError, match="c_attn"):
+        run_compare(load_compare_config(None, [f"model.name={model_dir}", f"output_dir={tmp_path / 'o'}", *TINY,
+                                               "lora.targets=[c_attn]"]), progress=False)
+    assert not (tmp_path / "o").exists()
     (tmp_path / "o" / "essa").mkdir(parents=True)
     with pytest.raises(EssaError, match="already holds a comparison"):
-        run_compare(cfg, CompareSettings(), None, progress=False)
+        run_compare(cfg, progress=False)
     with pytest.raises(EssaError, match="config file not found"):
         load_compare_config(tmp_path / "missing.yaml")

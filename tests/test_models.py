@@ -26,6 +26,7 @@ from essa.models import (
     ensure_bundled_model,
     find_linear_targets,
     load_model,
+    load_model_skeleton,
     resolve_model_dir,
 )
 
@@ -255,6 +256,19 @@ def test_gguf_file_loads(tiny_gguf):
     assert model.hf_quantizer is None  # so the model can be saved or merged later
     assert tok.padding_side == "left" and tok.eos_token == "<|im_end|>"
     assert tok("ab")["input_ids"] == [tok.convert_tokens_to_ids("ab")]
+
+
+@pytest.mark.parametrize("source", ["dir", "gguf"])
+def test_skeleton_has_the_models_layers_and_no_weights(tiny_gguf, tmp_path, source):
+    """What engines that load their own weights (vLLM, Ray workers) are checked against."""
+    path, reference = tiny_gguf
+    if source == "dir":
+        path, reference = make_tiny_model_dir(tmp_path / "tiny", seed=7), tiny_llama(seed=7)
+    skeleton, tok = load_model_skeleton(ModelConfig(name=str(path)))
+    assert all(p.is_meta for p in skeleton.parameters())
+    shapes = {n: tuple(m.weight.shape) for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert shapes == {n: tuple(m.weight.shape) for n, m in reference.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert tok.padding_side == "left"
 
 
 def test_bundled_conversion_from_a_given_wheel(tiny_gguf, cache, monkeypatch, capfd):

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-import pickle
+import re
 
 import cma
 import numpy as np
 import pytest
 
+from essa.config import SearchConfig
 from essa.errors import EssaError
-from essa.optim import KINDS, make_optimizer
+from essa.io import atomic_write_state, read_state
+from essa.optim import make_optimizer, optimizer_names
+
+KINDS = optimizer_names()
 
 DIM, POP = 10, 16
 TARGET = np.random.default_rng(1).normal(0.0, 0.5, DIM)
@@ -20,7 +24,9 @@ def sphere(x: np.ndarray) -> np.ndarray:
 
 
 def make(kind: str, seed: int = 0, dim: int = DIM, popsize: int = POP):
-    return make_optimizer(kind, dim, popsize, sigma0=0.3, seed=seed, lr=0.05)
+    options = {"lr": 0.05} if kind == "openai-es" else {}
+    search = SearchConfig(optimizer=kind, optimizer_options=options, popsize=popsize, sigma0=0.3, seed=seed)
+    return make_optimizer(search, dim)
 
 
 def run(opt, generations: int, fitness=sphere) -> list[np.ndarray]:
@@ -79,11 +85,12 @@ def test_leaves_global_numpy_state_alone(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_exact_resume_after_pickle(kind):
+def test_exact_resume_through_a_state_file(kind, tmp_path):
     total, split = 12, 5
     straight = make(kind, seed=7)
     head = run(straight, split)
-    state = pickle.loads(pickle.dumps(straight.state_dict()))
+    atomic_write_state(tmp_path / "state.npz", straight.state_dict())  # plain data, no pickle
+    state = read_state(tmp_path / "state.npz")
     tail = run(straight, total - split)  # must not disturb the saved state
 
     resumed = make(kind, seed=99)  # a different seed: the loaded state must win
@@ -180,17 +187,23 @@ def test_openai_es_ties_share_ranks():
     assert np.dot(opt.mean, win - x.mean(axis=0)) > 0  # moves towards the rewarded samples
 
 
-def test_invalid_arguments_raise_essa_error():
-    with pytest.raises(EssaError, match="unknown optimizer"):
-        make_optimizer("adam", DIM, POP, 0.3, 0)
-    with pytest.raises(EssaError, match="popsize"):
-        make_optimizer("openai-es", DIM, 1, 0.3, 0)
-    with pytest.raises(EssaError, match="sigma0"):
-        make_optimizer("cma", DIM, POP, 0.0, 0)
-    with pytest.raises(EssaError, match="dimension"):
-        make_optimizer("sep-cma", 0, POP, 0.3, 0)
-    with pytest.raises(EssaError, match="seed"):
-        make_optimizer("cma", DIM, POP, 0.3, -1)
+@pytest.mark.parametrize("settings, message", [
+    ({"optimizer": "adam"}, "essa.optimizer must be one of cma, sep-cma, openai-es"),
+    ({"optimizer": "openai-es", "popsize": 1}, "essa.popsize"),
+    ({"sigma0": 0.0}, "essa.sigma0"),
+    ({"seed": -1}, "essa.seed"),
+    ({"optimizer": "openai-es", "optimizer_options": {"lr": 0}}, "essa.optimizer_options.lr must be > 0"),
+    ({"optimizer": "openai-es", "optimizer_options": {"beta": 1}}, "essa.optimizer_options.beta"),
+    ({"optimizer": "cma", "optimizer_options": {"lr": 0.1}}, "cma takes no options"),
+])
+def test_invalid_search_settings_name_their_key(settings, message):
+    with pytest.raises(EssaError, match=re.escape(message)):
+        SearchConfig(**settings)
+
+
+def test_openai_es_options_reach_the_optimizer():
+    opt = make_optimizer(SearchConfig(optimizer="openai-es", optimizer_options={"lr": 0.3}), DIM)
+    assert opt.lr == 0.3
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 
 from essa import plan
+from essa.cli import parse_args
 from essa.errors import EssaError
 from essa.plan import PlanInputs
 
@@ -18,6 +19,11 @@ SMALL = PlanInputs(
     model_params=1000, bytes_per_param=2, bandwidth=100, gen_throughput=50, fb_throughput=25,
     popsize=5, essa_batch=2, grad_batch=4, tokens=10, pair_bytes=8, essa_generations=3, grad_steps=7,
 )
+
+
+def plan_main(argv, calibrate_fn=None):
+    """`essa plan ARGV` as the CLI parses it, with an optional calibration in place of a measurement."""
+    return plan.run_plan(parse_args(["plan", *argv]), calibrate_fn=calibrate_fn)
 
 
 def test_formulas_match_hand_computed_values():
@@ -144,7 +150,7 @@ def test_parse_gpus():
 )
 def test_bad_cli_input_raises_essa_error(argv, tmp_path):
     with pytest.raises(EssaError):
-        plan.plan_main(argv + ["--out", str(tmp_path / "out")])
+        plan_main(argv + ["--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
 
 
@@ -157,17 +163,17 @@ def test_inputs_reject_non_positive_values():
 
 def test_calibrate_requires_a_function():
     with pytest.raises(EssaError, match="calibrate"):
-        plan.plan_main(["--calibrate"])
+        plan_main(["--calibrate"])
 
 
 def test_calibrate_replaces_default_throughputs(tmp_path):
     argv = ["--calibrate", "--gpus", "2", "--out", str(tmp_path)]
-    assert plan.plan_main(argv, calibrate_fn=lambda: (123.0, 456.0)) == 0
+    assert plan_main(argv, calibrate_fn=lambda: (123.0, 456.0)) == 0
     inputs = json.loads((tmp_path / "plan.json").read_text())["inputs"]
     assert inputs["gen_throughput"] == 123.0 and inputs["fb_throughput"] == 456.0
     # An explicit flag still wins over the measurement.
     argv = ["--calibrate", "--fb-throughput", "99", "--out", str(tmp_path)]
-    plan.plan_main(argv, calibrate_fn=lambda: (1.0, 2.0))
+    plan_main(argv, calibrate_fn=lambda: (1.0, 2.0))
     inputs = json.loads((tmp_path / "plan.json").read_text())["inputs"]
     assert inputs["gen_throughput"] == 1.0 and inputs["fb_throughput"] == 99.0
 
@@ -175,11 +181,11 @@ def test_calibrate_replaces_default_throughputs(tmp_path):
 @pytest.mark.parametrize("measured", [(0.0, 10.0), (10.0,), None, (10.0, float("nan"))])
 def test_calibration_returning_garbage_raises(measured):
     with pytest.raises(EssaError):
-        plan.plan_main(["--calibrate"], calibrate_fn=lambda: measured)
+        plan_main(["--calibrate"], calibrate_fn=lambda: measured)
 
 
 def test_main_prints_table_and_assumptions(capsys):
-    assert plan.plan_main(["--model-params", "32B", "--gpus", "1,16,128"]) == 0
+    assert plan_main(["--model-params", "32B", "--gpus", "1,16,128"]) == 0
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if line.lstrip().startswith("G "))
     for column in ("ESSA/gen", "grad/step", "ESSA comm", "grad comm", "gen<step?", "speedup"):
@@ -199,7 +205,7 @@ def test_outputs_written_atomically(tmp_path, monkeypatch):
 
         monkeypatch.setattr(plan, name, recording)
     out = tmp_path / "nested" / "plan"
-    assert plan.plan_main(["--gpus", "1,2,4,8", "--model-params", "7e9", "--out", str(out)]) == 0
+    assert plan_main(["--gpus", "1,2,4,8", "--model-params", "7e9", "--out", str(out)]) == 0
     assert sorted(written) == ["plan.json", "plan.png"]
     assert sorted(p.name for p in out.iterdir()) == ["plan.json", "plan.png"]  # no temp files left
     assert (out / "plan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -9,7 +9,7 @@ from torch import nn
 
 from adapters import make_random_adapter
 from essa.backends.local import LocalBackend
-from essa.config import GenerationConfig, load_config
+from essa.config import DecodingConfig, load_config
 from essa.errors import EssaError
 from essa.population import PopulationLoraLinear
 from essa.quantize import Int4WeightOnlyLinear, Int8Linear, quantize_base_
@@ -36,7 +36,7 @@ def row_logits(backend, population, ids, row=0):
 def test_quantized_backend_keeps_the_branch_float_and_close_to_fp32(tmp_path, method):
     model = quant_llama()
     space = SvdLoraSpace.from_adapter(make_random_adapter(model, tmp_path / "a", rank=4), 1.0, model=model)
-    gen = GenerationConfig(max_new_tokens=6, batch_size=8)
+    gen = DecodingConfig(max_new_tokens=6, batch_size=8)
     fp32 = LocalBackend(model, tiny_tokenizer(), space, gen)
     quant = LocalBackend(quant_llama(), tiny_tokenizer(), space, gen, quantize=method)
     layers = [m for m in quant.model.modules() if isinstance(m, PopulationLoraLinear)]
@@ -94,7 +94,7 @@ def test_int4_keeps_weights_already_on_a_4bit_grid():
 def test_quantization_leaves_the_callers_model_in_float(tmp_path):
     model = quant_llama()
     space = SvdLoraSpace.from_adapter(make_random_adapter(model, tmp_path / "a", rank=4), 1.0, model=model)
-    backend = LocalBackend(model, tiny_tokenizer(), space, GenerationConfig(), quantize="int8")
+    backend = LocalBackend(model, tiny_tokenizer(), space, DecodingConfig(), quantize="int8")
     assert backend.model is not model
     assert isinstance(model.model.layers[0].self_attn.q_proj, torch.nn.Linear)
 
@@ -108,4 +108,4 @@ def test_unknown_quantization_is_rejected():
     with pytest.raises(EssaError, match="model.quantize"):
         load_config(overrides=["model.quantize=int3"])
     with pytest.raises(EssaError, match="unknown quantization"):
-        LocalBackend(tiny_llama(), tiny_tokenizer(), None, GenerationConfig(), quantize="fp4")
+        LocalBackend(tiny_llama(), tiny_tokenizer(), None, DecodingConfig(), quantize="fp4")

@@ -3,6 +3,7 @@ and ships O(popsize) bytes per generation whatever the model size."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -14,7 +15,7 @@ from adapters import make_random_adapter
 from helpers import tiny_llama, tiny_tokenizer
 
 from essa.backends.local import LocalBackend
-from essa.config import GenerationConfig, ModelConfig, SearchConfig, TaskConfig
+from essa.config import BackendConfig, Config, DecodingConfig, ModelConfig, SearchConfig, TaskConfig
 from essa.errors import EssaError
 from essa.evaluate import score
 from essa.optim import make_optimizer
@@ -31,7 +32,7 @@ torch.set_num_threads(1)
 TASK_FILE = Path(__file__).with_name("ray_tasks.py")
 SEARCH = SearchConfig(optimizer="sep-cma", popsize=4, sigma0=0.5, prompts_per_generation=3, generations=2,
                       eval_every=2, seed=7)
-GENERATION = GenerationConfig(max_new_tokens=6, batch_size=32)
+DECODING = DecodingConfig(max_new_tokens=6, batch_size=32)
 GENERATIONS = 3
 
 
@@ -67,10 +68,14 @@ def files(tmp_path_factory):
 
 
 def make_evaluator(model_dir, adapter, task: TaskConfig, messages: list[str] | None = None,
-                   workers: int = 2) -> RayPopulationEvaluator:
-    return RayPopulationEvaluator(ModelConfig(name=str(model_dir)), str(adapter), 1.0, GENERATION, task, SEARCH,
-                                  num_workers=workers, cpus_per_worker=0.5,
+                   **backend) -> RayPopulationEvaluator:
+    return RayPopulationEvaluator(ray_config(model_dir, task, **backend), str(adapter), 1.0, cpus_per_worker=0.5,
                                   log=messages.append if messages is not None else None)
+
+
+def ray_config(model_dir, task: TaskConfig, **backend) -> Config:
+    return Config(model=ModelConfig(name=str(model_dir)), task=task, decoding=DECODING, essa=SEARCH,
+                  backend=BackendConfig(kind="ray", **{"workers": 2, **backend}))
 
 
 @pytest.fixture(scope="module")
@@ -87,10 +92,10 @@ def local_history(files):
     _, adapter, _ = files
     model, tok = tiny_llama(seed=0), tiny_tokenizer()
     space = SvdLoraSpace.from_adapter(adapter, 1.0, model=model)
-    backend = LocalBackend(model, tok, space, GENERATION)
+    backend = LocalBackend(model, tok, space, DECODING)
     task = get_task(task_config())
     train = task.checked_split("train")
-    opt = make_optimizer(SEARCH.optimizer, space.dim, SEARCH.popsize, SEARCH.sigma0, SEARCH.seed)
+    opt = make_optimizer(SEARCH, space.dim)
     history = []
     for gen in range(GENERATIONS):
         population = opt.ask()
@@ -103,12 +108,12 @@ def local_history(files):
 
 
 def run_ray(ev: RayPopulationEvaluator, dim: int, before=None) -> tuple[list, list[int]]:
-    opt = make_optimizer(SEARCH.optimizer, dim, SEARCH.popsize, SEARCH.sigma0, SEARCH.seed)
+    opt = make_optimizer(SEARCH, dim)
     history, sent = [], []
     for gen in range(GENERATIONS):
         if before is not None:
             before(gen)
-        population, fitness = ev.run_generation(gen, opt, prompt_indices(gen), seed=gen)
+        population, fitness = ev.run_indices(gen, opt, prompt_indices(gen), seed=gen)
         opt.tell(population, fitness)
         history.append((population, fitness))
         sent.append(ev.bytes_sent_last_generation)
@@ -129,25 +134,25 @@ def test_two_workers_match_local_backend_and_resync_after_resume(evaluator, loca
     assert any(np.ptp(fitness) > 0 for _, fitness in local_history)
 
     # A resumed driver (a new optimizer object, restored from a checkpoint) is adopted once.
-    opt = make_optimizer(SEARCH.optimizer, evaluator.dim, SEARCH.popsize, SEARCH.sigma0, SEARCH.seed)
+    opt = make_optimizer(SEARCH, evaluator.dim)
     for gen in range(2):
-        opt.tell(*evaluator.run_generation(gen, opt, prompt_indices(gen), seed=gen))
-    resumed = make_optimizer(SEARCH.optimizer, evaluator.dim, SEARCH.popsize, SEARCH.sigma0, SEARCH.seed)
+        opt.tell(*evaluator.run_indices(gen, opt, prompt_indices(gen), seed=gen))
+    resumed = make_optimizer(SEARCH, evaluator.dim)
     resumed.load_state_dict(opt.state_dict())
-    population, fitness = evaluator.run_generation(2, resumed, prompt_indices(2), seed=2)
+    population, fitness = evaluator.run_indices(2, resumed, prompt_indices(2), seed=2)
     np.testing.assert_array_equal(population, local_history[2][0])
     np.testing.assert_array_equal(fitness, local_history[2][1])
 
 
 def test_driver_out_of_sync_is_detected(evaluator):
-    opt = make_optimizer(SEARCH.optimizer, evaluator.dim, SEARCH.popsize, SEARCH.sigma0, SEARCH.seed)
-    population, fitness = evaluator.run_generation(0, opt, prompt_indices(0))
+    opt = make_optimizer(SEARCH, evaluator.dim)
+    population, fitness = evaluator.run_indices(0, opt, prompt_indices(0))
     opt.tell(population + 1.0, fitness)  # not what the workers will apply
     with pytest.raises(EssaError, match="out of sync"):
-        evaluator.run_generation(1, opt, prompt_indices(1))
-    wrong = make_optimizer(SEARCH.optimizer, evaluator.dim, SEARCH.popsize + 2, SEARCH.sigma0, SEARCH.seed)
+        evaluator.run_indices(1, opt, prompt_indices(1))
+    wrong = make_optimizer(dataclasses.replace(SEARCH, popsize=SEARCH.popsize + 2), evaluator.dim)
     with pytest.raises(EssaError, match="popsize"):
-        evaluator.run_generation(0, wrong, prompt_indices(0))
+        evaluator.run_indices(0, wrong, prompt_indices(0))
 
 
 def test_worker_dying_mid_generation_is_replaced_and_fitness_unchanged(ray_session, files, local_history):
@@ -173,12 +178,34 @@ def test_worker_dying_mid_generation_is_replaced_and_fitness_unchanged(ray_sessi
         # Killed between generations, after a resync to a new driver: the replacement starts
         # from the shipped driver state instead of replaying from scratch.
         ray.kill(ev.actor(0))
-        opt = make_optimizer(SEARCH.optimizer, ev.dim, SEARCH.popsize, SEARCH.sigma0, SEARCH.seed)
+        opt = make_optimizer(SEARCH, ev.dim)
         for gen in range(2):
-            population, fitness = ev.run_generation(gen, opt, prompt_indices(gen), seed=gen)
+            population, fitness = ev.run_indices(gen, opt, prompt_indices(gen), seed=gen)
             opt.tell(population, fitness)
             np.testing.assert_array_equal(fitness, local_history[gen][1])
         assert ev.replacements == 2
+    finally:
+        ev.close()
+
+
+def test_worker_hanging_mid_generation_is_replaced_and_fitness_unchanged(ray_session, files, local_history):
+    """A worker that stays alive but never answers (ray.wait alone would block forever) is
+    detected by backend.chunk_timeout_s, replaced, and its chunk re-queued."""
+    model_dir, adapter, root = files
+    marker = root / "hang-once"
+    messages: list[str] = []
+    # Far above a tiny chunk's time even on a loaded machine; the test waits this long once.
+    ev = make_evaluator(model_dir, adapter, task_config(hang_once_file=str(marker)), messages, chunk_timeout_s=10)
+    try:
+        def arm(gen):
+            if gen == 1:  # the first worker to score a completion in generation 1 hangs
+                marker.touch()
+
+        history, _ = run_ray(ev, ev.dim, before=arm)
+        assert not marker.exists()
+        assert ev.replacements == 1
+        assert any("generation 1" in m and "hung" in m and "backend.chunk_timeout_s=10" in m for m in messages)
+        assert_same_history(history, local_history)
     finally:
         ev.close()
 
@@ -202,16 +229,21 @@ def test_bytes_per_generation_do_not_grow_with_the_model(evaluator, files):
     assert max(big_sent) < SEARCH.popsize * big.dim * 8
 
 
-def test_trainer_runs_on_ray_backend_evaluate(evaluator, files, tmp_path):
-    """The trainer drives the Ray backend (workers regenerate candidates) and matches the local backend."""
-    _, adapter, _ = files
-    task = get_task(task_config())
-    ray_run = EssaTrainer(evaluator, tiny_tokenizer(), task, SEARCH, evaluator.dim, tmp_path / "ray",
-                          progress=False).run()
+def test_trainer_on_ray_matches_the_local_backend_including_validation(ray_session, files, tmp_path):
+    """The trainer drives the Ray backend (workers regenerate candidates, validation ships rows) and
+    matches the local backend: fitness, validation accuracies that differ, the final adapter."""
+    model_dir, adapter, _ = files
+    task_cfg = task_config(any_vowel=True)
+    task = get_task(task_cfg)
+    evaluator = make_evaluator(model_dir, adapter, task_cfg)
+    try:
+        ray_run = EssaTrainer(evaluator, tiny_tokenizer(), task, SEARCH, tmp_path / "ray", progress=False).run()
+    finally:
+        evaluator.close()
     model, tok = tiny_llama(seed=0), tiny_tokenizer()
     space = SvdLoraSpace.from_adapter(adapter, 1.0, model=model)
-    local = LocalBackend(model, tok, space, GENERATION)
-    local_run = EssaTrainer(local, tok, task, SEARCH, space.dim, tmp_path / "local", progress=False).run()
+    local = LocalBackend(model, tok, space, DECODING)
+    local_run = EssaTrainer(local, tok, task, SEARCH, tmp_path / "local", progress=False).run()
 
     def metrics(run_dir):  # everything but the timings
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -220,3 +252,7 @@ def test_trainer_runs_on_ray_backend_evaluate(evaluator, files, tmp_path):
     assert metrics(tmp_path / "ray") == metrics(tmp_path / "local")
     assert ray_run.validation == local_run.validation
     np.testing.assert_array_equal(ray_run.final_z, local_run.final_z)
+    # Validation accuracies differ along the run, so the equalities above are not all-zero ones.
+    accuracies = [r["val_accuracy"] for r in metrics(tmp_path / "local") if "val_accuracy" in r]
+    accuracies += list(local_run.validation.values())
+    assert len(set(accuracies)) > 1 and max(accuracies) > 0, accuracies

@@ -233,11 +233,11 @@ def test_unwritable_output_dir_fails_before_training(tmp_path, monkeypatch):
     assert blocker.read_text() == "not a directory"
 
 
-def test_bad_sft_settings_fail_before_writing(tmp_path):
-    with pytest.raises(EssaError, match="sft.max_steps"):
-        run_sft(tiny_llama(), tiny_tokenizer(), PairTask(PAIRS), _lora(), _sft(max_steps=0),
-                tmp_path / "out" / "adapter", progress=False)
-    assert list(tmp_path.iterdir()) == []
+@pytest.mark.parametrize("settings, key", [({"max_steps": 0}, "sft.max_steps"), ({"batch_size": 0}, "sft.batch_size"),
+                                           ({"lr": 0.0}, "sft.lr"), ({"epochs": -1.0}, "sft.epochs")])
+def test_bad_sft_settings_name_their_key(settings, key):
+    with pytest.raises(EssaError, match=key):
+        _sft(**settings)
 
 
 def test_empty_sft_split_fails_without_writing(tmp_path, monkeypatch):

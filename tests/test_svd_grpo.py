@@ -10,7 +10,7 @@ from helpers import tiny_llama, tiny_tokenizer
 from safetensors.torch import load_file
 
 from essa.config import load_config
-from essa.grpo import GrpoSettings, run_grpo
+from essa.grpo import run_grpo
 from essa.svd_grpo import offsets_vector, restrict_to_singular_values
 from essa.svd_space import SvdLoraSpace
 from essa.tasks import Example, Task
@@ -37,12 +37,14 @@ def factors(path):
 
 
 def test_svd_grpo_changes_only_the_searched_singular_values(tmp_path):
+    """The snapshot holds the factors the trained policy computes with (its parametrized weights),
+    so a gradient that reached anything but the offsets would show up here."""
     model = tiny_llama(seed=0)
     adapter = make_random_adapter(model, tmp_path / "sft", rank=4)
-    cfg = load_config(overrides=["generation.max_new_tokens=4", "essa.prompts_per_generation=2", "essa.alpha=0.5"])
-    settings = GrpoSettings(num_generations=2, lr=0.05, svd_only=True)
-    result = run_grpo(model, tiny_tokenizer(), VowelTask(), adapter, cfg, settings, tmp_path / "out",
-                      budget_s=600, max_steps=3, progress=False)
+    cfg = load_config(overrides=["decoding.max_new_tokens=4", "essa.prompts_per_generation=2", "essa.alpha=0.5",
+                                 "grpo.num_generations=2", "grpo.lr=0.05", "grpo.svd_only=true",
+                                 "compare.budget_s=600", "compare.max_steps=3"])
+    result = run_grpo(model, tiny_tokenizer(), VowelTask(), adapter, cfg, tmp_path / "out", progress=False)
     assert result.steps == 3
     space = SvdLoraSpace.from_adapter(adapter, alpha=0.5)
     start, last = factors(adapter), factors(tmp_path / "out" / "snapshots" / "step00003")

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from adapters import make_random_adapter, merged_model
 from essa.backends.local import LocalBackend
-from essa.config import GenerationConfig
+from essa.config import DecodingConfig, SearchConfig
 from essa.errors import EssaError
 from essa.population import PopulationLoraLinear, PopulationModel
 from essa.svd_space import SvdLoraSpace
@@ -83,7 +83,7 @@ def test_mixed_population_logits_match_merged_weights(base, adapter_dir):
 
 def test_batched_generation_equals_each_candidate_alone(base, adapter_dir):
     tok = tiny_tokenizer()
-    gen = GenerationConfig(max_new_tokens=10, batch_size=16)
+    gen = DecodingConfig(max_new_tokens=10, batch_size=16)
     space = SvdLoraSpace.from_adapter(adapter_dir, alpha=1.0, model=base)
     population = random_population(space, 4, seed=3)
     prompts = ["hello there", "2+2=", "a much longer prompt than the others", "x"]
@@ -121,9 +121,14 @@ def test_remove_restores_plain_linears(base, adapter_dir):
 
 
 @pytest.mark.parametrize("alpha", [0.0, -0.5, 1.5])
-def test_alpha_outside_unit_interval_is_rejected(adapter_dir, alpha):
-    with pytest.raises(EssaError, match="alpha"):
-        SvdLoraSpace.from_adapter(adapter_dir, alpha=alpha)
+def test_alpha_outside_unit_interval_is_rejected(alpha):
+    with pytest.raises(EssaError, match=r"essa.alpha must be in \(0, 1\]"):
+        SearchConfig(alpha=alpha)
+
+
+def test_alpha_leaving_no_trainable_singular_value_is_rejected(adapter_dir):
+    with pytest.raises(EssaError, match="no trainable singular value at rank 4"):
+        SvdLoraSpace.from_adapter(adapter_dir, alpha=0.2)
 
 
 def test_adapter_for_other_targets_is_rejected(adapter_dir, tmp_path):
@@ -151,3 +156,37 @@ def test_adapter_rank_disagreeing_with_its_config_is_rejected(adapter_dir, tmp_p
 def test_not_an_adapter_dir_is_rejected(tmp_path):
     with pytest.raises(EssaError, match="not a PEFT adapter"):
         SvdLoraSpace.from_adapter(tmp_path, alpha=1.0)
+
+
+def _peft_adapter(path, **options):
+    import copy
+
+    cfg = peft.LoraConfig(**{"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"], "task_type": "CAUSAL_LM",
+                             **options})
+    peft.get_peft_model(copy.deepcopy(tiny_llama(seed=0)), cfg).save_pretrained(str(path))
+    return path
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"use_dora": True}, "DoRA magnitude vectors"),
+    ({"modules_to_save": ["lm_head"]}, "fully trained modules_to_save ['lm_head']"),
+    ({"lora_bias": True}, "LoRA biases"),
+    ({"target_modules": ["q_proj", "embed_tokens"]}, "not LoRA factors, e.g. base_model.model.model.embed_tokens"),
+])
+def test_adapters_with_weights_beyond_the_factors_are_refused(tmp_path, options, message):
+    """DoRA, modules_to_save, LoRA biases and embedding LoRA carry trained weights the SVD space
+    would drop at run time and on export: refused, naming what would be lost."""
+    adapter = _peft_adapter(tmp_path / "adapter", **options)
+    with pytest.raises(EssaError, match="holds weights ESSA would drop") as err:
+        SvdLoraSpace.from_adapter(adapter, alpha=1.0, model=tiny_llama(seed=0))
+    assert message in str(err.value)
+
+
+def test_adapter_training_base_biases_is_refused(tmp_path):
+    adapter = _peft_adapter(tmp_path / "adapter")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["bias"] = "lora_only"  # a model with biased linears would save them next to the factors
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(EssaError, match=r"trained biases \(bias: lora_only\)"):
+        SvdLoraSpace.from_adapter(adapter, alpha=1.0)
+    assert SvdLoraSpace.from_adapter(_peft_adapter(tmp_path / "plain"), alpha=1.0).dim == 2 * 2 * 2 * 2

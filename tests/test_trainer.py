@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import pickle
 
 import numpy as np
 import pytest
@@ -10,8 +13,9 @@ import torch
 
 from adapters import make_random_adapter
 from essa.backends.local import LocalBackend
-from essa.config import GenerationConfig, SearchConfig
+from essa.config import DecodingConfig, SearchConfig
 from essa.errors import EssaError
+from essa.io import atomic_write_state, read_state
 from essa.svd_space import SvdLoraSpace
 from essa.tasks import Example, Task
 from essa.trainer import EssaTrainer
@@ -21,7 +25,8 @@ torch.set_num_threads(1)
 
 
 class VowelTask(Task):
-    """Reward = share of vowels in the completion: graded, so candidates get different fitness."""
+    """Reward 1 when the completion holds a vowel: on the tiny model candidates differ in both
+    fitness and validation accuracy, so comparisons of either are not vacuous."""
 
     name = "vowels"
 
@@ -30,7 +35,7 @@ class VowelTask(Task):
         return [Example(prompt=f"say {offset + i}", answer=None) for i in range(6)]
 
     def reward(self, completion, example):
-        return sum(c in "aeiou" for c in completion) / max(len(completion), 1)
+        return float(any(c in "aeiou" for c in completion))
 
 
 class Killed(Exception):
@@ -42,14 +47,19 @@ def adapter_dir(tmp_path_factory):
     return make_random_adapter(tiny_llama(seed=0), tmp_path_factory.mktemp("a") / "sft", rank=2)
 
 
-def make_trainer(adapter_dir, run_dir, generations, on_generation=None, optimizer="sep-cma"):
+def make_trainer(adapter_dir, run_dir, generations, on_generation=None, optimizer="sep-cma", time_budget_s=None):
     model, tok = tiny_llama(seed=0), tiny_tokenizer()
     space = SvdLoraSpace.from_adapter(adapter_dir, 1.0, model=model)
-    backend = LocalBackend(model, tok, space, GenerationConfig(max_new_tokens=6, batch_size=32))
+    backend = LocalBackend(model, tok, space, DecodingConfig(max_new_tokens=6, batch_size=32))
     search = SearchConfig(optimizer=optimizer, popsize=4, sigma0=0.5, prompts_per_generation=3,
-                          generations=generations, eval_every=2, seed=7)
-    return EssaTrainer(backend, tok, VowelTask(), search, space.dim, run_dir, progress=False,
+                          generations=generations, time_budget_s=time_budget_s, eval_every=2, seed=7)
+    return EssaTrainer(backend, tok, VowelTask(), search, run_dir, progress=False,
                        on_generation=on_generation)
+
+
+def validation_history(run_dir):
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["val_accuracy"] for r in lines if "val_accuracy" in r]
 
 
 def fitness_history(run_dir):
@@ -57,7 +67,7 @@ def fitness_history(run_dir):
     return [(r["generation"], r["fitness_mean"], r["fitness_max"], r["sigma"]) for r in lines if "fitness_mean" in r]
 
 
-@pytest.mark.parametrize("optimizer", ["sep-cma", "openai-es"])
+@pytest.mark.parametrize("optimizer", ["cma", "sep-cma", "openai-es"])
 def test_kill_and_resume_matches_uninterrupted_run(adapter_dir, tmp_path, optimizer):
     straight = make_trainer(adapter_dir, tmp_path / "straight", 4, optimizer=optimizer).run()
 
@@ -72,9 +82,11 @@ def test_kill_and_resume_matches_uninterrupted_run(adapter_dir, tmp_path, optimi
 
     assert fitness_history(tmp_path / "killed") == fitness_history(tmp_path / "straight")
     assert np.array_equal(resumed.final_z, straight.final_z)
-    assert resumed.final_choice == straight.final_choice
-    # The fitness is informative: candidates differed, so the comparison above is not vacuous.
+    assert resumed.final_choice == straight.final_choice and resumed.validation == straight.validation
+    # Fitness and validation accuracy are informative (candidates differed), so the comparisons
+    # above are not vacuous.
     assert any(h[2] > h[1] for h in fitness_history(tmp_path / "straight"))
+    assert len(set(validation_history(tmp_path / "straight"))) > 1
 
 
 def test_run_writes_metrics_checkpoint_and_validation_best_choice(adapter_dir, tmp_path):
@@ -85,8 +97,10 @@ def test_run_writes_metrics_checkpoint_and_validation_best_choice(adapter_dir, t
     assert all(r["wall_clock_s"] >= 0 for r in records)
     final = json.loads((tmp_path / "final.json").read_text())
     assert final["choice"] == result.final_choice
-    assert final["validation_accuracy"][final["choice"]] == max(final["validation_accuracy"].values())
-    assert (tmp_path / "checkpoint.pkl").is_file()
+    accuracies = final["validation_accuracy"]
+    assert len(set(accuracies.values())) > 1, accuracies  # the choice is a real one
+    assert accuracies[final["choice"]] == max(accuracies.values()) and result.validation == accuracies
+    assert (tmp_path / "checkpoint.npz").is_file()
 
 
 def test_existing_run_is_not_overwritten_without_resume(adapter_dir, tmp_path):
@@ -96,7 +110,50 @@ def test_existing_run_is_not_overwritten_without_resume(adapter_dir, tmp_path):
 
 
 def test_time_budget_stops_the_run(adapter_dir, tmp_path):
-    trainer = make_trainer(adapter_dir, tmp_path, None)
-    trainer.cfg.time_budget_s = 0.0
-    result = trainer.run()
+    result = make_trainer(adapter_dir, tmp_path, None, time_budget_s=0.0).run()
     assert result.state.generation == 0
+
+
+class RunsCode:
+    """Unpickling this touches a file: the proof that a loader ran code from the file it read."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_checkpoint_of_an_older_essa_is_never_loaded(adapter_dir, tmp_path):
+    marker = tmp_path / "code-ran"
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoint.pkl").write_bytes(pickle.dumps(RunsCode(marker)))
+    with pytest.raises(EssaError, match="checkpoint.pkl of an older essa, which is not loaded"):
+        make_trainer(adapter_dir, run_dir, 2).run(resume=True)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("optimizer", ["cma", "sep-cma"])
+def test_tampered_cma_state_runs_no_code_and_says_so(adapter_dir, tmp_path, optimizer):
+    """pycma's strategy is stored pickled inside the .npz; it loads through an unpickler that only
+    rebuilds numpy arrays and pycma's classes."""
+    run_dir, marker = tmp_path / "run", tmp_path / "code-ran"
+    make_trainer(adapter_dir, run_dir, 1, optimizer=optimizer).run()
+    tree = read_state(run_dir / "checkpoint.npz")
+    tree["optimizer"]["es"] = np.frombuffer(pickle.dumps(RunsCode(marker)), dtype=np.uint8)
+    atomic_write_state(run_dir / "checkpoint.npz", tree)
+    with pytest.raises(EssaError, match="posix.system is not allowed in an optimizer state"):
+        make_trainer(adapter_dir, run_dir, 2, optimizer=optimizer).run(resume=True)
+    assert not marker.exists()
+
+
+def test_checkpoint_with_a_pickled_entry_runs_no_code_and_says_so(adapter_dir, tmp_path):
+    run_dir, marker = tmp_path / "run", tmp_path / "code-ran"
+    run_dir.mkdir()
+    buf = io.BytesIO()
+    np.savez(buf, __tree__=np.array([RunsCode(marker)], dtype=object))  # np.load would unpickle it
+    (run_dir / "checkpoint.npz").write_bytes(buf.getvalue())
+    with pytest.raises(EssaError, match="cannot read state file .*allow_pickle=False"):
+        make_trainer(adapter_dir, run_dir, 2).run(resume=True)
+    assert not marker.exists()

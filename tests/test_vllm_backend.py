@@ -18,7 +18,7 @@ pytest.importorskip("vllm")
 from adapters import make_random_adapter  # noqa: E402
 from essa.backends.local import LocalBackend  # noqa: E402
 from essa.backends.vllm_backend import VllmBackend  # noqa: E402
-from essa.config import GenerationConfig, ModelConfig, TaskConfig  # noqa: E402
+from essa.config import DecodingConfig, ModelConfig, TaskConfig  # noqa: E402
 from essa.evaluate import score  # noqa: E402
 from essa.models import engine_model_source, load_model  # noqa: E402
 from essa.svd_space import SvdLoraSpace  # noqa: E402
@@ -26,7 +26,7 @@ from essa.tasks import format_prompt, get_task  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.bundled]
 
-GENERATION = GenerationConfig(max_new_tokens=24, temperature=0.0, batch_size=48)
+DECODING = DecodingConfig(max_new_tokens=24, temperature=0.0, batch_size=48)
 TASK = TaskConfig(name="arithmetic", seed=3, sft_size=8, train_size=32, validation_size=8, test_size=8)
 
 
@@ -45,7 +45,7 @@ def space(bundled, tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine(bundled, space):
     _, tokenizer = bundled
-    backend = VllmBackend(engine_model_source("smollm2-135m-instruct"), tokenizer, space, GENERATION,
+    backend = VllmBackend(engine_model_source("smollm2-135m-instruct"), tokenizer, space, DECODING,
                           max_loras=4, threads=1)
     yield backend
     backend.close()
@@ -64,7 +64,7 @@ def test_vllm_completions_match_population_runtime(bundled, space, engine, promp
     task, prompts, examples = prompts_and_examples
     rng = np.random.default_rng(0)
     population = np.stack([np.zeros(space.dim), rng.normal(0, 0.05, space.dim), rng.normal(0, 0.5, space.dim)])
-    local = LocalBackend(model, tokenizer, space, GENERATION)
+    local = LocalBackend(model, tokenizer, space, DECODING)
     try:
         expected = local.evaluate(population, prompts)
     finally:
@@ -96,7 +96,7 @@ def train_cli(space, root, *backend_args):
     cmd = [sys.executable, "-m", "essa.cli", "train", f"adapter={adapter}", f"output_dir={out}", *backend_args,
            "model.threads=1", "backend.threads_per_worker=1", "task.name=arithmetic", "task.train_size=32",
            "task.validation_size=8", "essa.popsize=4", "essa.prompts_per_generation=4", "essa.generations=2",
-           "essa.eval_every=0", "generation.max_new_tokens=24", "--quiet"]
+           "essa.eval_every=0", "decoding.max_new_tokens=24", "--quiet"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out

@@ -17,11 +17,23 @@ DEMO_CONFIG = "demo.yaml"
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["plan"]:  # the planner parses its own options
-        return _guarded(lambda: _plan_main(argv[1:]))
-    if argv[:1] == ["compare"]:  # compare reads its own compare:/grpo: config sections
-        _quiet_libraries()
-        return _guarded(lambda: _compare_main(argv[1:]))
+    return _guarded(lambda: _run(argv))
+
+
+def _run(argv: list[str]) -> int:
+    try:
+        args = parse_args(argv)
+    except SystemExit as exc:  # --help and --version print and exit 0
+        return int(exc.code or 0)
+    if args.func is None:
+        _parser().print_help()
+        return 2
+    _quiet_libraries()
+    return args.func(args) or 0
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line as a namespace; usage errors raise EssaError like every other bad input."""
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may sit between options (argparse only collects the leading run).
@@ -30,11 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = list(args.overrides) + extra
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    _quiet_libraries()
-    return _guarded(lambda: args.func(args) or 0)
+    return args
 
 
 def _guarded(run: Callable[[], int]) -> int:
@@ -65,12 +73,21 @@ def _quiet_libraries() -> None:
         pass
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors raise EssaError (one line, exit code 2) instead of argparse's own exit."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise EssaError(message)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="essa", description="ESSA: evolutionary alignment of LLMs "
-                                     "by CMA-ES over the singular values of a LoRA adapter.")
+    parser = _Parser(prog="essa", description="ESSA: evolutionary alignment of LLMs "
+                     "by CMA-ES over the singular values of a LoRA adapter.")
     from essa import __version__
+    from essa.plan import DESCRIPTION as PLAN, add_arguments as add_plan_arguments
 
     parser.add_argument("--version", action="version", version=f"essa {__version__}")
+    parser.set_defaults(func=None)
     sub = parser.add_subparsers(title="commands")
 
     p = _command(sub, "sft", "LoRA SFT warm start on the task's SFT split -> OUTPUT_DIR/adapter", _sft)
@@ -94,10 +111,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="base model for --merge (default: the run's model.name)")
     p.set_defaults(func=_export)
 
-    sub.add_parser("compare", help="ESSA vs GRPO from the same SFT adapter, same reward, prompts and budget "
-                   "(essa compare --help for its options)")
-    sub.add_parser("plan", help="the paper's cost model: ESSA vs a gradient method at G GPUs "
-                   "(essa plan --help for its options)")
+    _command(sub, "compare", "ESSA vs GRPO from the same SFT adapter, same reward, prompts and budget "
+             "(config: the packaged compare.yaml, compare: and grpo: sections included)", _compare)
+
+    p = sub.add_parser("plan", help="the paper's cost model: ESSA vs a gradient method at G GPUs",
+                       description=PLAN)
+    add_plan_arguments(p)
+    p.set_defaults(func=_plan)
 
     p = sub.add_parser("fetch-model", help="download and convert the bundled model (for offline use later)")
     p.set_defaults(func=_fetch_model)
@@ -168,21 +188,23 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _compare_main(argv: list[str]) -> int:
-    from essa.compare import compare_main
+def _compare(args: argparse.Namespace) -> int:
+    from essa.compare import compare_defaults, run_compare
 
-    return compare_main(argv)
+    summary = run_compare(_config(args, base=compare_defaults()), progress=not args.quiet)
+    print(json.dumps(summary))
+    return 0
 
 
-def _plan_main(argv: list[str]) -> int:
-    from essa.plan import plan_main
+def _plan(args: argparse.Namespace) -> int:
+    from essa.plan import run_plan
 
     def calibrate() -> tuple[float, float]:  # --calibrate: this machine, the bundled model
         from essa.calibrate import measure_throughputs
 
         return measure_throughputs()
 
-    return plan_main(argv, calibrate_fn=calibrate)
+    return run_plan(args, calibrate_fn=calibrate)
 
 
 def _fetch_model(args: argparse.Namespace) -> int:

@@ -18,12 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from essa.backends.local import LocalBackend
+from essa.backends import backend_class, build_backend, evaluation_kind, load_inputs
 from essa.config import Config
+from essa.console import say
 from essa.errors import EssaError
 from essa.evaluate import evaluate_split
 from essa.io import atomic_directory, atomic_write_json, atomic_write_text, ensure_writable_dir
-from essa.models import load_model, load_tokenizer
+from essa.models import load_model
 from essa.report import plot_training, write_report
 from essa.svd_space import ADAPTER_CONFIG, SvdLoraSpace
 from essa.tasks import get_task
@@ -62,12 +63,13 @@ def _log_to_file(path: Path) -> None:
 
 # -- sft -----------------------------------------------------------------------------------------
 def run_sft(cfg: Config, progress: bool = True, model_and_tokenizer: tuple[Any, Any] | None = None) -> Path:
-    from essa.sft import run_sft as train_lora
+    from essa.sft import check_targets, run_sft as train_lora
 
     task = get_task(cfg.task)
     task.checked_split("sft")
-    run_dir = _prepare_run_dir(cfg)
     model, tokenizer = model_and_tokenizer or load_model(cfg.model)
+    check_targets(model, cfg.lora.targets)
+    run_dir = _prepare_run_dir(cfg)  # only after every check
     result = train_lora(model, tokenizer, task, cfg.lora, cfg.sft, run_dir / "adapter", progress=progress)
     log.info("SFT done: %d steps, final loss %.4f, %.1f s", result.steps, result.final_loss, result.wall_clock_s)
     return Path(result.adapter_dir)
@@ -82,17 +84,15 @@ def run_train(cfg: Config, resume: bool = False, progress: bool = True,
     task = get_task(cfg.task)
     task.checked_split("train")
     task.checked_split("validation")
-    refuse_to_overwrite(cfg.output_dir, resume)  # before anything is written there
-    _require_engine(cfg)
-    model, tokenizer = model_and_tokenizer or _model_and_tokenizer(cfg, load_weights=cfg.backend.kind == "local")
-    # Without a local model (vLLM, Ray) the engines check that the adapter fits their own copy.
-    space = SvdLoraSpace.from_adapter(adapter_dir, cfg.essa.alpha, model=model)
+    refuse_to_overwrite(cfg.output_dir, resume)
+    # Every check (backend, model, adapter fit) happens here, before the run dir is written.
+    inputs = load_inputs(cfg, adapter_dir, cfg.essa.alpha, loaded=model_and_tokenizer)
+    space = inputs.space
     run_dir = _prepare_run_dir(cfg)
-    _say(space.describe())
-    backend = _training_backend(cfg, model, tokenizer, space, adapter_dir)
+    say(space.describe())
+    backend = build_backend(cfg, inputs)
     try:
-        trainer = EssaTrainer(backend, tokenizer, task, cfg.essa, space.dim, run_dir, progress=progress)
-        result = trainer.run(resume=resume)
+        result = EssaTrainer(backend, inputs.tokenizer, task, cfg.essa, run_dir, progress=progress).run(resume=resume)
     finally:
         backend.close()
     space.save_adapter(result.final_z, run_dir / "adapter")
@@ -111,67 +111,26 @@ def run_train(cfg: Config, resume: bool = False, progress: bool = True,
     return summary
 
 
-def _require_engine(cfg: Config) -> None:
-    if cfg.backend.kind == "vllm":
-        from essa.backends.vllm_backend import require_vllm
-
-        require_vllm()
-
-
-def _model_and_tokenizer(cfg: Config, load_weights: bool) -> tuple[Any, Any]:
-    """(model, tokenizer); engines that load the weights themselves (vLLM, Ray workers) get (None, tokenizer)."""
-    return load_model(cfg.model) if load_weights else (None, load_tokenizer(cfg.model))
-
-
-def _training_backend(cfg: Config, model: Any, tokenizer: Any, space: SvdLoraSpace, adapter_dir: Path) -> Any:
-    if cfg.backend.kind == "vllm":
-        return _vllm_backend(cfg, tokenizer, space, max_loras=cfg.essa.popsize)
-    if cfg.backend.kind == "ray":
-        from essa.backends.ray_backend import RayPopulationEvaluator
-
-        _say(f"starting {cfg.backend.workers} Ray workers")
-        return RayPopulationEvaluator(cfg.model, str(adapter_dir), cfg.essa.alpha, cfg.generation, cfg.task,
-                                      cfg.essa, num_workers=cfg.backend.workers, ray_address=cfg.backend.ray_address,
-                                      threads_per_worker=cfg.backend.threads_per_worker, log=_say,
-                                      engine=cfg.backend.worker_engine, vllm_options=cfg.backend.vllm_options)
-    return LocalBackend(model, tokenizer, space, cfg.generation, quantize=cfg.model.quantize)
-
-
-def _vllm_backend(cfg: Config, tokenizer: Any, space: SvdLoraSpace | None, max_loras: int,
-                  progress: bool = False) -> Any:
-    from essa.backends.vllm_backend import VllmBackend
-
-    _say("starting the vLLM engine")
-    return VllmBackend.for_model(cfg.model, tokenizer, space, cfg.generation, max_loras=max_loras,
-                                 engine_options=cfg.backend.vllm_options, progress=progress, seed=cfg.essa.seed)
-
-
 # -- eval ----------------------------------------------------------------------------------------
 def run_eval(cfg: Config, split: str = "test", samples: int = 1, limit: int | None = None,
              records_path: str | Path | None = None, use_adapter: bool = True,
              model_and_tokenizer: tuple[Any, Any] | None = None, progress: bool = False) -> dict[str, Any]:
     if samples < 1:
         raise EssaError(f"--samples must be >= 1 (got {samples})")
-    if samples > 1 and cfg.generation.temperature <= 0:
-        raise EssaError("avg@k / pass@k need sampling: set generation.temperature > 0 with --samples > 1")
+    if samples > 1 and cfg.decoding.temperature <= 0:
+        raise EssaError("avg@k / pass@k need sampling: set decoding.temperature > 0 with --samples > 1")
     task = get_task(cfg.task)
     examples = task.checked_split(split)[:limit]
-    vllm = cfg.backend.kind == "vllm"  # a Ray pool is for training; evaluation runs here
-    model, tokenizer = model_and_tokenizer or _model_and_tokenizer(cfg, load_weights=not vllm)
-    space = None
-    if use_adapter and cfg.adapter is not None:
-        space = SvdLoraSpace.from_adapter(resolve_adapter_dir(cfg.adapter), 1.0, model=model)
-    if vllm:
-        backend = _vllm_backend(cfg, tokenizer, space, max_loras=1, progress=progress)
-    else:
-        backend = LocalBackend(model, tokenizer, space, cfg.generation, progress=progress,
-                               quantize=cfg.model.quantize)
+    adapter_dir = resolve_adapter_dir(cfg.adapter) if use_adapter and cfg.adapter is not None else None
+    kind = evaluation_kind(cfg)  # a training pool (Ray) evaluates here, on its workers' engine
+    inputs = load_inputs(cfg, adapter_dir, 1.0, kind=kind, loaded=model_and_tokenizer)
+    backend = build_backend(cfg, inputs, kind=kind, progress=progress)
     try:
-        result = evaluate_split(backend, tokenizer, task, examples, samples=samples, seed=cfg.essa.seed)
+        result = evaluate_split(backend, inputs.tokenizer, task, examples, samples=samples, seed=cfg.essa.seed)
     finally:
         backend.close()
     metrics = {"task": task.name, "split": split, "model": cfg.model.name,
-               "adapter": str(cfg.adapter) if space is not None else None, **result.metrics}
+               "adapter": str(cfg.adapter) if adapter_dir is not None else None, **result.metrics}
     if records_path is not None:
         path = Path(records_path)
         ensure_writable_dir(path.parent)
@@ -226,29 +185,34 @@ def run_demo(cfg: Config, progress: bool = True, resume: bool = False) -> dict[s
     if not resume and any((Path(cfg.output_dir) / name).exists() for name in ("sft", "essa", "summary.json")):
         raise EssaError(f"{cfg.output_dir} already holds a demo run; pass --resume to continue it, "
                         "or output_dir=NEW_DIR for a fresh one")
-    root = _prepare_run_dir(cfg)
-    model_and_tokenizer = load_model(cfg.model)
+    from essa.sft import check_targets
+
     task = get_task(cfg.task)
     for split in ("sft", "train", "validation", "test"):
         task.checked_split(split)
+    for kind in (cfg.backend.kind, evaluation_kind(cfg)):
+        backend_class(kind).check(cfg)
+    model_and_tokenizer = load_model(cfg.model)
+    check_targets(model_and_tokenizer[0], cfg.lora.targets)
+    root = _prepare_run_dir(cfg)  # only after every check
 
     sft_cfg = cfg.with_changes(output_dir=str(root / "sft"))
-    _say("1/4 LoRA SFT warm start")
+    say("1/4 LoRA SFT warm start")
     t0 = time.perf_counter()
     adapter = root / "sft" / "adapter"
     if not (resume and (adapter / ADAPTER_CONFIG).is_file()):
         adapter = run_sft(sft_cfg, progress=progress, model_and_tokenizer=model_and_tokenizer)
     sft_s = time.perf_counter() - t0
 
-    _say("2/4 test accuracy of the SFT adapter")
+    say("2/4 test accuracy of the SFT adapter")
     before = run_eval(cfg.with_changes(adapter=str(adapter)), "test", model_and_tokenizer=model_and_tokenizer,
                       progress=progress)
 
-    _say("3/4 ESSA search")
+    say("3/4 ESSA search")
     train_cfg = cfg.with_changes(adapter=str(adapter), output_dir=str(root / "essa"))
     train = run_train(train_cfg, resume=resume, progress=progress, model_and_tokenizer=model_and_tokenizer)
 
-    _say("4/4 test accuracy of the ESSA adapter")
+    say("4/4 test accuracy of the ESSA adapter")
     after = run_eval(cfg.with_changes(adapter=str(root / "essa" / "adapter")), "test", progress=progress,
                      model_and_tokenizer=model_and_tokenizer)
     run_export(root / "essa", root / "adapter")
@@ -280,8 +244,3 @@ def _split_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if k not in skip}
 
 
-def _say(message: str) -> None:
-    import sys
-
-    print(f"[essa] {message}", file=sys.stderr, flush=True)
-    log.info(message)

@@ -4,17 +4,19 @@ Protocol (what makes the comparison fair, and what the report claims):
 - One start adapter: the SFT adapter (trained once, or `adapter=PATH`), or with
   `compare.svd_vectors: random` the same adapter with random orthonormal singular vectors and the
   same singular values (the paper's Appendix E ablation). Both methods save the exact tensors they
-  start from (`essa/start_adapter`, `grpo/start_adapter`); the summary says whether they are equal.
-- One prompt stream: ESSA's mini-batch schedule over the task's train split. GRPO reads the same
-  stream in the same order, so after k steps both have seen the same first k batches.
+  start from (`essa/start_adapter`, `grpo/start_adapter`); the run fails unless they are equal.
+- One prompt stream (`essa.schedule.prompt_stream`): ESSA's mini-batches over the task's train
+  split. GRPO reads the same stream in the same order, cut into its steps; each method records
+  what it read and the run fails unless both read exactly the stream.
 - One clock per method, counting training work only: ESSA generations (its validation passes are
   kept off the trainer's search clock), GRPO optimizer steps (snapshot
   saves are off the clock). Each stops at the first step that ends past `compare.budget_s`.
 - Matched checkpoints: at every budget/`checkpoints` seconds each method snapshots its current
-  model (ESSA: the optimizer mean, no validation involved; GRPO: the current adapter). After
-  training, every snapshot is evaluated greedily by the same evaluator (the SVD-LoRA population
-  runtime with zero offsets) on the validation and the held-out test split. Selection
-  ("validation-best") reads validation accuracy only; the test split is only ever reported.
+  model (ESSA: the optimizer mean, no validation involved; GRPO: the current adapter). ESSA trains
+  on the configured backend (backend.kind). After training, every snapshot is evaluated greedily
+  by the same evaluator (the backend that evaluates single adapters for this config: local or
+  vLLM, the workers' engine for a Ray pool) on the validation and the held-out test split.
+  Selection ("validation-best") reads validation accuracy only; the test split is only reported.
 - Peak memory: with `compare.isolate` (default) SFT, ESSA and GRPO each run in a fresh process
   started with multiprocessing 'spawn'; each reports its own `ru_maxrss` right after training
   (model load + training; evaluation comes later), so the two peaks are separable.
@@ -25,18 +27,15 @@ offsets ESSA searches are trained (`svd_grpo.py`); tables and plots then name it
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import logging
 import multiprocessing
 import resource
-import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -45,101 +44,33 @@ import numpy as np
 import torch
 import yaml
 
-from essa.config import (
-    Config,
-    build_section,
-    config_from_mapping,
-    merge_mapping,
-    merge_overrides,
-    read_yaml_mapping,
-)
+from essa.backends import Backend, Generation, Minibatch, backend_class, build_backend, evaluation_kind, load_inputs
+from essa.config import Config, SearchConfig, config_from_mapping, load_config
+from essa.console import say
 from essa.errors import EssaError
-from essa.grpo import GrpoSettings
 from essa.io import atomic_write_json, atomic_write_text, ensure_writable_dir
 from essa.report import line_plot
+from essa.schedule import STREAM_STEPS, SnapshotSchedule, prompt_stream, rechunk
 from essa.svd_space import ADAPTER_WEIGHTS, SvdFactorPair, SvdLoraSpace
 
 log = logging.getLogger("essa.compare")
 COMPARE_CONFIG = "compare.yaml"
 REWARD_PLOT = "reward_vs_wallclock.png"
 ACCURACY_PLOT = "test_accuracy_vs_wallclock.png"
-# Upper bound on GRPO's prompt stream when compare.max_steps is unset (a 135M model on CPU
-# makes a few dozen steps in half an hour; a run that reaches this stops early and says so).
-STREAM_STEPS = 2000
-SVD_VECTORS = ("sft", "random")
-
-
-@dataclass
-class CompareSettings:
-    # Wall-clock seconds of training for each method.
-    budget_s: float = 1380.0
-    # Matched snapshots at budget * k / checkpoints, k = 1..checkpoints (plus t = 0 and the end).
-    checkpoints: int = 4
-    # Optional cap on ESSA generations and GRPO steps (null: the budget alone decides).
-    max_steps: int | None = None
-    # Singular vectors of the start adapter: the SFT adapter's own ("sft") or random orthonormal ones.
-    svd_vectors: str = "sft"
-    # Seed of the random singular vectors.
-    seed: int = 0
-    # Run SFT, ESSA and GRPO each in a fresh spawned process (separable peak memory).
-    isolate: bool = True
-
-    def validate(self) -> CompareSettings:
-        checks = [
-            (self.budget_s > 0, "compare.budget_s must be > 0", self.budget_s),
-            (self.checkpoints >= 1, "compare.checkpoints must be >= 1", self.checkpoints),
-            (self.max_steps is None or self.max_steps >= 1, "compare.max_steps must be >= 1 or null", self.max_steps),
-            (self.svd_vectors in SVD_VECTORS, "compare.svd_vectors must be sft or random", self.svd_vectors),
-        ]
-        for ok, message, value in checks:
-            if not ok:
-                raise EssaError(f"{message} (got {value!r})")
-        return self
-
-    def checkpoint_times(self) -> list[float]:
-        return [self.budget_s * k / self.checkpoints for k in range(1, self.checkpoints + 1)]
 
 
 # -- config --------------------------------------------------------------------------------------
-SECTIONS = {"compare": CompareSettings, "grpo": GrpoSettings}
+def compare_defaults() -> Config:
+    """The comparison's settings: the packaged compare.yaml over the library defaults."""
+    return config_from_mapping(yaml.safe_load(resources.files("essa").joinpath("configs", COMPARE_CONFIG).read_text()))
 
 
-def load_compare_config(path: str | Path | None = None, overrides: list[str] | None = None
-                        ) -> tuple[Config, CompareSettings, GrpoSettings]:
-    """Packaged compare.yaml <- YAML file <- key=value overrides, for all three sections."""
-    packaged = yaml.safe_load(resources.files("essa").joinpath("configs", COMPARE_CONFIG).read_text())
-    user = read_yaml_mapping(Path(path)) if path is not None else {}
-    sections = {name: dataclasses.asdict(cls()) for name, cls in SECTIONS.items()}
-    for source in (packaged, user):
-        # The sections leave `source`, so what remains is a plain essa config.
-        merge_mapping(sections, {name: source.pop(name) or {} for name in SECTIONS if name in source})
-    mine = [item for item in overrides or [] if _section_of(item) in SECTIONS]
-    merge_overrides(sections, mine)
-    standard = [item for item in overrides or [] if item not in mine]
-    cfg = config_from_mapping(user, standard, base=config_from_mapping(packaged))
-    compare = build_section(CompareSettings, sections["compare"], "compare.").validate()
-    grpo = build_section(GrpoSettings, sections["grpo"], "grpo.").validate()
-    return cfg, compare, grpo
+def load_compare_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Packaged compare.yaml <- YAML file <- key=value overrides (all sections, compare: and grpo: included)."""
+    return load_config(path, overrides, base=compare_defaults())
 
 
-def _section_of(override: str) -> str:
-    return override.split("=", 1)[0].split(".", 1)[0].strip()
-
-
-# -- the prompt stream and the start adapter --------------------------------------------------
-def essa_prompt_schedule(search: Any, n_train: int, steps: int) -> list[list[int]]:
-    """Train indices of ESSA's mini-batch for generations 0..steps-1 (its seeded sampling)."""
-    size = min(search.prompts_per_generation, n_train)
-    return [np.random.default_rng([search.seed, g]).choice(n_train, size=size, replace=False).tolist()
-            for g in range(steps)]
-
-
-def rechunk(schedule: list[list[int]], per_step: int) -> list[list[int]]:
-    """The same prompt stream, in the same order, cut into steps of `per_step` prompts."""
-    flat = [i for batch in schedule for i in batch]
-    return [flat[k:k + per_step] for k in range(0, len(flat) - per_step + 1, per_step)]
-
-
+# -- the start adapter --------------------------------------------------------------------------
 def randomize_singular_vectors(space: SvdLoraSpace, seed: int) -> SvdLoraSpace:
     """The same factor shapes, singular values and trainable counts, with random orthonormal U and V."""
     gen = torch.Generator().manual_seed(seed)
@@ -165,6 +96,29 @@ def same_adapter_tensors(dir_a: str | Path, dir_b: str | Path) -> bool:
 
     a, b = load_file(str(Path(dir_a) / ADAPTER_WEIGHTS)), load_file(str(Path(dir_b) / ADAPTER_WEIGHTS))
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- what the two methods must share, verified after they ran -----------------------------------
+def check_same_start(essa: dict[str, Any], grpo: dict[str, Any]) -> None:
+    """Both methods saved the tensors they started from: they must be bit-identical."""
+    if not same_adapter_tensors(essa["start_adapter"], grpo["start_adapter"]):
+        raise EssaError(f"ESSA and GRPO started from different adapter tensors ({essa['start_adapter']} vs "
+                        f"{grpo['start_adapter']}): the comparison is void")
+
+
+def check_same_prompts(search: SearchConfig, n_train: int, per_step: int, essa: dict[str, Any],
+                       grpo: dict[str, Any]) -> None:
+    """ESSA's generations and GRPO's steps (`per_step` prompts each) read the shared prompt stream,
+    in order, and nothing else."""
+    generations = max(essa["steps"], -(-grpo["steps"] * per_step // min(search.prompts_per_generation, n_train)))
+    stream = prompt_stream(search, n_train, generations)
+    expected = {"ESSA": stream[:essa["steps"]], "GRPO": rechunk(stream, per_step)[:grpo["steps"]]}
+    for (name, want), used in zip(expected.items(), (essa["prompts_used"], grpo["prompts_used"])):
+        if used != want:
+            step = next((k for k, (u, w) in enumerate(zip(used, want)) if u != w), min(len(used), len(want)))
+            raise EssaError(f"{name} did not read the shared prompt stream (first difference at step {step}: "
+                            f"{used[step] if step < len(used) else 'nothing'} instead of "
+                            f"{want[step] if step < len(want) else 'nothing'}): the comparison is void")
 
 
 # -- selection and time-to-target (validation picks, test only reports) -------------------------
@@ -221,98 +175,96 @@ def _sft_job(cfg: Config, progress: bool) -> dict[str, Any]:
     return {"adapter": str(adapter), "wall_clock_s": time.perf_counter() - t0, "peak_rss_mb": _peak_rss_mb()}
 
 
-class RecordingBackend:
-    """Wraps ESSA's backend and records the train prompts of each generation."""
+class RecordingBackend(Backend):
+    """Wraps ESSA's backend and records the train-split indices each generation hands it."""
 
-    def __init__(self, backend: Any, train_prompts: list[str]):
+    def __init__(self, backend: Backend):
         self.backend = backend
-        self.index = {p: i for i, p in enumerate(train_prompts)}
         self.batches: list[list[int]] = []
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.backend, name)
+    @property
+    def dim(self) -> int:
+        return self.backend.dim
 
     def evaluate(self, population: np.ndarray | None, prompts: list[str], seed: int = 0) -> list[list[str]]:
-        out = self.backend.evaluate(population, prompts, seed=seed)
-        if population is not None and len(population) > 1:  # a generation (validation runs one candidate)
-            self.batches.append([self.index.get(p, -1) for p in prompts])
-        return out
+        return self.backend.evaluate(population, prompts, seed=seed)
+
+    def run_generation(self, gen: int, optimizer: Any, task: Any, batch: Minibatch, seed: int,
+                       stats: Any) -> Generation:
+        self.batches.append(list(batch.indices))
+        return self.backend.run_generation(gen, optimizer, task, batch, seed, stats)
+
+    def close(self) -> None:
+        self.backend.close()
 
 
 class EssaWatcher:
     """`on_generation` hook: the training-only clock, per-generation rewards and mean snapshots."""
 
-    def __init__(self, recorder: RecordingBackend, times: list[float]):
-        self.recorder = recorder
-        self.times = list(times)
+    def __init__(self, times: list[float]):
+        self.schedule = SnapshotSchedule(times)
         self.trainer: Any = None
         self.last_t = 0.0  # the clock when the last generation ended
         self.curve: list[dict[str, Any]] = []
         self.snapshots: list[tuple[float, int, np.ndarray]] = []
 
-    def clock(self, state: Any) -> float:
-        return state.elapsed_s  # the trainer keeps validation off its search clock
-
     def __call__(self, state: Any) -> None:
-        t = self.last_t = self.clock(state)
+        t = self.last_t = state.elapsed_s  # the trainer keeps validation off its search clock
         last = next(r for r in reversed(state.history) if "fitness_mean" in r)
         self.curve.append({"step": state.generation, "wall_clock_s": round(t, 3),
                            "reward_mean": last["fitness_mean"], "reward_max": last["fitness_max"]})
-        if self.times and t >= self.times[0]:
-            while self.times and t >= self.times[0]:
-                self.times.pop(0)
+        if self.schedule.due(t):
             self.snapshots.append((t, state.generation, self.trainer.optimizer.mean.copy()))
 
 
-def _essa_job(cfg: Config, compare: CompareSettings, start_adapter: str, run_dir: str,
-              progress: bool) -> dict[str, Any]:
-    from essa.backends.local import LocalBackend
-    from essa.models import load_model
-    from essa.tasks import format_prompt, get_task
+def _essa_job(cfg: Config, start_adapter: str, run_dir: str, progress: bool) -> dict[str, Any]:
+    """ESSA on the configured backend, then every snapshot through the one evaluator."""
+    from essa.tasks import get_task
     from essa.trainer import EssaTrainer
 
     _quiet()
-    run_dir_p = ensure_writable_dir(run_dir)
-    model, tokenizer = load_model(cfg.model)
+    out_dir = ensure_writable_dir(run_dir)
     task = get_task(cfg.task)
-    space = SvdLoraSpace.from_adapter(start_adapter, cfg.essa.alpha, model=model)
-    space.save_adapter(np.zeros(space.dim), run_dir_p / "start_adapter")
+    inputs = load_inputs(cfg, start_adapter, cfg.essa.alpha)
+    space = inputs.space
+    space.save_adapter(np.zeros(space.dim), out_dir / "start_adapter")
+    compare = cfg.compare
     search = dataclasses.replace(cfg.essa, time_budget_s=compare.budget_s, generations=compare.max_steps)
-    backend = LocalBackend(model, tokenizer, space, cfg.generation)
-    train_prompts = [format_prompt(tokenizer, task, ex) for ex in task.checked_split("train")]
-    recorder = RecordingBackend(backend, train_prompts)
-    watcher = EssaWatcher(recorder, compare.checkpoint_times())
+    recorder = RecordingBackend(build_backend(cfg, inputs))
+    watcher = EssaWatcher(compare.checkpoint_times())
     try:
-        trainer = EssaTrainer(recorder, tokenizer, task, search, space.dim, run_dir_p, progress=progress,
+        trainer = EssaTrainer(recorder, inputs.tokenizer, task, search, out_dir, progress=progress,
                               on_generation=watcher)
         watcher.trainer = trainer
         watcher.snapshots.append((0.0, 0, trainer.optimizer.mean.copy()))
         result = trainer.run()
         peak = _peak_rss_mb()
-        end_t = watcher.last_t
-        if watcher.snapshots[-1][1] != result.state.generation:
-            watcher.snapshots.append((end_t, result.state.generation, trainer.optimizer.mean.copy()))
-        space.save_adapter(result.final_z, run_dir_p / "adapter")
-        np.savez(run_dir_p / "snapshots.npz", **{f"t{i}": z for i, (_, _, z) in enumerate(watcher.snapshots)})
+    finally:
+        recorder.close()
+    end_t = watcher.last_t
+    if watcher.snapshots[-1][1] != result.state.generation:
+        watcher.snapshots.append((end_t, result.state.generation, trainer.optimizer.mean.copy()))
+    space.save_adapter(result.final_z, out_dir / "adapter")
+    np.savez(out_dir / "snapshots.npz", **{f"t{i}": z for i, (_, _, z) in enumerate(watcher.snapshots)})
+    with _evaluator(cfg, start_adapter, cfg.essa.alpha, inputs.weights()) as (backend, tokenizer):
         points = [dict(time_s=round(t, 3), step=g, **_accuracies(backend, tokenizer, task, z))
                   for t, g, z in watcher.snapshots]
         choice = {"choice": result.final_choice, "val_accuracy": result.validation[result.final_choice],
                   "test_accuracy": _accuracies(backend, tokenizer, task, result.final_z, splits=("test",))
                   ["test_accuracy"]}
-    finally:
-        backend.population_model.remove()
     out = {"method": "essa", "steps": result.state.generation, "wall_clock_s": round(end_t, 3),
            "stopped_by": _stopped_by(result.state.generation, compare.max_steps),
            "validation_s_off_clock": round(result.state.validation_s, 3), "curve": watcher.curve, "points": points,
            "prompts_used": recorder.batches, "trainer_choice": choice, "search_dim": space.dim,
-           "start_adapter": str(run_dir_p / "start_adapter"), "peak_rss_mb": peak,
+           "start_adapter": str(out_dir / "start_adapter"), "peak_rss_mb": peak,
            "reward_failures": result.state.reward_failures}
-    atomic_write_json(run_dir_p / "result.json", out)
+    atomic_write_json(out_dir / "result.json", out)
     return out
 
 
-def _grpo_job(cfg: Config, compare: CompareSettings, grpo: GrpoSettings, start_adapter: str, run_dir: str,
-              schedule: list[list[int]], progress: bool) -> dict[str, Any]:
+def _grpo_job(cfg: Config, start_adapter: str, run_dir: str, schedule: list[list[int]],
+              progress: bool) -> dict[str, Any]:
+    """GRPO (TRL, the model in this process), then every snapshot through the one evaluator."""
     from essa.grpo import run_grpo
     from essa.models import load_model
     from essa.tasks import get_task
@@ -320,23 +272,35 @@ def _grpo_job(cfg: Config, compare: CompareSettings, grpo: GrpoSettings, start_a
     _quiet()
     model, tokenizer = load_model(cfg.model)
     task = get_task(cfg.task)
-    result = run_grpo(model, tokenizer, task, start_adapter, cfg, grpo, run_dir, budget_s=compare.budget_s,
-                      checkpoint_times=compare.checkpoint_times(), schedule=schedule,
-                      max_steps=compare.max_steps, progress=progress)
+    compare = cfg.compare
+    result = run_grpo(model, tokenizer, task, start_adapter, cfg, run_dir, schedule=schedule, progress=progress)
     peak = _peak_rss_mb()
     points = []
     for snap in result.snapshots:
-        space = SvdLoraSpace.from_adapter(snap.adapter_dir, 1.0, model=model)
-        points.append(dict(time_s=snap.elapsed_s, step=snap.step, **_adapter_accuracies(model, tokenizer, task,
-                                                                                          space, cfg)))
+        with _evaluator(cfg, snap.adapter_dir, 1.0, (model, tokenizer)) as (backend, _):
+            points.append(dict(time_s=snap.elapsed_s, step=snap.step, **_accuracies(backend, tokenizer, task, None)))
     stopped = "budget" if result.elapsed_s >= compare.budget_s else (
         "max_steps" if compare.max_steps is not None else "prompt stream end")
     out = {"method": "grpo", "steps": result.steps, "wall_clock_s": round(result.elapsed_s, 3),
            "stopped_by": stopped, "curve": result.history, "points": points, "prompts_used": result.prompts_used,
            "start_adapter": result.start_adapter, "peak_rss_mb": peak, "reward_failures": result.reward_failures,
-           "settings": dataclasses.asdict(grpo)}
+           "settings": dataclasses.asdict(cfg.grpo)}
     atomic_write_json(Path(run_dir) / "result.json", out)
     return out
+
+
+@contextmanager
+def _evaluator(cfg: Config, adapter_dir: str | Path, alpha: float,
+               loaded: tuple[Any, Any] | None) -> Iterator[tuple[Backend, Any]]:
+    """(backend, tokenizer) of the one evaluator every snapshot of both methods goes through: the
+    backend that evaluates single adapters for this config (`evaluation_kind`), in this process."""
+    kind = evaluation_kind(cfg)
+    inputs = load_inputs(cfg, adapter_dir, alpha, kind=kind, loaded=loaded)
+    backend = build_backend(cfg, inputs, kind=kind)
+    try:
+        yield backend, inputs.tokenizer
+    finally:
+        backend.close()
 
 
 def _stopped_by(steps: int, max_steps: int | None) -> str:
@@ -353,86 +317,83 @@ def _accuracies(backend: Any, tokenizer: Any, task: Any, z: np.ndarray | None,
             for s in splits}
 
 
-def _adapter_accuracies(model: Any, tokenizer: Any, task: Any, space: SvdLoraSpace, cfg: Config) -> dict[str, float]:
-    from essa.backends.local import LocalBackend
-
-    backend = LocalBackend(model, tokenizer, space, cfg.generation)
-    try:
-        return _accuracies(backend, tokenizer, task, None)
-    finally:
-        backend.population_model.remove()
-
-
 # -- the whole comparison -------------------------------------------------------------------------
-def run_compare(cfg: Config, compare_cfg: CompareSettings, grpo_cfg: GrpoSettings | None = None,
-                progress: bool = True) -> dict[str, Any]:
+def run_compare(cfg: Config, progress: bool = True) -> dict[str, Any]:
     """SFT (or cfg.adapter) -> ESSA and GRPO from the same start -> plots, table, report in output_dir."""
     from essa.commands import resolve_adapter_dir
     from essa.tasks import get_task
 
-    compare_cfg.validate()
-    grpo_cfg = (grpo_cfg or GrpoSettings()).validate()
-    root = ensure_writable_dir(cfg.output_dir)
+    compare_cfg, grpo_cfg = cfg.compare, cfg.grpo
+    root = Path(cfg.output_dir)
     if any((root / name).exists() for name in ("essa", "grpo", "summary.json")):
         raise EssaError(f"{root} already holds a comparison; choose another output_dir")
     task = get_task(cfg.task)
     for split in ("train", "validation", "test") + (() if cfg.adapter else ("sft",)):
         task.checked_split(split)
-    _check_batches(cfg, grpo_cfg)
     given = None if cfg.adapter is None else str(resolve_adapter_dir(cfg.adapter))
+    _check_before_writing(cfg, given)
+    ensure_writable_dir(root)
     cfg.save(root / "config.yaml")
-    atomic_write_text(root / "compare.yaml", yaml.safe_dump(
-        {"compare": dataclasses.asdict(compare_cfg), "grpo": dataclasses.asdict(grpo_cfg)}, sort_keys=False))
 
     sft = {"adapter": given, "wall_clock_s": None, "peak_rss_mb": None}
     if given is None:
         _say("1/3 LoRA SFT warm start")
         sft = _run_job(compare_cfg.isolate, _sft_job, cfg=cfg.with_changes(output_dir=str(root / "sft")), progress=progress)
-    start = _start_adapter(Path(sft["adapter"]), cfg, compare_cfg, root)
+    start = _start_adapter(Path(sft["adapter"]), cfg, root)
 
-    schedule = essa_prompt_schedule(cfg.essa, len(task.checked_split("train")),
-                                    compare_cfg.max_steps or STREAM_STEPS)
-    per_step = grpo_cfg.prompts_per_step or len(schedule[0])
+    n_train = len(task.checked_split("train"))
+    stream = prompt_stream(cfg.essa, n_train, compare_cfg.max_steps or STREAM_STEPS)
     _say(f"2/3 ESSA for {compare_cfg.budget_s:.0f} s")
-    essa = _run_job(compare_cfg.isolate, _essa_job, cfg=cfg, compare=compare_cfg, start_adapter=str(start),
+    essa = _run_job(compare_cfg.isolate, _essa_job, cfg=cfg, start_adapter=str(start),
                     run_dir=str(root / "essa"), progress=progress)
     _say(f"3/3 {'SVD-GRPO' if grpo_cfg.svd_only else 'GRPO'} for {compare_cfg.budget_s:.0f} s")
-    grpo = _run_job(compare_cfg.isolate, _grpo_job, cfg=cfg, compare=compare_cfg, grpo=grpo_cfg,
-                    start_adapter=str(start), run_dir=str(root / "grpo"),
-                    schedule=rechunk(schedule, per_step), progress=progress)
-    summary = summarize(cfg, compare_cfg, sft, essa, grpo, len(task.checked_split("test")),
+    grpo = _run_job(compare_cfg.isolate, _grpo_job, cfg=cfg, start_adapter=str(start), run_dir=str(root / "grpo"),
+                    schedule=rechunk(stream, cfg.grpo_prompts_per_step), progress=progress)
+    check_same_start(essa, grpo)
+    check_same_prompts(cfg.essa, n_train, cfg.grpo_prompts_per_step, essa, grpo)
+    summary = summarize(cfg, sft, essa, grpo, len(task.checked_split("test")),
                         baseline="SVD-GRPO" if grpo_cfg.svd_only else "GRPO")
     write_outputs(root, summary, essa, grpo)
     return summary
 
 
-def _check_batches(cfg: Config, grpo: GrpoSettings) -> None:
-    per_step = grpo.prompts_per_step or cfg.essa.prompts_per_generation
-    total = per_step * grpo.num_generations
-    if grpo.micro_batch_size is not None and total % grpo.micro_batch_size:
-        raise EssaError(f"grpo.micro_batch_size ({grpo.micro_batch_size}) must divide prompts_per_step x "
-                        f"num_generations ({per_step} x {grpo.num_generations} = {total})")
+def _check_before_writing(cfg: Config, adapter: str | None) -> None:
+    """What would fail later, checked now: both backends can run, and the start adapter fits the
+    model (or the SFT targets exist in it), on a weightless copy of the model."""
+    from essa.models import load_model_skeleton
+    from essa.sft import check_targets
+
+    for kind in (cfg.backend.kind, evaluation_kind(cfg)):
+        backend_class(kind).check(cfg)
+    skeleton, _ = load_model_skeleton(cfg.model)
+    if adapter is None:
+        check_targets(skeleton, cfg.lora.targets)
+    else:
+        SvdLoraSpace.from_adapter(adapter, cfg.essa.alpha, model=skeleton)
 
 
-def _start_adapter(sft_adapter: Path, cfg: Config, compare: CompareSettings, root: Path) -> Path:
+def _start_adapter(sft_adapter: Path, cfg: Config, root: Path) -> Path:
+    compare = cfg.compare
     if compare.svd_vectors == "sft":
         return sft_adapter
     space = SvdLoraSpace.from_adapter(sft_adapter, 1.0)
     return randomize_singular_vectors(space, compare.seed).save_adapter(np.zeros(space.dim), root / "start_adapter")
 
 
-def summarize(cfg: Config, compare: CompareSettings, sft: dict[str, Any], essa: dict[str, Any],
-              grpo: dict[str, Any], test_examples: int, baseline: str = "GRPO") -> dict[str, Any]:
+def summarize(cfg: Config, sft: dict[str, Any], essa: dict[str, Any], grpo: dict[str, Any],
+              test_examples: int, baseline: str = "GRPO") -> dict[str, Any]:
+    compare = cfg.compare
     methods = {name: _method_row(res) for name, res in (("essa", essa), ("grpo", grpo))}
     methods["essa"]["trainer_choice"] = essa["trainer_choice"]
     e_final, g_final = methods["essa"]["final_test_accuracy"], methods["grpo"]["final_test_accuracy"]
     return {
         "model": cfg.model.name, "task": cfg.task.name, "baseline": baseline, "budget_s": compare.budget_s,
         "checkpoint_times_s": compare.checkpoint_times(), "svd_vectors": compare.svd_vectors,
-        "essa_decoding": "greedy" if cfg.generation.temperature <= 0 else f"T={cfg.generation.temperature}",
+        "essa_decoding": "greedy" if cfg.decoding.temperature <= 0 else f"T={cfg.decoding.temperature}",
         "test_examples": test_examples, "sft_adapter": sft["adapter"], "sft_wall_clock_s": sft["wall_clock_s"],
         "sft_peak_rss_mb": sft["peak_rss_mb"],
-        "same_start_adapter": same_adapter_tensors(essa["start_adapter"], grpo["start_adapter"]),
+        # run_compare stops before this summary unless both hold (check_same_start, check_same_prompts).
+        "same_start_adapter": True, "same_prompt_stream": True,
         "methods": methods,
         "time_to_target": {
             "essa_reaches_grpo_final_s": time_to_target(essa["points"], g_final), "grpo_final": g_final,
@@ -551,36 +512,16 @@ def _plot(path: Path, title: str, ylabel: str, series: list[tuple[str, list[dict
     line_plot(path, lines, title=title, xlabel="training wall-clock (s)", ylabel=ylabel)
 
 
-# -- command line ---------------------------------------------------------------------------------
-def compare_main(argv: list[str]) -> int:
-    """`essa compare [--config FILE] [--quiet] [key=value ...]`: prints the summary as one JSON line."""
-    parser = argparse.ArgumentParser(prog="essa compare", description="ESSA vs GRPO from the same SFT adapter, "
-                                     "same reward, same prompts and the same wall-clock budget")
-    parser.add_argument("--config", default=None, help="YAML config (sections of `essa train` plus compare: "
-                        "and grpo:), over the packaged compare.yaml")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. compare.budget_s=600 grpo.lr=3e-5")
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help or a usage error already printed
-        return int(exc.code or 0)
-    cfg, compare, grpo = load_compare_config(args.config, args.overrides)
-    print(json.dumps(run_compare(cfg, compare, grpo, progress=not args.quiet)))
-    return 0
-
-
 def _say(message: str) -> None:
-    print(f"[essa compare] {message}", file=sys.stderr, flush=True)
-    log.info(message)
+    say(message, prefix="essa compare")
 
 
 __all__ = [
-    "CompareSettings",
-    "compare_main",
-    "essa_prompt_schedule",
+    "check_same_prompts",
+    "check_same_start",
+    "compare_defaults",
     "load_compare_config",
     "randomize_singular_vectors",
-    "rechunk",
     "run_compare",
     "same_adapter_tensors",
     "time_to_target",

@@ -1,7 +1,8 @@
 """One typed config for every command: dataclasses, loaded from YAML, overridden by key=value.
 
-The resolved config is saved verbatim into each run directory so a run can be read back and
-repeated. Unknown keys and out-of-range values are rejected with an `EssaError` naming the key.
+Each section is a dataclass that checks its own fields when it is built, so a setting's default,
+its check and its comment live in one place; errors name the key as the user wrote it. The
+resolved config is saved verbatim into each run directory so a run can be read back and repeated.
 """
 
 from __future__ import annotations
@@ -16,24 +17,49 @@ from typing import Any
 
 import yaml
 
+from essa.backends import available_backends
 from essa.errors import EssaError
-
+from essa.optim import check_optimizer_options, optimizer_names
 
 # Values of model.quantize (essa.quantize implements the non-"none" ones).
 QUANTIZE_METHODS = ("none", "int8", "int4")
+# Values of decoding.engine (essa.backends.local implements them).
+DECODING_ENGINES = ("essa", "generate")
+# Values of model.dtype: torch dtype names.
+DTYPES = ("float32", "bfloat16", "float16")
+# Values of compare.svd_vectors.
+SVD_VECTORS = ("sft", "random")
+# Values of grpo.loss_type (TRL's loss aggregations).
+GRPO_LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo")
+
+
+def _check(key: str, ok: bool, rule: str, value: Any) -> None:
+    """Raise an EssaError naming the config key when `ok` is false."""
+    if not ok:
+        raise EssaError(f"{key} {rule} (got {value!r})")
+
+
+def _one_of(choices: Any) -> str:
+    return f"must be one of {', '.join(choices)}"
 
 
 @dataclass
 class ModelConfig:
     # Bundled alias ("smollm2-135m-instruct"), a local HF directory, a hub id, or a .gguf file.
     name: str = "smollm2-135m-instruct"
+    # float32 | bfloat16 | float16
     dtype: str = "float32"
     # none | int8 | int4: quantized base linears in the local runtime (PyTorch CPU kernels; int8
     # per-token activations x per-channel weights, int4 weight-only in groups of 32); the SVD-LoRA
     # branch and the output head stay in float.
     quantize: str = "none"
-    # CPU threads for torch; null leaves torch's default.
+    # CPU threads for torch (and for a vLLM CPU engine); null leaves the default.
     threads: int | None = None
+
+    def __post_init__(self) -> None:
+        _check("model.dtype", self.dtype in DTYPES, _one_of(DTYPES), self.dtype)
+        _check("model.quantize", self.quantize in QUANTIZE_METHODS, _one_of(QUANTIZE_METHODS), self.quantize)
+        _check("model.threads", self.threads is None or self.threads >= 1, "must be >= 1 or null", self.threads)
 
 
 @dataclass
@@ -48,13 +74,25 @@ class TaskConfig:
     # Task-specific settings (data files, difficulty, ...), passed to the task's constructor.
     options: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        for split in ("sft", "train", "validation", "test"):
+            size = getattr(self, f"{split}_size")
+            _check(f"task.{split}_size", size >= 0, "must be >= 0", size)
+
 
 @dataclass
 class LoraConfig:
     rank: int = 8
     lora_alpha: float = 16.0
+    # Names of the linear layers to adapt (last name component, e.g. q_proj).
     targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check("lora.rank", self.rank >= 1, "must be >= 1", self.rank)
+        _check("lora.lora_alpha", self.lora_alpha > 0, "must be > 0", self.lora_alpha)
+        _check("lora.targets", bool(self.targets), "must not be empty", self.targets)
+        _check("lora.dropout", 0 <= self.dropout < 1, "must be in [0, 1)", self.dropout)
 
 
 @dataclass
@@ -66,48 +104,171 @@ class SftConfig:
     max_steps: int | None = None
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        _check("sft.epochs", self.epochs > 0, "must be > 0", self.epochs)
+        _check("sft.lr", self.lr > 0, "must be > 0", self.lr)
+        _check("sft.batch_size", self.batch_size >= 1, "must be >= 1", self.batch_size)
+        _check("sft.max_steps", self.max_steps is None or self.max_steps >= 1, "must be >= 1 or null",
+               self.max_steps)
+
 
 @dataclass
-class GenerationConfig:
+class DecodingConfig:
+    """How completions are decoded: for ESSA's fitness and for every evaluation."""
+
     max_new_tokens: int = 48
     # 0 means greedy decoding.
     temperature: float = 0.0
     top_p: float = 1.0
     # Rows (candidate x prompt pairs) per batched forward pass.
     batch_size: int = 64
+    # essa: our decoding loop (shared prompt prefix, finished rows leave, one random stream per row);
+    # generate: HF `generate`, the reference path.
+    engine: str = "essa"
+
+    def __post_init__(self) -> None:
+        _check("decoding.max_new_tokens", self.max_new_tokens >= 1, "must be >= 1", self.max_new_tokens)
+        _check("decoding.temperature", self.temperature >= 0, "must be >= 0", self.temperature)
+        _check("decoding.top_p", 0 < self.top_p <= 1, "must be in (0, 1]", self.top_p)
+        _check("decoding.batch_size", self.batch_size >= 1, "must be >= 1", self.batch_size)
+        _check("decoding.engine", self.engine in DECODING_ENGINES, _one_of(DECODING_ENGINES), self.engine)
 
 
 @dataclass
 class SearchConfig:
+    """The `essa:` section: the ES search over singular-value offsets."""
+
     # Fraction of each factor's singular values that are trainable (the paper's alpha).
     alpha: float = 1.0
-    optimizer: str = "cma"  # cma | sep-cma | openai-es
+    # A name from the optimizer registry (essa.optim): cma | sep-cma | openai-es.
+    optimizer: str = "cma"
+    # Options of the chosen optimizer, e.g. {lr: 0.02} for openai-es (each optimizer lists its own).
+    optimizer_options: dict[str, Any] = field(default_factory=dict)
     popsize: int = 16
     sigma0: float = 0.05
     # Training prompts per generation, shared by all candidates (the paper's "batch size").
     prompts_per_generation: int = 16
     generations: int | None = 20
     time_budget_s: float | None = None
-    # Validate the optimizer mean every this many generations (0: only at the end).
+    # Validate the optimizer mean every this many generations (0: only at the start and the end).
     eval_every: int = 5
     seed: int = 0
-    # OpenAI-ES only: Adam learning rate on the mean.
-    openai_es_lr: float = 0.02
+
+    def __post_init__(self) -> None:
+        _check("essa.alpha", 0.0 < self.alpha <= 1.0, "must be in (0, 1]", self.alpha)
+        _check("essa.optimizer", self.optimizer in optimizer_names(), _one_of(optimizer_names()), self.optimizer)
+        check_optimizer_options(self.optimizer, self.optimizer_options)
+        _check("essa.popsize", self.popsize >= 2, "must be >= 2", self.popsize)
+        _check("essa.sigma0", self.sigma0 > 0, "must be > 0", self.sigma0)
+        _check("essa.prompts_per_generation", self.prompts_per_generation >= 1, "must be >= 1",
+               self.prompts_per_generation)
+        _check("essa.generations", self.generations is None or self.generations >= 1, "must be >= 1 or null",
+               self.generations)
+        _check("essa.time_budget_s", self.time_budget_s is None or self.time_budget_s >= 0,
+               "must be >= 0 or null", self.time_budget_s)
+        if self.generations is None and self.time_budget_s is None:
+            raise EssaError("set essa.generations or essa.time_budget_s (or both)")
+        _check("essa.eval_every", self.eval_every >= 0, "must be >= 0", self.eval_every)
+        _check("essa.seed", 0 <= self.seed < 2**32, "must be in [0, 2**32)", self.seed)
 
 
 @dataclass
 class BackendConfig:
-    # local: this process (population-batched runtime); vllm: a vLLM engine in this process's
-    # care, one LoRA request per candidate; ray: a pool of Ray workers (paper Alg. 1).
+    """Which backend evaluates the candidates, from the registry in essa.backends."""
+
+    # local: this process (population-batched runtime); vllm: a vLLM engine, one LoRA request per
+    # candidate; ray: a pool of Ray workers (paper Alg. 1), each running `worker_engine`.
     kind: str = "local"
+    # ray: workers, each holding the model once.
     workers: int = 2
-    # Address of an existing Ray cluster; null starts a local one.
+    # ray: address of an existing Ray cluster; null starts a local one.
     ray_address: str | None = None
+    # ray: CPU threads (and Ray CPUs) of each worker.
     threads_per_worker: int = 1
-    # What each Ray worker runs: transformers (the population runtime) or vllm.
-    worker_engine: str = "transformers"
-    # Extra keyword arguments for vllm.LLM (quantization, max_model_len, gpu_memory_utilization, ...).
+    # ray: the backend each worker runs in its own process (local | vllm).
+    worker_engine: str = "local"
+    # ray: seconds one chunk of candidates may take before its worker counts as hung, is replaced
+    # and the chunk re-queued (null: wait forever).
+    chunk_timeout_s: float | None = 1800.0
+    # vllm: extra keyword arguments for vllm.LLM (quantization, max_model_len, ...).
     vllm_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        kinds = available_backends()
+        _check("backend.kind", self.kind in kinds, _one_of(kinds), self.kind)
+        _check("backend.worker_engine", self.worker_engine in kinds, _one_of(kinds), self.worker_engine)
+        _check("backend.workers", self.workers >= 1, "must be >= 1", self.workers)
+        _check("backend.threads_per_worker", self.threads_per_worker >= 1, "must be >= 1", self.threads_per_worker)
+        _check("backend.chunk_timeout_s", self.chunk_timeout_s is None or self.chunk_timeout_s > 0,
+               "must be > 0 or null", self.chunk_timeout_s)
+
+
+@dataclass
+class CompareConfig:
+    """The `compare:` section of `essa compare` (ESSA vs GRPO from the same start)."""
+
+    # Wall-clock seconds of training for each method.
+    budget_s: float = 1380.0
+    # Matched snapshots at budget * k / checkpoints, k = 1..checkpoints (plus t = 0 and the end).
+    checkpoints: int = 4
+    # Optional cap on ESSA generations and GRPO steps (null: the budget alone decides).
+    max_steps: int | None = None
+    # Singular vectors of the start adapter: the SFT adapter's own ("sft") or random orthonormal ones.
+    svd_vectors: str = "sft"
+    # Seed of the random singular vectors.
+    seed: int = 0
+    # Run SFT, ESSA and GRPO each in a fresh spawned process (separable peak memory).
+    isolate: bool = True
+
+    def __post_init__(self) -> None:
+        _check("compare.budget_s", self.budget_s > 0, "must be > 0", self.budget_s)
+        _check("compare.checkpoints", self.checkpoints >= 1, "must be >= 1", self.checkpoints)
+        _check("compare.max_steps", self.max_steps is None or self.max_steps >= 1, "must be >= 1 or null",
+               self.max_steps)
+        _check("compare.svd_vectors", self.svd_vectors in SVD_VECTORS, _one_of(SVD_VECTORS), self.svd_vectors)
+
+    def checkpoint_times(self) -> list[float]:
+        """Seconds on each method's training clock at which it snapshots its model."""
+        return [self.budget_s * k / self.checkpoints for k in range(1, self.checkpoints + 1)]
+
+
+@dataclass
+class GrpoConfig:
+    """The `grpo:` section: the gradient baseline of `essa compare` (TRL's GRPOTrainer)."""
+
+    # Group size G: completions sampled per prompt (advantages are group-relative).
+    num_generations: int = 8
+    # Distinct prompts per optimizer step (null: essa.prompts_per_generation).
+    prompts_per_step: int | None = None
+    # AdamW learning rate, constant (the budget is wall-clock: no step count to decay over).
+    lr: float = 1e-4
+    # KL coefficient against the start adapter (0: TRL's default, no reference pass).
+    beta: float = 0.0
+    # Sampling of the rollouts (GRPO needs varied completions per group; reported accuracy is greedy).
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # Completions per forward/backward pass (gradient accumulation); null: the whole step at once.
+    micro_batch_size: int | None = None
+    gradient_checkpointing: bool = False
+    # TRL's loss aggregation ("dapo" is TRL's default; "grpo" is the original per-sequence mean).
+    loss_type: str = "dapo"
+    # SVD-GRPO: only the singular-value offsets of essa.alpha's trainable singular values learn.
+    svd_only: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check("grpo.num_generations", self.num_generations >= 2,
+               "must be >= 2 (GRPO compares completions within a group)", self.num_generations)
+        _check("grpo.prompts_per_step", self.prompts_per_step is None or self.prompts_per_step >= 1,
+               "must be >= 1 or null", self.prompts_per_step)
+        _check("grpo.lr", self.lr > 0, "must be > 0", self.lr)
+        _check("grpo.beta", self.beta >= 0, "must be >= 0", self.beta)
+        _check("grpo.temperature", self.temperature > 0, "must be > 0 (GRPO samples its rollouts)",
+               self.temperature)
+        _check("grpo.top_p", 0 < self.top_p <= 1, "must be in (0, 1]", self.top_p)
+        _check("grpo.micro_batch_size", self.micro_batch_size is None or self.micro_batch_size >= 1,
+               "must be >= 1 or null", self.micro_batch_size)
+        _check("grpo.loss_type", self.loss_type in GRPO_LOSS_TYPES, _one_of(GRPO_LOSS_TYPES), self.loss_type)
 
 
 @dataclass
@@ -116,59 +277,27 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     sft: SftConfig = field(default_factory=SftConfig)
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
     essa: SearchConfig = field(default_factory=SearchConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
-    # SFT adapter directory that `essa train` / `essa eval` start from.
+    compare: CompareConfig = field(default_factory=CompareConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
+    # SFT adapter directory that `essa train` / `essa eval` / `essa compare` start from.
     adapter: str | None = None
     output_dir: str = "runs/essa"
 
-    def validate(self) -> Config:
-        _check(0.0 < self.essa.alpha <= 1.0, "essa.alpha must be in (0, 1]", self.essa.alpha)
-        _check(self.essa.popsize >= 2, "essa.popsize must be >= 2", self.essa.popsize)
-        _check(self.essa.sigma0 > 0, "essa.sigma0 must be > 0", self.essa.sigma0)
-        _check(
-            self.essa.optimizer in ("cma", "sep-cma", "openai-es"),
-            "essa.optimizer must be one of cma, sep-cma, openai-es",
-            self.essa.optimizer,
-        )
-        _check(
-            self.essa.prompts_per_generation >= 1,
-            "essa.prompts_per_generation must be >= 1",
-            self.essa.prompts_per_generation,
-        )
-        _check(
-            self.essa.generations is not None or self.essa.time_budget_s is not None,
-            "set essa.generations or essa.time_budget_s (or both)",
-            None,
-        )
-        _check(self.backend.kind in ("local", "ray", "vllm"), "backend.kind must be local, ray or vllm",
-               self.backend.kind)
-        _check(self.backend.worker_engine in ("transformers", "vllm"),
-               "backend.worker_engine must be transformers or vllm", self.backend.worker_engine)
-        _check(self.model.quantize == "none" or self._engine() == "transformers",
-               "model.quantize applies to the transformers runtime; with vLLM set "
-               "backend.vllm_options.quantization instead", self.model.quantize)
-        _check(self.backend.workers >= 1, "backend.workers must be >= 1", self.backend.workers)
-        _check(self.lora.rank >= 1, "lora.rank must be >= 1", self.lora.rank)
-        _check(bool(self.lora.targets), "lora.targets must not be empty", self.lora.targets)
-        _check(self.generation.max_new_tokens >= 1, "generation.max_new_tokens must be >= 1",
-               self.generation.max_new_tokens)
-        _check(self.generation.batch_size >= 1, "generation.batch_size must be >= 1",
-               self.generation.batch_size)
-        _check(self.generation.temperature >= 0, "generation.temperature must be >= 0",
-               self.generation.temperature)
-        _check(self.model.quantize in QUANTIZE_METHODS,
-               f"model.quantize must be one of {', '.join(QUANTIZE_METHODS)}", self.model.quantize)
-        _check(self.model.dtype in ("float32", "bfloat16", "float16"),
-               "model.dtype must be float32, bfloat16 or float16", self.model.dtype)
-        return self
+    def __post_init__(self) -> None:
+        # Checks that span sections.
+        rollouts = self.grpo_prompts_per_step * self.grpo.num_generations
+        micro = self.grpo.micro_batch_size
+        _check("grpo.micro_batch_size", micro is None or rollouts % micro == 0,
+               f"must divide the rollouts of a step, prompts_per_step x num_generations = "
+               f"{self.grpo_prompts_per_step} x {self.grpo.num_generations} = {rollouts}", micro)
 
-    def _engine(self) -> str:
-        """The inference engine that evaluates candidates: transformers or vllm."""
-        if self.backend.kind == "vllm" or (self.backend.kind == "ray" and self.backend.worker_engine == "vllm"):
-            return "vllm"
-        return "transformers"
+    @property
+    def grpo_prompts_per_step(self) -> int:
+        """Prompts per GRPO step: grpo.prompts_per_step, by default ESSA's prompts per generation."""
+        return self.grpo.prompts_per_step or self.essa.prompts_per_generation
 
     def with_changes(self, **changes: Any) -> Config:
         """A deep copy with the given top-level fields replaced; `self` is left as it is."""
@@ -186,11 +315,6 @@ class Config:
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-def _check(ok: bool, message: str, value: Any) -> None:
-    if not ok:
-        raise EssaError(message + ("" if value is None else f" (got {value!r})"))
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 base: Config | None = None) -> Config:
     """Defaults (or `base`) <- YAML file <- `key=value` overrides, then validated."""
@@ -203,36 +327,39 @@ def config_from_mapping(data: dict[str, Any], overrides: list[str] | None = None
     """`load_config` on a mapping already read (shaped like the YAML file)."""
     merged = dataclasses.asdict(base or Config())
     merge_mapping(merged, data)
-    merge_overrides(merged, overrides or [])
-    return _build(Config, merged, prefix="").validate()
+    for item in overrides or []:
+        key, value = parse_override(item)
+        merge_mapping(merged, _nest(key, value))
+    return _build(Config, merged, prefix="")
 
 
 def build_section(cls: type, data: dict[str, Any], prefix: str) -> Any:
     """A config dataclass `cls` from its defaults updated by `data`, keys checked and values
-    coerced as for `Config`; `prefix` ("grpo.") names the section in error messages."""
+    coerced as for `Config`; `prefix` ("essa.optimizer_options.") names its keys in errors."""
     merged = dataclasses.asdict(cls())
-    merge_mapping(merged, data, prefix=prefix)
+    merge_mapping(merged, data, prefix=prefix, free=set())
     return _build(cls, merged, prefix=prefix)
 
 
-def merge_overrides(dst: dict[str, Any], overrides: list[str], prefix: str = "") -> None:
-    """Apply `key.sub=value` overrides (values read as YAML) to the nested mapping `dst`."""
-    for item in overrides:
-        key, value = parse_override(item)
-        merge_mapping(dst, _nest(key, value), prefix=prefix)
+def merge_mapping(dst: dict[str, Any], src: dict[str, Any], prefix: str = "",
+                  free: set[str] | None = None) -> None:
+    """Update the nested mapping `dst` from `src`, rejecting keys `dst` does not have.
 
-
-def merge_mapping(dst: dict[str, Any], src: dict[str, Any], prefix: str = "") -> None:
-    """Update the nested mapping `dst` from `src`, rejecting keys `dst` does not have."""
+    Keys in `free` (by default the `dict` fields of `Config`, e.g. task.options) are mappings of
+    the user's own keys: their entries are merged in unchecked.
+    """
+    free = _FREE_MAPPINGS if free is None else free
     for key, value in src.items():
         name = f"{prefix}{key}"
         if key not in dst:
             known = ", ".join(sorted(dst))
             raise EssaError(f"unknown config key '{name}' (known at this level: {known})")
-        if isinstance(dst[key], dict) and not _is_free_mapping(name):
+        if name in free and isinstance(value, dict) and isinstance(dst[key], dict):
+            dst[key] = {**dst[key], **value}
+        elif isinstance(dst[key], dict) and name not in free:
             if not isinstance(value, dict):
                 raise EssaError(f"config key '{name}' is a section; give its keys, e.g. {name}.KEY=VALUE")
-            merge_mapping(dst[key], value, prefix=f"{name}.")
+            merge_mapping(dst[key], value, prefix=f"{name}.", free=free)
         else:
             dst[key] = value
 
@@ -271,9 +398,18 @@ def _nest(dotted: str, value: Any) -> dict[str, Any]:
     return out
 
 
-def _is_free_mapping(name: str) -> bool:
-    # task.options is a user-defined mapping: any keys are allowed inside it.
-    return name == "task.options"
+def _free_mapping_names(cls: type, prefix: str = "") -> set[str]:
+    """Dotted names of the `dict` fields of a config dataclass and its sections."""
+    names: set[str] = set()
+    for name, tp in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(tp):
+            names |= _free_mapping_names(tp, f"{prefix}{name}.")
+        elif typing.get_origin(tp) is dict:
+            names.add(f"{prefix}{name}")
+    return names
+
+
+_FREE_MAPPINGS = _free_mapping_names(Config)
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:

@@ -4,32 +4,26 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from essa.backends import Backend
 from essa.tasks import Example, RewardStats, Task, format_prompt, safe_reward
+
+if TYPE_CHECKING:
+    from essa.backends import Backend
 
 
 def score(task: Task, completions: list[list[str]], examples: list[Example],
           stats: RewardStats | None = None) -> np.ndarray:
     """Rewards (lambda, B) for completions[candidate][prompt]; failing rewards score 0."""
     stats = stats if stats is not None else RewardStats()
-    batch_fn = getattr(task, "reward_batch", None)
-    rows = []
-    for cand in completions:
-        if batch_fn is not None:
-            rows.append(_safe_batch(task, batch_fn, cand, examples, stats))
-        else:
-            rows.append([safe_reward(task, c, ex, stats) for c, ex in zip(cand, examples)])
-    return np.asarray(rows, dtype=np.float64)
+    return np.asarray([_safe_batch(task, cand, examples, stats) for cand in completions], dtype=np.float64)
 
 
-def _safe_batch(task: Task, batch_fn: Any, completions: list[str], examples: list[Example],
-                stats: RewardStats) -> list[float]:
+def _safe_batch(task: Task, completions: list[str], examples: list[Example], stats: RewardStats) -> list[float]:
     try:
-        values = [float(v) for v in batch_fn(completions, examples)]
+        values = [float(v) for v in task.reward_batch(completions, examples)]
     except Exception:  # noqa: BLE001 - fall back to one-by-one so one bad item costs only itself
         return [safe_reward(task, c, ex, stats) for c, ex in zip(completions, examples)]
     out = []
@@ -89,16 +83,13 @@ def evaluate_split(backend: Backend, tokenizer: Any, task: Task, examples: list[
 
 
 def _extra_metrics(task: Task, completions: list[str], examples: list[Example], samples: int) -> dict[str, float]:
-    """Averages of a task's optional `extra_metrics(completion, example) -> dict` (e.g. IFEval strict)."""
-    fn = getattr(task, "extra_metrics", None)
-    if fn is None:
-        return {}
+    """Averages of the task's `extra_metrics(completion, example)` (e.g. IFEval strict accuracy)."""
     sums: dict[str, float] = {}
     count = 0
     for i, ex in enumerate(examples):
         for j in range(samples):
             try:
-                values = fn(completions[i * samples + j], ex)
+                values = task.extra_metrics(completions[i * samples + j], ex)
             except Exception:  # noqa: BLE001 - a failing checker counts as 0 for that completion
                 values = {}
             for key, value in values.items():

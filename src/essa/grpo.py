@@ -6,15 +6,8 @@ the reward is the task's reward through `essa.evaluate.score`, the same path ESS
 Training stops when a wall-clock budget is spent; at given times on that clock the current adapter
 is saved as a snapshot, so it can be evaluated later without the evaluation touching the clock.
 
-Settings (`grpo:` section of a compare config), with defaults sized for a ~135M model on CPU:
-    num_generations   group size G: completions sampled per prompt (advantages are group-relative)
-    prompts_per_step  distinct prompts per optimizer step (null: ESSA's prompts_per_generation)
-    lr                AdamW learning rate on the LoRA factors (constant schedule: the budget is
-                      wall-clock, so no step count is known to decay over)
-    beta              KL coefficient against the start adapter (0: TRL's default, no reference pass)
-    temperature       sampling temperature of the rollouts (GRPO needs varied completions per group;
-                      the reported held-out accuracy is always greedy, like ESSA's)
-    svd_only          SVD-GRPO: train only the singular-value offsets ESSA searches (`svd_grpo.py`)
+Settings: the `grpo:` section (`essa.config.GrpoConfig`); budget, snapshot times and step cap
+come from the `compare:` section.
 """
 
 from __future__ import annotations
@@ -28,15 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from essa.config import Config
+from essa.config import Config, GrpoConfig
 from essa.errors import EssaError
 from essa.evaluate import score
 from essa.io import atomic_directory, atomic_write_text, ensure_writable_dir
+from essa.schedule import STREAM_STEPS, SnapshotSchedule, prompt_stream, rechunk
 from essa.tasks import RewardStats, Task, format_prompt
 
 log = logging.getLogger("essa.grpo")
@@ -44,44 +37,6 @@ METRICS = "metrics.jsonl"
 TRL_LOG = "trl_log.jsonl"
 START_ADAPTER = "start_adapter"
 SNAPSHOTS = "snapshots"
-
-
-@dataclass
-class GrpoSettings:
-    num_generations: int = 8
-    prompts_per_step: int | None = None
-    lr: float = 1e-4
-    beta: float = 0.0
-    temperature: float = 1.0
-    top_p: float = 1.0
-    # Completions per forward/backward pass (gradient accumulation); null: the whole step at once.
-    micro_batch_size: int | None = None
-    gradient_checkpointing: bool = False
-    # TRL's loss aggregation ("dapo" is TRL's default; "grpo" is the original per-sequence mean).
-    loss_type: str = "dapo"
-    # SVD-GRPO: only the singular-value offsets of essa.alpha's trainable singular values learn.
-    svd_only: bool = False
-    seed: int = 0
-
-    def validate(self) -> GrpoSettings:
-        checks = [
-            (self.num_generations >= 2, "grpo.num_generations must be >= 2 (GRPO compares completions within a group)",
-             self.num_generations),
-            (self.prompts_per_step is None or self.prompts_per_step >= 1, "grpo.prompts_per_step must be >= 1",
-             self.prompts_per_step),
-            (self.lr > 0, "grpo.lr must be > 0", self.lr),
-            (self.beta >= 0, "grpo.beta must be >= 0", self.beta),
-            (self.temperature > 0, "grpo.temperature must be > 0 (GRPO samples its rollouts)", self.temperature),
-            (0 < self.top_p <= 1, "grpo.top_p must be in (0, 1]", self.top_p),
-            (self.micro_batch_size is None or self.micro_batch_size >= 1, "grpo.micro_batch_size must be >= 1",
-             self.micro_batch_size),
-            (self.loss_type in ("dapo", "grpo", "bnpo", "dr_grpo"),
-             "grpo.loss_type must be one of dapo, grpo, bnpo, dr_grpo", self.loss_type),
-        ]
-        for ok, message, value in checks:
-            if not ok:
-                raise EssaError(f"{message} (got {value!r})")
-        return self
 
 
 @dataclass
@@ -105,43 +60,35 @@ class GrpoResult:
     reward_failures: int = 0
 
 
-def run_grpo(model: Any, tokenizer: Any, task: Task, adapter_dir: str | Path, cfg: Config,
-             grpo_cfg: GrpoSettings, out_dir: str | Path,
+def run_grpo(model: Any, tokenizer: Any, task: Task, adapter_dir: str | Path, cfg: Config, out_dir: str | Path,
              checkpoint_cb: Callable[[Snapshot], None] | None = None, *,
-             budget_s: float, checkpoint_times: list[float] | None = None,
-             schedule: list[list[int]] | None = None, max_steps: int | None = None,
-             progress: bool = True) -> GrpoResult:
-    """GRPO from `adapter_dir` until `budget_s` seconds of training (or `max_steps`) are spent.
+             schedule: list[list[int]] | None = None, progress: bool = True) -> GrpoResult:
+    """GRPO (`cfg.grpo`) from `adapter_dir` until compare.budget_s seconds of training (or
+    compare.max_steps steps) are spent.
 
-    `schedule[k]` lists the train-split indices of step k's prompts (e.g. ESSA's mini-batches, so
-    both methods read the same prompt stream); without it, steps take seeded shuffled batches.
-    At each time in `checkpoint_times` (seconds on the training clock) the adapter is saved under
-    `out_dir/snapshots` and `checkpoint_cb` is called; the time both take is kept off the clock.
+    `schedule[k]` lists the train-split indices of step k's prompts; by default ESSA's prompt
+    stream cut into steps of `cfg.grpo_prompts_per_step`, so both methods read the same prompts.
+    At each of compare's checkpoint times (seconds on the training clock) the adapter is saved
+    under `out_dir/snapshots` and `checkpoint_cb` is called; the time both take is kept off the clock.
     The caller's model is left without LoRA layers (unloaded, not merged) when this returns.
     """
     import peft
     from trl import GRPOConfig, GRPOTrainer
 
-    grpo_cfg.validate()
-    if budget_s <= 0:
-        raise EssaError(f"the GRPO wall-clock budget must be > 0 seconds (got {budget_s})")
+    grpo_cfg, max_steps = cfg.grpo, cfg.compare.max_steps
     out_dir = ensure_writable_dir(out_dir)
     train = task.checked_split("train")
-    if schedule:
-        per_step = len(schedule[0])
-    else:
-        per_step = min(grpo_cfg.prompts_per_step or cfg.essa.prompts_per_generation, len(train))
-        schedule = shuffled_schedule(len(train), per_step, grpo_cfg.seed, max_steps or 1000)
+    per_step = cfg.grpo_prompts_per_step
+    if schedule is None:
+        schedule = rechunk(prompt_stream(cfg.essa, len(train), max_steps or STREAM_STEPS), per_step)
     _check_schedule(schedule, per_step, len(train))
     steps = len(schedule) if max_steps is None else min(max_steps, len(schedule))
     prompts = [format_prompt(tokenizer, task, ex) for ex in train]
     dataset = _dataset(schedule[:steps], prompts)
 
-    reward = TaskReward(task, train, prompts)
+    reward = TaskReward(task, train, prompts, grpo_cfg.num_generations)
     total = per_step * grpo_cfg.num_generations
-    micro = grpo_cfg.micro_batch_size or total
-    if total % micro:
-        raise EssaError(f"grpo.micro_batch_size ({micro}) must divide prompts_per_step x num_generations ({total})")
+    micro = grpo_cfg.micro_batch_size or total  # divides total: the config checks it
     on_cpu = next(model.parameters()).device.type == "cpu"
     args = GRPOConfig(**_trl_args(cfg, grpo_cfg, out_dir, micro, total // micro, steps, on_cpu))
     with warnings.catch_warnings():
@@ -149,8 +96,8 @@ def run_grpo(model: Any, tokenizer: Any, task: Task, adapter_dir: str | Path, cf
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         policy = peft.PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
     saver = _svd_only_saver(policy, adapter_dir, cfg.essa.alpha) if grpo_cfg.svd_only else None
-    clock = BudgetCallback(budget_s, sorted(checkpoint_times or []), out_dir, reward, checkpoint_cb, progress,
-                           saver=saver)
+    clock = BudgetCallback(cfg.compare.budget_s, cfg.compare.checkpoint_times(), out_dir, reward, checkpoint_cb,
+                           progress, saver=saver)
     trainer = GRPOTrainer(model=policy, reward_funcs=reward, args=args, train_dataset=dataset,
                           processing_class=tokenizer, callbacks=[clock])
     # Our callback reports progress; the stock ones print every log dict.
@@ -174,23 +121,15 @@ def run_grpo(model: Any, tokenizer: Any, task: Task, adapter_dir: str | Path, cf
 
 
 def _svd_only_saver(policy: Any, adapter_dir: str | Path, alpha: float) -> Callable[[Any, Path], None]:
-    """Restrict `policy` to the singular-value offsets; snapshots are written from those offsets."""
-    from essa.svd_grpo import offsets_vector, restrict_to_singular_values
+    """Restrict `policy` to the singular-value offsets. Snapshots hold the LoRA factors the policy
+    actually computes with (its parametrized weights), not factors rebuilt from the offsets."""
+    from essa.svd_grpo import policy_factors, restrict_to_singular_values
     from essa.svd_space import SvdLoraSpace
 
     space = SvdLoraSpace.from_adapter(adapter_dir, alpha)
-    offsets = restrict_to_singular_values(policy, space)
+    restrict_to_singular_values(policy, space)
     log.info("SVD-GRPO: %d trainable singular-value offsets", space.dim)
-    return lambda _model, path: space.save_adapter(offsets_vector(offsets), path)
-
-
-def shuffled_schedule(n_train: int, per_step: int, seed: int, steps: int) -> list[list[int]]:
-    """Plain GRPO data order: seeded passes over the train split, `per_step` prompts a step."""
-    rng = np.random.default_rng(seed)
-    order: list[int] = []
-    while len(order) < steps * per_step:
-        order.extend(rng.permutation(n_train).tolist())
-    return [order[k * per_step:(k + 1) * per_step] for k in range(steps)]
+    return lambda model, path: space.save_factors(policy_factors(model, space), path)
 
 
 def _check_schedule(schedule: list[list[int]], per_step: int, n_train: int) -> None:
@@ -208,7 +147,7 @@ def _dataset(schedule: list[list[int]], prompts: list[str]) -> Any:
     return Dataset.from_dict({"prompt": [prompts[i] for i in flat], "train_index": flat})
 
 
-def _trl_args(cfg: Config, g: GrpoSettings, out_dir: Path, micro: int, accumulation: int, steps: int,
+def _trl_args(cfg: Config, g: GrpoConfig, out_dir: Path, micro: int, accumulation: int, steps: int,
               on_cpu: bool) -> dict[str, Any]:
     """GRPOConfig keywords: the model's own precision and device (bf16 off: TRL defaults it on),
     one optimizer step per rollout batch, no checkpoints or trackers (snapshots are ours)."""
@@ -217,7 +156,7 @@ def _trl_args(cfg: Config, g: GrpoSettings, out_dir: Path, micro: int, accumulat
         "learning_rate": g.lr, "lr_scheduler_type": "constant", "warmup_steps": 0, "beta": g.beta,
         "num_generations": g.num_generations, "per_device_train_batch_size": micro,
         "gradient_accumulation_steps": accumulation, "max_steps": steps, "num_train_epochs": 1,
-        "max_completion_length": cfg.generation.max_new_tokens, "temperature": g.temperature, "top_p": g.top_p,
+        "max_completion_length": cfg.decoding.max_new_tokens, "temperature": g.temperature, "top_p": g.top_p,
         "loss_type": g.loss_type, "gradient_checkpointing": g.gradient_checkpointing, "shuffle_dataset": False,
         "logging_steps": 1, "save_strategy": "no", "report_to": "none", "disable_tqdm": True,
         "seed": g.seed, "data_seed": g.seed, "dataloader_num_workers": 0, "log_completions": False,
@@ -225,14 +164,15 @@ def _trl_args(cfg: Config, g: GrpoSettings, out_dir: Path, micro: int, accumulat
 
 
 class TaskReward:
-    """The task's reward as a TRL reward function; records which train prompts each batch used."""
+    """The task's reward as a TRL reward function; records which train prompts each step used."""
 
     __name__ = "task_reward"
 
-    def __init__(self, task: Task, train: list[Any], prompts: list[str]):
+    def __init__(self, task: Task, train: list[Any], prompts: list[str], group_size: int):
         self.task = task
         self.train = train
         self.prompts = prompts
+        self.group_size = group_size
         self.stats = RewardStats()
         self.batches: list[list[int]] = []
         self.last: dict[str, float] = {}
@@ -242,8 +182,13 @@ class TaskReward:
         for text, i in zip(prompts, train_index):
             if text != self.prompts[i]:  # the trainer must hand back the prompt the index names
                 raise EssaError(f"GRPO prompt does not match train example {i}")
+        # TRL samples each prompt's group as consecutive rows: one step's prompts are every
+        # group_size-th row (a prompt may appear twice in a step: the stream crosses generations).
+        step = [int(i) for i in train_index[::self.group_size]]
+        if [int(i) for i in train_index] != [i for i in step for _ in range(self.group_size)]:
+            raise EssaError("GRPO rollouts are not in groups of consecutive rows; cannot tell which prompts it read")
         rewards = score(self.task, [list(completions)], [self.train[i] for i in train_index], self.stats)[0]
-        self.batches.append(list(dict.fromkeys(int(i) for i in train_index)))
+        self.batches.append(step)
         self.last = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
                      "reward_max": float(rewards.max()), "completions": len(completions)}
         return rewards.tolist()
@@ -258,7 +203,7 @@ class BudgetCallback(TrainerCallback):
         self.budget_s = budget_s
         self._save = saver or _save_peft
         self.bar = tqdm(total=round(budget_s), desc="GRPO", unit="s", disable=not progress, dynamic_ncols=True)
-        self.times = [t for t in times if t > 0]
+        self.schedule = SnapshotSchedule(times)
         self.out_dir = out_dir
         self.reward = reward
         self.checkpoint_cb = checkpoint_cb
@@ -284,9 +229,7 @@ class BudgetCallback(TrainerCallback):
         elapsed = self.last_elapsed = self.elapsed()
         self.history.append({"step": state.global_step, "wall_clock_s": round(elapsed, 3), **self.reward.last,
                              "prompts": len(self.reward.batches[-1]) if self.reward.batches else 0})
-        if self.times and elapsed >= self.times[0]:
-            while self.times and elapsed >= self.times[0]:
-                self.times.pop(0)
+        if self.schedule.due(elapsed):
             self._snapshot(model, state.global_step, elapsed)
         if elapsed >= self.budget_s:
             control.should_training_stop = True

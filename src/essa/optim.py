@@ -11,19 +11,32 @@ import copy
 import pickle
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
-from typing import Iterator
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
 import cma
 import numpy as np
 
 from essa.errors import EssaError
 
-KINDS = ("cma", "sep-cma", "openai-es")
+if TYPE_CHECKING:
+    from essa.config import SearchConfig
+
+
+@dataclass
+class NoOptions:
+    """The `essa.optimizer_options` of an optimizer that takes none."""
 
 
 class Optimizer(ABC):
-    """A search distribution over offset vectors; `tell` takes fitness where higher is better."""
+    """A search distribution over offset vectors; `tell` takes fitness where higher is better.
 
+    Built as `cls(dim, popsize, sigma0, seed, options)`, where `options` is an instance of the
+    class's `Options` dataclass (the checked `essa.optimizer_options`).
+    """
+
+    kind: ClassVar[str]
+    Options: ClassVar[type] = NoOptions
     dim: int
     popsize: int
 
@@ -77,28 +90,30 @@ def _global_randn(*shape: int) -> np.ndarray:
 
 
 class CmaEsOptimizer(Optimizer):
-    """CMA-ES via pycma; `diagonal=True` gives separable CMA-ES (linear cost in `dim`).
+    """CMA-ES via pycma (full covariance).
 
     Not thread-safe: ask/tell briefly swap numpy's global random state (see `_own_global_rng`).
     """
 
-    def __init__(self, dim: int, popsize: int, sigma0: float, seed: int, diagonal: bool = False):
-        self.dim, self.popsize, self.diagonal = dim, popsize, diagonal
-        self.kind = "sep-cma" if diagonal else "cma"
+    kind = "cma"
+    diagonal = False
+
+    def __init__(self, dim: int, popsize: int, sigma0: float, seed: int, options: NoOptions):
+        self.dim, self.popsize = dim, popsize
         # pycma samples from numpy's global RandomState (also for stochastic rounding of mirrors),
         # so this optimizer keeps a private copy of that state and swaps it in around each call.
-        self._np_state = np.random.RandomState(seed).get_state()
-        options = {
+        self._np_state = np.random.RandomState(seed).get_state(legacy=False)
+        cma_options = {
             "popsize": popsize,
             "seed": np.nan,  # NaN: pycma does not reseed the global state; we seeded ours above
             "randn": _global_randn,
-            "CMA_diagonal": diagonal,
+            "CMA_diagonal": self.diagonal,
             "verbose": -9,
             "verb_disp": 0,
             "verb_log": 0,  # no output files
         }
         with self._own_global_rng():
-            self._es = cma.CMAEvolutionStrategy(np.zeros(dim), sigma0, options)
+            self._es = cma.CMAEvolutionStrategy(np.zeros(dim), sigma0, cma_options)
 
     @contextmanager
     def _own_global_rng(self) -> Iterator[None]:
@@ -107,7 +122,7 @@ class CmaEsOptimizer(Optimizer):
         try:
             yield
         finally:
-            self._np_state = np.random.get_state()
+            self._np_state = np.random.get_state(legacy=False)
             np.random.set_state(outside)
 
     def ask(self) -> np.ndarray:
@@ -133,27 +148,86 @@ class CmaEsOptimizer(Optimizer):
         return float(self._es.sigma)
 
     def state_dict(self) -> dict:
+        """Plain data: pycma's strategy object pickled into a byte array, which `load_state_dict`
+        reads back through an unpickler that only rebuilds numpy arrays and pycma's classes."""
+        es = pickle.dumps(self._es, protocol=pickle.HIGHEST_PROTOCOL)
         return {
             "kind": self.kind,
             "dim": self.dim,
             "popsize": self.popsize,
-            "es": pickle.dumps(self._es, protocol=pickle.HIGHEST_PROTOCOL),
+            "es": np.frombuffer(es, dtype=np.uint8).copy(),
             "np_random_state": copy.deepcopy(self._np_state),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self._check_state(state, self.kind)
-        self._es = pickle.loads(state["es"])
+        self._es = _load_cma_strategy(np.asarray(state["es"], dtype=np.uint8).tobytes())
         self._np_state = copy.deepcopy(state["np_random_state"])
+
+
+class SepCmaEsOptimizer(CmaEsOptimizer):
+    """Separable CMA-ES: a diagonal covariance, linear cost in `dim`."""
+
+    kind = "sep-cma"
+    diagonal = True
+
+
+# What a pickled pycma strategy may name: numpy's array reconstructors, plain containers, pycma's
+# classes and the few functions pycma keeps in its options. Anything else (os.system, eval, ...)
+# is refused, so a tampered checkpoint cannot run code while it is read.
+_NUMPY_GLOBALS = {"dtype", "ndarray", "_reconstruct", "scalar", "_frombuffer"}
+_PLAIN_GLOBALS = {("builtins", name) for name in ("range", "slice", "set", "frozenset", "complex", "bytearray")}
+_PLAIN_GLOBALS |= {("collections", "OrderedDict"), ("collections", "deque")}
+_PLAIN_GLOBALS |= {("cma.evolution_strategy", "_pass"), ("cma.options_parameters", "is_feasible"),
+                   ("numpy.linalg", "eigh"), (__name__, "_global_randn")}
+
+
+class _CmaUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        numpy_module = module in ("numpy", "numpy.core.multiarray", "numpy._core.multiarray",
+                                  "numpy.core.numeric", "numpy._core.numeric")
+        if (numpy_module and name in _NUMPY_GLOBALS) or (module, name) in _PLAIN_GLOBALS:
+            return super().find_class(module, name)
+        if module == "cma" or module.startswith("cma."):
+            found = super().find_class(module, name)
+            if isinstance(found, type):
+                return found
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in an optimizer state")
+
+
+def _load_cma_strategy(data: bytes) -> cma.CMAEvolutionStrategy:
+    import io
+
+    try:
+        es = _CmaUnpickler(io.BytesIO(data)).load()
+    except Exception as exc:  # noqa: BLE001 - a corrupt or tampered state: one clear line
+        raise EssaError(f"optimizer state is not a CMA-ES state this version can read: {exc}") from exc
+    if not isinstance(es, cma.CMAEvolutionStrategy):
+        raise EssaError(f"optimizer state holds a {type(es).__name__}, not a CMA-ES strategy")
+    return es
+
+
+@dataclass
+class OpenAiEsOptions:
+    # Adam learning rate on the mean.
+    lr: float = 0.02
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise EssaError(f"essa.optimizer_options.lr must be > 0 (got {self.lr!r})")
 
 
 class OpenAiEsOptimizer(Optimizer):
     """OpenAI-ES: antithetic Gaussian samples at fixed sigma, centered ranks, Adam on the mean."""
 
-    def __init__(self, dim: int, popsize: int, sigma0: float, seed: int, lr: float = 0.02,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
-        self.dim, self.popsize, self.kind = dim, popsize, "openai-es"
-        self.lr, self.betas, self.eps = lr, betas, eps
+    kind = "openai-es"
+    Options = OpenAiEsOptions
+    betas = (0.9, 0.999)  # Adam's usual moment decays
+    eps = 1e-8
+
+    def __init__(self, dim: int, popsize: int, sigma0: float, seed: int, options: OpenAiEsOptions):
+        self.dim, self.popsize = dim, popsize
+        self.lr = options.lr
         self._sigma = float(sigma0)
         self._mean = np.zeros(dim)
         self._adam_m = np.zeros(dim)
@@ -227,24 +301,42 @@ def _centered_ranks(values: np.ndarray) -> np.ndarray:
     return ranks / (len(values) - 1) - 0.5
 
 
-def make_optimizer(kind: str, dim: int, popsize: int, sigma0: float, seed: int,
-                   lr: float = 0.02) -> Optimizer:
-    """Build an optimizer whose initial mean is the zero offset vector; `lr` is for openai-es."""
-    if kind not in KINDS:
-        raise EssaError(f"unknown optimizer {kind!r}; choose one of {', '.join(KINDS)}")
-    if dim < 1:
-        raise EssaError(f"optimizer dimension must be >= 1, got {dim}")
-    if popsize < 2:
-        raise EssaError(f"optimizer popsize must be >= 2, got {popsize}")
-    if not sigma0 > 0:
-        raise EssaError(f"optimizer sigma0 must be > 0, got {sigma0}")
-    if not 0 <= seed < 2**32:
-        raise EssaError(f"optimizer seed must be in [0, 2**32), got {seed}")
-    if kind == "openai-es":
-        if not lr > 0:
-            raise EssaError(f"openai-es lr must be > 0, got {lr}")
-        return OpenAiEsOptimizer(dim, popsize, sigma0, seed, lr=lr)
-    return CmaEsOptimizer(dim, popsize, sigma0, seed, diagonal=(kind == "sep-cma"))
+# The optimizer registry: `essa.optimizer` names one of these.
+_OPTIMIZERS: dict[str, type[Optimizer]] = {
+    "cma": CmaEsOptimizer,
+    "sep-cma": SepCmaEsOptimizer,
+    "openai-es": OpenAiEsOptimizer,
+}
 
 
-__all__ = ["KINDS", "CmaEsOptimizer", "OpenAiEsOptimizer", "Optimizer", "make_optimizer"]
+def register_optimizer(name: str, cls: type[Optimizer]) -> None:
+    """Make an `Optimizer` subclass available as `essa.optimizer: NAME`."""
+    _OPTIMIZERS[name] = cls
+
+
+def optimizer_names() -> list[str]:
+    return list(_OPTIMIZERS)
+
+
+def check_optimizer_options(name: str, options: dict[str, Any]) -> Any:
+    """`essa.optimizer_options` as the optimizer's own `Options` dataclass, keys and values checked."""
+    from essa.config import build_section
+
+    cls = _OPTIMIZERS[name].Options
+    known = [f.name for f in fields(cls)]
+    for key in options:
+        if key not in known:
+            raise EssaError(f"unknown config key 'essa.optimizer_options.{key}': optimizer {name} takes "
+                            + (f"{', '.join(known)}" if known else "no options"))
+    return build_section(cls, options, "essa.optimizer_options.")
+
+
+def make_optimizer(search: SearchConfig, dim: int) -> Optimizer:
+    """The optimizer `search` names, its initial mean the zero offset vector."""
+    cls = _OPTIMIZERS[search.optimizer]
+    return cls(dim, search.popsize, search.sigma0, search.seed,
+               check_optimizer_options(search.optimizer, search.optimizer_options))
+
+
+__all__ = ["CmaEsOptimizer", "OpenAiEsOptimizer", "Optimizer", "SepCmaEsOptimizer", "make_optimizer",
+           "optimizer_names", "register_optimizer"]

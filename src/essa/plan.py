@@ -357,11 +357,6 @@ def write_outputs(out_dir: str | Path, p: PlanInputs, rows: list[dict[str, Any]]
 # ---------------------------------------------------------------- command line
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one-line EssaError instead of exit(2)
-        raise EssaError(f"plan: {message}")
-
-
 # (flag, default, help); values are parsed by this module so bad input becomes an EssaError.
 _D = PlanInputs()
 _OPTIONS = (
@@ -382,13 +377,14 @@ _OPTIONS = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="essa plan", description="Predicted wall-clock of ESSA vs a gradient method "
-                 "on G GPUs (the paper's Appendix-B cost model).")
+DESCRIPTION = "Predicted wall-clock of ESSA vs a gradient method on G GPUs (the paper's Appendix-B cost model)."
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options of `essa plan`, added to its parser in the CLI."""
     for flag, default, help_text in _OPTIONS:
         ap.add_argument(flag, default=default, help=help_text)
     ap.add_argument("--calibrate", action="store_true", help="measure the throughputs on this machine")
-    return ap
 
 
 Calibration = Callable[[], tuple[float, float]]
@@ -432,12 +428,8 @@ def inputs_from_args(args: argparse.Namespace, calibrate_fn: Calibration | None 
     )
 
 
-def plan_main(argv: list[str], calibrate_fn: Calibration | None = None) -> int:
-    """Run `essa plan ARGV...`: print the table and assumptions, optionally write --out files."""
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
+def run_plan(args: argparse.Namespace, calibrate_fn: Calibration | None = None) -> int:
+    """`essa plan`: print the table and assumptions, optionally write --out files."""
     p = inputs_from_args(args, calibrate_fn)
     rows = plan_rows(p, parse_gpus(args.gpus))
     print(format_report(p, rows))

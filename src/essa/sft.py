@@ -53,7 +53,6 @@ def run_sft(model: nn.Module, tokenizer: Any, task: Task, lora: LoraConfig, sft:
     """Train a LoRA adapter on `task`'s sft split and write it as a PEFT adapter dir to `out_dir`."""
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    check_sft_config(sft)
     check_targets(model, lora.targets)
     examples = task.checked_split("sft")
     ensure_writable_dir(out_dir.parent)  # fail on a bad path before spending time training
@@ -123,17 +122,8 @@ def collate(items: list[Encoded], pad_id: int, device: torch.device | str = "cpu
 
 def total_steps(n_examples: int, sft: SftConfig) -> int:
     """ceil(epochs x batches per epoch), at least 1, capped by `max_steps`."""
-    check_sft_config(sft)
     steps = max(1, math.ceil(sft.epochs * math.ceil(n_examples / sft.batch_size)))
     return steps if sft.max_steps is None else min(steps, sft.max_steps)
-
-
-def check_sft_config(sft: SftConfig) -> None:
-    if sft.batch_size < 1 or sft.epochs <= 0 or sft.lr <= 0:
-        raise EssaError(f"sft.batch_size, sft.epochs and sft.lr must be positive "
-                        f"(got {sft.batch_size}, {sft.epochs}, {sft.lr})")
-    if sft.max_steps is not None and sft.max_steps < 1:
-        raise EssaError(f"sft.max_steps must be >= 1 (got {sft.max_steps})")
 
 
 def batch_stream(items: list[Encoded], batch_size: int, seed: int) -> Iterator[list[Encoded]]:

@@ -56,6 +56,18 @@ def restrict_to_singular_values(policy: nn.Module, space: SvdLoraSpace) -> list[
     return offsets
 
 
+def policy_factors(policy: nn.Module, space: SvdLoraSpace) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module name: (A, B)} as the PEFT `policy` runs them now (parametrized weights included)."""
+    modules = dict(policy.base_model.model.named_modules())
+    out = {}
+    for pair in space.pairs:
+        layer = modules[pair.name]
+        with torch.no_grad():
+            a, b = (getattr(layer, factor)["default"].weight for factor in ("lora_A", "lora_B"))
+        out[pair.name] = (a.detach().to("cpu", pair.a.dtype).clone(), b.detach().to("cpu", pair.b.dtype).clone())
+    return out
+
+
 def offsets_vector(offsets: list[nn.Parameter]) -> np.ndarray:
     """The current offsets as one search-space vector z (float64)."""
     return torch.cat([p.detach().double().cpu() for p in offsets]).numpy()

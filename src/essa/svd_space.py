@@ -89,9 +89,9 @@ class SvdLoraSpace:
 
     @classmethod
     def from_adapter(cls, adapter_dir: str | Path, alpha: float, model: torch.nn.Module | None = None) -> SvdLoraSpace:
-        """Build the space from a PEFT LoRA adapter dir; with `model`, check it fits that model."""
-        if not 0.0 < alpha <= 1.0:
-            raise EssaError(f"essa.alpha must be in (0, 1] (got {alpha!r})")
+        """Build the space from a PEFT LoRA adapter dir; with `model`, check it fits that model.
+
+        `alpha` is essa.alpha, in (0, 1] (SearchConfig checks it)."""
         config, tensors = read_peft_adapter(adapter_dir)
         factors = _group_factors(tensors, adapter_dir)
         rank = int(config.get("r", 0))
@@ -141,8 +141,12 @@ class SvdLoraSpace:
 
     def save_adapter(self, z: np.ndarray, out_dir: str | Path) -> Path:
         """Write the candidate as a standard PEFT adapter dir (atomically)."""
+        return self.save_factors(self.factors(z), out_dir)
+
+    def save_factors(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], out_dir: str | Path) -> Path:
+        """Write {module name: (A, B)} as a standard PEFT adapter dir with this adapter's config."""
         tensors = {}
-        for name, (a, b) in self.factors(z).items():
+        for name, (a, b) in factors.items():
             tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = a.contiguous()
             tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = b.contiguous()
         with atomic_directory(out_dir) as tmp:
@@ -165,7 +169,37 @@ def read_peft_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str
         raise EssaError(f"adapter {adapter_dir} is a {config.get('peft_type')} adapter; ESSA needs LoRA")
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         raise EssaError(f"adapter {adapter_dir} uses per-module rank/alpha patterns, which are not supported")
+    _refuse_weights_beyond_lora_factors(config, tensors, adapter_dir)
     return config, tensors
+
+
+# Settings under which an adapter holds trained weights besides the LoRA factors A and B. ESSA
+# searches, runs and exports only A and B, so such weights would be silently dropped.
+_EXTRA_WEIGHTS = {
+    "use_dora": "DoRA magnitude vectors (use_dora: true)",
+    "modules_to_save": "fully trained modules_to_save",
+    "lora_bias": "LoRA biases (lora_bias: true)",
+}
+
+
+def _refuse_weights_beyond_lora_factors(config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                                        adapter_dir: Any) -> None:
+    found = [f"{what} {config[key]!r}" if key == "modules_to_save" else what
+             for key, what in _EXTRA_WEIGHTS.items() if config.get(key)]
+    if config.get("bias", "none") != "none":
+        found.append(f"trained biases (bias: {config['bias']})")
+    others = [key for key in tensors if not _is_lora_factor(key)]
+    if others:
+        found.append(f"{len(others)} tensor(s) that are not LoRA factors, e.g. {others[0]}")
+    if found:
+        raise EssaError(f"adapter {adapter_dir} holds weights ESSA would drop: {'; '.join(found)}. ESSA needs a "
+                        "plain LoRA adapter (only lora_A / lora_B weights of linear layers)")
+
+
+def _is_lora_factor(key: str) -> bool:
+    # PEFT saves "<module>.lora_A.weight" (older versions "<module>.lora_A.<adapter name>.weight").
+    parts = key.split(".")
+    return parts[-1] == "weight" and ("lora_A" in parts[-3:-1] or "lora_B" in parts[-3:-1])
 
 
 def _group_factors(tensors: dict[str, torch.Tensor], adapter_dir: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -1,16 +1,17 @@
 """The ESSA loop: ask -> evaluate on a shared mini-batch -> mean reward -> tell, with checkpoints.
 
-The trainer knows no model or task internals: it drives a `Backend` (population -> completions)
+The trainer knows no model or task internals: it drives a `Backend` (population -> fitness)
 and a `Task` (rewards). Every generation ends with an atomic checkpoint; `resume=True` continues
 a killed run exactly, because mini-batches and sampling seeds derive from (seed, generation)
-and the optimizer state carries its own random state.
+and the optimizer state carries its own random state. Checkpoints are plain data (JSON + numpy
+arrays in one .npz, `essa.io.atomic_write_state`), so loading one runs no code.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,22 +20,24 @@ from typing import Any, Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from essa.backends import Backend
+from essa.backends import Backend, Minibatch
 from essa.config import SearchConfig
 from essa.errors import EssaError
-from essa.evaluate import evaluate_split, score
-from essa.io import atomic_write_json, atomic_write_pickle, atomic_write_text, ensure_writable_dir
+from essa.evaluate import evaluate_split
+from essa.io import atomic_write_json, atomic_write_state, atomic_write_text, ensure_writable_dir, read_state
 from essa.optim import make_optimizer
+from essa.schedule import minibatch_indices
 from essa.tasks import RewardStats, Task, format_prompt
 
-CHECKPOINT = "checkpoint.pkl"
+CHECKPOINT = "checkpoint.npz"
+PICKLE_CHECKPOINT = "checkpoint.pkl"  # older essa versions; never read (unpickling can run code)
 METRICS = "metrics.jsonl"
 log = logging.getLogger("essa.train")
 
 
 @dataclass
 class TrainState:
-    """Everything a resumed run needs; pickled after every generation."""
+    """Everything a resumed run needs; saved as plain data after every generation."""
 
     generation: int = 0
     elapsed_s: float = 0.0  # search time: what the time budget and the plots count
@@ -48,6 +51,13 @@ class TrainState:
     reward_failures: int = 0
     dim: int = 0
 
+    @classmethod
+    def from_tree(cls, tree: Any, path: Path) -> TrainState:
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(tree, dict) or set(tree) != names:
+            raise EssaError(f"checkpoint {path} does not hold an ESSA training state")
+        return cls(**tree)
+
 
 @dataclass
 class TrainResult:
@@ -58,22 +68,22 @@ class TrainResult:
 
 
 class EssaTrainer:
-    def __init__(self, backend: Backend, tokenizer: Any, task: Task, search: SearchConfig, dim: int,
-                 run_dir: str | Path, progress: bool = True,
-                 on_generation: Callable[[TrainState], None] | None = None):
+    """The search over `backend.dim` singular-value offsets; `on_generation(state)` runs after each generation."""
+
+    def __init__(self, backend: Backend, tokenizer: Any, task: Task, search: SearchConfig, run_dir: str | Path,
+                 progress: bool = True, on_generation: Callable[[TrainState], None] | None = None):
         self.backend = backend
         self.tokenizer = tokenizer
         self.task = task
         self.cfg = search
-        self.dim = dim
+        self.dim = backend.dim
         self.run_dir = ensure_writable_dir(run_dir)
         self.progress = progress
         self.on_generation = on_generation
         self.train = task.checked_split("train")
         self.validation = task.checked_split("validation")
         self.train_prompts = [format_prompt(tokenizer, task, ex) for ex in self.train]
-        self.optimizer = make_optimizer(search.optimizer, dim, search.popsize, search.sigma0, search.seed,
-                                        lr=search.openai_es_lr)
+        self.optimizer = make_optimizer(search, self.dim)
 
     # -- public -----------------------------------------------------------------------------
     def run(self, resume: bool = False) -> TrainResult:
@@ -98,9 +108,9 @@ class EssaTrainer:
     def _step(self, state: TrainState) -> None:
         gen = state.generation
         t0 = time.perf_counter()
-        batch = self._minibatch(gen)
         stats = RewardStats()
-        population, fitness = self._evaluate_generation(gen, batch, stats)
+        population, fitness = self.backend.run_generation(gen, self.optimizer, self.task, self._minibatch(gen),
+                                                          self._seed(gen), stats)
         self.optimizer.tell(population, fitness)
         best = int(np.argmax(fitness))
         if fitness[best] > state.best_fitness:
@@ -119,19 +129,9 @@ class EssaTrainer:
             self._validate_mean(state)
         self._checkpoint(state)
 
-    def _evaluate_generation(self, gen: int, batch: np.ndarray, stats: RewardStats) -> tuple[np.ndarray, np.ndarray]:
-        """(population, fitness) of one generation; distributed backends regenerate candidates themselves."""
-        run_generation = getattr(self.backend, "run_generation", None)
-        if run_generation is not None:
-            result = run_generation(gen, self.optimizer, [int(i) for i in batch], self._seed(gen), stats)
-            return result.population, result.fitness
-        population = self.optimizer.ask()
-        completions = self.backend.evaluate(population, [self.train_prompts[i] for i in batch], seed=self._seed(gen))
-        return population, score(self.task, completions, [self.train[i] for i in batch], stats).mean(axis=1)
-
-    def _minibatch(self, gen: int) -> np.ndarray:
-        size = min(self.cfg.prompts_per_generation, len(self.train))
-        return np.random.default_rng([self.cfg.seed, gen]).choice(len(self.train), size=size, replace=False)
+    def _minibatch(self, gen: int) -> Minibatch:
+        indices = minibatch_indices(self.cfg, len(self.train), gen)
+        return Minibatch(indices, [self.train_prompts[i] for i in indices], [self.train[i] for i in indices])
 
     def _seed(self, gen: int) -> int:
         return int(np.random.default_rng([self.cfg.seed, gen, 1]).integers(2**31))
@@ -162,15 +162,12 @@ class EssaTrainer:
 
     def _start(self, resume: bool) -> TrainState:
         path = self.run_dir / CHECKPOINT
+        refuse_to_overwrite(self.run_dir, resume)
         if not path.exists():
             if resume:
                 log.info("no checkpoint in %s: starting a new run", self.run_dir)
             return TrainState()
-        refuse_to_overwrite(self.run_dir, resume)
-        try:
-            state: TrainState = pickle.loads(path.read_bytes())
-        except Exception as exc:  # noqa: BLE001
-            raise EssaError(f"cannot read checkpoint {path}: {exc}") from exc
+        state = TrainState.from_tree(read_state(path), path)
         if state.dim != self.dim:
             raise EssaError(f"checkpoint {path} belongs to a search space of another size")
         self.optimizer.load_state_dict(state.optimizer)
@@ -180,7 +177,7 @@ class EssaTrainer:
     def _checkpoint(self, state: TrainState) -> None:
         state.optimizer = self.optimizer.state_dict()
         state.dim = self.dim
-        atomic_write_pickle(self.run_dir / CHECKPOINT, state)
+        atomic_write_state(self.run_dir / CHECKPOINT, dataclasses.asdict(state))
         lines = "".join(_json_line(r) for r in state.history)
         atomic_write_text(self.run_dir / METRICS, lines)
 
@@ -205,8 +202,13 @@ class EssaTrainer:
 
 
 def refuse_to_overwrite(run_dir: str | Path, resume: bool) -> None:
-    """A run dir that already holds a checkpoint is only continued, and only with --resume."""
-    if not resume and (Path(run_dir) / CHECKPOINT).exists():
+    """A run dir that already holds a checkpoint is only continued, and only with --resume; a
+    pickle checkpoint of an older essa is never loaded (unpickling a file can run code)."""
+    run_dir = Path(run_dir)
+    if (run_dir / PICKLE_CHECKPOINT).exists() and not (run_dir / CHECKPOINT).exists():
+        raise EssaError(f"{run_dir} holds a {PICKLE_CHECKPOINT} of an older essa, which is not loaded (unpickling "
+                        "a file can run code); start the run again in another output_dir")
+    if not resume and (run_dir / CHECKPOINT).exists():
         raise EssaError(f"{run_dir} already holds an ESSA run; pass --resume to continue it "
                         "or choose another output_dir")
 

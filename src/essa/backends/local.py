@@ -10,52 +10,50 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
-from essa.config import GenerationConfig
+from essa.backends import Backend, BackendInputs
+from essa.config import DECODING_ENGINES, Config, DecodingConfig
 from essa.decoding import BatchDecoder, DecodeSettings
 from essa.population import PopulationModel
 from essa.quantize import quantize_base_
 from essa.svd_space import SvdLoraSpace
 
-ENGINES = ("essa", "generate")
 
-
-class LocalBackend:
+class LocalBackend(Backend):
     """Evaluates a whole population on one model in this process; each batch row carries its own
     candidate's singular values. With `space=None` it runs the plain model.
 
-    `engine="essa"` decodes with `essa.decoding.BatchDecoder` (shared prompt prefix per candidate,
-    finished rows leave the batch, one seeded random stream per row); `engine="generate"` is the
+    `decoding.engine: essa` decodes with `essa.decoding.BatchDecoder` (shared prompt prefix per
+    candidate, finished rows leave the batch, one seeded random stream per row); `generate` is the
     reference path through HF `generate`, rows sorted by prompt length.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, space: SvdLoraSpace | None,
-                 generation: GenerationConfig, progress: bool = False, quantize: str = "none",
-                 engine: str = "essa"):
-        if engine not in ENGINES:
-            raise ValueError(f"unknown decoding engine {engine!r} (choose one of {', '.join(ENGINES)})")
+                 decoding: DecodingConfig, progress: bool = False, quantize: str = "none"):
+        if decoding.engine not in DECODING_ENGINES:
+            raise ValueError(f"unknown decoding engine {decoding.engine!r}")
         if quantize != "none":
             model = copy.deepcopy(model)  # the caller keeps its float model
         self.model = model
         self.tokenizer = tokenizer
         self.space = space
-        self.generation = generation
+        self.decoding = decoding
         self.progress = progress
-        self.engine = engine
         self.population_model = PopulationModel(model, space) if space is not None else None
         quantize_base_(model, quantize)  # after wrapping: the SVD-LoRA branch stays in float
         select = self.population_model.select_rows if self.population_model is not None else None
         self.decoder = BatchDecoder(model, self._decode_settings(), select_rows=select,
                                     pad_token_id=tokenizer.pad_token_id)
 
+    @classmethod
+    def from_config(cls, cfg: Config, inputs: BackendInputs, progress: bool = False) -> LocalBackend:
+        return cls(inputs.model, inputs.tokenizer, inputs.space, cfg.decoding, progress=progress,
+                   quantize=cfg.model.quantize)
+
     def close(self) -> None:
         """Unwrap the model's layers again, so the caller gets its plain model back."""
         if self.population_model is not None:
             self.population_model.remove()
             self.population_model = None
-
-    @property
-    def dim(self) -> int:
-        return self.space.dim if self.space is not None else 0
 
     def evaluate(self, population: np.ndarray | None, prompts: list[str], seed: int = 0) -> list[list[str]]:
         n_cand = 1 if population is None else len(population)
@@ -67,7 +65,7 @@ class LocalBackend:
         rows = [(c, p) for c in range(n_cand) for p in range(len(prompts))]
         out: list[list[str]] = [[""] * len(prompts) for _ in range(n_cand)]
         try:
-            if self.engine == "essa":
+            if self.decoding.engine == "essa":
                 texts = self._decode(ids, rows, seed)
             else:
                 texts = self._generate_all(prompts, ids, rows, seed)
@@ -85,7 +83,7 @@ class LocalBackend:
         return self.tokenizer.batch_decode(result.tokens, skip_special_tokens=True)
 
     def _decode_settings(self) -> DecodeSettings:
-        g = self.generation
+        g = self.decoding
         eos = self.tokenizer.eos_token_id
         return DecodeSettings(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
                               eos_token_ids=tuple(eos if isinstance(eos, list) else [eos]),
@@ -96,7 +94,7 @@ class LocalBackend:
                       seed: int) -> list[str]:
         order = sorted(range(len(rows)), key=lambda k: (len(ids[rows[k][1]]), rows[k][1], rows[k][0]))
         texts = [""] * len(rows)
-        size = self.generation.batch_size
+        size = self.decoding.batch_size
         chunks = [order[i:i + size] for i in range(0, len(order), size)]
         for i, chunk in enumerate(tqdm(chunks, desc="generate", unit="batch", leave=False,
                                       disable=not self.progress or len(chunks) < 2)):
@@ -120,7 +118,7 @@ class LocalBackend:
         return self.tokenizer.batch_decode(new, skip_special_tokens=True)
 
     def _generation_config(self) -> transformers.GenerationConfig:
-        g = self.generation
+        g = self.decoding
         sample = g.temperature > 0
         return transformers.GenerationConfig(
             max_new_tokens=g.max_new_tokens,

@@ -15,8 +15,9 @@ replaying the fitness history (or, after a resync, from the one state the driver
 its chunk is re-queued. Chunks have fixed contents and seeds, so a re-queued chunk gives the
 same fitness on any worker.
 
-`evaluate(population, prompts, seed)` (the `Backend` protocol) ships candidate rows instead; it
-serves validation, where the population is one vector.
+`evaluate(population, prompts, seed)` ships candidate rows instead; it serves validation, where
+the population is one vector. Each worker builds its own backend (`backend.worker_engine`, local or
+vllm) through the same registry as every other caller.
 """
 
 from __future__ import annotations
@@ -27,18 +28,29 @@ import logging
 import math
 import os
 import pickle
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
-from essa.config import GenerationConfig, ModelConfig, SearchConfig, TaskConfig
+from essa.backends import (
+    Backend,
+    BackendInputs,
+    Generation,
+    Minibatch,
+    backend_class,
+    build_backend,
+    load_inputs,
+)
+from essa.config import Config, TaskConfig
+from essa.console import say
 from essa.errors import EssaError, first_line
 from essa.optim import Optimizer
-from essa.tasks import RewardStats
+from essa.tasks import RewardStats, Task
 
 _log = logging.getLogger("essa.ray")
 
@@ -68,11 +80,6 @@ class ChunkResult:
     fingerprint: str  # hash of the candidate rows the worker regenerated
 
 
-class Generation(NamedTuple):
-    population: np.ndarray  # (popsize, dim), as the driver optimizer asked them
-    fitness: np.ndarray  # (popsize,)
-
-
 def fingerprint(rows: np.ndarray) -> str:
     """A short hash of candidate rows: driver and workers must regenerate identical bits."""
     data = np.ascontiguousarray(rows, dtype=np.float64).tobytes()
@@ -83,22 +90,20 @@ def fingerprint(rows: np.ndarray) -> str:
 
 
 class PopulationWorker:
-    """Runs inside a Ray actor: model + SVD-LoRA space + task + its own optimizer copy."""
+    """Runs inside a Ray actor: a backend (model + SVD-LoRA space) + task + its own optimizer copy."""
 
-    def __init__(self, model: ModelConfig, adapter_dir: str, alpha: float, generation: GenerationConfig,
-                 task: TaskConfig, search: SearchConfig, threads: int, engine: str = "transformers",
-                 vllm_options: dict[str, Any] | None = None):
+    def __init__(self, cfg: Config, adapter_dir: str, alpha: float):
         from essa.optim import make_optimizer
         from essa.tasks import get_task
 
-        self.tokenizer, self.backend = _worker_backend(engine, model, adapter_dir, alpha, generation, search,
-                                                       threads, vllm_options)
-        self.task = get_task(task)
+        engine = cfg.backend.worker_engine
+        inputs = load_inputs(cfg, adapter_dir, alpha, kind=engine)
+        self.tokenizer, self.backend = inputs.tokenizer, build_backend(cfg, inputs, kind=engine)
+        self.task = get_task(cfg.task)
         self.train = self.task.checked_split("train")
         self._prompts: dict[int, str] = {}
         # Every worker starts where a fresh driver optimizer starts: the shared seed.
-        self.optimizer = make_optimizer(search.optimizer, self.backend.dim, search.popsize, search.sigma0,
-                                        search.seed, lr=search.openai_es_lr)
+        self.optimizer = make_optimizer(cfg.essa, self.backend.dim)
         self.gen = 0  # generations told so far
         self.population: np.ndarray | None = None  # asked candidates of generation self.gen
 
@@ -120,7 +125,7 @@ class PopulationWorker:
         fitness = score(self.task, completions, examples, stats).mean(axis=1)
         return ChunkResult(fitness, stats.failures, self._count_tokens(completions), fingerprint(rows))
 
-    def generate(self, population: np.ndarray | None, prompts: list[str], seed: int) -> list[list[str]]:
+    def evaluate(self, population: np.ndarray | None, prompts: list[str], seed: int) -> list[list[str]]:
         return self.backend.evaluate(population, prompts, seed=seed)
 
     def _catch_up(self, job: ChunkJob) -> None:
@@ -151,6 +156,7 @@ class _Slot:
     actor: Any
     told: int = 0  # generations this worker has applied (as far as the driver knows)
     needs_reset: bool = False  # next chunk carries the driver's base state
+    starting: bool = False  # a replacement whose model may still be loading when its first chunk is sent
 
 
 @dataclass
@@ -162,39 +168,55 @@ class _Work:
     done: Callable[[int], None] = lambda slot: None
 
 
-class RayPopulationEvaluator:
+class RayPopulationEvaluator(Backend):
     """Driver side of the distributed population: N workers, a chunk queue and fault tolerance.
 
     `run_generation` is the paper's protocol (workers regenerate candidates, only scalars
-    travel); `evaluate` implements the `Backend` protocol by shipping candidate rows.
+    travel); `evaluate` ships candidate rows. Settings: the `backend:` section (workers,
+    ray_address, threads_per_worker, worker_engine), `essa:` (the optimizer every worker copies),
+    and the model, task and decoding each worker loads.
     """
 
-    def __init__(self, model: ModelConfig, adapter_dir: str, alpha: float, generation: GenerationConfig,
-                 task: TaskConfig, search: SearchConfig, num_workers: int = 2, ray_address: str | None = None,
-                 threads_per_worker: int = 1, log: Callable[[str], None] | None = None,
-                 chunk_size: int | None = None, cpus_per_worker: float | None = None,
-                 max_retries: int = 3, startup_timeout_s: float = 600.0, engine: str = "transformers",
-                 vllm_options: dict[str, Any] | None = None):
-        if num_workers < 1:
-            raise EssaError(f"num_workers must be >= 1 (got {num_workers})")
-        if threads_per_worker < 1:
-            raise EssaError(f"threads_per_worker must be >= 1 (got {threads_per_worker})")
-        if chunk_size is not None and chunk_size < 1:
-            raise EssaError(f"chunk_size must be >= 1 (got {chunk_size})")
+    loads_weights = True  # the workers load the model
+
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        """Ray is installed, and each worker runs a backend that works in one process."""
+        _import_ray()
+        engine = backend_class(cfg.backend.worker_engine)
+        if issubclass(engine, RayPopulationEvaluator):
+            raise EssaError(f"backend.worker_engine must be a backend that runs in one process, "
+                            f"not {cfg.backend.worker_engine}")
+        engine.check(cfg)
+
+    @classmethod
+    def evaluation_kind(cls, cfg: Config) -> str:
+        return cfg.backend.worker_engine  # the pool is for training; single adapters evaluate here
+
+    @classmethod
+    def from_config(cls, cfg: Config, inputs: BackendInputs, progress: bool = False) -> RayPopulationEvaluator:
+        if inputs.adapter_dir is None:
+            raise EssaError("the Ray backend evaluates an adapter: set adapter=PATH")
+        say(f"starting {cfg.backend.workers} Ray workers")
+        return cls(cfg, inputs.adapter_dir, inputs.alpha, log=say)
+
+    def __init__(self, cfg: Config, adapter_dir: str | Path, alpha: float, *,
+                 log: Callable[[str], None] | None = None, chunk_size: int | None = None,
+                 cpus_per_worker: float | None = None, max_retries: int = 3, startup_timeout_s: float = 600.0):
         self._ray = _import_ray()
         self.log = log or _log.info
-        self.search = search
-        self.num_workers = num_workers
-        self.chunk_size = chunk_size or math.ceil(search.popsize / num_workers)
+        self.search = cfg.essa
+        self.num_workers = cfg.backend.workers
+        self.chunk_size = chunk_size or math.ceil(self.search.popsize / self.num_workers)
         self.max_retries = max_retries
-        self._owns_ray = self._init_ray(ray_address, num_workers * (cpus_per_worker or threads_per_worker))
-        worker_args = (_absolute_model(model), _absolute(adapter_dir), alpha, generation, _absolute_task(task),
-                       search, threads_per_worker, engine, vllm_options)
-        self._actor_cls = self._ray.remote(num_cpus=cpus_per_worker or threads_per_worker, max_restarts=0,
-                                           max_task_retries=0)(PopulationWorker)
-        self._worker_args = worker_args
-        self._slots = [_Slot(self._actor_cls.remote(*worker_args)) for _ in range(num_workers)]
-        self.dim, self.train_size = self._check_workers(startup_timeout_s)
+        self.chunk_timeout_s = cfg.backend.chunk_timeout_s
+        self.startup_timeout_s = startup_timeout_s
+        cpus = cpus_per_worker or cfg.backend.threads_per_worker
+        self._owns_ray = self._init_ray(cfg.backend.ray_address, self.num_workers * cpus)
+        self._worker_args = (_worker_config(cfg), _absolute(str(adapter_dir)), alpha)
+        self._actor_cls = self._ray.remote(num_cpus=cpus, max_restarts=0, max_task_retries=0)(PopulationWorker)
+        self._slots = [_Slot(self._actor_cls.remote(*self._worker_args)) for _ in range(self.num_workers)]
+        self._dim, self.train_size = self._check_workers(startup_timeout_s)
         # Lock-step bookkeeping: fitness of every generation since `_base`, whose starting
         # optimizer state is `_base_state` (None: a fresh optimizer built from `search`).
         self._driver: Optimizer | None = None
@@ -207,13 +229,23 @@ class RayPopulationEvaluator:
         self.replacements = 0
 
     # -- public --------------------------------------------------------------------------------
-    def run_generation(self, gen: int, optimizer: Optimizer, prompt_indices: Sequence[int], seed: int = 0,
-                       stats: RewardStats | None = None) -> Generation:
+    @property
+    def dim(self) -> int:
+        return self._dim  # as the workers report it
+
+    def run_generation(self, gen: int, optimizer: Optimizer, task: Task, batch: Minibatch, seed: int,
+                       stats: RewardStats) -> Generation:
         """Ask `optimizer` (the driver's) for generation `gen` and return its candidates and fitness.
 
+        Only `batch.indices` travel: the workers hold the task and format its prompts themselves.
         The caller must then `optimizer.tell(population, fitness)` with exactly these values:
         the workers apply the same tell when the next generation's chunks reach them.
         """
+        return self.run_indices(gen, optimizer, batch.indices, seed, stats)
+
+    def run_indices(self, gen: int, optimizer: Optimizer, prompt_indices: Sequence[int], seed: int = 0,
+                    stats: RewardStats | None = None) -> Generation:
+        """`run_generation` from the train-split indices of the generation's prompts."""
         self._check_driver(optimizer, prompt_indices)
         if not self._in_lockstep(gen, optimizer):
             self._resync(gen, optimizer)
@@ -240,7 +272,7 @@ class RayPopulationEvaluator:
         return Generation(population, fitness)
 
     def evaluate(self, population: np.ndarray | None, prompts: list[str], seed: int = 0) -> list[list[str]]:
-        """`Backend.evaluate`: completions[candidate][prompt], rows shipped to the workers."""
+        """Completions[candidate][prompt], candidate rows shipped to the workers."""
         n_cand = 1 if population is None else len(population)
         out: list[list[str]] = [[""] * len(prompts) for _ in range(n_cand)]
         pieces = self._pieces(n_cand, len(prompts))
@@ -249,7 +281,7 @@ class RayPopulationEvaluator:
             rows = None if population is None else np.asarray(population[cands.start:cands.stop])
             args = (rows, prompts[prs.start:prs.stop], _chunk_seed(seed, k))
             work.append(_Work(f"rows {cands.start}-{cands.stop - 1} x prompts {prs.start}-{prs.stop - 1}",
-                              lambda slot, a=args: ("generate", a)))
+                              lambda slot, a=args: ("evaluate", a)))
         for (cands, prs), texts in zip(pieces, self._dispatch(work, "evaluation")):
             for c, row in zip(cands, texts):
                 out[c][prs.start:prs.stop] = row
@@ -310,48 +342,68 @@ class RayPopulationEvaluator:
 
     # -- dispatch and fault tolerance ----------------------------------------------------------
     def _dispatch(self, work: list[_Work], what: str) -> list[Any]:
-        """Run every item on some idle worker; a lost worker is replaced and its item re-queued."""
+        """Run every item on some idle worker. A worker that dies, or sends nothing back within
+        backend.chunk_timeout_s (hung), is replaced and its item re-queued."""
         ray = self._ray
         queue, idle = deque(range(len(work))), deque(range(len(self._slots)))
-        running: dict[Any, tuple[int, int]] = {}
+        running: dict[Any, tuple[int, int, float]] = {}  # result ref -> (slot, item, deadline)
         results: list[Any] = [None] * len(work)
         attempts: Counter[int] = Counter()
+
+        def retry(slot: int, item: int, why: str, exc: BaseException | None = None) -> None:
+            attempts[item] += 1
+            if attempts[item] > self.max_retries:
+                raise EssaError(f"{what}: {work[item].label} lost its worker {attempts[item]} times; "
+                                f"giving up ({why})") from exc
+            self._replace(slot, f"{what}: worker {slot} {why}; re-queued {work[item].label}")
+            queue.appendleft(item)
+            idle.append(slot)
+
         while queue or running:
             while queue and idle:
                 slot, item = idle.popleft(), queue.popleft()
                 method, args = work[item].call(slot)
                 self._bytes += _size(args)
-                running[getattr(self._slots[slot].actor, method).remote(*args)] = (slot, item)
-            ready, _ = ray.wait(list(running), num_returns=1)
-            slot, item = running.pop(ready[0])
+                ref = getattr(self._slots[slot].actor, method).remote(*args)
+                running[ref] = (slot, item, self._deadline(self._slots[slot]))
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=_seconds_until(running))
+            if not ready:  # a deadline passed: those workers are hung (alive, but silent)
+                now = time.monotonic()
+                for ref, (slot, item, deadline) in list(running.items()):
+                    if now >= deadline:
+                        del running[ref]
+                        retry(slot, item, f"sent nothing back within backend.chunk_timeout_s="
+                                          f"{self.chunk_timeout_s:g} s (hung)")
+                continue
+            slot, item, _ = running.pop(ready[0])
             try:
                 value = ray.get(ready[0])
             except _worker_lost_errors(ray) as exc:
-                attempts[item] += 1
-                if attempts[item] > self.max_retries:
-                    raise EssaError(f"{what}: {work[item].label} lost its worker {attempts[item]} times; "
-                                    f"giving up ({first_line(exc)})") from exc
-                self._replace(slot, f"{what}: worker {slot} lost ({type(exc).__name__}); "
-                                    f"re-queued {work[item].label}")
-                queue.appendleft(item)
-                idle.append(slot)
+                retry(slot, item, f"lost ({type(exc).__name__}: {first_line(exc)})", exc)
                 continue
             except ray.exceptions.RayTaskError as exc:
                 cause = getattr(exc, "cause", None) or exc
                 raise EssaError(f"{what}: a worker failed on {work[item].label}: "
                                 f"{type(cause).__name__}: {first_line(cause)}") from exc
             self._bytes += _size(value)
+            self._slots[slot].starting = False
             work[item].done(slot)
             results[item] = value
             idle.append(slot)
         return results
+
+    def _deadline(self, slot: _Slot) -> float:
+        """When a chunk sent to `slot` now counts as hung; a replacement first gets time to start."""
+        if self.chunk_timeout_s is None:
+            return math.inf
+        return time.monotonic() + self.chunk_timeout_s + (self.startup_timeout_s if slot.starting else 0.0)
 
     def _replace(self, index: int, why: str) -> None:
         """A fresh actor in the slot; it catches up from the base state and the fitness history."""
         self._ray.kill(self._slots[index].actor, no_restart=True)
         fresh = self._base_state is None  # a new worker starts at generation 0 of `search`
         self._slots[index] = _Slot(self._actor_cls.remote(*self._worker_args),
-                                   told=0 if fresh else self._base, needs_reset=not fresh)
+                                   told=0 if fresh else self._base, needs_reset=not fresh, starting=True)
         self.replacements += 1
         self.log(f"ray: {why}; started a replacement worker that replays "
                  f"{len(self._history)} generation(s) of fitness")
@@ -400,44 +452,23 @@ class RayPopulationEvaluator:
         return [(range(n_cand), range(lo, min(lo + step, n_prompts))) for lo in range(0, n_prompts, step)]
 
 
-# The name the backends registry and users reach for; the same class serves both roles.
-RayBackend = RayPopulationEvaluator
-
-
-def _worker_backend(engine: str, model: ModelConfig, adapter_dir: str, alpha: float,
-                    generation: GenerationConfig, search: SearchConfig, threads: int,
-                    vllm_options: dict[str, Any] | None) -> tuple[Any, Any]:
-    """(tokenizer, backend) of one worker: the population runtime or a vLLM engine."""
-    from essa.svd_space import SvdLoraSpace
-
-    model = dataclasses.replace(model, threads=threads)  # load_model / the engine apply it
-    if engine == "vllm":
-        from essa.backends.vllm_backend import VllmBackend
-        from essa.models import load_tokenizer
-
-        tokenizer = load_tokenizer(model)
-        space = SvdLoraSpace.from_adapter(adapter_dir, alpha)
-        return tokenizer, VllmBackend.for_model(model, tokenizer, space, generation, max_loras=search.popsize,
-                                                engine_options=vllm_options, seed=search.seed)
-    from essa.backends.local import LocalBackend
-    from essa.models import load_model
-
-    lm, tokenizer = load_model(model)
-    space = SvdLoraSpace.from_adapter(adapter_dir, alpha, model=lm)
-    return tokenizer, LocalBackend(lm, tokenizer, space, generation, quantize=model.quantize)
-
-
 def _import_ray() -> Any:
     try:
         import ray
     except ImportError as exc:
-        raise EssaError("the Ray backend needs the 'ray' package: pip install 'ray>=2.60'") from exc
+        raise EssaError("backend.kind=ray needs Ray: pip install 'essa[ray]' (ray>=2.40)") from exc
     return ray
 
 
 def _worker_lost_errors(ray: Any) -> tuple[type[BaseException], ...]:
     e = ray.exceptions
     return (e.RayActorError, e.WorkerCrashedError, e.ObjectLostError, e.NodeDiedError, e.OutOfMemoryError)
+
+
+def _seconds_until(running: dict[Any, tuple[int, int, float]]) -> float | None:
+    """How long `ray.wait` may block before the earliest deadline (None: no deadline)."""
+    first = min(deadline for _, _, deadline in running.values())
+    return None if first == math.inf else max(0.0, first - time.monotonic())
 
 
 def _chunk_seed(seed: int, chunk: int) -> int:
@@ -456,8 +487,11 @@ def _absolute(path: str) -> str:
     return str(p.resolve()) if p.exists() else path
 
 
-def _absolute_model(model: ModelConfig) -> ModelConfig:
-    return dataclasses.replace(model, name=_absolute(model.name))
+def _worker_config(cfg: Config) -> Config:
+    """The config a worker runs: local paths absolute (workers may run in another directory) and
+    its own thread count."""
+    model = dataclasses.replace(cfg.model, name=_absolute(cfg.model.name), threads=cfg.backend.threads_per_worker)
+    return cfg.with_changes(model=model, task=_absolute_task(cfg.task))
 
 
 def _absolute_task(task: TaskConfig) -> TaskConfig:
@@ -467,5 +501,4 @@ def _absolute_task(task: TaskConfig) -> TaskConfig:
     return task
 
 
-__all__ = ["ChunkJob", "ChunkResult", "Generation", "PopulationWorker", "RayBackend",
-           "RayPopulationEvaluator", "fingerprint"]
+__all__ = ["ChunkJob", "ChunkResult", "PopulationWorker", "RayPopulationEvaluator", "fingerprint"]

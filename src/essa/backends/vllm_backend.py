@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from essa.config import GenerationConfig, ModelConfig
+from essa.backends import Backend, BackendInputs
+from essa.config import Config, DecodingConfig
 from essa.errors import EssaError, first_line
 from essa.models import engine_model_source
 from essa.svd_space import SvdLoraSpace
@@ -33,7 +34,7 @@ _VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 _DEFAULT_CPU_KV_GIB = "2"
 
 
-class VllmBackend:
+class VllmBackend(Backend):
     """Evaluates a population on a vLLM engine with one LoRA request per candidate.
 
     `engine_options` go to `vllm.LLM` unchanged (e.g. `quantization`, `max_model_len`,
@@ -41,13 +42,13 @@ class VllmBackend:
     """
 
     def __init__(self, model_source: str, tokenizer: Any, space: SvdLoraSpace | None,
-                 generation: GenerationConfig, *, dtype: str = "float32", max_loras: int = 16,
+                 decoding: DecodingConfig, *, dtype: str = "float32", max_loras: int = 16,
                  threads: int | None = None, engine_options: dict[str, Any] | None = None,
                  progress: bool = False, seed: int = 0):
         vllm = _import_vllm()
         self.tokenizer = tokenizer
         self.space = space
-        self.generation = generation
+        self.decoding = decoding
         self.progress = progress
         self._lora_request = vllm.lora.request.LoRARequest
         self._sampling_params = vllm.SamplingParams
@@ -64,16 +65,22 @@ class VllmBackend:
             shutil.rmtree(self._tmp_root, ignore_errors=True)
             raise EssaError(f"vLLM could not start an engine for {model_source}: {first_line(exc)}") from exc
 
-    @classmethod
-    def for_model(cls, model: ModelConfig, tokenizer: Any, space: SvdLoraSpace | None,
-                  generation: GenerationConfig, **kwargs: Any) -> VllmBackend:
-        """The backend for an essa model config: its source, dtype and thread count."""
-        return cls(engine_model_source(model.name), tokenizer, space, generation, dtype=model.dtype,
-                   threads=model.threads, **kwargs)
+    loads_weights = True
 
-    @property
-    def dim(self) -> int:
-        return self.space.dim if self.space is not None else 0
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        """Refuse settings vLLM ignores, and a missing vLLM, before anything is written."""
+        if cfg.model.quantize != "none":
+            raise EssaError(f"model.quantize={cfg.model.quantize} applies to the local runtime; with vLLM set "
+                            "backend.vllm_options.quantization instead")
+        require_vllm()
+
+    @classmethod
+    def from_config(cls, cfg: Config, inputs: BackendInputs, progress: bool = False) -> VllmBackend:
+        """An engine for the config's model (source, dtype, threads), room for a population of LoRAs."""
+        return cls(engine_model_source(cfg.model.name), inputs.tokenizer, inputs.space, cfg.decoding,
+                   dtype=cfg.model.dtype, max_loras=cfg.essa.popsize, threads=cfg.model.threads,
+                   engine_options=cfg.backend.vllm_options, progress=progress, seed=cfg.essa.seed)
 
     def evaluate(self, population: np.ndarray | None, prompts: list[str], seed: int = 0) -> list[list[str]]:
         if self.space is not None and population is None:
@@ -97,7 +104,7 @@ class VllmBackend:
         shutil.rmtree(self._tmp_root, ignore_errors=True)
 
     def _params(self, seed: int) -> Any:
-        g = self.generation
+        g = self.decoding
         sample = g.temperature > 0
         return self._sampling_params(
             max_tokens=g.max_new_tokens,
@@ -164,8 +171,6 @@ def _set_cpu_env(threads: int | None) -> None:
     """CPU engine settings, read by vLLM's engine processes; the user's own settings win."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", _DEFAULT_CPU_KV_GIB)
     if threads is not None:
-        if threads < 1:
-            raise EssaError(f"backend.threads_per_worker must be >= 1 (got {threads})")
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         os.environ["OMP_NUM_THREADS"] = str(threads)
 

@@ -1,8 +1,10 @@
 """The task interface: prompts for each split, their chat formatting, and a reward.
 
-A task knows nothing about models or optimizers. The trainer, SFT and evaluation only use
-`split()`, `messages()`, `sft_target()` and `reward()`; `safe_reward()` wraps the last so one
-bad completion (a checker that raises or returns NaN) scores 0 instead of crashing a run.
+A task knows nothing about models or optimizers. The trainer, SFT and evaluation only use the
+methods `Task` declares: `split()` and `reward()` (which a task implements), and `messages()`,
+`sft_target()`, `reward_batch()` and `extra_metrics()` (which have defaults). `safe_reward()`
+wraps `reward()` so one bad completion (a checker that raises or returns NaN) scores 0 instead
+of crashing a run.
 """
 
 from __future__ import annotations
@@ -47,6 +49,16 @@ class Task(ABC):
             out.append({"role": "system", "content": self.system_prompt})
         out.append({"role": "user", "content": example.prompt})
         return out
+
+    def reward_batch(self, completions: list[str], examples: list[Example]) -> list[float]:
+        """Rewards of many completions at once, in order. Default: `reward` one by one; a task
+        whose reward batches well (a reward model) overrides it."""
+        return [self.reward(c, ex) for c, ex in zip(completions, examples)]
+
+    def extra_metrics(self, completion: str, example: Example) -> dict[str, float]:
+        """Extra per-completion numbers that evaluation averages over a split (e.g. IFEval's strict
+        accuracy). Default: none."""
+        return {}
 
     def sft_target(self, example: Example) -> str:
         if example.target is None:
