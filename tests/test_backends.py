@@ -31,9 +31,9 @@ class CountingBackend(LocalBackend):
 
     evaluated = 0
 
-    def evaluate(self, population, prompts, seed=0):
+    def evaluate(self, population, prompts, seed=0, **offsets):
         CountingBackend.evaluated += 1 if population is None else len(population)
-        return super().evaluate(population, prompts, seed=seed)
+        return super().evaluate(population, prompts, seed=seed, **offsets)
 
 
 @pytest.fixture()
@@ -97,7 +97,7 @@ def test_recording_wrapper_declares_what_it_forwards(files):
     space = SvdLoraSpace.from_adapter(adapter, 1.0)
 
     class Fixed(Backend):
-        def evaluate(self, population, prompts, seed=0):
+        def evaluate(self, population, prompts, seed=0, candidate_offset=0, prompt_offset=0):
             return [["a" * (i + 1) for i in range(len(prompts))] for _ in range(len(population))]
 
     inner = Fixed()

@@ -154,3 +154,30 @@ def test_common_prefix_length():
     assert common_prefix_length([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2
     assert common_prefix_length([[5], [6]]) == 0
     assert common_prefix_length([]) == 0
+
+
+def test_sampled_evaluation_does_not_depend_on_batching_or_splitting(tmp_path):
+    from essa.backends.local import LocalBackend
+    from essa.config import DecodingConfig
+
+    model, tok = tiny_llama(), tiny_tokenizer()
+    space = SvdLoraSpace.from_adapter(make_random_adapter(model, tmp_path / "a", rank=2), 1.0, model=model)
+    population = np.random.default_rng(3).normal(0, 0.3, (4, space.dim))
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+               for q in QUESTIONS]
+
+    def run(batch_size, pop, prompt_slice=slice(None), **offsets):
+        backend = LocalBackend(model, tok, space, DecodingConfig(max_new_tokens=8, temperature=1.0,
+                                                                 batch_size=batch_size))
+        try:
+            return backend.evaluate(pop, prompts[prompt_slice], seed=5, **offsets)
+        finally:
+            backend.close()
+
+    whole = run(64, population)
+    assert run(3, population) == whole
+    halves = run(5, population[:2]) + run(2, population[2:], candidate_offset=2)
+    assert halves == whole
+    columns = run(4, population, slice(0, 3)), run(4, population, slice(3, None), prompt_offset=3)
+    assert [a + b for a, b in zip(*columns)] == whole
+    assert run(64, population[2:]) != whole[2:]  # without its offset a piece samples other rows

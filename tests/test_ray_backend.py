@@ -32,7 +32,8 @@ torch.set_num_threads(1)
 TASK_FILE = Path(__file__).with_name("ray_tasks.py")
 SEARCH = SearchConfig(optimizer="sep-cma", popsize=4, sigma0=0.5, prompts_per_generation=3, generations=2,
                       eval_every=2, seed=7)
-DECODING = DecodingConfig(max_new_tokens=6, batch_size=32)
+# Sampled: fitness must not depend on how candidates are split across workers or batched.
+DECODING = DecodingConfig(max_new_tokens=6, batch_size=32, temperature=1.0)
 GENERATIONS = 3
 
 

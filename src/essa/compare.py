@@ -186,8 +186,10 @@ class RecordingBackend(Backend):
     def dim(self) -> int:
         return self.backend.dim
 
-    def evaluate(self, population: np.ndarray | None, prompts: list[str], seed: int = 0) -> list[list[str]]:
-        return self.backend.evaluate(population, prompts, seed=seed)
+    def evaluate(self, population: np.ndarray | None, prompts: list[str], seed: int = 0,
+                 candidate_offset: int = 0, prompt_offset: int = 0) -> list[list[str]]:
+        return self.backend.evaluate(population, prompts, seed=seed, candidate_offset=candidate_offset,
+                                     prompt_offset=prompt_offset)
 
     def run_generation(self, gen: int, optimizer: Any, task: Any, batch: Minibatch, seed: int,
                        stats: Any) -> Generation:

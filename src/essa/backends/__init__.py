@@ -87,8 +87,14 @@ class Backend:
         """Dimension of the search space (0 without an adapter)."""
         return self.space.dim if self.space is not None else 0
 
-    def evaluate(self, population: np.ndarray | None, prompts: list[str], seed: int = 0) -> list[list[str]]:
-        """Completions[candidate][prompt] for `population` ((lambda, dim) offsets; None: the adapter as loaded)."""
+    def evaluate(self, population: np.ndarray | None, prompts: list[str], seed: int = 0,
+                 candidate_offset: int = 0, prompt_offset: int = 0) -> list[list[str]]:
+        """Completions[candidate][prompt] for `population` ((lambda, dim) offsets; None: the adapter as loaded).
+
+        Sampling draws from one stream per row, seeded by `row_seed(seed, candidate, prompt)` where
+        candidate and prompt count from `candidate_offset` and `prompt_offset`: a caller that
+        splits an evaluation into pieces passes each piece's position, and the samples do not
+        depend on how the rows were split or batched."""
         raise NotImplementedError(f"{type(self).__name__} does not implement evaluate")
 
     def run_generation(self, gen: int, optimizer: Optimizer, task: Task, batch: Minibatch, seed: int,
@@ -103,6 +109,11 @@ class Backend:
 
     def close(self) -> None:
         """Release what the backend holds (wrapped layers, engines, workers)."""
+
+
+def row_seed(seed: int, candidate: int, prompt: int) -> int:
+    """The sampling seed of one (candidate, prompt) row of an evaluation seeded with `seed`."""
+    return int(np.random.SeedSequence([seed, candidate, prompt]).generate_state(1, np.uint64)[0] >> 1)
 
 
 # The backend registry: `backend.kind` names one of these ("module:Class", imported on use).

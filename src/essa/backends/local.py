@@ -10,7 +10,7 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
-from essa.backends import Backend, BackendInputs
+from essa.backends import Backend, BackendInputs, row_seed
 from essa.config import DECODING_ENGINES, Config, DecodingConfig
 from essa.decoding import BatchDecoder, DecodeSettings
 from essa.population import PopulationModel
@@ -55,7 +55,8 @@ class LocalBackend(Backend):
             self.population_model.remove()
             self.population_model = None
 
-    def evaluate(self, population: np.ndarray | None, prompts: list[str], seed: int = 0) -> list[list[str]]:
+    def evaluate(self, population: np.ndarray | None, prompts: list[str], seed: int = 0,
+                 candidate_offset: int = 0, prompt_offset: int = 0) -> list[list[str]]:
         n_cand = 1 if population is None else len(population)
         if self.population_model is not None:
             if population is None:
@@ -66,7 +67,8 @@ class LocalBackend(Backend):
         out: list[list[str]] = [[""] * len(prompts) for _ in range(n_cand)]
         try:
             if self.decoding.engine == "essa":
-                texts = self._decode(ids, rows, seed)
+                seeds = [row_seed(seed, c + candidate_offset, p + prompt_offset) for c, p in rows]
+                texts = self._decode(ids, rows, seeds)
             else:
                 texts = self._generate_all(prompts, ids, rows, seed)
         finally:
@@ -77,9 +79,8 @@ class LocalBackend(Backend):
         return out
 
     # -- the essa decoder ---------------------------------------------------------------------
-    def _decode(self, ids: list[list[int]], rows: list[tuple[int, int]], seed: int) -> list[str]:
-        result = self.decoder.decode([ids[p] for _, p in rows], [c for c, _ in rows],
-                                     [row_seed(seed, c, p) for c, p in rows])
+    def _decode(self, ids: list[list[int]], rows: list[tuple[int, int]], seeds: list[int]) -> list[str]:
+        result = self.decoder.decode([ids[p] for _, p in rows], [c for c, _ in rows], seeds)
         return self.tokenizer.batch_decode(result.tokens, skip_special_tokens=True)
 
     def _decode_settings(self) -> DecodeSettings:
@@ -130,7 +131,3 @@ class LocalBackend(Backend):
             eos_token_id=self.tokenizer.eos_token_id,
         )
 
-
-def row_seed(seed: int, candidate: int, prompt: int) -> int:
-    """The sampling seed of one (candidate, prompt) row: independent of batching and row order."""
-    return int(np.random.SeedSequence([seed, candidate, prompt]).generate_state(1, np.uint64)[0] >> 1)

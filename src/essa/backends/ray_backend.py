@@ -12,8 +12,8 @@ Communication is O(popsize + prompts) per generation, independent of model and s
 size. The driver optimizer (the trainer's) stays in lock-step: it asks the same candidates and
 tells the same fitness. A worker that dies is replaced by a new actor, which catches up by
 replaying the fitness history (or, after a resync, from the one state the driver shipped), and
-its chunk is re-queued. Chunks have fixed contents and seeds, so a re-queued chunk gives the
-same fitness on any worker.
+its chunk is re-queued. Sampling seeds are per (generation, candidate, prompt), so a re-queued
+chunk gives the same fitness on any worker, and the number of workers does not change it.
 
 `evaluate(population, prompts, seed)` ships candidate rows instead; it serves validation, where
 the population is one vector. Each worker builds its own backend (`backend.worker_engine`, local or
@@ -120,13 +120,16 @@ class PopulationWorker:
             if i not in self._prompts:
                 self._prompts[i] = format_prompt(self.tokenizer, self.task, self.train[i])
         examples = [self.train[i] for i in job.prompt_indices]
-        completions = self.backend.evaluate(rows, [self._prompts[i] for i in job.prompt_indices], seed=job.seed)
+        completions = self.backend.evaluate(rows, [self._prompts[i] for i in job.prompt_indices], seed=job.seed,
+                                            candidate_offset=job.candidates.start)
         stats = RewardStats()
         fitness = score(self.task, completions, examples, stats).mean(axis=1)
         return ChunkResult(fitness, stats.failures, self._count_tokens(completions), fingerprint(rows))
 
-    def evaluate(self, population: np.ndarray | None, prompts: list[str], seed: int) -> list[list[str]]:
-        return self.backend.evaluate(population, prompts, seed=seed)
+    def evaluate(self, population: np.ndarray | None, prompts: list[str], seed: int, candidate_offset: int,
+                 prompt_offset: int) -> list[list[str]]:
+        return self.backend.evaluate(population, prompts, seed=seed, candidate_offset=candidate_offset,
+                                     prompt_offset=prompt_offset)
 
     def _catch_up(self, job: ChunkJob) -> None:
         """Apply the same tell()s as the driver, then ask this generation's candidates once."""
@@ -254,7 +257,7 @@ class RayPopulationEvaluator(Backend):
         prompts = [int(i) for i in prompt_indices]
         chunks = [range(lo, min(lo + self.chunk_size, self.search.popsize))
                   for lo in range(0, self.search.popsize, self.chunk_size)]
-        work = [self._chunk_work(gen, c, prompts, _chunk_seed(seed, k)) for k, c in enumerate(chunks)]
+        work = [self._chunk_work(gen, c, prompts, seed) for c in chunks]
         self._next_gen = -1  # until this generation completes, lock-step is not guaranteed
         results = self._dispatch(work, f"generation {gen}")
         fitness = np.concatenate([r.fitness for r in results])
@@ -271,15 +274,17 @@ class RayPopulationEvaluator(Backend):
         self.tokens_last_generation = sum(r.tokens for r in results)
         return Generation(population, fitness)
 
-    def evaluate(self, population: np.ndarray | None, prompts: list[str], seed: int = 0) -> list[list[str]]:
+    def evaluate(self, population: np.ndarray | None, prompts: list[str], seed: int = 0,
+                 candidate_offset: int = 0, prompt_offset: int = 0) -> list[list[str]]:
         """Completions[candidate][prompt], candidate rows shipped to the workers."""
         n_cand = 1 if population is None else len(population)
         out: list[list[str]] = [[""] * len(prompts) for _ in range(n_cand)]
         pieces = self._pieces(n_cand, len(prompts))
         work = []
-        for k, (cands, prs) in enumerate(pieces):
+        for cands, prs in pieces:
             rows = None if population is None else np.asarray(population[cands.start:cands.stop])
-            args = (rows, prompts[prs.start:prs.stop], _chunk_seed(seed, k))
+            args = (rows, prompts[prs.start:prs.stop], seed, candidate_offset + cands.start,
+                    prompt_offset + prs.start)
             work.append(_Work(f"rows {cands.start}-{cands.stop - 1} x prompts {prs.start}-{prs.stop - 1}",
                               lambda slot, a=args: ("evaluate", a)))
         for (cands, prs), texts in zip(pieces, self._dispatch(work, "evaluation")):
@@ -469,11 +474,6 @@ def _seconds_until(running: dict[Any, tuple[int, int, float]]) -> float | None:
     """How long `ray.wait` may block before the earliest deadline (None: no deadline)."""
     first = min(deadline for _, _, deadline in running.values())
     return None if first == math.inf else max(0.0, first - time.monotonic())
-
-
-def _chunk_seed(seed: int, chunk: int) -> int:
-    # Fixed per (generation seed, chunk): a re-queued chunk samples the same on any worker.
-    return int(np.random.default_rng([seed, chunk]).integers(2**31))
 
 
 def _size(obj: Any) -> int:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from essa.backends import Backend, BackendInputs
+from essa.backends import Backend, BackendInputs, row_seed
 from essa.config import Config, DecodingConfig
 from essa.errors import EssaError, first_line
 from essa.models import engine_model_source
@@ -82,13 +82,15 @@ class VllmBackend(Backend):
                    dtype=cfg.model.dtype, max_loras=cfg.essa.popsize, threads=cfg.model.threads,
                    engine_options=cfg.backend.vllm_options, progress=progress, seed=cfg.essa.seed)
 
-    def evaluate(self, population: np.ndarray | None, prompts: list[str], seed: int = 0) -> list[list[str]]:
+    def evaluate(self, population: np.ndarray | None, prompts: list[str], seed: int = 0,
+                 candidate_offset: int = 0, prompt_offset: int = 0) -> list[list[str]]:
         if self.space is not None and population is None:
             population = np.zeros((1, self.space.dim))
         n_cand = 1 if population is None else len(population)
         ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
         inputs = [{"prompt_token_ids": ids[p]} for _ in range(n_cand) for p in range(len(prompts))]
-        params = [self._params(seed * 1_000_003 + row) for row in range(len(inputs))]
+        params = [self._params(row_seed(seed, c + candidate_offset, p + prompt_offset))
+                  for c in range(n_cand) for p in range(len(prompts))]
         with _CandidateAdapters(self, population) as requests:
             per_row = None if requests is None else [r for r in requests for _ in prompts]
             outputs = self.llm.generate(inputs, params, lora_request=per_row, use_tqdm=self.progress)
