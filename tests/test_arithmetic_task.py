@@ -11,8 +11,9 @@ from essa.config import TaskConfig
 from essa.errors import EssaError
 from essa.tasks import SPLITS, Example, get_task
 from essa.tasks.answers import extract_boxed, final_answer, numeric_reward, parse_number
-from essa.tasks.arithmetic import ArithmeticTask, make_problem
+from essa.tasks.arithmetic import KINDS, ArithmeticTask, make_problem
 from essa.tasks.splits import build_splits
+from task_helpers import assert_held_out_by_problem
 
 SMALL = dict(sft_size=300, train_size=200, validation_size=50, test_size=80)
 
@@ -113,6 +114,28 @@ def test_splits_sizes_and_disjoint(difficulty):
             assert not by_split[a] & by_split[b], (a, b)
 
 
+@pytest.mark.parametrize("difficulty", ["easy", "medium"])
+def test_held_out_problems_never_appear_in_training_under_other_names(difficulty):
+    # The demo's sizes: 500 test problems, none of them (operation and operands) seen in SFT/train.
+    task = ArithmeticTask(TaskConfig(sft_size=128, train_size=800, validation_size=300, test_size=500,
+                                     options={"difficulty": difficulty}))
+    assert_held_out_by_problem(task)
+    kinds = [e.meta["kind"] for e in task.split("test")]
+    assert max(kinds.count(k) for k in set(kinds)) - min(kinds.count(k) for k in set(kinds)) <= 1
+
+
+def test_a_sum_is_one_problem_whatever_its_order_or_dress():
+    kind = KINDS["easy"][0]
+    a = kind.render(random.Random(1), (17, 25))
+    b = kind.render(random.Random(2), (25, 17))
+    assert a.prompt != b.prompt and a.meta["problem"] == b.meta["problem"] == ("add", 17, 25)
+
+
+def test_too_many_problems_of_a_kind_is_a_clear_error():
+    with pytest.raises(EssaError, match="ran out of distinct 'div' problems"):
+        ArithmeticTask(TaskConfig(sft_size=0, train_size=0, validation_size=0, test_size=4000))
+
+
 def test_deterministic_per_seed_and_seeds_differ():
     assert all_prompts(small_task(3)) == all_prompts(small_task(3))
     assert small_task(3).split("sft") == small_task(3).split("sft")
@@ -142,7 +165,7 @@ def test_build_splits_raises_when_prompts_run_out():
 
     splits = build_splits({"sft": 1, "train": 1, "validation": 1, "test": 2}, make, seed="s")
     assert sum(len(v) for v in splits.values()) == 5
-    with pytest.raises(EssaError, match="unique prompts"):
+    with pytest.raises(EssaError, match="distinct problems"):
         build_splits({"sft": 3, "train": 1, "validation": 1, "test": 2}, make, seed="s")
 
 

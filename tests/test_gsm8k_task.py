@@ -12,7 +12,7 @@ from essa.config import TaskConfig
 from essa.errors import EssaError
 from essa.tasks import SPLITS, Example, RewardStats, get_task, safe_reward
 from essa.tasks.gsm8k import Gsm8kTask, format_number, gsm8k_gold, solution_target
-from task_helpers import assert_disjoint, write_jsonl
+from task_helpers import assert_disjoint, assert_held_out_by_problem, write_jsonl
 
 SMALL = {"sft_size": 40, "train_size": 30, "validation_size": 10, "test_size": 12}
 
@@ -123,6 +123,7 @@ def test_procedural_splits_sizes_disjoint_and_deterministic(task):
     for split in SPLITS:
         assert len(task.split(split)) == SMALL[f"{split}_size"]
     assert_disjoint(task)
+    assert_held_out_by_problem(task)  # by template and numbers, not only prompt text
     again = Gsm8kTask(TaskConfig(name="gsm8k", seed=0, **SMALL))
     assert [e.prompt for e in again.split("train")] == [e.prompt for e in task.split("train")]
     other = Gsm8kTask(TaskConfig(name="gsm8k", seed=1, **SMALL))

@@ -33,7 +33,7 @@ from essa.tasks.math_task import (
     simplest_radical,
     too_costly,
 )
-from task_helpers import assert_disjoint, write_jsonl
+from task_helpers import assert_disjoint, assert_held_out_by_problem, write_jsonl
 
 SMALL = {"sft_size": 40, "train_size": 30, "validation_size": 10, "test_size": 12}
 
@@ -257,6 +257,7 @@ def test_procedural_splits_sizes_disjoint_deterministic():
     for split in SPLITS:
         assert len(task.split(split)) == SMALL[f"{split}_size"]
     assert_disjoint(task)
+    assert_held_out_by_problem(task)  # by expression, operands of + and * unordered
     again = MathTask(TaskConfig(name="math", seed=0, **SMALL))
     assert task.split("sft") == again.split("sft")
     smaller = MathTask(TaskConfig(name="math", seed=0, **{**SMALL, "sft_size": 3}))

@@ -4,24 +4,27 @@ Small numbers and one or two operations keep problems learnable by a short LoRA 
 ~100M-parameter model, and keep completions short: the SFT target is one line such as
 "17 + 25 = 42. The answer is \\boxed{42}.".
 
-Options (`task.options`): `difficulty` = "easy" (default: one operation, operands below 50)
-or "medium" (two operations).
+Options (`task.options`): `difficulty` = "easy" (default: one operation) or "medium" (two).
 
-Each split draws from its own seeded stream, filled in the order test, validation, train, sft;
-a prompt already taken by an earlier split is skipped. So the splits never share a prompt text,
-and the held-out sets do not move when the SFT or train sizes change.
+A problem is its operation(s) and operands, its *key* (("add", 17, 25); the operands of a sum or
+product are unordered); names, objects and wording are only its dress. Splits are disjoint by
+key, not by prompt text: a held-out problem never comes back in training data under other names
+with the same solution line. Each split has the same mix of kinds and draws its keys from its
+own seeded stream, in the order test, validation, train, sft, so the held-out sets do not move
+when the SFT or train sizes change.
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from essa.errors import EssaError
 from essa.tasks.answers import numeric_reward
 from essa.tasks.base import Example, Task
 from essa.tasks.data import reject_unknown_options
-from essa.tasks.splits import build_splits, pick_split, split_sizes
+from essa.tasks.splits import FILL_ORDER, pick_split, split_sizes
 
 if TYPE_CHECKING:
     from essa.config import TaskConfig
@@ -111,92 +114,141 @@ def _context(rng: random.Random) -> dict[str, str]:
             "obj": rng.choice(_OBJECTS), "box": box, "boxes": boxes}
 
 
-def _example(rng: random.Random, templates: tuple[str, ...], kind: str, steps: list[str],
-             answer: int, numbers: dict[str, int]) -> Example:
-    prompt = rng.choice(templates).format(**_context(rng), **numbers)
-    target = " ".join(f"{s}." for s in steps) + f" The answer is \\boxed{{{answer}}}."
-    return Example(prompt=prompt, answer=answer, target=target, meta={"kind": kind})
+@dataclass(frozen=True)
+class Kind:
+    """One kind of problem: how to draw a key (operands) and how to dress it as a word problem."""
+
+    name: str
+    templates: tuple[str, ...]
+    draw: Callable[[random.Random], tuple[int, ...]]  # operands, in the key's canonical order
+    solve: Callable[..., tuple[list[str], int, dict[str, int]]]  # operands -> steps, answer, template fields
+    commutative: bool = False  # the first operation's two operands may appear in either order
+
+    def render(self, rng: random.Random, operands: tuple[int, ...]) -> Example:
+        if self.commutative and rng.random() < 0.5:
+            operands = (operands[1], operands[0], *operands[2:])
+        steps, answer, fields = self.solve(*operands)
+        prompt = rng.choice(self.templates).format(**_context(rng), **fields)
+        target = " ".join(f"{s}." for s in steps) + f" The answer is \\boxed{{{answer}}}."
+        return Example(prompt=prompt, answer=answer, target=target,
+                       meta={"kind": self.name, "problem": (self.name, *self.key(operands))})
+
+    def key(self, operands: tuple[int, ...]) -> tuple[int, ...]:
+        if self.commutative:
+            return (*sorted(operands[:2]), *operands[2:])
+        return operands
 
 
-def _add(rng: random.Random) -> Example:
-    a, b = rng.randint(2, 49), rng.randint(2, 49)
-    return _example(rng, _ADD, "add", [f"{a} + {b} = {a + b}"], a + b, {"a": a, "b": b})
+def _pair(rng: random.Random, low: int, high: int) -> tuple[int, int]:
+    a, b = rng.randint(low, high), rng.randint(low, high)
+    return (min(a, b), max(a, b))
 
 
-def _sub(rng: random.Random) -> Example:
-    a = rng.randint(10, 49)
-    b = rng.randint(1, a - 1)
-    return _example(rng, _SUB, "sub", [f"{a} - {b} = {a - b}"], a - b, {"a": a, "b": b})
+def _less(rng: random.Random, low: int, high: int) -> tuple[int, int]:
+    """(a, b) with a in [low, high] and 1 <= b < a."""
+    a = rng.randint(low, high)
+    return a, rng.randint(1, a - 1)
 
 
-def _mul(rng: random.Random) -> Example:
-    a, b = rng.randint(2, 12), rng.randint(2, 12)
-    return _example(rng, _MUL, "mul", [f"{a} * {b} = {a * b}"], a * b, {"a": a, "b": b})
+def _mul_operands(rng: random.Random) -> tuple[int, int]:
+    # A times-table factor and a larger one: "buys 7 boxes of 23".
+    a, b = rng.randint(2, 12), rng.randint(2, 59)
+    return (min(a, b), max(a, b))
 
 
-def _div(rng: random.Random) -> Example:
-    b, q = rng.randint(2, 9), rng.randint(2, 11)
-    t = b * q
-    return _example(rng, _DIV, "div", [f"{t} / {b} = {q}"], q, {"t": t, "b": b})
+def _div_operands(rng: random.Random) -> tuple[int, int]:
+    return rng.randint(2, 12), rng.randint(2, 49)  # divisor, quotient
 
 
-def _add_sub(rng: random.Random) -> Example:
-    a, b = rng.randint(2, 49), rng.randint(2, 49)
-    s = a + b
-    c = rng.randint(1, s - 1)
-    steps = [f"{a} + {b} = {s}", f"{s} - {c} = {s - c}"]
-    return _example(rng, _ADD_SUB, "add_sub", steps, s - c, {"a": a, "b": b, "c": c})
+def _add_sub_operands(rng: random.Random) -> tuple[int, int, int]:
+    a, b = _pair(rng, 2, 49)
+    return a, b, rng.randint(1, a + b - 1)
 
 
-def _sub_add(rng: random.Random) -> Example:
-    a = rng.randint(10, 49)
-    b = rng.randint(1, a - 1)
-    c = rng.randint(2, 49)
-    s = a - b
-    steps = [f"{a} - {b} = {s}", f"{s} + {c} = {s + c}"]
-    return _example(rng, _SUB_ADD, "sub_add", steps, s + c, {"a": a, "b": b, "c": c})
+def _sub_add_operands(rng: random.Random) -> tuple[int, int, int]:
+    return (*_less(rng, 10, 49), rng.randint(2, 49))
 
 
-def _add_add(rng: random.Random) -> Example:
-    a, b, c = rng.randint(2, 49), rng.randint(2, 49), rng.randint(2, 49)
-    s = a + b
-    steps = [f"{a} + {b} = {s}", f"{s} + {c} = {s + c}"]
-    return _example(rng, _ADD_ADD, "add_add", steps, s + c, {"a": a, "b": b, "c": c})
-
-
-def _mul_add(rng: random.Random) -> Example:
-    a, b, c = rng.randint(2, 9), rng.randint(2, 12), rng.randint(2, 49)
-    p = a * b
-    steps = [f"{a} * {b} = {p}", f"{p} + {c} = {p + c}"]
-    return _example(rng, _MUL_ADD, "mul_add", steps, p + c, {"a": a, "b": b, "c": c})
-
-
-def _mul_sub(rng: random.Random) -> Example:
+def _mul_sub_operands(rng: random.Random) -> tuple[int, int, int]:
     a, b = rng.randint(2, 9), rng.randint(2, 12)
-    p = a * b
-    c = rng.randint(1, p - 1)
-    steps = [f"{a} * {b} = {p}", f"{p} - {c} = {p - c}"]
-    return _example(rng, _MUL_SUB, "mul_sub", steps, p - c, {"a": a, "b": b, "c": c})
+    return a, b, rng.randint(1, a * b - 1)
 
 
-def _add_div(rng: random.Random) -> Example:
+def _add_div_operands(rng: random.Random) -> tuple[int, int, int]:
     k, q = rng.randint(2, 9), rng.randint(2, 11)
-    t = k * q
-    a = rng.randint(1, t - 1)
-    b = t - a
-    steps = [f"{a} + {b} = {t}", f"{t} / {k} = {q}"]
-    return _example(rng, _ADD_DIV, "add_div", steps, q, {"a": a, "b": b, "k": k})
+    a = rng.randint(1, k * q - 1)
+    return a, k * q - a, k
 
 
-_GENERATORS: dict[str, tuple[Callable[[random.Random], Example], ...]] = {
-    "easy": (_add, _sub, _mul, _div),
-    "medium": (_add_sub, _sub_add, _add_add, _mul_add, _mul_sub, _add_div),
-}
+_EASY = (
+    Kind("add", _ADD, lambda r: _pair(r, 2, 49),
+         lambda a, b: ([f"{a} + {b} = {a + b}"], a + b, {"a": a, "b": b}), commutative=True),
+    Kind("sub", _SUB, lambda r: _less(r, 10, 49),
+         lambda a, b: ([f"{a} - {b} = {a - b}"], a - b, {"a": a, "b": b})),
+    Kind("mul", _MUL, _mul_operands,
+         lambda a, b: ([f"{a} * {b} = {a * b}"], a * b, {"a": a, "b": b}), commutative=True),
+    Kind("div", _DIV, _div_operands,
+         lambda b, q: ([f"{b * q} / {b} = {q}"], q, {"t": b * q, "b": b})),
+)
+_MEDIUM = (
+    Kind("add_sub", _ADD_SUB, _add_sub_operands,
+         lambda a, b, c: ([f"{a} + {b} = {a + b}", f"{a + b} - {c} = {a + b - c}"], a + b - c,
+                          {"a": a, "b": b, "c": c}), commutative=True),
+    Kind("sub_add", _SUB_ADD, _sub_add_operands,
+         lambda a, b, c: ([f"{a} - {b} = {a - b}", f"{a - b} + {c} = {a - b + c}"], a - b + c,
+                          {"a": a, "b": b, "c": c})),
+    Kind("add_add", _ADD_ADD, lambda r: (*_pair(r, 2, 49), r.randint(2, 49)),
+         lambda a, b, c: ([f"{a} + {b} = {a + b}", f"{a + b} + {c} = {a + b + c}"], a + b + c,
+                          {"a": a, "b": b, "c": c}), commutative=True),
+    Kind("mul_add", _MUL_ADD, lambda r: (r.randint(2, 9), r.randint(2, 12), r.randint(2, 49)),
+         lambda a, b, c: ([f"{a} * {b} = {a * b}", f"{a * b} + {c} = {a * b + c}"], a * b + c,
+                          {"a": a, "b": b, "c": c})),
+    Kind("mul_sub", _MUL_SUB, _mul_sub_operands,
+         lambda a, b, c: ([f"{a} * {b} = {a * b}", f"{a * b} - {c} = {a * b - c}"], a * b - c,
+                          {"a": a, "b": b, "c": c})),
+    Kind("add_div", _ADD_DIV, _add_div_operands,
+         lambda a, b, k: ([f"{a} + {b} = {a + b}", f"{a + b} / {k} = {(a + b) // k}"], (a + b) // k,
+                          {"a": a, "b": b, "k": k})),
+)
+KINDS: dict[str, tuple[Kind, ...]] = {"easy": _EASY, "medium": _MEDIUM}
 
 
 def make_problem(rng: random.Random, difficulty: str = "easy") -> Example:
     """One random problem of the given difficulty, its kind chosen uniformly."""
-    return rng.choice(_GENERATORS[difficulty])(rng)
+    kind = rng.choice(KINDS[difficulty])
+    return kind.render(rng, kind.draw(rng))
+
+
+def keyed_splits(sizes: dict[str, int], kinds: tuple[Kind, ...], seed: str) -> dict[str, list[Example]]:
+    """Splits disjoint by problem key, each with the same mix of kinds (filled in FILL_ORDER).
+
+    Raises EssaError when a kind has too few distinct problems for the sizes asked.
+    """
+    taken: set[tuple] = set()
+    out: dict[str, list[Example]] = {}
+    for split in FILL_ORDER:
+        size = sizes.get(split, 0)
+        rng = random.Random(f"{seed}/{split}")
+        examples = []
+        for i in range(size):
+            kind = kinds[i % len(kinds)]
+            operands = _fresh_operands(kind, rng, taken, split)
+            examples.append(kind.render(rng, operands))
+        rng.shuffle(examples)
+        out[split] = examples
+    return out
+
+
+def _fresh_operands(kind: Kind, rng: random.Random, taken: set[tuple], split: str) -> tuple[int, ...]:
+    # Rejection sampling: keys are drawn uniformly; many misses in a row mean the kind is used up.
+    for _ in range(20_000):
+        operands = kind.draw(rng)
+        key = (kind.name, *kind.key(operands))
+        if key not in taken:
+            taken.add(key)
+            return operands
+    raise EssaError(f"arithmetic: ran out of distinct '{kind.name}' problems while filling split '{split}' "
+                    f"({sum(k[0] == kind.name for k in taken)} used): lower the split sizes")
 
 
 class ArithmeticTask(Task):
@@ -211,10 +263,8 @@ class ArithmeticTask(Task):
         if self.difficulty not in DIFFICULTIES:
             raise EssaError(f"task.options.difficulty must be one of {', '.join(DIFFICULTIES)} "
                             f"(got {self.difficulty!r})")
-        self._splits = build_splits(
-            split_sizes(cfg), lambda rng: make_problem(rng, self.difficulty),
-            seed=f"arithmetic/{self.difficulty}/{cfg.seed}",
-        )
+        self._splits = keyed_splits(split_sizes(cfg), KINDS[self.difficulty],
+                                    seed=f"arithmetic/{self.difficulty}/{cfg.seed}")
 
     def split(self, name: str) -> list[Example]:
         return pick_split(self._splits, name)

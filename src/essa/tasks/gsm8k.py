@@ -2,8 +2,8 @@
 
 Data (`task.options`):
 - `source: procedural` (the default when no data file is named): GSM8K-style problems generated
-  offline by reasoning-gym's `gsm_symbolic`, split like the arithmetic task (each split its own
-  seeded stream, no prompt in two splits).
+  offline by reasoning-gym's `gsm_symbolic`, each split its own seeded stream, disjoint by problem
+  (template and numbers: the same problem with other names is the same problem).
 - `source: data`: `train_file` / `test_file`, each a local .jsonl/.json/.parquet file or a
   `datasets` id (default `openai/gsm8k`, config `main` via `train_config` / `test_config`, hub
   splits `train_split` / `test_split`). Rows need `question` and `answer`, the answer ending in
@@ -39,6 +39,7 @@ GSM8K_FIELDS = ("question", "answer")
 _CALCULATOR_RE = re.compile(r"<<[^<>]*>>")
 _FINAL_LINE_RE = re.compile(r"^\s*####.*$", re.MULTILINE)
 _HASHES_RE = re.compile(r"####\s*(.+?)\s*$", re.MULTILINE)
+_NUMBER_RE = re.compile(r"\d+(?:\.\d+)?")
 # reasoning-gym appends this to every gsm_symbolic question; the system prompt says it instead.
 _GSM_SYMBOLIC_SUFFIX = " Give the result as your final answer. Do not include units."
 
@@ -104,9 +105,11 @@ def procedural_problem(rng: random.Random) -> Example:
     if gold is None:  # not seen in practice; a clear message beats a silent bad example
         raise EssaError(f"gsm_symbolic gave a non-numeric answer {entry['answer']!r}")
     cot = str(entry["metadata"].get("answer_cot") or "")
+    template = entry["metadata"].get("source_index")
+    # The problem is its template and values; names and objects vary freely around them.
+    problem = ("gsm_symbolic", template, *_NUMBER_RE.findall(question))
     return Example(prompt=question, answer=gold, target=solution_target(cot, gold),
-                   meta={"source": "gsm_symbolic",
-                         "template": entry["metadata"].get("source_index")})
+                   meta={"source": "gsm_symbolic", "template": template, "problem": problem})
 
 
 class Gsm8kTask(Task):

@@ -6,7 +6,8 @@ text: `\\frac{1}{2}`, `\\dfrac12`, `0.5` and `1/2` all match a gold `\\frac{1}{2
 Data (`task.options`):
 - `source: procedural` (the default when no data file is named): a small offline generator of
   algebra and arithmetic problems with LaTeX answers (fractions, radicals, linear equations,
-  slopes, distances, roots, powers, decimals), split like the arithmetic task.
+  slopes, distances, roots, powers, decimals), disjoint by problem: the expression, with the
+  operands of + and * unordered.
 - `source: data`: `train_file` / `test_file`, each a local .jsonl/.json/.parquet file or a
   `datasets` id (defaults: train `DigitalLearningGmbH/MATH-lighteval`, test
   `HuggingFaceH4/MATH-500`; `train_split` / `test_split` and `train_config` / `test_config`
@@ -206,9 +207,10 @@ def latex_radical(n: int) -> str:
     return f"\\sqrt{{{m}}}" if k == 1 else f"{k}\\sqrt{{{m}}}"
 
 
-def _example(kind: str, prompt: str, steps: str, answer: str) -> Example:
+def _example(kind: str, prompt: str, steps: str, answer: str, problem: tuple) -> Example:
+    """`problem`: the expression in a canonical form (the operands of + and * unordered)."""
     target = f"{steps} The answer is \\boxed{{{answer}}}."
-    return Example(prompt=prompt, answer=answer, target=target, meta={"kind": kind})
+    return Example(prompt=prompt, answer=answer, target=target, meta={"kind": kind, "problem": (kind, *problem)})
 
 
 def _frac(a: int, b: int) -> str:
@@ -226,8 +228,9 @@ def _fraction_sum(rng: random.Random) -> Example:
     steps = (f"With the common denominator {lcm}, ${expr} = {_frac(a * lcm // b, lcm)} {op} "
              f"{_frac(c * lcm // d, lcm)} = {_frac(num, lcm)}$, which simplifies to "
              f"${latex_fraction(result)}$.")
+    terms = sorted([(a, b), (c, d)]) if op == "+" else [(a, b), (c, d)]
     return _example("fraction_sum", f"Compute ${expr}$. Express your answer as a common fraction "
-                    "in lowest terms.", steps, latex_fraction(result))
+                    "in lowest terms.", steps, latex_fraction(result), (op, *terms))
 
 
 def _fraction_product(rng: random.Random) -> Example:
@@ -236,13 +239,15 @@ def _fraction_product(rng: random.Random) -> Example:
     if rng.random() < 0.5:
         expr, num, den = f"{_frac(a, b)} \\cdot {_frac(c, d)}", a * c, b * d
         first = f"{_frac(a * c, b * d)}"
+        problem = ("*", *sorted([(a, b), (c, d)]))
     else:
         expr, num, den = f"{_frac(a, b)} \\div {_frac(c, d)}", a * d, b * c
         first = f"{_frac(a, b)} \\cdot {_frac(d, c)} = {_frac(a * d, b * c)}"
+        problem = ("/", (a, b), (c, d))
     result = Fraction(num, den)
     steps = f"${expr} = {first}$, which simplifies to ${latex_fraction(result)}$."
     return _example("fraction_product", f"Compute ${expr}$. Express your answer in lowest terms.",
-                    steps, latex_fraction(result))
+                    steps, latex_fraction(result), problem)
 
 
 _SQUARE_FREE = (2, 3, 5, 6, 7, 10, 11, 13, 14, 15, 17, 19, 21, 22, 23, 26, 29, 30)
@@ -252,7 +257,7 @@ def _radical(rng: random.Random) -> Example:
     k, m = rng.randint(2, 20), rng.choice(_SQUARE_FREE)
     n = k * k * m
     steps = f"${n} = {k}^2 \\cdot {m}$, so $\\sqrt{{{n}}} = {k}\\sqrt{{{m}}}$."
-    return _example("radical", f"Simplify $\\sqrt{{{n}}}$.", steps, latex_radical(n))
+    return _example("radical", f"Simplify $\\sqrt{{{n}}}$.", steps, latex_radical(n), (n,))
 
 
 def _signed(value: int) -> str:
@@ -268,7 +273,7 @@ def _linear(rng: random.Random) -> Example:
     steps = (f"{move} both sides gives ${a}x = {c - b}$. Dividing by ${a}$ gives "
              f"$x = {latex_fraction(x)}$.")
     return _example("linear", f"Solve for $x$: ${a}x {_signed(b)} = {c}$.", steps,
-                    latex_fraction(x))
+                    latex_fraction(x), (a, b, c))
 
 
 def _points(rng: random.Random) -> tuple[int, int, int, int]:
@@ -286,7 +291,7 @@ def _distance(rng: random.Random) -> Example:
              f"${latex_radical(square)}$ in simplest radical form.")
     prompt = (f"What is the distance between the points $({x1}, {y1})$ and $({x2}, {y2})$? "
               "Express your answer in simplest radical form.")
-    return _example("distance", prompt, steps, latex_radical(square))
+    return _example("distance", prompt, steps, latex_radical(square), tuple(sorted([(x1, y1), (x2, y2)])))
 
 
 def _slope(rng: random.Random) -> Example:
@@ -296,7 +301,7 @@ def _slope(rng: random.Random) -> Example:
              f"{_frac(y2 - y1, x2 - x1)}$, which simplifies to ${latex_fraction(slope)}$.")
     prompt = (f"What is the slope of the line through $({x1}, {y1})$ and $({x2}, {y2})$? "
               "Express your answer as a common fraction.")
-    return _example("slope", prompt, steps, latex_fraction(slope))
+    return _example("slope", prompt, steps, latex_fraction(slope), tuple(sorted([(x1, y1), (x2, y2)])))
 
 
 def _quadratic(b: int, c: int) -> str:
@@ -316,10 +321,10 @@ def _roots(rng: random.Random) -> Example:
         what, answer, rule = "sum", -b, f"$-({b}) = {-b}$"
     else:
         what, answer, rule = "product", c, f"${c}$"
-    steps = (f"For $x^2 + bx + c = 0$ the {what} of the roots is "
+    steps = (f"For ${poly} = 0$, of the form $x^2 + bx + c = 0$, the {what} of the roots is "
              f"{'$-b$' if what == 'sum' else '$c$'}, here {rule}.")
     return _example("roots", f"What is the {what} of the roots of ${poly} = 0$?", steps,
-                    str(answer))
+                    str(answer), (what, b, c))
 
 
 _TERMINATING = (2, 4, 5, 8, 10, 16, 20, 25, 40, 50, 80, 100)
@@ -333,7 +338,7 @@ def _decimal(rng: random.Random) -> Example:
     steps = (f"${decimal} = {_frac(int(decimal.replace('.', '')), 10 ** places)}$, which "
              f"simplifies to ${latex_fraction(value)}$.")
     return _example("decimal", f"Express ${decimal}$ as a common fraction in lowest terms.",
-                    steps, latex_fraction(value))
+                    steps, latex_fraction(value), (decimal,))
 
 
 def _powers(rng: random.Random) -> Example:
@@ -344,7 +349,8 @@ def _powers(rng: random.Random) -> Example:
     result = big_a + big_b if op == "+" else big_a - big_b
     steps = (f"${a}^{m} = {big_a}$ and ${b}^{n} = {big_b}$, so the value is "
              f"${big_a} {op} {big_b} = {result}$.")
-    return _example("powers", f"Compute ${a}^{m} {op} {b}^{n}$.", steps, str(result))
+    terms = sorted([(a, m), (b, n)]) if op == "+" else [(a, m), (b, n)]
+    return _example("powers", f"Compute ${a}^{m} {op} {b}^{n}$.", steps, str(result), (op, *terms))
 
 
 _GENERATORS: tuple[Callable[[random.Random], Example], ...] = (

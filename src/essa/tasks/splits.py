@@ -1,8 +1,10 @@
 """Disjoint, seeded task splits: from a problem generator or from a train and a test source.
 
-Every builder here guarantees that no prompt text is in two splits, and fills held-out splits
-first, so their contents depend only on the seed and their own size: they do not move when the
-SFT or train sizes change.
+Every builder here guarantees that no problem is in two splits, and fills held-out splits first,
+so their contents depend only on the seed and their own size: they do not move when the SFT or
+train sizes change. A problem is what `problem_key` names: the task's `meta["problem"]` where a
+generator knows the underlying problem (operands, template and values, expression), else the
+prompt text.
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ if TYPE_CHECKING:
 
 # Held-out splits first, so their contents depend only on the seed and their own size.
 FILL_ORDER = ("test", "validation", "train", "sft")
+
+
+def problem_key(example: Example) -> Any:
+    """The identity of an example's underlying problem: `meta["problem"]`, else its prompt text."""
+    return example.meta.get("problem", example.prompt)
 
 
 def split_sizes(cfg: TaskConfig) -> dict[str, int]:
@@ -42,11 +49,11 @@ def pick_split(splits: dict[str, list[Example]], name: str) -> list[Example]:
 
 def build_splits(sizes: dict[str, int], make: Callable[[random.Random], Example],
                  seed: str) -> dict[str, list[Example]]:
-    """Fill each split from its own seeded stream, skipping prompts taken by any split.
+    """Fill each split from its own seeded stream, skipping problems (`problem_key`) taken by any split.
 
-    Raises EssaError when `make` stops producing new prompts (the template space is exhausted).
+    Raises EssaError when `make` stops producing new problems (the problem space is exhausted).
     """
-    seen: set[str] = set()
+    seen: set[Any] = set()
     out: dict[str, list[Example]] = {}
     for split in FILL_ORDER:
         size = sizes.get(split, 0)
@@ -57,13 +64,14 @@ def build_splits(sizes: dict[str, int], make: Callable[[random.Random], Example]
         while len(examples) < size and budget > 0:
             budget -= 1
             example = make(rng)
-            if example.prompt not in seen:
-                seen.add(example.prompt)
+            key = problem_key(example)
+            if key not in seen:
+                seen.add(key)
                 examples.append(example)
         if len(examples) < size:
             raise EssaError(
-                f"could only generate {len(examples)} unique prompts for split '{split}' "
-                f"(asked for {size}; {len(seen)} prompts in all): lower the split sizes"
+                f"could only generate {len(examples)} distinct problems for split '{split}' "
+                f"(asked for {size}; {len(seen)} problems in all): lower the split sizes"
             )
         out[split] = examples
     return out

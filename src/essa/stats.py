@@ -1,0 +1,96 @@
+"""Paired statistics for two models scored on the same examples.
+
+Two accuracies measured on the same held-out problems are compared problem by problem: the
+delta, a paired bootstrap 95% confidence interval for it, and McNemar's exact test on the
+problems where exactly one of the two is right. A gain whose interval includes zero is no gain.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from essa.errors import EssaError
+
+BOOTSTRAP_RESAMPLES = 10_000
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    n: int  # examples scored by both
+    mean_a: float
+    mean_b: float
+    delta: float  # mean_b - mean_a
+    ci95: tuple[float, float]  # paired bootstrap, percentile interval of the delta
+    gained: int  # examples where b scores higher than a
+    lost: int  # examples where a scores higher than b
+    mcnemar_p: float | None  # exact two-sided McNemar p-value (0/1 scores only)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["ci95"] = list(self.ci95)
+        return out
+
+    def describe(self, name_a: str = "A", name_b: str = "B") -> str:
+        p = "" if self.mcnemar_p is None else f", McNemar p = {self.mcnemar_p:.3g}"
+        verdict = ("a gain" if self.ci95[0] > 0 else "a loss" if self.ci95[1] < 0
+                   else "no difference beyond noise")
+        return (f"{name_a} {self.mean_a:.3f} -> {name_b} {self.mean_b:.3f} ({self.delta:+.3f}, paired 95% CI "
+                f"[{self.ci95[0]:+.3f}, {self.ci95[1]:+.3f}]; {self.gained} gained, {self.lost} lost{p}): {verdict}")
+
+
+def mcnemar_exact_p(gained: int, lost: int) -> float:
+    """Two-sided exact McNemar p-value: a binomial(gained + lost, 1/2) test on the discordant pairs."""
+    if gained < 0 or lost < 0:
+        raise EssaError("discordant counts must be >= 0")
+    n = gained + lost
+    if n == 0:
+        return 1.0
+    k = min(gained, lost)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0**n
+    return min(1.0, 2.0 * tail)
+
+
+def paired_bootstrap_ci(diffs: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
+                        level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of the mean of per-example differences, resampling examples."""
+    diffs = np.asarray(diffs, dtype=np.float64)
+    if diffs.ndim != 1 or len(diffs) == 0:
+        raise EssaError("a paired bootstrap needs a non-empty 1-D array of per-example differences")
+    rng = np.random.default_rng(seed)
+    values = np.unique(diffs)
+    if len(values) <= 3:
+        # Few distinct differences (0/1 scores give -1, 0, 1): resampling n examples is a
+        # multinomial draw of how often each value is picked, which is cheap at any n.
+        counts = rng.multinomial(len(diffs), [np.mean(diffs == v) for v in values], size=resamples)
+        means = counts @ values / len(diffs)
+    else:
+        means = np.empty(resamples)
+        for start in range(0, resamples, 1000):  # chunks keep memory at 1000 x n
+            idx = rng.integers(0, len(diffs), size=(min(1000, resamples - start), len(diffs)))
+            means[start:start + len(idx)] = diffs[idx].mean(axis=1)
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    return float(low), float(high)
+
+
+def compare_paired(scores_a: np.ndarray | list[float], scores_b: np.ndarray | list[float],
+                   seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES) -> PairedComparison:
+    """B against A on the same examples, in the same order (scores: rewards or 0/1 correctness)."""
+    a = np.asarray(scores_a, dtype=np.float64)
+    b = np.asarray(scores_b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise EssaError(f"paired scores need the same examples in the same order (got {a.shape} and {b.shape})")
+    if len(a) == 0:
+        raise EssaError("no examples to compare")
+    diffs = b - a
+    gained, lost = int((diffs > 0).sum()), int((diffs < 0).sum())
+    binary = bool(np.isin(a, (0.0, 1.0)).all() and np.isin(b, (0.0, 1.0)).all())
+    return PairedComparison(
+        n=len(a), mean_a=float(a.mean()), mean_b=float(b.mean()), delta=float(diffs.mean()),
+        ci95=paired_bootstrap_ci(diffs, resamples=resamples, seed=seed), gained=gained, lost=lost,
+        mcnemar_p=mcnemar_exact_p(gained, lost) if binary else None,
+    )

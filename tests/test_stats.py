@@ -1,0 +1,62 @@
+"""Paired statistics against hand-computed cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from essa.errors import EssaError
+from essa.stats import compare_paired, mcnemar_exact_p, paired_bootstrap_ci
+
+
+@pytest.mark.parametrize("gained, lost, p", [
+    (0, 0, 1.0),
+    (1, 0, 1.0),          # 2 * 1/2
+    (5, 0, 0.0625),       # 2 * 1/32
+    (0, 5, 0.0625),
+    (8, 2, 0.109375),     # 2 * (1 + 10 + 45) / 1024
+    (14, 3, 0.0127258),   # 2 * (1 + 17 + 136 + 680) / 131072
+    (10, 10, 1.0),
+])
+def test_mcnemar_exact_matches_hand_computed(gained, lost, p):
+    assert mcnemar_exact_p(gained, lost) == pytest.approx(p, abs=1e-6)
+
+
+def test_bootstrap_interval_of_a_known_difference():
+    # 100 problems: 20 gained, 5 lost. Delta 0.15; its standard error is
+    # sqrt((p+ + p- - delta^2) / n) = sqrt((0.25 - 0.0225) / 100) = 0.0477, so the 95% interval is
+    # about 0.15 +- 1.96 * 0.0477 = [0.056, 0.243].
+    diffs = np.array([1.0] * 20 + [-1.0] * 5 + [0.0] * 75)
+    low, high = paired_bootstrap_ci(diffs, resamples=20000, seed=1)
+    assert low == pytest.approx(0.056, abs=0.012) and high == pytest.approx(0.243, abs=0.012)
+
+
+def test_bootstrap_of_graded_scores_uses_resampling():
+    rng = np.random.default_rng(0)
+    diffs = rng.normal(0.1, 0.2, 400)
+    low, high = paired_bootstrap_ci(diffs, resamples=4000, seed=0)
+    se = diffs.std() / np.sqrt(len(diffs))
+    assert low == pytest.approx(diffs.mean() - 1.96 * se, abs=0.004)
+    assert high == pytest.approx(diffs.mean() + 1.96 * se, abs=0.004)
+
+
+def test_compare_paired_counts_and_verdict():
+    a = np.array([1, 1, 0, 0, 1, 0, 1, 0] * 10, dtype=float)
+    b = np.array([1, 1, 1, 1, 1, 0, 0, 0] * 10, dtype=float)
+    result = compare_paired(a, b, seed=0)
+    assert (result.n, result.gained, result.lost) == (80, 20, 10)
+    assert result.delta == pytest.approx(0.125)
+    assert result.mcnemar_p == pytest.approx(mcnemar_exact_p(20, 10))
+    assert result.ci95[0] < result.delta < result.ci95[1]
+    assert "gain" in result.describe() or "noise" in result.describe()
+    identical = compare_paired(a, a)
+    assert identical.ci95 == (0.0, 0.0) and identical.mcnemar_p == 1.0
+    assert "no difference beyond noise" in identical.describe()
+    assert compare_paired([0.5, 0.2], [0.7, 0.1]).mcnemar_p is None  # graded scores: no McNemar
+
+
+def test_unpaired_input_is_refused():
+    with pytest.raises(EssaError, match="same examples"):
+        compare_paired([1, 0, 1], [1, 0])
+    with pytest.raises(EssaError, match="no examples"):
+        compare_paired([], [])
