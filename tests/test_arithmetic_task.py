@@ -132,8 +132,8 @@ def test_a_sum_is_one_problem_whatever_its_order_or_dress():
 
 
 def test_too_many_problems_of_a_kind_is_a_clear_error():
-    with pytest.raises(EssaError, match="ran out of distinct 'div' problems"):
-        ArithmeticTask(TaskConfig(sft_size=0, train_size=0, validation_size=0, test_size=4000))
+    with pytest.raises(EssaError, match="ran out of distinct 'mul' problems"):
+        ArithmeticTask(TaskConfig(sft_size=0, train_size=0, validation_size=0, test_size=4600))
 
 
 def test_deterministic_per_seed_and_seeds_differ():

@@ -70,6 +70,35 @@ def test_sft_train_eval_export_pipeline(capsys, model_dir, tmp_path):
     assert code == 0 and (tmp_path / "exported" / "adapter_config.json").is_file()
 
 
+def test_demo_reports_the_paired_test_delta(capsys, model_dir, tmp_path):
+    out_dir = tmp_path / "demo"
+    code, out, err = run(capsys, "demo", f"model.name={model_dir}", f"output_dir={out_dir}", "essa.sigma0=auto",
+                         *SMALL)
+    assert code == 0, err
+    summary = last_json(out)
+    delta = summary["test_accuracy_essa"] - summary["test_accuracy_sft"]
+    assert summary["test_accuracy_delta"] == pytest.approx(delta)
+    low, high = summary["delta_ci95"]
+    assert low <= delta <= high and 0.0 <= summary["mcnemar_p"] <= 1.0
+    assert summary["test_gained"] - summary["test_lost"] == round(delta * summary["test_examples"])
+    assert "McNemar p" in (out_dir / "report.md").read_text()
+    probe = [json.loads(line) for line in (out_dir / "essa" / "metrics.jsonl").read_text().splitlines()][0]
+    assert probe["sigma0"] == summary["sigma0"] and len(probe["probe"]) == 4  # sigma0: auto was probed
+
+
+def test_eval_compare_to_scores_both_on_the_same_examples(capsys, model_dir, tmp_path):
+    adapter = make_random_adapter(tiny_llama(seed=0), tmp_path / "adapter", rank=4)
+    code, out, err = run(capsys, "eval", f"model.name={model_dir}", f"adapter={adapter}", "--compare-to", "base",
+                         "--split", "validation", *SMALL)
+    assert code == 0, err
+    result = last_json(out)
+    assert result["examples"] == 4 and result["baseline"]["adapter"] is None
+    assert result["delta"] == pytest.approx(result["candidate"]["accuracy"] - result["baseline"]["accuracy"])
+    assert len(result["delta_ci95"]) == 2 and "mcnemar_p" in result and "verdict" in result
+    code, _, err = run(capsys, "eval", f"model.name={model_dir}", "--compare-to", "base", *SMALL)
+    assert_clean_error(code, err, "--compare-to needs adapter=PATH")
+
+
 def test_export_merge_matches_peft_logits(capsys, model_dir, tmp_path):
     adapter = make_random_adapter(tiny_llama(seed=0), tmp_path / "adapter", rank=4)
     code, _, err = run(capsys, "export", adapter, "--out", tmp_path / "merged", "--merge", "--model", model_dir)

@@ -194,7 +194,10 @@ def test_openai_es_ties_share_ranks():
     ({"seed": -1}, "essa.seed"),
     ({"optimizer": "openai-es", "optimizer_options": {"lr": 0}}, "essa.optimizer_options.lr must be > 0"),
     ({"optimizer": "openai-es", "optimizer_options": {"beta": 1}}, "essa.optimizer_options.beta"),
-    ({"optimizer": "cma", "optimizer_options": {"lr": 0.1}}, "cma takes no options"),
+    ({"optimizer": "cma", "optimizer_options": {"lr": 0.1}}, "optimizer cma takes cmean, mirrored"),
+    ({"optimizer": "sep-cma", "optimizer_options": {"cmean": 0}}, "essa.optimizer_options.cmean must be in (0, 1]"),
+    ({"optimizer": "sep-cma", "popsize": 5, "optimizer_options": {"mirrored": True}}, "essa.popsize must be even for mirrored sampling"),
+    ({"sigma0": "big"}, 'essa.sigma0 must be > 0 or "auto"'),
 ])
 def test_invalid_search_settings_name_their_key(settings, message):
     with pytest.raises(EssaError, match=re.escape(message)):

@@ -114,7 +114,7 @@ def run_ray(ev: RayPopulationEvaluator, dim: int, before=None) -> tuple[list, li
     for gen in range(GENERATIONS):
         if before is not None:
             before(gen)
-        population, fitness = ev.run_indices(gen, opt, prompt_indices(gen), seed=gen)
+        population, fitness, _ = ev.run_indices(gen, opt, prompt_indices(gen), seed=gen)
         opt.tell(population, fitness)
         history.append((population, fitness))
         sent.append(ev.bytes_sent_last_generation)
@@ -137,17 +137,19 @@ def test_two_workers_match_local_backend_and_resync_after_resume(evaluator, loca
     # A resumed driver (a new optimizer object, restored from a checkpoint) is adopted once.
     opt = make_optimizer(SEARCH, evaluator.dim)
     for gen in range(2):
-        opt.tell(*evaluator.run_indices(gen, opt, prompt_indices(gen), seed=gen))
+        opt.tell(*evaluator.run_indices(gen, opt, prompt_indices(gen), seed=gen)[:2])
     resumed = make_optimizer(SEARCH, evaluator.dim)
     resumed.load_state_dict(opt.state_dict())
-    population, fitness = evaluator.run_indices(2, resumed, prompt_indices(2), seed=2)
+    population, fitness, halves = evaluator.run_indices(2, resumed, prompt_indices(2), seed=2)
     np.testing.assert_array_equal(population, local_history[2][0])
     np.testing.assert_array_equal(fitness, local_history[2][1])
+    # The workers' half-fitness (for the split-half signal figure): 3 prompts split 1 + 2.
+    np.testing.assert_allclose((halves[:, 0] + 2 * halves[:, 1]) / 3, fitness)
 
 
 def test_driver_out_of_sync_is_detected(evaluator):
     opt = make_optimizer(SEARCH, evaluator.dim)
-    population, fitness = evaluator.run_indices(0, opt, prompt_indices(0))
+    population, fitness, _ = evaluator.run_indices(0, opt, prompt_indices(0))
     opt.tell(population + 1.0, fitness)  # not what the workers will apply
     with pytest.raises(EssaError, match="out of sync"):
         evaluator.run_indices(1, opt, prompt_indices(1))
@@ -181,7 +183,7 @@ def test_worker_dying_mid_generation_is_replaced_and_fitness_unchanged(ray_sessi
         ray.kill(ev.actor(0))
         opt = make_optimizer(SEARCH, ev.dim)
         for gen in range(2):
-            population, fitness = ev.run_indices(gen, opt, prompt_indices(gen), seed=gen)
+            population, fitness, _ = ev.run_indices(gen, opt, prompt_indices(gen), seed=gen)
             opt.tell(population, fitness)
             np.testing.assert_array_equal(fitness, local_history[gen][1])
         assert ev.replacements == 2

@@ -46,7 +46,7 @@ def test_svd_grpo_changes_only_the_searched_singular_values(tmp_path):
                                  "compare.budget_s=600", "compare.max_steps=3"])
     result = run_grpo(model, tiny_tokenizer(), VowelTask(), adapter, cfg, tmp_path / "out", progress=False)
     assert result.steps == 3
-    space = SvdLoraSpace.from_adapter(adapter, alpha=0.5)
+    space = SvdLoraSpace.from_adapter(adapter, alpha=0.5, offsets="additive")
     start, last = factors(adapter), factors(tmp_path / "out" / "snapshots" / "step00003")
     moved = 0.0
     for pair in space.pairs:
@@ -68,7 +68,7 @@ def test_svd_grpo_changes_only_the_searched_singular_values(tmp_path):
 def test_restricted_policy_runs_the_factors_of_its_offset_vector(tmp_path):
     model = tiny_llama(seed=0)
     adapter = make_random_adapter(model, tmp_path / "sft", rank=4)
-    space = SvdLoraSpace.from_adapter(adapter, alpha=0.5)
+    space = SvdLoraSpace.from_adapter(adapter, alpha=0.5, offsets="additive")
     policy = peft.PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
     offsets = restrict_to_singular_values(policy, space)
     assert [p.numel() for p in offsets] == [2] * (2 * len(space.pairs))

@@ -45,28 +45,65 @@ def test_dimension_follows_alpha(base, adapter_dir):
     assert "dimensions" in full.describe()
 
 
-def test_zero_offsets_reproduce_sft_factors_exactly(base, adapter_dir):
-    space = SvdLoraSpace.from_adapter(adapter_dir, alpha=1.0, model=base)
+@pytest.mark.parametrize("offsets, share", [("relative", ()), ("additive", ()), ("relative", ("layers", "values"))])
+def test_zero_offsets_reproduce_sft_factors_exactly(base, adapter_dir, offsets, share):
+    space = SvdLoraSpace.from_adapter(adapter_dir, alpha=1.0, model=base, offsets=offsets, share=share)
     stored = load_file(str(adapter_dir / "adapter_model.safetensors"))
     for name, (a, b) in space.factors(np.zeros(space.dim)).items():
         assert torch.equal(a, stored[f"base_model.model.{name}.lora_A.weight"])
         assert torch.equal(b, stored[f"base_model.model.{name}.lora_B.weight"])
 
 
-def test_offsets_move_only_trainable_singular_values(base, adapter_dir):
-    space = SvdLoraSpace.from_adapter(adapter_dir, alpha=0.5, model=base)
+@pytest.mark.parametrize("offsets", ["relative", "additive"])
+def test_offsets_move_only_trainable_singular_values(base, adapter_dir, offsets):
+    space = SvdLoraSpace.from_adapter(adapter_dir, alpha=0.5, model=base, offsets=offsets)
     z = random_population(space, 1)[0]
     pair = space.pairs[0]
     a_new, b_new = space.factors(z)[pair.name]
     s_a = torch.linalg.svdvals(a_new.double())
     expected = pair.s_a.clone()
-    expected[:2] += torch.as_tensor(z[:2])
+    if offsets == "relative":
+        expected[:2] *= torch.exp(torch.as_tensor(z[:2]))
+    else:
+        expected[:2] += torch.as_tensor(z[:2])
     assert torch.allclose(torch.sort(s_a, descending=True).values,
                           torch.sort(expected.abs(), descending=True).values, atol=1e-5)
 
 
-def test_mixed_population_logits_match_merged_weights(base, adapter_dir):
-    space = SvdLoraSpace.from_adapter(adapter_dir, alpha=1.0, model=base)
+def test_relative_offsets_keep_singular_values_positive_and_scale_with_them(base, adapter_dir):
+    space = SvdLoraSpace.from_adapter(adapter_dir, alpha=1.0, model=base, offsets="relative")
+    z = np.full(space.dim, -4.0)  # additive offsets this large would flip signs
+    for pair, (s_a, s_b) in zip(space.pairs, space.singular_values(z[None])):
+        assert (s_a > 0).all() and (s_b > 0).all()
+        assert torch.allclose(s_a[0], pair.s_a * np.exp(-4.0))
+    additive = SvdLoraSpace.from_adapter(adapter_dir, alpha=1.0, model=base, offsets="additive")
+    assert any((s_a < 0).any() for s_a, _ in additive.singular_values(z[None]))
+
+
+def test_shared_offsets_are_the_unshared_space_with_tied_coordinates(base, adapter_dir):
+    free = SvdLoraSpace.from_adapter(adapter_dir, alpha=0.5, model=base)
+    by_type = SvdLoraSpace.from_adapter(adapter_dir, alpha=0.5, model=base, share=["layers"])
+    per_factor = SvdLoraSpace.from_adapter(adapter_dir, alpha=0.5, model=base, share=["layers", "values"])
+    assert (free.dim, by_type.dim, per_factor.dim) == (2 * 4 * 2 * 2, 4 * 2 * 2, 4 * 2)
+    assert "shared across layers and values" in per_factor.describe()
+    z = random_population(per_factor, 1)[0]
+    # Layer 1's q_proj A reads the same coordinate as layer 0's: expand by hand in the free space.
+    names = [p.name for p in free.pairs]
+    expanded = np.concatenate([np.repeat(z[2 * (i % 4):2 * (i % 4) + 2], 2) for i in range(len(names))])
+    for p, ((a1, b1), (a2, b2)) in zip(free.pairs, zip(per_factor.factors(z).values(), free.factors(expanded).values())):
+        assert torch.equal(a1, a2) and torch.equal(b1, b2), p.name
+
+
+def test_bad_offset_mode_or_share_axis_is_refused(adapter_dir):
+    with pytest.raises(EssaError, match="offsets must be one of"):
+        SvdLoraSpace.from_adapter(adapter_dir, 1.0, offsets="multiplicative")
+    with pytest.raises(EssaError, match="share takes"):
+        SvdLoraSpace.from_adapter(adapter_dir, 1.0, share=["heads"])
+
+
+@pytest.mark.parametrize("offsets, share", [("relative", ()), ("additive", ()), ("relative", ("layers",))])
+def test_mixed_population_logits_match_merged_weights(base, adapter_dir, offsets, share):
+    space = SvdLoraSpace.from_adapter(adapter_dir, alpha=1.0, model=base, offsets=offsets, share=share)
     population = random_population(space, 3)
     ids = torch.randint(5, 90, (6, 7), generator=torch.Generator().manual_seed(0))
     candidate_of_row = [2, 0, 1, 1, 2, 0]

@@ -18,7 +18,7 @@ from essa.errors import EssaError
 from essa.io import atomic_write_state, read_state
 from essa.svd_space import SvdLoraSpace
 from essa.tasks import Example, Task
-from essa.trainer import EssaTrainer
+from essa.trainer import EssaTrainer, choose_final
 from helpers import tiny_llama, tiny_tokenizer
 
 torch.set_num_threads(1)
@@ -95,12 +95,35 @@ def test_run_writes_metrics_checkpoint_and_validation_best_choice(adapter_dir, t
     assert [r["generation"] for r in records] == [0, 1, 2, 3]
     assert "val_accuracy" in records[0] and "val_accuracy" in records[2]
     assert all(r["wall_clock_s"] >= 0 for r in records)
+    assert all(r["distinct_fitness"] >= 1 for r in records[1:])
+    assert all("split_half_rho" in r for r in records[1:])
     final = json.loads((tmp_path / "final.json").read_text())
     assert final["choice"] == result.final_choice
     accuracies = final["validation_accuracy"]
-    assert len(set(accuracies.values())) > 1, accuracies  # the choice is a real one
-    assert accuracies[final["choice"]] == max(accuracies.values()) and result.validation == accuracies
+    assert len(set(accuracies.values())) > 1, accuracies  # the candidates really differ
+    assert set(final["versus_start"]) == set(accuracies) - {"start"} and result.validation == accuracies
+    # Six validation prompts cannot show any challenger better with confidence: the start stays.
+    assert final["choice"] == "start" and not result.final_z.any()
+    assert all(c["ci95"][0] <= 0 for c in final["versus_start"].values())
     assert (tmp_path / "checkpoint.npz").is_file()
+
+
+def test_final_choice_needs_a_confident_win_over_the_start():
+    rng = np.random.default_rng(0)
+    start = (rng.random(200) < 0.4).astype(float)
+    better = start.copy()
+    better[np.flatnonzero(start == 0)[:30]] = 1.0  # 30 problems gained, none lost: +0.15
+    slightly = start.copy()
+    slightly[np.flatnonzero(start == 0)[:3]] = 1.0  # +0.015: inside the noise
+    best = better.copy()
+    best[np.flatnonzero(better == 0)[:5]] = 1.0
+    assert choose_final(start, {"mean": slightly})[0] == "start"
+    choice, versus = choose_final(start, {"mean": better, "best_candidate": slightly})
+    assert choice == "mean" and versus["mean"].ci95[0] > 0 >= versus["best_candidate"].ci95[0]
+    assert choose_final(start, {"mean": better, "best_validated_mean": best})[0] == "best_validated_mean"
+    worse = start.copy()
+    worse[np.flatnonzero(start == 1)[:30]] = 0.0
+    assert choose_final(start, {"mean": worse})[0] == "start"
 
 
 def test_existing_run_is_not_overwritten_without_resume(adapter_dir, tmp_path):

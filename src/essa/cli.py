@@ -101,6 +101,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
     p.add_argument("--records", default=None, help="write per-example prompts, completions, rewards (JSONL)")
     p.add_argument("--no-adapter", action="store_true", help="evaluate the base model even if adapter is set")
+    p.add_argument("--compare-to", default=None, metavar="ADAPTER",
+                   help="also score this adapter (or 'base' for the plain model) on the same examples and report "
+                        "the paired delta, its bootstrap 95%% CI and McNemar's exact p-value")
     p = _command(sub, "demo", "the whole pipeline on the bundled model: SFT -> ESSA -> test accuracy", _demo)
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo in output_dir")
 
@@ -156,10 +159,20 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from essa.commands import run_eval
+    from essa.commands import run_eval, run_eval_paired
 
-    metrics = run_eval(_config(args), split=args.split, samples=args.samples, limit=args.limit,
-                       records_path=args.records, use_adapter=not args.no_adapter, progress=not args.quiet)
+    cfg = _config(args)
+    if args.compare_to is not None:
+        if args.samples != 1 or args.records or args.no_adapter:
+            raise EssaError("--compare-to scores greedy accuracy of two adapters: drop --samples, --records "
+                            "and --no-adapter")
+        if cfg.adapter is None:
+            raise EssaError("--compare-to needs adapter=PATH: the adapter compared against the baseline")
+        baseline = None if args.compare_to == "base" else args.compare_to
+        metrics = run_eval_paired(cfg, baseline, split=args.split, limit=args.limit, progress=not args.quiet)
+    else:
+        metrics = run_eval(cfg, split=args.split, samples=args.samples, limit=args.limit,
+                           records_path=args.records, use_adapter=not args.no_adapter, progress=not args.quiet)
     print(json.dumps(metrics))
     return 0
 

@@ -17,15 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from essa.backends import backend_class, build_backend, evaluation_kind, load_inputs
 from essa.config import Config
 from essa.console import say
 from essa.errors import EssaError
-from essa.evaluate import evaluate_split
+from essa.evaluate import SplitResult, evaluate_split
 from essa.io import atomic_directory, atomic_write_json, atomic_write_text, ensure_writable_dir
-from essa.models import load_model
+from essa.models import load_model, resolve_dtype
 from essa.report import plot_training, write_report
+from essa.stats import PairedComparison, compare_paired
 from essa.svd_space import ADAPTER_CONFIG, SvdLoraSpace
 from essa.tasks import get_task
 
@@ -67,7 +69,7 @@ def run_sft(cfg: Config, progress: bool = True, model_and_tokenizer: tuple[Any, 
 
     task = get_task(cfg.task)
     task.checked_split("sft")
-    model, tokenizer = model_and_tokenizer or load_model(cfg.model)
+    model, tokenizer = model_and_tokenizer or load_model(cfg.model, training=True)
     check_targets(model, cfg.lora.targets)
     run_dir = _prepare_run_dir(cfg)  # only after every check
     result = train_lora(model, tokenizer, task, cfg.lora, cfg.sft, run_dir / "adapter", progress=progress)
@@ -100,13 +102,17 @@ def run_train(cfg: Config, resume: bool = False, progress: bool = True,
     plot_training(result.state.history, run_dir / PLOT, title=f"ESSA on {task.name}")
     summary = {
         "task": task.name, "search_dim": space.dim, "generations": result.state.generation,
-        "wall_clock_s": round(result.state.elapsed_s, 2), "final_choice": result.final_choice,
-        "validation_accuracy": result.validation, "reward_failures": result.state.reward_failures,
+        "wall_clock_s": round(result.state.elapsed_s, 2), "sigma0": result.state.sigma0,
+        "final_choice": result.final_choice, "validation_accuracy": result.validation,
+        "validation_versus_start": result.versus_start, "reward_failures": result.state.reward_failures,
     }
     write_report(run_dir / "report.md", f"ESSA run: {task.name}", summary, plot=PLOT,
                  notes=[f"Adapter: `{run_dir / 'adapter'}` (standard PEFT LoRA)",
-                        "Per-generation numbers: `metrics.jsonl`. The final adapter is the validation-best "
-                        "of the optimizer mean, the best candidate and the best validated mean."])
+                        "Per-generation numbers: `metrics.jsonl` (fitness, sigma, distinct fitness values, "
+                        "split-half rank agreement, validation accuracy).",
+                        "The final adapter is the start (the SFT adapter) unless the optimizer mean, the best "
+                        "validated mean or the best candidate beats it on validation with a paired bootstrap "
+                        "95% interval above zero; then the best of those."])
     atomic_write_json(run_dir / "summary.json", summary)
     return summary
 
@@ -115,27 +121,61 @@ def run_train(cfg: Config, resume: bool = False, progress: bool = True,
 def run_eval(cfg: Config, split: str = "test", samples: int = 1, limit: int | None = None,
              records_path: str | Path | None = None, use_adapter: bool = True,
              model_and_tokenizer: tuple[Any, Any] | None = None, progress: bool = False) -> dict[str, Any]:
-    if samples < 1:
-        raise EssaError(f"--samples must be >= 1 (got {samples})")
-    if samples > 1 and cfg.decoding.temperature <= 0:
-        raise EssaError("avg@k / pass@k need sampling: set decoding.temperature > 0 with --samples > 1")
+    """Metrics of the model (+ cfg.adapter) on a task split, as one flat dict."""
+    _check_samples(cfg, samples)
     task = get_task(cfg.task)
     examples = task.checked_split(split)[:limit]
-    adapter_dir = resolve_adapter_dir(cfg.adapter) if use_adapter and cfg.adapter is not None else None
-    kind = evaluation_kind(cfg)  # a training pool (Ray) evaluates here, on its workers' engine
-    inputs = load_inputs(cfg, adapter_dir, 1.0, kind=kind, loaded=model_and_tokenizer)
-    backend = build_backend(cfg, inputs, kind=kind, progress=progress)
-    try:
-        result = evaluate_split(backend, inputs.tokenizer, task, examples, samples=samples, seed=cfg.essa.seed)
-    finally:
-        backend.close()
-    metrics = {"task": task.name, "split": split, "model": cfg.model.name,
-               "adapter": str(cfg.adapter) if adapter_dir is not None else None, **result.metrics}
+    adapter = cfg.adapter if use_adapter else None
+    result = score_adapter(cfg, task, examples, adapter, samples=samples, loaded=model_and_tokenizer,
+                           progress=progress)
     if records_path is not None:
         path = Path(records_path)
         ensure_writable_dir(path.parent)
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in result.records))
-    return metrics
+    return {"task": task.name, "split": split, "model": cfg.model.name, "adapter": adapter, **result.metrics}
+
+
+def run_eval_paired(cfg: Config, baseline: str | None, split: str = "test", limit: int | None = None,
+                    model_and_tokenizer: tuple[Any, Any] | None = None, progress: bool = False) -> dict[str, Any]:
+    """cfg.adapter against `baseline` (another adapter, or None for the base model) on the same
+    examples: both metrics, and the paired delta with its bootstrap 95% CI and McNemar p-value."""
+    task = get_task(cfg.task)
+    examples = task.checked_split(split)[:limit]
+    if model_and_tokenizer is None:
+        model_and_tokenizer = load_inputs(cfg, None, 1.0, kind=evaluation_kind(cfg)).weights()
+    results = {name: score_adapter(cfg, task, examples, adapter, loaded=model_and_tokenizer, progress=progress)
+               for name, adapter in (("baseline", baseline), ("candidate", cfg.adapter))}
+    paired = compare_paired(results["baseline"].correct, results["candidate"].correct, seed=cfg.essa.seed)
+    return {"task": task.name, "split": split, "model": cfg.model.name, "examples": len(examples),
+            "baseline": {"adapter": baseline, **results["baseline"].metrics},
+            "candidate": {"adapter": cfg.adapter, **results["candidate"].metrics},
+            **paired_fields(paired), "verdict": paired.describe("baseline", "candidate")}
+
+
+def paired_fields(paired: PairedComparison) -> dict[str, Any]:
+    """The keys a summary reports for a paired comparison."""
+    return {"delta": paired.delta, "delta_ci95": list(paired.ci95), "mcnemar_p": paired.mcnemar_p,
+            "gained": paired.gained, "lost": paired.lost}
+
+
+def score_adapter(cfg: Config, task: Any, examples: list[Any], adapter: str | Path | None, samples: int = 1,
+                  loaded: tuple[Any, Any] | None = None, progress: bool = False) -> SplitResult:
+    """Scores of the model with `adapter` (None: the plain model) on `examples`."""
+    adapter_dir = resolve_adapter_dir(adapter) if adapter is not None else None
+    kind = evaluation_kind(cfg)  # a training pool (Ray) evaluates here, on its workers' engine
+    inputs = load_inputs(cfg, adapter_dir, 1.0, kind=kind, loaded=loaded)
+    backend = build_backend(cfg, inputs, kind=kind, progress=progress)
+    try:
+        return evaluate_split(backend, inputs.tokenizer, task, examples, samples=samples, seed=cfg.essa.seed)
+    finally:
+        backend.close()
+
+
+def _check_samples(cfg: Config, samples: int) -> None:
+    if samples < 1:
+        raise EssaError(f"--samples must be >= 1 (got {samples})")
+    if samples > 1 and cfg.decoding.temperature <= 0:
+        raise EssaError("avg@k / pass@k need sampling: set decoding.temperature > 0 with --samples > 1")
 
 
 # -- export --------------------------------------------------------------------------------------
@@ -192,7 +232,7 @@ def run_demo(cfg: Config, progress: bool = True, resume: bool = False) -> dict[s
         task.checked_split(split)
     for kind in (cfg.backend.kind, evaluation_kind(cfg)):
         backend_class(kind).check(cfg)
-    model_and_tokenizer = load_model(cfg.model)
+    model_and_tokenizer = load_model(cfg.model, training=True)
     check_targets(model_and_tokenizer[0], cfg.lora.targets)
     root = _prepare_run_dir(cfg)  # only after every check
 
@@ -203,36 +243,40 @@ def run_demo(cfg: Config, progress: bool = True, resume: bool = False) -> dict[s
     if not (resume and (adapter / ADAPTER_CONFIG).is_file()):
         adapter = run_sft(sft_cfg, progress=progress, model_and_tokenizer=model_and_tokenizer)
     sft_s = time.perf_counter() - t0
+    model_and_tokenizer[0].to(getattr(torch, resolve_dtype(cfg.model.dtype)))  # trained in fp32; "auto" infers faster
 
     say("2/4 test accuracy of the SFT adapter")
-    before = run_eval(cfg.with_changes(adapter=str(adapter)), "test", model_and_tokenizer=model_and_tokenizer,
-                      progress=progress)
+    test = task.checked_split("test")
+    before = score_adapter(cfg, task, test, adapter, loaded=model_and_tokenizer, progress=progress)
 
     say("3/4 ESSA search")
     train_cfg = cfg.with_changes(adapter=str(adapter), output_dir=str(root / "essa"))
     train = run_train(train_cfg, resume=resume, progress=progress, model_and_tokenizer=model_and_tokenizer)
 
     say("4/4 test accuracy of the ESSA adapter")
-    after = run_eval(cfg.with_changes(adapter=str(root / "essa" / "adapter")), "test", progress=progress,
-                     model_and_tokenizer=model_and_tokenizer)
+    after = score_adapter(cfg, task, test, root / "essa" / "adapter", loaded=model_and_tokenizer, progress=progress)
     run_export(root / "essa", root / "adapter")
     shutil.copy2(root / "essa" / PLOT, root / PLOT)
+    paired = compare_paired(before.correct, after.correct, seed=cfg.essa.seed)
     summary = {
-        "model": cfg.model.name, "task": task.name, "test_examples": before["examples"],
-        "test_accuracy_sft": before["accuracy"], "test_accuracy_essa": after["accuracy"],
-        "generations": train["generations"], "search_dim": train["search_dim"],
+        "model": cfg.model.name, "task": task.name, "dtype": resolve_dtype(cfg.model.dtype),
+        "test_examples": len(test), "test_accuracy_sft": before.metrics["accuracy"],
+        "test_accuracy_essa": after.metrics["accuracy"], "test_accuracy_delta": paired.delta,
+        "delta_ci95": list(paired.ci95), "mcnemar_p": paired.mcnemar_p, "test_gained": paired.gained,
+        "test_lost": paired.lost, "generations": train["generations"], "search_dim": train["search_dim"],
         "popsize": cfg.essa.popsize, "prompts_per_generation": cfg.essa.prompts_per_generation,
-        "final_choice": train["final_choice"], "validation_accuracy": train["validation_accuracy"],
-        "test_metrics_sft": _split_metrics(before), "test_metrics_essa": _split_metrics(after),
-        "sft_wall_clock_s": round(sft_s, 1), "essa_wall_clock_s": train["wall_clock_s"],
-        "wall_clock_s": round(time.perf_counter() - start, 1),
+        "sigma0": train["sigma0"], "final_choice": train["final_choice"],
+        "validation_accuracy": train["validation_accuracy"], "test_metrics_sft": _split_metrics(before.metrics),
+        "test_metrics_essa": _split_metrics(after.metrics), "sft_wall_clock_s": round(sft_s, 1),
+        "essa_wall_clock_s": train["wall_clock_s"], "wall_clock_s": round(time.perf_counter() - start, 1),
     }
     atomic_write_json(root / "summary.json", summary)
-    delta = after["accuracy"] - before["accuracy"]
     write_report(root / "report.md", "ESSA demo", summary, plot=PLOT, notes=[
-        f"Held-out test accuracy {before['accuracy']:.3f} after SFT -> {after['accuracy']:.3f} after ESSA "
-        f"({delta:+.3f}) on {before['examples']} test problems never used for training or selection.",
-        "The final adapter was selected on the validation split only.",
+        f"Held-out test accuracy on {len(test)} problems never used for training or selection (disjoint from "
+        f"the SFT, train and validation problems by operation and operands): "
+        + paired.describe("SFT", "ESSA") + ".",
+        "The final adapter was selected on the validation split only; the SFT adapter itself was a candidate "
+        f"and is kept unless beaten there with confidence (final choice: {train['final_choice']}).",
         f"Exported PEFT adapter: `{root / 'adapter'}`.",
     ])
     return summary

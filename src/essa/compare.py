@@ -238,7 +238,7 @@ def _essa_job(cfg: Config, start_adapter: str, run_dir: str, progress: bool) -> 
         trainer = EssaTrainer(recorder, inputs.tokenizer, task, search, out_dir, progress=progress,
                               on_generation=watcher)
         watcher.trainer = trainer
-        watcher.snapshots.append((0.0, 0, trainer.optimizer.mean.copy()))
+        watcher.snapshots.append((0.0, 0, np.zeros(trainer.dim)))  # the start: zero offsets
         result = trainer.run()
         peak = _peak_rss_mb()
     finally:
@@ -272,7 +272,7 @@ def _grpo_job(cfg: Config, start_adapter: str, run_dir: str, schedule: list[list
     from essa.tasks import get_task
 
     _quiet()
-    model, tokenizer = load_model(cfg.model)
+    model, tokenizer = load_model(cfg.model, training=True)
     task = get_task(cfg.task)
     compare = cfg.compare
     result = run_grpo(model, tokenizer, task, start_adapter, cfg, run_dir, schedule=schedule, progress=progress)

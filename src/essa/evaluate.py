@@ -47,6 +47,8 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 class SplitResult:
     metrics: dict[str, Any]
     records: list[dict[str, Any]] = field(default_factory=list)
+    # Per example, 1.0 when its first completion is correct: what paired comparisons take.
+    correct: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
 def evaluate_split(backend: Backend, tokenizer: Any, task: Task, examples: list[Example],
@@ -79,7 +81,7 @@ def evaluate_split(backend: Backend, tokenizer: Any, task: Task, examples: list[
          "reward": float(per_prompt[i, j]), "sample": j}
         for i, ex in enumerate(examples) for j in range(samples)
     ]
-    return SplitResult(metrics, records)
+    return SplitResult(metrics, records, correct[:, 0].astype(np.float64))
 
 
 def _extra_metrics(task: Task, completions: list[str], examples: list[Example], samples: int) -> dict[str, float]:

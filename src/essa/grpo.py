@@ -126,7 +126,7 @@ def _svd_only_saver(policy: Any, adapter_dir: str | Path, alpha: float) -> Calla
     from essa.svd_grpo import policy_factors, restrict_to_singular_values
     from essa.svd_space import SvdLoraSpace
 
-    space = SvdLoraSpace.from_adapter(adapter_dir, alpha)
+    space = SvdLoraSpace.from_adapter(adapter_dir, alpha, offsets="additive")  # the paper's SVD-GRPO
     restrict_to_singular_values(policy, space)
     log.info("SVD-GRPO: %d trainable singular-value offsets", space.dim)
     return lambda model, path: space.save_factors(policy_factors(model, space), path)

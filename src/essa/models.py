@@ -46,14 +46,35 @@ CACHE_ENV = "ESSA_CACHE_DIR"
 _SOURCE_HINT = f"give a local model directory, a .gguf file, or the bundled alias '{BUNDLED_ALIAS}'"
 
 
-def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Model in eval mode and a left-padding tokenizer with a pad token."""
+def cpu_has_amx_bf16() -> bool:
+    """Whether this CPU has AMX bf16 tile units (Linux: /proc/cpuinfo), where bf16 matmuls run
+    several times faster than fp32; without them bf16 is slower than fp32 on CPU."""
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def resolve_dtype(name: str, training: bool = False) -> str:
+    """model.dtype with "auto" resolved: bfloat16 for inference on a GPU or an AMX CPU, float32
+    otherwise and for training (SFT, GRPO)."""
+    if name != "auto":
+        return name
+    if training:
+        return "float32"
+    return "bfloat16" if torch.cuda.is_available() or cpu_has_amx_bf16() else "float32"
+
+
+def load_model(cfg: ModelConfig, training: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Model in eval mode and a left-padding tokenizer with a pad token; `training` loads it for
+    SFT or GRPO (model.dtype "auto" means float32 there)."""
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     source, kwargs = _locate(cfg.name)
+    dtype = getattr(torch, resolve_dtype(cfg.dtype, training))
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, cfg.dtype), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except (OSError, ValueError) as exc:
         raise _load_error(cfg.name, source, exc) from exc
     if "gguf_file" in kwargs:

@@ -83,6 +83,24 @@ class Optimizer(ABC):
             )
 
 
+@dataclass
+class CmaOptions:
+    """`essa.optimizer_options` of cma and sep-cma."""
+
+    # Learning rate of the mean (pycma's CMA_cmean). Below 1 the mean moves a fraction of the
+    # selected step: with noisy fitness it drifts less far from a good start per generation.
+    cmean: float = 1.0
+    # Mirrored sampling: candidates come in pairs m + s and m - s (pycma's unconditional mirrors).
+    # Shared prompts then cancel whatever both halves of a pair have in common.
+    mirrored: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 < self.cmean <= 1:
+            raise EssaError(f"essa.optimizer_options.cmean must be in (0, 1] (got {self.cmean!r})")
+        if not isinstance(self.mirrored, bool):
+            raise EssaError(f"essa.optimizer_options.mirrored must be true or false (got {self.mirrored!r})")
+
+
 def _global_randn(*shape: int) -> np.ndarray:
     """pycma's sampler. A module-level function pickles by name; pycma's default,
     `np.random.randn`, would pickle a detached copy of the global RandomState."""
@@ -96,9 +114,12 @@ class CmaEsOptimizer(Optimizer):
     """
 
     kind = "cma"
+    Options = CmaOptions
     diagonal = False
 
-    def __init__(self, dim: int, popsize: int, sigma0: float, seed: int, options: NoOptions):
+    def __init__(self, dim: int, popsize: int, sigma0: float, seed: int, options: CmaOptions):
+        if options.mirrored and popsize % 2:
+            raise EssaError(f"mirrored sampling needs an even essa.popsize (got {popsize})")
         self.dim, self.popsize = dim, popsize
         # pycma samples from numpy's global RandomState (also for stochastic rounding of mirrors),
         # so this optimizer keeps a private copy of that state and swaps it in around each call.
@@ -108,10 +129,13 @@ class CmaEsOptimizer(Optimizer):
             "seed": np.nan,  # NaN: pycma does not reseed the global state; we seeded ours above
             "randn": _global_randn,
             "CMA_diagonal": self.diagonal,
+            "CMA_cmean": options.cmean,
             "verbose": -9,
             "verb_disp": 0,
             "verb_log": 0,  # no output files
         }
+        if options.mirrored:  # every second candidate mirrors the one before it
+            cma_options.update(CMA_mirrors=popsize // 2, CMA_mirrormethod=0)
         with self._own_global_rng():
             self._es = cma.CMAEvolutionStrategy(np.zeros(dim), sigma0, cma_options)
 
@@ -331,10 +355,14 @@ def check_optimizer_options(name: str, options: dict[str, Any]) -> Any:
     return build_section(cls, options, "essa.optimizer_options.")
 
 
-def make_optimizer(search: SearchConfig, dim: int) -> Optimizer:
-    """The optimizer `search` names, its initial mean the zero offset vector."""
+def make_optimizer(search: SearchConfig, dim: int, sigma0: float | None = None) -> Optimizer:
+    """The optimizer `search` names, its initial mean the zero offset vector; `sigma0` replaces
+    `search.sigma0` (which may be "auto", resolved by the caller)."""
+    sigma0 = search.sigma0 if sigma0 is None else sigma0
+    if isinstance(sigma0, str):
+        raise EssaError(f"essa.sigma0={sigma0!r} must be resolved to a number before an optimizer is built")
     cls = _OPTIMIZERS[search.optimizer]
-    return cls(dim, search.popsize, search.sigma0, search.seed,
+    return cls(dim, search.popsize, sigma0, search.seed,
                check_optimizer_options(search.optimizer, search.optimizer_options))
 
 

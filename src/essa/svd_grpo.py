@@ -1,7 +1,8 @@
 """SVD-GRPO: the gradient baseline restricted to ESSA's search space.
 
 The policy's LoRA factors keep their frozen SVD; the only trainable parameters are offsets of the
-top floor(alpha r) singular values of each factor, the same vector ESSA's CMA-ES searches. Each
+top floor(alpha r) singular values of each factor, ESSA's search space in the paper's additive
+form (essa.offsets: additive, no sharing; ESSA's own default offsets are relative). Each
 factor weight is reparametrized as A' = A + U_A[:, :k] diag(d_A) V_A[:, :k]^T (likewise B), so
 zero offsets give the SFT factors exactly and the optimizer (TRL's AdamW, weight decay 0) moves
 only d. The paper reports that this restriction makes gradient training fail; `essa compare

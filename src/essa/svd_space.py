@@ -3,16 +3,27 @@
 For every adapted linear layer with LoRA delta dW = scale * B A (B: m x r, A: r x n) each factor
 is decomposed on its own, A = U_A diag(s_A) V_A^T and B = U_B diag(s_B) V_B^T. The singular
 vectors are frozen; the top floor(alpha * r) singular values of each factor are trainable.
-A candidate is one flat vector of offsets z, laid out module by module as [d_A, d_B].
 
-Offsets are applied as A' = A + U_A diag(d_A) V_A^T (mathematically U_A diag(s_A + d_A) V_A^T),
-so zero offsets give back the SFT factors bit for bit.
+A candidate is a vector z of offsets. How an offset moves its singular value (`offsets`):
+- "relative" (default): s' = s * exp(z). One step size fits every coordinate, however differently
+  the factors are scaled (after a short SFT, A's singular values are ~0.5 and B's ~0.01-0.3, and a
+  change of s_A moves dW in proportion to |B|); singular values stay positive.
+- "additive" (the paper's form): s' = s + z.
+Both are applied as A' = A + U_A diag(s' - s) V_A^T, so zero offsets give back the SFT factors
+bit for bit.
+
+Which singular values share one offset (`share`, a departure from the paper, which searches each
+independently): "layers" gives the same module type and factor (q_proj's A, say) one offset in
+every layer; "values" gives all trainable singular values of a factor one offset (with relative
+offsets: the factor is scaled). Sharing trades expressiveness for a search space small enough
+for a small population to find its way in (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +35,12 @@ from safetensors.torch import load_file, save_file
 from essa.errors import EssaError
 from essa.io import atomic_directory
 
+OFFSET_MODES = ("relative", "additive")
+SHARE_AXES = ("layers", "values")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
+_LAYER_INDEX = re.compile(r"\.\d+\.")  # "model.layers.7.self_attn" -> "model.layers.*.self_attn"
 
 
 @dataclass
@@ -56,8 +70,15 @@ class SvdFactorPair:
         rank = a.shape[0]
         return cls(name, a, b, u_a, s_a, vh_a.T, u_b, s_b, vh_b.T, math.floor(alpha * rank + 1e-9), scale)
 
+    def changes(self, z_a: torch.Tensor, z_b: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """s' - s of the trainable singular values of A and B for offsets z (..., k), float64."""
+        k = self.trainable
+        if mode == "relative":
+            return self.s_a[:k] * torch.expm1(z_a), self.s_b[:k] * torch.expm1(z_b)
+        return z_a, z_b
+
     def offset_factors(self, d_a: torch.Tensor, d_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A', B') for offsets of the trainable singular values (float64 in, stored dtype out)."""
+        """(A', B') for changes d = s' - s of the trainable singular values (float64 in, stored dtype out)."""
         k = self.trainable
         delta_a = (self.u_a[:, :k] * d_a) @ self.v_a[:, :k].T
         delta_b = (self.u_b[:, :k] * d_b) @ self.v_b[:, :k].T
@@ -65,18 +86,36 @@ class SvdFactorPair:
 
 
 class SvdLoraSpace:
-    """All adapted modules of one adapter, and the map offsets -> LoRA factors -> adapter dir."""
+    """All adapted modules of one adapter, and the map offsets -> LoRA factors -> adapter dir.
 
-    def __init__(self, pairs: list[SvdFactorPair], adapter_config: dict[str, Any]):
+    Internally every trainable singular value has its own slot, laid out module by module as
+    [A's k values, B's k values]; `group[i]` is the search coordinate that slot i reads, so a
+    candidate z has `dim` = number of groups entries (all slots distinct without sharing).
+    """
+
+    def __init__(self, pairs: list[SvdFactorPair], adapter_config: dict[str, Any], offsets: str = "relative",
+                 share: tuple[str, ...] | list[str] = ()):
         if not pairs:
             raise EssaError("the adapter has no LoRA factors: nothing to search")
+        if offsets not in OFFSET_MODES:
+            raise EssaError(f"offsets must be one of {', '.join(OFFSET_MODES)} (got {offsets!r})")
+        if not set(share) <= set(SHARE_AXES):
+            raise EssaError(f"share takes {', '.join(SHARE_AXES)} (got {list(share)!r})")
         self.pairs = pairs
         self.adapter_config = adapter_config
-        self.offsets = np.cumsum([0] + [2 * p.trainable for p in pairs])
+        self.offsets = offsets
+        self.share = tuple(a for a in SHARE_AXES if a in share)
+        self.starts = np.cumsum([0] + [2 * p.trainable for p in pairs])
+        self.group = _group_index(pairs, self.share)
 
     @property
     def dim(self) -> int:
-        return int(self.offsets[-1])
+        return int(self.group.max()) + 1
+
+    @property
+    def slots(self) -> int:
+        """Trainable singular values in all (the search dimension without sharing)."""
+        return int(self.starts[-1])
 
     @property
     def rank(self) -> int:
@@ -84,14 +123,17 @@ class SvdLoraSpace:
 
     def describe(self) -> str:
         k = self.pairs[0].trainable
-        return (f"SVD-LoRA search space: {len(self.pairs)} modules x 2 factors x {k} trainable "
-                f"singular values (rank {self.rank}) = {self.dim} dimensions")
+        shared = f", shared across {' and '.join(self.share)}" if self.share else ""
+        return (f"SVD-LoRA search space: {len(self.pairs)} modules x 2 factors x {k} trainable singular values "
+                f"(rank {self.rank}), {self.offsets} offsets{shared} = {self.dim} dimensions")
 
     @classmethod
-    def from_adapter(cls, adapter_dir: str | Path, alpha: float, model: torch.nn.Module | None = None) -> SvdLoraSpace:
+    def from_adapter(cls, adapter_dir: str | Path, alpha: float, model: torch.nn.Module | None = None,
+                     offsets: str = "relative", share: tuple[str, ...] | list[str] = ()) -> SvdLoraSpace:
         """Build the space from a PEFT LoRA adapter dir; with `model`, check it fits that model.
 
-        `alpha` is essa.alpha, in (0, 1] (SearchConfig checks it)."""
+        `alpha` is essa.alpha, in (0, 1] (SearchConfig checks it); `offsets` and `share` as in the
+        module docstring."""
         config, tensors = read_peft_adapter(adapter_dir)
         factors = _group_factors(tensors, adapter_dir)
         rank = int(config.get("r", 0))
@@ -106,36 +148,36 @@ class SvdLoraSpace:
             if math.floor(alpha * rank + 1e-9) < 1:
                 raise EssaError(f"essa.alpha={alpha} leaves no trainable singular value at rank {rank}")
             pairs.append(SvdFactorPair.decompose(name, a, b, alpha, scale))
-        return cls(pairs, config)
+        return cls(pairs, config, offsets=offsets, share=share)
 
-    def split(self, z: np.ndarray | torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Offset vector (dim,) -> per module (d_A, d_B), float64."""
-        z = torch.as_tensor(np.asarray(z, dtype=np.float64))
-        if z.shape != (self.dim,):
-            raise EssaError(f"candidate has shape {tuple(z.shape)}, the search space needs ({self.dim},)")
+    def changes(self, population: np.ndarray) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(lambda, dim) candidates -> per module the changes s' - s of its trainable singular
+        values (d_A, d_B), each (lambda, k), float64."""
+        population = np.atleast_2d(np.asarray(population, dtype=np.float64))
+        if population.ndim != 2 or population.shape[1] != self.dim:
+            raise EssaError(f"candidates have shape {population.shape}, the search space has {self.dim} dimensions")
+        slots = torch.from_numpy(population[:, self.group])
         out = []
         for i, p in enumerate(self.pairs):
-            lo = int(self.offsets[i])
-            out.append((z[lo:lo + p.trainable], z[lo + p.trainable:lo + 2 * p.trainable]))
+            lo, k = int(self.starts[i]), p.trainable
+            out.append(p.changes(slots[:, lo:lo + k], slots[:, lo + k:lo + 2 * k], self.offsets))
         return out
 
     def factors(self, z: np.ndarray) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Offsets -> {module name: (A', B')} in the adapter's dtype."""
-        return {p.name: p.offset_factors(d_a, d_b) for p, (d_a, d_b) in zip(self.pairs, self.split(z))}
+        """One candidate (dim,) -> {module name: (A', B')} in the adapter's dtype."""
+        z = np.asarray(z, dtype=np.float64)
+        if z.shape != (self.dim,):
+            raise EssaError(f"candidate has shape {z.shape}, the search space needs ({self.dim},)")
+        return {p.name: p.offset_factors(d_a[0], d_b[0]) for p, (d_a, d_b) in zip(self.pairs, self.changes(z))}
 
     def singular_values(self, population: np.ndarray) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(lambda, dim) offsets -> per module full singular values (S_A, S_B), each (lambda, r), float64."""
-        population = np.atleast_2d(np.asarray(population, dtype=np.float64))
-        if population.shape[1] != self.dim:
-            raise EssaError(f"population has {population.shape[1]} dims, the search space has {self.dim}")
-        z = torch.from_numpy(population)
+        """(lambda, dim) candidates -> per module full singular values (S_A, S_B), each (lambda, r), float64."""
         out = []
-        for i, p in enumerate(self.pairs):
-            lo, k = int(self.offsets[i]), p.trainable
-            s_a = p.s_a.expand(len(z), -1).clone()
-            s_b = p.s_b.expand(len(z), -1).clone()
-            s_a[:, :k] += z[:, lo:lo + k]
-            s_b[:, :k] += z[:, lo + k:lo + 2 * k]
+        for p, (d_a, d_b) in zip(self.pairs, self.changes(population)):
+            s_a = p.s_a.expand(len(d_a), -1).clone()
+            s_b = p.s_b.expand(len(d_b), -1).clone()
+            s_a[:, :p.trainable] += d_a
+            s_b[:, :p.trainable] += d_b
             out.append((s_a, s_b))
         return out
 
@@ -153,6 +195,18 @@ class SvdLoraSpace:
             save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
             (tmp / ADAPTER_CONFIG).write_text(json.dumps(self.adapter_config, indent=2) + "\n")
         return Path(out_dir)
+
+
+def _group_index(pairs: list[SvdFactorPair], share: tuple[str, ...]) -> np.ndarray:
+    """The search coordinate of every singular-value slot, numbered in order of first use."""
+    ids: dict[tuple, int] = {}
+    out = []
+    for p in pairs:
+        module = _LAYER_INDEX.sub(".*.", p.name) if "layers" in share else p.name
+        for factor in ("A", "B"):
+            for j in range(p.trainable):
+                out.append(ids.setdefault((module, factor, None if "values" in share else j), len(ids)))
+    return np.asarray(out, dtype=np.int64)
 
 
 def read_peft_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

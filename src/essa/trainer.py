@@ -5,6 +5,14 @@ and a `Task` (rewards). Every generation ends with an atomic checkpoint; `resume
 a killed run exactly, because mini-batches and sampling seeds derive from (seed, generation)
 and the optimizer state carries its own random state. Checkpoints are plain data (JSON + numpy
 arrays in one .npz, `essa.io.atomic_write_state`), so loading one runs no code.
+
+Around the loop:
+- `essa.sigma0: auto` first probes the signal around the start (`essa.probe`) and takes its step.
+- Each generation records how many distinct fitness values its candidates got and how well the two
+  halves of its prompts agree on their ranking (`distinct_fitness`, `split_half_rho`).
+- The start (the SFT adapter, zero offsets) is always a candidate for the final adapter: the
+  others (the final mean, the best validated mean, the best candidate) replace it only when they
+  beat it on the validation split with confidence (paired bootstrap 95% interval above zero).
 """
 
 from __future__ import annotations
@@ -26,7 +34,9 @@ from essa.errors import EssaError
 from essa.evaluate import evaluate_split
 from essa.io import atomic_write_json, atomic_write_state, atomic_write_text, ensure_writable_dir, read_state
 from essa.optim import make_optimizer
+from essa.probe import choose_sigma0, probe_signal, rank_agreement
 from essa.schedule import minibatch_indices
+from essa.stats import PairedComparison, compare_paired
 from essa.tasks import RewardStats, Task, format_prompt
 
 CHECKPOINT = "checkpoint.npz"
@@ -50,6 +60,9 @@ class TrainState:
     best_mean_val: float = -np.inf
     reward_failures: int = 0
     dim: int = 0
+    sigma0: float = 0.0  # the initial step size (essa.sigma0, or the probe's choice for "auto")
+    start_correct: np.ndarray | None = None  # per validation example: the start's correctness
+    best_mean_correct: np.ndarray | None = None
 
     @classmethod
     def from_tree(cls, tree: Any, path: Path) -> TrainState:
@@ -62,9 +75,10 @@ class TrainState:
 @dataclass
 class TrainResult:
     final_z: np.ndarray
-    final_choice: str  # "mean" | "best_candidate" | "best_validated_mean"
+    final_choice: str  # "start" | "mean" | "best_candidate" | "best_validated_mean"
     validation: dict[str, float]
     state: TrainState
+    versus_start: dict[str, dict[str, Any]] = field(default_factory=dict)  # paired comparisons
 
 
 class EssaTrainer:
@@ -83,16 +97,20 @@ class EssaTrainer:
         self.train = task.checked_split("train")
         self.validation = task.checked_split("validation")
         self.train_prompts = [format_prompt(tokenizer, task, ex) for ex in self.train]
-        self.optimizer = make_optimizer(search, self.dim)
+        # With sigma0 "auto" the optimizer is built once the probe has chosen its step (run()).
+        self.optimizer = None if search.sigma0 == "auto" else make_optimizer(search, self.dim)
+        self._validated: dict[bytes, np.ndarray] = {}
 
     # -- public -----------------------------------------------------------------------------
     def run(self, resume: bool = False) -> TrainResult:
         state = self._start(resume)
-        bar = tqdm(total=self.cfg.generations, initial=state.generation, desc="ESSA", unit="gen",
-                   disable=not self.progress, dynamic_ncols=True)
         if state.generation == 0 and not state.history:
+            state.sigma0 = self._initial_sigma(state)
+            self.optimizer = make_optimizer(self.cfg, self.dim, sigma0=state.sigma0)
             self._validate_mean(state, label="start")
             self._checkpoint(state)
+        bar = tqdm(total=self.cfg.generations, initial=state.generation, desc="ESSA", unit="gen",
+                   disable=not self.progress, dynamic_ncols=True)
         while not self._budget_spent(state):
             self._step(state)
             bar.update(1)
@@ -105,12 +123,29 @@ class EssaTrainer:
         return self._finish(state)
 
     # -- one generation ---------------------------------------------------------------------
+    def _initial_sigma(self, state: TrainState) -> float:
+        """essa.sigma0, or with "auto" the probe's choice (its table goes into the history)."""
+        if self.cfg.sigma0 != "auto":
+            return float(self.cfg.sigma0)
+        t0 = time.perf_counter()
+        rng = np.random.default_rng([self.cfg.seed, 2**32 - 1])  # a stream apart from the mini-batches
+        picked = rng.choice(len(self.train), size=min(self.cfg.prompts_per_generation, len(self.train)), replace=False)
+        rows = probe_signal(self.backend, self.tokenizer, self.task, [self.train[i] for i in picked],
+                            seed=self.cfg.seed)
+        sigma0 = choose_sigma0(rows)
+        state.elapsed_s += time.perf_counter() - t0  # the probe spends search compute: it counts
+        state.history.append({"generation": 0, "wall_clock_s": round(state.elapsed_s, 3), "sigma0": sigma0,
+                              "probe": [r.to_dict() for r in rows]})
+        log.info("probe: sigma0 = %g (flip rates %s)", sigma0, [round(r.flipped, 3) for r in rows])
+        return sigma0
+
     def _step(self, state: TrainState) -> None:
         gen = state.generation
         t0 = time.perf_counter()
         stats = RewardStats()
-        population, fitness = self.backend.run_generation(gen, self.optimizer, self.task, self._minibatch(gen),
-                                                          self._seed(gen), stats)
+        result = self.backend.run_generation(gen, self.optimizer, self.task, self._minibatch(gen), self._seed(gen),
+                                             stats)
+        population, fitness = result.population, result.fitness
         self.optimizer.tell(population, fitness)
         best = int(np.argmax(fitness))
         if fitness[best] > state.best_fitness:
@@ -123,6 +158,9 @@ class EssaTrainer:
             "fitness_mean": float(fitness.mean()), "fitness_max": float(fitness.max()),
             "fitness_min": float(fitness.min()), "sigma": float(self.optimizer.sigma),
             "mean_norm": float(np.linalg.norm(self.optimizer.mean)), "reward_failures": stats.failures,
+            # How much the generation could tell candidates apart (0/1 rewards on few prompts tie).
+            "distinct_fitness": int(len(np.unique(fitness))),
+            "split_half_rho": None if result.half_fitness is None else rank_agreement(*result.half_fitness.T),
         }
         state.history.append(record)
         if self.cfg.eval_every and state.generation % self.cfg.eval_every == 0:
@@ -139,10 +177,13 @@ class EssaTrainer:
     def _validate_mean(self, state: TrainState, label: str = "mean") -> None:
         t0 = time.perf_counter()
         mean = self.optimizer.mean.copy()
-        acc = self.validation_accuracy(mean)
+        correct = self.validation_scores(mean)
+        acc = float(correct.mean())
         state.validation_s += time.perf_counter() - t0
-        if acc > state.best_mean_val:
-            state.best_mean_val, state.best_mean = acc, mean
+        if label == "start":
+            state.start_correct = correct
+        elif acc > state.best_mean_val:
+            state.best_mean_val, state.best_mean, state.best_mean_correct = acc, mean, correct
         entry = {"generation": state.generation, "wall_clock_s": round(state.elapsed_s, 3),
                  "validation_s": round(state.validation_s, 3), "val_accuracy": acc, "validated": label}
         if state.history and state.history[-1]["generation"] == state.generation:
@@ -151,8 +192,14 @@ class EssaTrainer:
             state.history.append(entry)
         log.info("generation %d: validation accuracy of the %s = %.4f", state.generation, label, acc)
 
-    def validation_accuracy(self, z: np.ndarray) -> float:
-        return evaluate_split(self.backend, self.tokenizer, self.task, self.validation, z[None]).metrics["accuracy"]
+    def validation_scores(self, z: np.ndarray) -> np.ndarray:
+        """Per validation example, 1.0 where candidate `z` answers correctly (greedy); each
+        candidate is scored once per process (the final choice reuses in-loop validations)."""
+        key = np.asarray(z, dtype=np.float64).tobytes()
+        if key not in self._validated:
+            self._validated[key] = evaluate_split(self.backend, self.tokenizer, self.task, self.validation,
+                                                  z[None]).correct
+        return self._validated[key]
 
     # -- budget, checkpoint, finish ---------------------------------------------------------------
     def _budget_spent(self, state: TrainState) -> bool:
@@ -170,6 +217,7 @@ class EssaTrainer:
         state = TrainState.from_tree(read_state(path), path)
         if state.dim != self.dim:
             raise EssaError(f"checkpoint {path} belongs to a search space of another size")
+        self.optimizer = make_optimizer(self.cfg, self.dim, sigma0=state.sigma0)
         self.optimizer.load_state_dict(state.optimizer)
         log.info("resumed at generation %d (%.0f s spent)", state.generation, state.elapsed_s)
         return state
@@ -182,23 +230,41 @@ class EssaTrainer:
         atomic_write_text(self.run_dir / METRICS, lines)
 
     def _finish(self, state: TrainState) -> TrainResult:
-        """Final adapter = the validation-best of {CMA mean, best candidate, best validated mean}."""
-        choices: dict[str, np.ndarray] = {"mean": self.optimizer.mean.copy()}
+        """The final adapter: the start, unless a challenger beats it on validation with confidence.
+
+        Challengers: the optimizer's final mean, the best validated mean and the best candidate
+        (its fitness came from a few prompts). One that beats the start with its paired bootstrap
+        95% interval above zero qualifies; the qualifier with the highest validation accuracy wins.
+        """
+        mean = self.optimizer.mean.copy()
+        challengers = {"mean": (mean, self.validation_scores(mean))}
+        if state.best_mean is not None and not np.array_equal(state.best_mean, mean):
+            challengers["best_validated_mean"] = (state.best_mean, state.best_mean_correct)
         if state.best_candidate is not None:
-            choices["best_candidate"] = state.best_candidate
-        validation = {name: self.validation_accuracy(z) for name, z in choices.items()
-                      if not (name == "mean" and _validated_last(state))}
-        if _validated_last(state):  # the last generation already validated this very mean
-            validation = {"mean": state.history[-1]["val_accuracy"], **validation}
-        if state.best_mean is not None and not np.array_equal(state.best_mean, choices["mean"]):
-            choices["best_validated_mean"] = state.best_mean
-            validation["best_validated_mean"] = state.best_mean_val
-        choice = max(validation, key=lambda k: (validation[k], k == "mean"))
+            challengers["best_candidate"] = (state.best_candidate, self.validation_scores(state.best_candidate))
+        start = state.start_correct
+        choice, versus = choose_final(start, {n: c for n, (_, c) in challengers.items()}, seed=self.cfg.seed)
+        validation = {"start": float(start.mean()), **{n: float(c.mean()) for n, (_, c) in challengers.items()}}
+        final_z = np.zeros(self.dim) if choice == "start" else challengers[choice][0]
+        versus_start = {name: c.to_dict() for name, c in versus.items()}
         atomic_write_json(self.run_dir / "final.json", {
-            "choice": choice, "validation_accuracy": validation, "generations": state.generation,
-            "wall_clock_s": state.elapsed_s, "reward_failures": state.reward_failures,
+            "choice": choice, "validation_accuracy": validation, "versus_start": versus_start,
+            "rule": "the start unless a challenger's paired bootstrap 95% CI against it on validation is above zero",
+            "generations": state.generation, "wall_clock_s": state.elapsed_s, "sigma0": state.sigma0,
+            "reward_failures": state.reward_failures,
         })
-        return TrainResult(choices[choice], choice, validation, state)
+        return TrainResult(final_z, choice, validation, state, versus_start)
+
+
+def choose_final(start: np.ndarray, challengers: dict[str, np.ndarray],
+                 seed: int = 0) -> tuple[str, dict[str, PairedComparison]]:
+    """"start", or the challenger with the highest validation accuracy among those whose paired
+    bootstrap 95% interval against the start lies above zero; with each one's comparison."""
+    versus = {name: compare_paired(start, correct, seed=seed) for name, correct in challengers.items()}
+    qualified = [name for name, c in versus.items() if c.ci95[0] > 0]
+    if not qualified:
+        return "start", versus
+    return max(qualified, key=lambda n: (versus[n].mean_b, n == "mean")), versus
 
 
 def refuse_to_overwrite(run_dir: str | Path, resume: bool) -> None:
@@ -211,11 +277,6 @@ def refuse_to_overwrite(run_dir: str | Path, resume: bool) -> None:
     if not resume and (run_dir / CHECKPOINT).exists():
         raise EssaError(f"{run_dir} already holds an ESSA run; pass --resume to continue it "
                         "or choose another output_dir")
-
-
-def _validated_last(state: TrainState) -> bool:
-    last = state.history[-1] if state.history else {}
-    return last.get("generation") == state.generation and "val_accuracy" in last
 
 
 def _json_line(record: dict[str, Any]) -> str:

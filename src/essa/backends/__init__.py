@@ -28,6 +28,17 @@ if TYPE_CHECKING:
 class Generation(NamedTuple):
     population: np.ndarray  # (popsize, dim), as the optimizer asked them
     fitness: np.ndarray  # (popsize,): mean reward of each candidate
+    # (popsize, 2): mean reward on the first and the second half of the prompts; how well the two
+    # agree on the ranking of candidates is the generation's signal-to-noise figure.
+    half_fitness: np.ndarray | None = None
+
+
+def half_means(rewards: np.ndarray) -> np.ndarray:
+    """(candidates, prompts) rewards -> (candidates, 2) mean reward on each half of the prompts."""
+    half = rewards.shape[1] // 2
+    if half == 0:
+        return np.repeat(rewards.mean(axis=1, keepdims=True), 2, axis=1)
+    return np.stack([rewards[:, :half].mean(axis=1), rewards[:, half:].mean(axis=1)], axis=1)
 
 
 @dataclass
@@ -105,7 +116,8 @@ class Backend:
 
         population = optimizer.ask()
         completions = self.evaluate(population, batch.prompts, seed=seed)
-        return Generation(population, score(task, completions, batch.examples, stats).mean(axis=1))
+        rewards = score(task, completions, batch.examples, stats)
+        return Generation(population, rewards.mean(axis=1), half_means(rewards))
 
     def close(self) -> None:
         """Release what the backend holds (wrapped layers, engines, workers)."""
@@ -161,7 +173,8 @@ def load_inputs(cfg: Config, adapter_dir: str | Path | None, alpha: float, kind:
         model, tokenizer = load_model_skeleton(cfg.model) if cls.loads_weights else load_model(cfg.model)
     space = None
     if adapter_dir is not None:
-        space = SvdLoraSpace.from_adapter(adapter_dir, alpha, model=model)
+        space = SvdLoraSpace.from_adapter(adapter_dir, alpha, model=model, offsets=cfg.essa.offsets,
+                                          share=cfg.essa.share)
     return BackendInputs(model, tokenizer, space, None if adapter_dir is None else Path(adapter_dir), alpha)
 
 
@@ -176,4 +189,4 @@ def evaluation_kind(cfg: Config) -> str:
 
 
 __all__ = ["Backend", "BackendInputs", "Generation", "Minibatch", "available_backends", "backend_class",
-           "build_backend", "evaluation_kind", "load_inputs", "register_backend"]
+           "build_backend", "evaluation_kind", "half_means", "load_inputs", "register_backend", "row_seed"]

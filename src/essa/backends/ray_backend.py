@@ -44,6 +44,7 @@ from essa.backends import (
     Minibatch,
     backend_class,
     build_backend,
+    half_means,
     load_inputs,
 )
 from essa.config import Config, TaskConfig
@@ -75,6 +76,7 @@ class ChunkJob:
 @dataclass
 class ChunkResult:
     fitness: np.ndarray  # mean reward of each candidate of the chunk, in order
+    half_fitness: np.ndarray  # (candidates, 2): mean reward on each half of the prompts
     reward_failures: int
     tokens: int  # completion tokens generated (re-tokenized text)
     fingerprint: str  # hash of the candidate rows the worker regenerated
@@ -123,8 +125,9 @@ class PopulationWorker:
         completions = self.backend.evaluate(rows, [self._prompts[i] for i in job.prompt_indices], seed=job.seed,
                                             candidate_offset=job.candidates.start)
         stats = RewardStats()
-        fitness = score(self.task, completions, examples, stats).mean(axis=1)
-        return ChunkResult(fitness, stats.failures, self._count_tokens(completions), fingerprint(rows))
+        rewards = score(self.task, completions, examples, stats)
+        return ChunkResult(rewards.mean(axis=1), half_means(rewards), stats.failures,
+                           self._count_tokens(completions), fingerprint(rows))
 
     def evaluate(self, population: np.ndarray | None, prompts: list[str], seed: int, candidate_offset: int,
                  prompt_offset: int) -> list[list[str]]:
@@ -272,7 +275,7 @@ class RayPopulationEvaluator(Backend):
         self._driver, self._next_gen = optimizer, gen + 1
         self.bytes_sent_last_generation = self._bytes
         self.tokens_last_generation = sum(r.tokens for r in results)
-        return Generation(population, fitness)
+        return Generation(population, fitness, np.concatenate([r.half_fitness for r in results]))
 
     def evaluate(self, population: np.ndarray | None, prompts: list[str], seed: int = 0,
                  candidate_offset: int = 0, prompt_offset: int = 0) -> list[list[str]]:

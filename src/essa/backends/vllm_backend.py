@@ -24,7 +24,7 @@ import numpy as np
 from essa.backends import Backend, BackendInputs, row_seed
 from essa.config import Config, DecodingConfig
 from essa.errors import EssaError, first_line
-from essa.models import engine_model_source
+from essa.models import engine_model_source, resolve_dtype
 from essa.svd_space import SvdLoraSpace
 
 # vLLM accepts only these maximum LoRA ranks.
@@ -79,7 +79,7 @@ class VllmBackend(Backend):
     def from_config(cls, cfg: Config, inputs: BackendInputs, progress: bool = False) -> VllmBackend:
         """An engine for the config's model (source, dtype, threads), room for a population of LoRAs."""
         return cls(engine_model_source(cfg.model.name), inputs.tokenizer, inputs.space, cfg.decoding,
-                   dtype=cfg.model.dtype, max_loras=cfg.essa.popsize, threads=cfg.model.threads,
+                   dtype=resolve_dtype(cfg.model.dtype), max_loras=cfg.essa.popsize, threads=cfg.model.threads,
                    engine_options=cfg.backend.vllm_options, progress=progress, seed=cfg.essa.seed)
 
     def evaluate(self, population: np.ndarray | None, prompts: list[str], seed: int = 0,

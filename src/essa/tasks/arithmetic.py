@@ -152,12 +152,12 @@ def _less(rng: random.Random, low: int, high: int) -> tuple[int, int]:
 
 def _mul_operands(rng: random.Random) -> tuple[int, int]:
     # A times-table factor and a larger one: "buys 7 boxes of 23".
-    a, b = rng.randint(2, 12), rng.randint(2, 59)
+    a, b = rng.randint(2, 12), rng.randint(2, 99)
     return (min(a, b), max(a, b))
 
 
 def _div_operands(rng: random.Random) -> tuple[int, int]:
-    return rng.randint(2, 12), rng.randint(2, 49)  # divisor, quotient
+    return rng.randint(2, 12), rng.randint(2, 99)  # divisor, quotient
 
 
 def _add_sub_operands(rng: random.Random) -> tuple[int, int, int]:

@@ -1,0 +1,103 @@
+"""How much signal does ES get around a start? Measured, so the search can be sized by it.
+
+For each step size sigma, mirrored candidates z = +-sigma * eps are drawn around the start (zero
+offsets) and scored on the same prompts as the start itself. Reported per sigma:
+- `changed`: share of (candidate, prompt) completions that differ from the start's;
+- `flipped`: share whose reward differs from the start's (what fitness can tell candidates apart by);
+- `candidate_sd` against `binomial_sd`: the spread of candidate fitness, and the spread that
+  resampling the prompts alone would give a candidate as good as the start;
+- `split_half_rho`: the rank correlation of candidate fitness between the two halves of the
+  prompts; near zero, a ranking of candidates is noise that the next prompts will not repeat.
+
+`choose_sigma0` picks the smallest sigma whose flip rate reaches a target: small enough to stay
+near a good start, large enough that candidates differ on some prompts (with 0/1 rewards and a
+tiny step, every candidate ties with the start and selection has nothing to go on).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from scipy.stats import spearmanr
+
+from essa.backends import Backend, half_means
+from essa.evaluate import score
+from essa.tasks import Example, Task, format_prompt
+
+DEFAULT_SIGMAS = (0.05, 0.1, 0.2, 0.4)
+TARGET_FLIPS = 0.05
+
+
+@dataclass(frozen=True)
+class ProbeRow:
+    sigma: float
+    changed: float
+    flipped: float
+    start_fitness: float
+    candidate_mean: float
+    candidate_sd: float
+    binomial_sd: float
+    split_half_rho: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def probe_signal(backend: Backend, tokenizer: Any, task: Task, examples: list[Example],
+                 sigmas: tuple[float, ...] = DEFAULT_SIGMAS, candidates: int = 8, seed: int = 0) -> list[ProbeRow]:
+    """One `ProbeRow` per sigma, from `candidates` mirrored candidates scored on `examples`."""
+    if candidates < 2 or candidates % 2:
+        raise ValueError("the probe needs an even number of candidates (they come in mirrored pairs)")
+    prompts = [format_prompt(tokenizer, task, ex) for ex in examples]
+    start_text = backend.evaluate(np.zeros((1, backend.dim)), prompts, seed=seed)[0]
+    start = score(task, [start_text], examples)[0]
+    rng = np.random.default_rng(seed)
+    rows = []
+    for sigma in sigmas:
+        eps = rng.standard_normal((candidates // 2, backend.dim))
+        population = sigma * np.concatenate([eps, -eps])
+        texts = backend.evaluate(population, prompts, seed=seed)
+        rewards = score(task, texts, examples)
+        rows.append(_row(sigma, texts, rewards, start_text, start))
+    return rows
+
+
+def _row(sigma: float, texts: list[list[str]], rewards: np.ndarray, start_text: list[str],
+         start: np.ndarray) -> ProbeRow:
+    fitness = rewards.mean(axis=1)
+    p = float(start.mean())
+    return ProbeRow(
+        sigma=float(sigma),
+        changed=float(np.mean([[t != s for t, s in zip(row, start_text)] for row in texts])),
+        flipped=float(np.mean(rewards != start[None, :])),
+        start_fitness=p,
+        candidate_mean=float(fitness.mean()),
+        candidate_sd=float(fitness.std(ddof=1)),
+        binomial_sd=float(np.sqrt(p * (1 - p) / rewards.shape[1])),
+        split_half_rho=split_half_rho(rewards),
+    )
+
+
+def split_half_rho(rewards: np.ndarray) -> float | None:
+    """Spearman correlation of candidate fitness on the first and second half of the prompts."""
+    return rank_agreement(*half_means(rewards).T)
+
+
+def rank_agreement(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Spearman correlation of two fitness vectors of the same candidates (None when fewer than
+    three candidates, or when either vector ranks them all the same)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return None
+    return float(spearmanr(a, b)[0])
+
+
+def choose_sigma0(rows: list[ProbeRow], target_flips: float = TARGET_FLIPS) -> float:
+    """The smallest sigma whose flip rate reaches `target_flips`; the largest probed if none does."""
+    ordered = sorted(rows, key=lambda r: r.sigma)
+    for row in ordered:
+        if row.flipped >= target_flips:
+            return row.sigma
+    return ordered[-1].sigma

@@ -1,0 +1,84 @@
+"""The signal probe and essa.sigma0: auto."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+
+from essa.backends import Backend
+from essa.probe import ProbeRow, choose_sigma0, probe_signal, split_half_rho
+from essa.tasks import Example, Task
+from helpers import tiny_tokenizer
+
+
+class ThresholdTask(Task):
+    name = "threshold"
+
+    def __init__(self, n: int = 40):
+        self.examples = [Example(prompt=f"q{i}", answer=i / n) for i in range(n)]
+
+    def split(self, name):
+        return self.examples
+
+    def reward(self, completion, example):
+        return float(completion == "yes")
+
+
+class SensitiveBackend(Backend):
+    """A candidate answers "yes" to prompt i when sensitivity * |z| exceeds the prompt's threshold:
+    the larger the sensitivity, the smaller the step that changes answers."""
+
+    def __init__(self, sensitivity: float, dim: int = 6):
+        self.sensitivity = sensitivity
+        self._dim = dim
+        self.thresholds: dict[str, float] = {}
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def evaluate(self, population, prompts, seed=0, candidate_offset=0, prompt_offset=0):
+        out = []
+        for z in population:
+            size = self.sensitivity * float(np.abs(z).mean())
+            out.append(["yes" if size > self.thresholds.setdefault(p, 0.05 + zlib.crc32(p.encode()) % 97 / 97) else "no"
+                        for p in prompts])
+        return out
+
+
+@pytest.mark.parametrize("sensitivity", [1.0, 10.0])
+def test_probe_reports_changes_and_flips_that_grow_with_sigma(sensitivity):
+    task = ThresholdTask()
+    rows = probe_signal(SensitiveBackend(sensitivity), tiny_tokenizer(), task, task.examples,
+                        sigmas=(0.01, 0.1, 1.0), candidates=6)
+    flips = [r.flipped for r in rows]
+    assert flips == sorted(flips) and flips[-1] > 0
+    assert all(r.changed == r.flipped for r in rows)  # here every changed answer flips the reward
+    assert all(r.start_fitness == 0.0 and r.binomial_sd == 0.0 for r in rows)
+
+
+def test_auto_sigma_is_larger_where_outputs_barely_change():
+    task = ThresholdTask()
+    sigmas = (0.02, 0.05, 0.1, 0.2, 0.4, 0.8)
+    sensitive = choose_sigma0(probe_signal(SensitiveBackend(20.0), tiny_tokenizer(), task, task.examples, sigmas))
+    dull = choose_sigma0(probe_signal(SensitiveBackend(1.0), tiny_tokenizer(), task, task.examples, sigmas))
+    assert sensitive < dull
+
+
+def test_choose_sigma0_takes_the_smallest_step_that_flips_enough():
+    def row(sigma, flipped):
+        return ProbeRow(sigma, flipped, flipped, 0.5, 0.5, 0.0, 0.05, None)
+
+    assert choose_sigma0([row(0.4, 0.2), row(0.1, 0.01), row(0.2, 0.06)]) == 0.2
+    assert choose_sigma0([row(0.1, 0.0), row(0.2, 0.01)]) == 0.2  # none reaches the target: the largest
+    assert choose_sigma0([row(0.1, 0.3)], target_flips=0.5) == 0.1
+
+
+def test_split_half_rho():
+    rewards = np.array([[1, 1, 1, 1], [1, 0, 1, 0], [0, 0, 0, 0]], dtype=float)
+    assert split_half_rho(rewards) == pytest.approx(1.0)  # both halves rank the candidates alike
+    assert split_half_rho(np.ones((3, 4))) is None  # a tie everywhere says nothing
+    flipped = np.array([[1, 0], [0, 1], [1, 1]], dtype=float)
+    assert split_half_rho(flipped) == pytest.approx(-0.5)
