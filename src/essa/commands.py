@@ -5,6 +5,9 @@
     run_eval(cfg, ...)    accuracy of model (+ adapter) on a task split
     run_export(...)       a run's adapter as a PEFT dir, or merged full weights
     run_demo(cfg)         all of the above on the bundled model
+
+`run_sft`, `run_train` and `run_eval` take the task from `cfg.task`, or a `Task` object given as
+`task=` (as `essa.ESSATrainer` does with a dataset and reward functions).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from essa.io import atomic_directory, atomic_write_json, atomic_write_text, ensu
 from essa.models import load_model
 from essa.report import plot_training, write_report
 from essa.svd_space import ADAPTER_CONFIG, SvdLoraSpace
-from essa.tasks import get_task
+from essa.tasks import Task, get_task
 
 log = logging.getLogger("essa")
 PLOT = "reward_vs_wallclock.png"
@@ -62,10 +65,11 @@ def _log_to_file(path: Path) -> None:
 
 
 # -- sft -----------------------------------------------------------------------------------------
-def run_sft(cfg: Config, progress: bool = True, model_and_tokenizer: tuple[Any, Any] | None = None) -> Path:
+def run_sft(cfg: Config, progress: bool = True, model_and_tokenizer: tuple[Any, Any] | None = None,
+            task: Task | None = None) -> Path:
     from essa.sft import check_targets, run_sft as train_lora
 
-    task = get_task(cfg.task)
+    task = task or get_task(cfg.task)
     task.checked_split("sft")
     model, tokenizer = model_and_tokenizer or load_model(cfg.model)
     check_targets(model, cfg.lora.targets)
@@ -77,24 +81,33 @@ def run_sft(cfg: Config, progress: bool = True, model_and_tokenizer: tuple[Any, 
 
 # -- train ---------------------------------------------------------------------------------------
 def run_train(cfg: Config, resume: bool = False, progress: bool = True,
-              model_and_tokenizer: tuple[Any, Any] | None = None) -> dict[str, Any]:
+              model_and_tokenizer: tuple[Any, Any] | None = None, task: Task | None = None) -> dict[str, Any]:
+    from essa.tracking import RunTracking, check_trackers
     from essa.trainer import EssaTrainer, refuse_to_overwrite
 
     adapter_dir = resolve_adapter_dir(cfg.adapter)
-    task = get_task(cfg.task)
+    task = task or get_task(cfg.task)
     task.checked_split("train")
     task.checked_split("validation")
     refuse_to_overwrite(cfg.output_dir, resume)
+    check_trackers(cfg)
     # Every check (backend, model, adapter fit) happens here, before the run dir is written.
     inputs = load_inputs(cfg, adapter_dir, cfg.essa.alpha, loaded=model_and_tokenizer)
     space = inputs.space
     run_dir = _prepare_run_dir(cfg)
     say(space.describe())
-    backend = build_backend(cfg, inputs)
+    tracking = RunTracking(cfg, run_dir, task)
     try:
-        result = EssaTrainer(backend, inputs.tokenizer, task, cfg.essa, run_dir, progress=progress).run(resume=resume)
+        backend = build_backend(cfg, inputs)
+        try:
+            result = EssaTrainer(backend, inputs.tokenizer, tracking.task, cfg.essa, run_dir, progress=progress,
+                                 on_generation=tracking.on_generation).run(resume=resume)
+        finally:
+            backend.close()
+        tracking.finish({"validation_accuracy": result.validation, "reward_failures": result.state.reward_failures,
+                         "wall_clock_s": result.state.elapsed_s}, step=result.state.generation)
     finally:
-        backend.close()
+        tracking.close()
     space.save_adapter(result.final_z, run_dir / "adapter")
     np.save(run_dir / "final_offsets.npy", result.final_z)
     plot_training(result.state.history, run_dir / PLOT, title=f"ESSA on {task.name}")
@@ -114,12 +127,13 @@ def run_train(cfg: Config, resume: bool = False, progress: bool = True,
 # -- eval ----------------------------------------------------------------------------------------
 def run_eval(cfg: Config, split: str = "test", samples: int = 1, limit: int | None = None,
              records_path: str | Path | None = None, use_adapter: bool = True,
-             model_and_tokenizer: tuple[Any, Any] | None = None, progress: bool = False) -> dict[str, Any]:
+             model_and_tokenizer: tuple[Any, Any] | None = None, progress: bool = False,
+             task: Task | None = None) -> dict[str, Any]:
     if samples < 1:
         raise EssaError(f"--samples must be >= 1 (got {samples})")
     if samples > 1 and cfg.decoding.temperature <= 0:
         raise EssaError("avg@k / pass@k need sampling: set decoding.temperature > 0 with --samples > 1")
-    task = get_task(cfg.task)
+    task = task or get_task(cfg.task)
     examples = task.checked_split(split)[:limit]
     adapter_dir = resolve_adapter_dir(cfg.adapter) if use_adapter and cfg.adapter is not None else None
     kind = evaluation_kind(cfg)  # a training pool (Ray) evaluates here, on its workers' engine

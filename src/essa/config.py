@@ -278,6 +278,37 @@ class GrpoConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """The `tracking:` section: the experiment trackers `essa train` reports to (TRL's report_to)."""
+
+    report_to: list[str] = setting([], "Experiment trackers, several at once: none | tensorboard | wandb | "
+                                   "trackio (each an optional extra: pip install 'essa[tensorboard]'). They log "
+                                   "every number of each generation's record, validation accuracy and wall clock; "
+                                   "wandb and trackio also a table of completion samples.")
+    project: str = setting("essa", "wandb / trackio project name.")
+    run_name: str | None = setting(None, "Run name in the trackers (null: the output directory's name).")
+    logging_dir: str | None = setting(None, "TensorBoard event directory (null: OUTPUT_DIR/tensorboard).")
+    offline: bool = setting(False, "wandb: log to local files only (mode=offline; upload later with `wandb sync`). "
+                            "TensorBoard and trackio always log locally.")
+    log_completions: int = setting(4, "Completion samples per generation in the trackers' tables (the best "
+                                   "candidate's rollouts); 0: none.")
+
+    def __post_init__(self) -> None:
+        from essa.tracking import tracker_names
+
+        if isinstance(self.report_to, str):  # report_to="tensorboard,wandb", as TRL accepts
+            self.report_to = [name.strip() for name in self.report_to.split(",") if name.strip()]
+        names = tracker_names()
+        for name in self.report_to:
+            _check("tracking.report_to", name in (*names, "none"), _one_of(("none", *names)), name)
+        if "none" in self.report_to:
+            _check("tracking.report_to", self.report_to == ["none"], "cannot combine none with a tracker",
+                   self.report_to)
+            self.report_to = []
+        _check("tracking.log_completions", self.log_completions >= 0, "must be >= 0", self.log_completions)
+
+
+@dataclass
 class Config:
     """Every setting of every command, one section per concern."""
 
@@ -290,6 +321,7 @@ class Config:
     backend: BackendConfig = field(default_factory=BackendConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     grpo: GrpoConfig = field(default_factory=GrpoConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     adapter: str | None = setting(None, "SFT adapter directory that `essa train` / `essa eval` / `essa compare` "
                                   "start from.")
     output_dir: str = setting("runs/essa", "Where the command writes its run directory.")
