@@ -121,6 +121,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="where to write the adapter (or merged model)")
     p.add_argument("--merge", action="store_true", help="merge the adapter into the base weights")
     p.add_argument("--model", default=None, help="base model for --merge (default: the run's model.name)")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO",
+                   help="also upload the export (with its model card) to this hub model repo, e.g. me/my-adapter "
+                        "(needs hub access: `hf auth login` or HF_TOKEN)")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     p.set_defaults(func=_export)
 
     _command(sub, "compare", "ESSA vs GRPO from the same SFT adapter, same reward, prompts and budget "
@@ -218,8 +222,12 @@ def demo_defaults() -> Config:
 def _export(args: argparse.Namespace) -> int:
     from essa.commands import run_export
 
-    out = run_export(args.run_dir, args.out, merge=args.merge, model_name=args.model)
-    print(json.dumps({"exported": str(out), "merged": args.merge}))
+    out = run_export(args.run_dir, args.out, merge=args.merge, model_name=args.model,
+                     push_to_hub=args.push_to_hub, private=args.private)
+    result: dict[str, Any] = {"exported": str(out), "merged": args.merge}
+    if args.push_to_hub:
+        result["hub_repo"] = args.push_to_hub
+    print(json.dumps(result))
     return 0
 
 

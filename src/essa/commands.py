@@ -3,7 +3,7 @@
     run_sft(cfg)          LoRA SFT warm start         -> output_dir/adapter
     run_train(cfg)        ESSA search from cfg.adapter -> output_dir/{metrics.jsonl, adapter, ...}
     run_eval(cfg, ...)    accuracy of model (+ adapter) on a task split
-    run_export(...)       a run's adapter as a PEFT dir, or merged full weights
+    run_export(...)       a run's adapter as a PEFT dir, or merged full weights (with a model card)
     run_demo(cfg)         all of the above on the bundled model
 
 `run_sft`, `run_train` and `run_eval` take the task from `cfg.task`, or a `Task` object given as
@@ -82,6 +82,7 @@ def run_sft(cfg: Config, progress: bool = True, model_and_tokenizer: tuple[Any, 
 # -- train ---------------------------------------------------------------------------------------
 def run_train(cfg: Config, resume: bool = False, progress: bool = True,
               model_and_tokenizer: tuple[Any, Any] | None = None, task: Task | None = None) -> dict[str, Any]:
+    from essa.model_card import read_run, write_card
     from essa.tracking import RunTracking, check_trackers
     from essa.trainer import EssaTrainer, refuse_to_overwrite
 
@@ -121,6 +122,7 @@ def run_train(cfg: Config, resume: bool = False, progress: bool = True,
                         "Per-generation numbers: `metrics.jsonl`. The final adapter is the validation-best "
                         "of the optimizer mean, the best candidate and the best validated mean."])
     atomic_write_json(run_dir / "summary.json", summary)
+    write_card(run_dir / "adapter", read_run(run_dir))
     return summary
 
 
@@ -153,17 +155,32 @@ def run_eval(cfg: Config, split: str = "test", samples: int = 1, limit: int | No
 
 
 # -- export --------------------------------------------------------------------------------------
-def run_export(run_dir: str | Path, out: str | Path, merge: bool = False, model_name: str | None = None) -> Path:
+def run_export(run_dir: str | Path, out: str | Path, merge: bool = False, model_name: str | None = None,
+               push_to_hub: str | None = None, private: bool = False,
+               evaluation: dict[str, Any] | None = None) -> Path:
+    """The run's adapter (or the base model with it merged) in `out`, with a model card; with
+    `push_to_hub`, uploaded to that hub repo too. `evaluation` adds metrics to the card."""
+    from essa.model_card import check_repo_id, push_to_hub as upload, read_run, write_card
+
     adapter_dir = resolve_adapter_dir(run_dir)
+    if push_to_hub is not None:
+        check_repo_id(push_to_hub)
     out = Path(out)
     ensure_writable_dir(out.parent if out.parent != Path("") else Path("."))
+    record = read_run(adapter_dir.parent) or read_run(run_dir)
     if not merge:
         with atomic_directory(out) as tmp:
             for item in adapter_dir.iterdir():
                 if item.is_file():
                     shutil.copy2(item, tmp / item.name)
-        return out
-    return _export_merged(adapter_dir, out, model_name or _run_model_name(Path(run_dir)))
+            write_card(tmp, record, repo_id=push_to_hub, evaluation=evaluation, base_model=model_name)
+    else:
+        name = model_name or _run_model_name(Path(run_dir))
+        _export_merged(adapter_dir, out, name, lambda tmp: write_card(tmp, record, merged=True, repo_id=push_to_hub,
+                                                                      evaluation=evaluation, base_model=name))
+    if push_to_hub is not None:
+        say(f"uploaded to {upload(out, push_to_hub, private=private)}")
+    return out
 
 
 def _run_model_name(run_dir: Path) -> str:
@@ -175,7 +192,7 @@ def _run_model_name(run_dir: Path) -> str:
     raise EssaError(f"cannot tell the base model of {run_dir}: pass --model NAME")
 
 
-def _export_merged(adapter_dir: Path, out: Path, model_name: str) -> Path:
+def _export_merged(adapter_dir: Path, out: Path, model_name: str, add_card: Any) -> Path:
     import peft
 
     from essa.config import ModelConfig
@@ -186,6 +203,7 @@ def _export_merged(adapter_dir: Path, out: Path, model_name: str) -> Path:
     with atomic_directory(out) as tmp:
         merged.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
+        add_card(tmp)
     return out
 
 
@@ -229,7 +247,6 @@ def run_demo(cfg: Config, progress: bool = True, resume: bool = False) -> dict[s
     say("4/4 test accuracy of the ESSA adapter")
     after = run_eval(cfg.with_changes(adapter=str(root / "essa" / "adapter")), "test", progress=progress,
                      model_and_tokenizer=model_and_tokenizer)
-    run_export(root / "essa", root / "adapter")
     shutil.copy2(root / "essa" / PLOT, root / PLOT)
     summary = {
         "model": cfg.model.name, "task": task.name, "test_examples": before["examples"],
@@ -242,6 +259,7 @@ def run_demo(cfg: Config, progress: bool = True, resume: bool = False) -> dict[s
         "wall_clock_s": round(time.perf_counter() - start, 1),
     }
     atomic_write_json(root / "summary.json", summary)
+    run_export(root / "essa", root / "adapter")  # after the summary: its model card shows the test results
     delta = after["accuracy"] - before["accuracy"]
     write_report(root / "report.md", "ESSA demo", summary, plot=PLOT, notes=[
         f"Held-out test accuracy {before['accuracy']:.3f} after SFT -> {after['accuracy']:.3f} after ESSA "
