@@ -172,14 +172,19 @@ def _results(record: RunRecord | None, evaluation: dict[str, Any]) -> list[str]:
     summary = record.summary if record is not None else {}
     held_out = {k: v for k, v in summary.items() if k.startswith("test_") or k in HELD_OUT_KEYS or "ci95" in k}
     rows = [(k, _fmt(v)) for k, v in _flat(held_out).items()]
-    rows += [(k, _fmt(v)) for k, v in _flat(evaluation).items()]
     lines = ["## Results", ""]
     if rows:
         lines += ["Held-out metrics (never used for training or for choosing the final adapter):", "",
                   "| metric | value |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in rows], ""]
-    else:
+    elif not evaluation:
         lines += ["No held-out test metrics were recorded with this run: score it with "
                   "`essa eval --config essa_config.yaml adapter=PATH --split test`.", ""]
+    if evaluation:
+        on_validation = evaluation.get("eval_split") == "validation"
+        where = ("the validation prompts, which also chose the final adapter (so not a held-out number)"
+                 if on_validation else "the eval_dataset passed to it")
+        lines += [f"`ESSATrainer.evaluate()` on {where}:", "", "| metric | value |", "| --- | --- |",
+                  *[f"| {k} | {_fmt(v)} |" for k, v in _flat(evaluation).items() if k != "eval_split"], ""]
     validation = (record.final.get("validation_accuracy") if record is not None else None) or {}
     if validation:
         choice = record.final.get("choice")
@@ -226,6 +231,9 @@ def _reproduce(record: RunRecord) -> list[str]:
         from essa.hf_trainer import ESSAConfig
 
         args = ESSAConfig.from_config(_config_obj(config)).changed()
+        output_dir = Path(config.get("output_dir") or ".")
+        if args.get("adapter") and Path(args["adapter"]) == output_dir / "sft" / "adapter":
+            del args["adapter"]  # the trainer's own SFT warm start, which the script runs again
         shown = ",\n".join(f"        {k}={v!r}" for k, v in args.items())
         lines = ["## Reproduce", "",
                  "This run was made in Python with `essa.ESSATrainer` (its datasets and reward functions were "
