@@ -142,6 +142,20 @@ def test_plain_model_with_peft_config_runs_the_sft_warm_start_first(model_dir, t
     assert code == 2 and not (tmp_path / "again").exists()
 
 
+def test_interrupted_training_resumes_from_its_checkpoint(model_dir, tmp_path):
+    def trainer(generations):
+        return ESSATrainer(model=model_dir, reward_funcs=[vowels], train_dataset=ROWS,
+                           args=small(output_dir=str(tmp_path / "out"), generations=generations), progress=False)
+
+    trainer(2).train()
+    with pytest.raises(EssaError, match="already holds an ESSA run"):
+        trainer(3).train()
+    summary = trainer(3).train(resume_from_checkpoint=True)
+    assert summary["generations"] == 3
+    history = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["generation"] for r in history if "fitness_mean" in r] == [1, 2, 3]
+
+
 def bad_signature(x):
     return [0.0]
 
@@ -162,6 +176,7 @@ def wrong_count(completions, **kwargs):
     ("peft_dora", "peft_config sets use_dora"),
     ("weights", "reward_weights has 2 weights for 1 reward functions"),
     ("args", "args must be an essa.ESSAConfig"),
+    ("two_starts", "args.adapter is the start adapter; peft_config would train another"),
 ])
 def test_bad_input_is_one_error_and_nothing_written(case, message, model_dir, tmp_path):
     out = tmp_path / "out"
@@ -192,6 +207,9 @@ def test_bad_input_is_one_error_and_nothing_written(case, message, model_dir, tm
         kwargs["args"] = small(output_dir=str(out), reward_weights=[1.0, 2.0])
     elif case == "args":
         kwargs["args"] = {"output_dir": str(out)}
+    elif case == "two_starts":
+        start = make_random_adapter(tiny_llama(seed=0), tmp_path / "start", rank=2, targets=["q_proj"])
+        kwargs["args"] = small(output_dir=str(out), adapter=str(start))
     with pytest.raises(EssaError) as exc:
         if case == "report_to":
             kwargs["args"] = ESSAConfig(**kwargs["args"])

@@ -160,7 +160,7 @@ def run_export(run_dir: str | Path, out: str | Path, merge: bool = False, model_
                evaluation: dict[str, Any] | None = None) -> Path:
     """The run's adapter (or the base model with it merged) in `out`, with a model card; with
     `push_to_hub`, uploaded to that hub repo too. `evaluation` adds metrics to the card."""
-    from essa.model_card import check_repo_id, push_to_hub as upload, read_run, write_card
+    from essa.model_card import CARD_FILES, check_repo_id, push_to_hub as upload, read_run, write_card
 
     adapter_dir = resolve_adapter_dir(run_dir)
     if push_to_hub is not None:
@@ -171,7 +171,7 @@ def run_export(run_dir: str | Path, out: str | Path, merge: bool = False, model_
     if not merge:
         with atomic_directory(out) as tmp:
             for item in adapter_dir.iterdir():
-                if item.is_file():
+                if item.is_file() and item.name not in CARD_FILES:  # the card is written anew
                     shutil.copy2(item, tmp / item.name)
             write_card(tmp, record, repo_id=push_to_hub, evaluation=evaluation, base_model=model_name)
     else:

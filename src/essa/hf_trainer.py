@@ -245,42 +245,39 @@ class ESSATrainer:
         self.task.checked_split("train")
         self.task.checked_split("validation")
 
-        # The model and where the search starts.
+        # The model and where the search starts: a PeftModel's adapter, args.adapter, or an SFT warm start.
         peft_model = _peft_model(model)
-        if peft_model is not None and peft_config is not None:
-            raise EssaError("model is a PeftModel, whose adapter is the warm start; peft_config would train "
-                            "another one: pass one of the two")
-        if peft_model is not None and cfg.adapter is not None:
-            raise EssaError("model is a PeftModel and args.adapter names another start adapter: pass one of the two")
-        self._start = tempfile.TemporaryDirectory(prefix="essa-start-") if peft_model is not None else None
-        if peft_model is not None:
-            start_adapter = _save_lora_adapter(peft_model, Path(self._start.name), cfg.essa.alpha)
+        _refuse_two_starts(peft_model is not None, peft_config is not None, cfg.adapter is not None)
         lora = _lora_settings(peft_config) if peft_config is not None else None
-        self.model, self.processing_class, model_name = _load(model if peft_model is None else None, cfg,
-                                                              processing_class)
-        if peft_model is not None:  # every check passed: now take the LoRA layers out
-            self.model = peft_model.unload()
-            model_name = _model_name(self.model)
-            self.processing_class = self.processing_class or _tokenizer_for(self.model)
-        cfg.model.name = model_name
+        self._sft_needed = peft_model is None and cfg.adapter is None
+        if self._sft_needed and not self.task.split("sft"):
+            raise EssaError("ESSA starts from a LoRA adapter: pass a PeftModel, args.adapter=DIR, or data for "
+                            "the SFT warm start (a 'completion' column in train_dataset, or sft_dataset)")
+        self._start: tempfile.TemporaryDirectory | None = None
+        if peft_model is not None:
+            self._start = tempfile.TemporaryDirectory(prefix="essa-start-")
+            start_adapter = _save_lora_adapter(peft_model, Path(self._start.name), cfg.essa.alpha)
+            tokenizer = _tokenizer(processing_class, peft_model.get_base_model())
+            # Every check passed: take the LoRA layers out; the search runs on the base model.
+            self.model, self.processing_class = peft_model.unload(), tokenizer
+        else:
+            self.model, self.processing_class = _load(model, cfg, processing_class)
+            start_adapter = cfg.adapter
+        cfg.model.name = str(model) if isinstance(model, (str, Path)) else _model_name(self.model)
         cfg.model.dtype = _dtype_name(self.model, cfg.model.dtype)
         if lora is not None:
             cfg.lora = lora(self.model)
 
         from essa.sft import check_targets
 
-        self._sft_needed = peft_model is None and cfg.adapter is None
         if self._sft_needed:
             check_targets(self.model, cfg.lora.targets)
-            if not self.task.split("sft"):
-                raise EssaError("ESSA starts from a LoRA adapter: pass a PeftModel, args.adapter=DIR, or data for "
-                                "the SFT warm start (a 'completion' column in train_dataset, or sft_dataset)")
         elif cfg.adapter is not None:
             from essa.commands import resolve_adapter_dir
             from essa.svd_space import SvdLoraSpace
 
             SvdLoraSpace.from_adapter(resolve_adapter_dir(cfg.adapter), cfg.essa.alpha, model=self.model)
-        self.start_adapter = start_adapter if peft_model is not None else cfg.adapter
+        self.start_adapter = start_adapter
         cfg.task = TaskConfig(name="dataset", seed=cfg.task.seed, validation_size=cfg.task.validation_size,
                               sft_size=len(self.task.split("sft")), train_size=len(self.task.split("train")),
                               test_size=0, options={"source": "python", "reward_funcs": self.task.reward_specs(),
@@ -455,45 +452,48 @@ def _linear_names(model: Any) -> list[str]:
     return list(names)
 
 
-def _load(model: Any, cfg: Config, processing_class: Any) -> tuple[Any, Any, str]:
-    """(model, tokenizer, model name) from a name or a PreTrainedModel; None: filled in by the caller."""
-    from essa.models import load_model, prepare_tokenizer
+def _refuse_two_starts(peft_model: bool, peft_config: bool, adapter: bool) -> None:
+    """One start for the search: a PeftModel's adapter, args.adapter, or the SFT of peft_config."""
+    if peft_model and peft_config:
+        raise EssaError("model is a PeftModel, whose adapter is the warm start; peft_config would train "
+                        "another one: pass one of the two")
+    if peft_model and adapter:
+        raise EssaError("model is a PeftModel and args.adapter names another start adapter: pass one of the two")
+    if peft_config and adapter:
+        raise EssaError("args.adapter is the start adapter; peft_config would train another one first: pass "
+                        "one of the two")
 
-    if model is None:
-        if processing_class is not None:
-            prepare_tokenizer(processing_class)
-        return None, processing_class, ""
+
+def _load(model: Any, cfg: Config, processing_class: Any) -> tuple[Any, Any]:
+    """(model, tokenizer) from a model name or a PreTrainedModel."""
+    from transformers import PreTrainedModel
+
+    from essa.models import load_model
+
     if isinstance(model, (str, Path)):
         cfg.model.name = str(model)
         loaded, tokenizer = load_model(cfg.model)
-        if processing_class is not None:
-            prepare_tokenizer(processing_class)
-            tokenizer = processing_class
-        return loaded, tokenizer, str(model)
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        PreTrainedModel = ()
+        return loaded, _tokenizer(processing_class, loaded) if processing_class is not None else tokenizer
     if not isinstance(model, PreTrainedModel):
         raise EssaError(f"model must be a model name, a transformers PreTrainedModel or a peft PeftModel "
                         f"(got {type(model).__name__})")
-    tokenizer = processing_class or _tokenizer_for(model)
-    prepare_tokenizer(tokenizer)
-    model.eval()
-    return model, tokenizer, _model_name(model)
+    return model.eval(), _tokenizer(processing_class, model)
 
 
-def _tokenizer_for(model: Any) -> Any:
+def _tokenizer(processing_class: Any, model: Any) -> Any:
+    """`processing_class`, else the tokenizer saved with the model, ready to batch prompts."""
     from transformers import AutoTokenizer
 
     from essa.models import prepare_tokenizer
 
-    name = _model_name(model)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    except Exception as exc:  # noqa: BLE001 - no tokenizer files, offline hub: one line
-        raise EssaError(f"could not load the tokenizer of {name!r} ({type(exc).__name__}): pass "
-                        "processing_class=tokenizer") from exc
+    tokenizer = processing_class
+    if tokenizer is None:
+        name = _model_name(model)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        except Exception as exc:  # noqa: BLE001 - no tokenizer files, offline hub: one line
+            raise EssaError(f"could not load the tokenizer of {name!r} ({type(exc).__name__}): pass "
+                            "processing_class=tokenizer") from exc
     prepare_tokenizer(tokenizer)
     return tokenizer
 

@@ -28,6 +28,7 @@ from essa.io import atomic_write_text
 CARD = "README.md"
 CONFIG_COPY = "essa_config.yaml"
 SFT_CONFIG_COPY = "essa_sft_config.yaml"
+CARD_FILES = (CARD, CONFIG_COPY, SFT_CONFIG_COPY)  # what write_card writes
 TAGS = ["essa", "evolution-strategies", "cma-es", "gradient-free", "lora"]
 PAPER = "https://arxiv.org/abs/2507.04453"
 # Summary fields shown as held-out results besides every `test_*` field.
