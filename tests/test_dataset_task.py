@@ -163,7 +163,8 @@ def test_reward_model_as_reward_function_plain_and_conversational(tmp_path):
 def test_dataset_task_from_config_options(tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", ROWS)
     funcs = tmp_path / "rewards.py"
-    funcs.write_text("def exact(completions, answer, **kw):\n    return [float(c == a) for c, a in zip(completions, answer)]\n")
+    funcs.write_text("def exact(completions, answer, **kw):\n"
+                     "    return [float(c == a) for c, a in zip(completions, answer)]\n")
     task = get_task(TaskConfig(name="dataset", validation_size=2, options={
         "train": str(data), "reward_funcs": [f"{funcs}:exact"], "reward_weights": [2.0]}))
     assert len(task.split("train")) == 10 and len(task.split("validation")) == 2

@@ -367,7 +367,7 @@ class Setting:
     name: str  # its field name in `section`
 
 
-def settings(cls: type = None, prefix: str = "") -> list[Setting]:
+def settings(cls: type | None = None, prefix: str = "") -> list[Setting]:
     """Every leaf setting of the config dataclass `cls` (default: `Config`) and its sections, in
     declaration order, with its default and help text."""
     cls = Config if cls is None else cls
@@ -383,7 +383,7 @@ def settings(cls: type = None, prefix: str = "") -> list[Setting]:
     return out
 
 
-def describe_settings(sections: tuple[str, ...] | None = None, width: int = 100, cls: type = None,
+def describe_settings(sections: tuple[str, ...] | None = None, width: int = 100, cls: type | None = None,
                       prefix: str = "") -> str:
     """The keys of `cls` (default `Config`; only those of the top-level `sections`, if given) with
     default and help, as `essa COMMAND --help` shows them."""

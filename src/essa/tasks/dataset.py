@@ -96,8 +96,7 @@ class RewardFunction:
     def __init__(self, func: Callable[..., Any], columns: Sequence[str]) -> None:
         self.func = func
         self.name = reward_name(func)
-        self.is_async = inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
-            getattr(func, "__call__", None))
+        self.is_async = inspect.iscoroutinefunction(func)  # other awaitables are caught by the result
         try:
             signature = inspect.signature(func)
         except (TypeError, ValueError) as exc:
