@@ -90,12 +90,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.set_defaults(func=None)
     sub = parser.add_subparsers(title="commands")
 
-    p = _command(sub, "sft", "LoRA SFT warm start on the task's SFT split -> OUTPUT_DIR/adapter", _sft)
-    p = _command(sub, "train", "ESSA search from an SFT adapter (adapter=PATH)", _train)
+    p = _command(sub, "sft", "LoRA SFT warm start on the task's SFT split -> OUTPUT_DIR/adapter", _sft,
+                 ("model", "task", "lora", "sft", "output_dir"))
+    p = _command(sub, "train", "ESSA search from an SFT adapter (adapter=PATH)", _train,
+                 ("model", "task", "decoding", "essa", "backend", "tracking", "adapter", "output_dir"))
     p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its checkpoint")
     p.add_argument("--ray-address", default=None, metavar="ADDRESS",
                    help="evaluate on an existing Ray cluster (sets backend.kind=ray, backend.ray_address)")
-    p = _command(sub, "eval", "accuracy of the model (+ adapter=PATH) on a task split, as one JSON line", _eval)
+    p = _command(sub, "eval", "accuracy of the model (+ adapter=PATH) on a task split, as one JSON line", _eval,
+                 ("model", "task", "decoding", "backend", "adapter"))
     p.add_argument("--split", default="test", help="sft | train | validation | test (default: test)")
     p.add_argument("--samples", type=int, default=1, help="completions per prompt; > 1 adds avg@k and pass@k")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
@@ -104,7 +107,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-to", default=None, metavar="ADAPTER",
                    help="also score this adapter (or 'base' for the plain model) on the same examples and report "
                         "the paired delta, its bootstrap 95%% CI and McNemar's exact p-value")
-    p = _command(sub, "demo", "the whole pipeline on the bundled model: SFT -> ESSA -> test accuracy", _demo)
+    p.add_argument("--dataset", default=None, metavar="SOURCE",
+                   help="score your own data: a .jsonl/.json/.parquet file or a datasets id with a prompt column "
+                        "(sets task.name=dataset, task.options.SPLIT=SOURCE; the hub split is "
+                        "task.options.SPLIT_split)")
+    p.add_argument("--reward-func", action="append", default=[], metavar="SPEC",
+                   help="a reward function with TRL's signature, file.py:function or module:function, or a "
+                        "reward model (dir or hub id); repeat for several (weights: "
+                        "task.options.reward_weights=[...])")
+    p = _command(sub, "demo", "the whole pipeline on the bundled model: SFT -> ESSA -> test accuracy", _demo,
+                 ("model", "task", "lora", "sft", "decoding", "essa", "backend", "tracking", "output_dir"))
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo in output_dir")
 
     p = sub.add_parser("export", help="a run's final adapter as a PEFT dir, or merged full weights")
@@ -112,10 +124,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="where to write the adapter (or merged model)")
     p.add_argument("--merge", action="store_true", help="merge the adapter into the base weights")
     p.add_argument("--model", default=None, help="base model for --merge (default: the run's model.name)")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO",
+                   help="also upload the export (with its model card) to this hub model repo, e.g. me/my-adapter "
+                        "(needs hub access: `hf auth login` or HF_TOKEN)")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     p.set_defaults(func=_export)
 
     _command(sub, "compare", "ESSA vs GRPO from the same SFT adapter, same reward, prompts and budget "
-             "(config: the packaged compare.yaml, compare: and grpo: sections included)", _compare)
+             "(config: the packaged compare.yaml, compare: and grpo: sections included)", _compare, None)
 
     p = sub.add_parser("plan", help="the paper's cost model: ESSA vs a gradient method at G GPUs",
                        description=PLAN)
@@ -127,8 +143,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _command(sub: Any, name: str, help_text: str, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help_text, description=help_text)
+def _command(sub: Any, name: str, help_text: str, func: Callable[[argparse.Namespace], int],
+             sections: tuple[str, ...] | None) -> argparse.ArgumentParser:
+    """A subcommand that reads a config; its --help lists the config keys of `sections` (None: all)."""
+    from essa.config import describe_settings
+
+    epilog = ("config keys (set in --config FILE.yaml or as key=value; default, then what it does):\n"
+              + describe_settings(sections))
+    if sections is None or "task" in sections:
+        from essa.tasks.dataset import DatasetOptions
+
+        epilog += ("\n\ntask.options of task.name=dataset (your own data and TRL-style reward functions):\n"
+                   + describe_settings(cls=DatasetOptions, prefix="task.options."))
+    p = sub.add_parser(name, help=help_text, description=help_text, epilog=epilog,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="YAML config file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. essa.popsize=32")
@@ -140,7 +168,18 @@ def _config(args: argparse.Namespace, base: Config | None = None) -> Config:
     overrides = list(args.overrides)
     if getattr(args, "ray_address", None):
         overrides += ["backend.kind=ray", f"backend.ray_address={args.ray_address}"]
+    if getattr(args, "dataset", None) or getattr(args, "reward_func", None):
+        overrides += _dataset_overrides(args)
     return load_config(args.config, overrides, base=base)
+
+
+def _dataset_overrides(args: argparse.Namespace) -> list[str]:
+    """`essa eval --dataset SOURCE --reward-func SPEC ...` as the config keys of the dataset task."""
+    if not args.dataset or not args.reward_func:
+        raise EssaError("--dataset and --reward-func go together: the data to score and how to score it")
+    funcs = json.dumps(args.reward_func)  # a YAML flow list, whatever the specs hold
+    return ["task.name=dataset", f"task.options.{args.split}={json.dumps(args.dataset)}",
+            f"task.options.reward_funcs={funcs}"]
 
 
 def _sft(args: argparse.Namespace) -> int:
@@ -196,8 +235,12 @@ def demo_defaults() -> Config:
 def _export(args: argparse.Namespace) -> int:
     from essa.commands import run_export
 
-    out = run_export(args.run_dir, args.out, merge=args.merge, model_name=args.model)
-    print(json.dumps({"exported": str(out), "merged": args.merge}))
+    out = run_export(args.run_dir, args.out, merge=args.merge, model_name=args.model,
+                     push_to_hub=args.push_to_hub, private=args.private)
+    result: dict[str, Any] = {"exported": str(out), "merged": args.merge}
+    if args.push_to_hub:
+        result["hub_repo"] = args.push_to_hub
+    print(json.dumps(result))
     return 0
 
 

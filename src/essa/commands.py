@@ -3,8 +3,11 @@
     run_sft(cfg)          LoRA SFT warm start         -> output_dir/adapter
     run_train(cfg)        ESSA search from cfg.adapter -> output_dir/{metrics.jsonl, adapter, ...}
     run_eval(cfg, ...)    accuracy of model (+ adapter) on a task split
-    run_export(...)       a run's adapter as a PEFT dir, or merged full weights
+    run_export(...)       a run's adapter as a PEFT dir, or merged full weights (with a model card)
     run_demo(cfg)         all of the above on the bundled model
+
+`run_sft`, `run_train` and `run_eval` take the task from `cfg.task`, or a `Task` object given as
+`task=` (as `essa.ESSATrainer` does with a dataset and reward functions).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from essa.models import load_model, resolve_dtype
 from essa.report import plot_training, write_report
 from essa.stats import PairedComparison, compare_paired
 from essa.svd_space import ADAPTER_CONFIG, SvdLoraSpace
-from essa.tasks import get_task
+from essa.tasks import Task, get_task
 
 log = logging.getLogger("essa")
 PLOT = "reward_vs_wallclock.png"
@@ -64,10 +67,11 @@ def _log_to_file(path: Path) -> None:
 
 
 # -- sft -----------------------------------------------------------------------------------------
-def run_sft(cfg: Config, progress: bool = True, model_and_tokenizer: tuple[Any, Any] | None = None) -> Path:
+def run_sft(cfg: Config, progress: bool = True, model_and_tokenizer: tuple[Any, Any] | None = None,
+            task: Task | None = None) -> Path:
     from essa.sft import check_targets, run_sft as train_lora
 
-    task = get_task(cfg.task)
+    task = task or get_task(cfg.task)
     task.checked_split("sft")
     model, tokenizer = model_and_tokenizer or load_model(cfg.model, training=True)
     check_targets(model, cfg.lora.targets)
@@ -79,24 +83,34 @@ def run_sft(cfg: Config, progress: bool = True, model_and_tokenizer: tuple[Any, 
 
 # -- train ---------------------------------------------------------------------------------------
 def run_train(cfg: Config, resume: bool = False, progress: bool = True,
-              model_and_tokenizer: tuple[Any, Any] | None = None) -> dict[str, Any]:
+              model_and_tokenizer: tuple[Any, Any] | None = None, task: Task | None = None) -> dict[str, Any]:
+    from essa.model_card import read_run, write_card
+    from essa.tracking import RunTracking, check_trackers
     from essa.trainer import EssaTrainer, refuse_to_overwrite
 
     adapter_dir = resolve_adapter_dir(cfg.adapter)
-    task = get_task(cfg.task)
+    task = task or get_task(cfg.task)
     task.checked_split("train")
     task.checked_split("validation")
     refuse_to_overwrite(cfg.output_dir, resume)
+    check_trackers(cfg)
     # Every check (backend, model, adapter fit) happens here, before the run dir is written.
     inputs = load_inputs(cfg, adapter_dir, cfg.essa.alpha, loaded=model_and_tokenizer)
     space = inputs.space
     run_dir = _prepare_run_dir(cfg)
     say(space.describe())
-    backend = build_backend(cfg, inputs)
+    tracking = RunTracking(cfg, run_dir, task)
     try:
-        result = EssaTrainer(backend, inputs.tokenizer, task, cfg.essa, run_dir, progress=progress).run(resume=resume)
+        backend = build_backend(cfg, inputs)
+        try:
+            result = EssaTrainer(backend, inputs.tokenizer, tracking.task, cfg.essa, run_dir, progress=progress,
+                                 on_generation=tracking.on_generation).run(resume=resume)
+        finally:
+            backend.close()
+        tracking.finish({"validation_accuracy": result.validation, "reward_failures": result.state.reward_failures,
+                         "wall_clock_s": result.state.elapsed_s}, step=result.state.generation)
     finally:
-        backend.close()
+        tracking.close()
     space.save_adapter(result.final_z, run_dir / "adapter")
     np.save(run_dir / "final_offsets.npy", result.final_z)
     plot_training(result.state.history, run_dir / PLOT, title=f"ESSA on {task.name}")
@@ -114,16 +128,18 @@ def run_train(cfg: Config, resume: bool = False, progress: bool = True,
                         "validated mean or the best candidate beats it on validation with a paired bootstrap "
                         "95% interval above zero; then the best of those."])
     atomic_write_json(run_dir / "summary.json", summary)
+    write_card(run_dir / "adapter", read_run(run_dir))
     return summary
 
 
 # -- eval ----------------------------------------------------------------------------------------
 def run_eval(cfg: Config, split: str = "test", samples: int = 1, limit: int | None = None,
              records_path: str | Path | None = None, use_adapter: bool = True,
-             model_and_tokenizer: tuple[Any, Any] | None = None, progress: bool = False) -> dict[str, Any]:
+             model_and_tokenizer: tuple[Any, Any] | None = None, progress: bool = False,
+             task: Task | None = None) -> dict[str, Any]:
     """Metrics of the model (+ cfg.adapter) on a task split, as one flat dict."""
     _check_samples(cfg, samples)
-    task = get_task(cfg.task)
+    task = task or get_task(cfg.task)
     examples = task.checked_split(split)[:limit]
     adapter = cfg.adapter if use_adapter else None
     result = score_adapter(cfg, task, examples, adapter, samples=samples, loaded=model_and_tokenizer,
@@ -179,17 +195,32 @@ def _check_samples(cfg: Config, samples: int) -> None:
 
 
 # -- export --------------------------------------------------------------------------------------
-def run_export(run_dir: str | Path, out: str | Path, merge: bool = False, model_name: str | None = None) -> Path:
+def run_export(run_dir: str | Path, out: str | Path, merge: bool = False, model_name: str | None = None,
+               push_to_hub: str | None = None, private: bool = False,
+               evaluation: dict[str, Any] | None = None) -> Path:
+    """The run's adapter (or the base model with it merged) in `out`, with a model card; with
+    `push_to_hub`, uploaded to that hub repo too. `evaluation` adds metrics to the card."""
+    from essa.model_card import CARD_FILES, check_repo_id, push_to_hub as upload, read_run, write_card
+
     adapter_dir = resolve_adapter_dir(run_dir)
+    if push_to_hub is not None:
+        check_repo_id(push_to_hub)
     out = Path(out)
     ensure_writable_dir(out.parent if out.parent != Path("") else Path("."))
+    record = read_run(adapter_dir.parent) or read_run(run_dir)
     if not merge:
         with atomic_directory(out) as tmp:
             for item in adapter_dir.iterdir():
-                if item.is_file():
+                if item.is_file() and item.name not in CARD_FILES:  # the card is written anew
                     shutil.copy2(item, tmp / item.name)
-        return out
-    return _export_merged(adapter_dir, out, model_name or _run_model_name(Path(run_dir)))
+            write_card(tmp, record, repo_id=push_to_hub, evaluation=evaluation, base_model=model_name)
+    else:
+        name = model_name or _run_model_name(Path(run_dir))
+        _export_merged(adapter_dir, out, name, lambda tmp: write_card(tmp, record, merged=True, repo_id=push_to_hub,
+                                                                      evaluation=evaluation, base_model=name))
+    if push_to_hub is not None:
+        say(f"uploaded to {upload(out, push_to_hub, private=private)}")
+    return out
 
 
 def _run_model_name(run_dir: Path) -> str:
@@ -201,7 +232,7 @@ def _run_model_name(run_dir: Path) -> str:
     raise EssaError(f"cannot tell the base model of {run_dir}: pass --model NAME")
 
 
-def _export_merged(adapter_dir: Path, out: Path, model_name: str) -> Path:
+def _export_merged(adapter_dir: Path, out: Path, model_name: str, add_card: Any) -> Path:
     import peft
 
     from essa.config import ModelConfig
@@ -212,6 +243,7 @@ def _export_merged(adapter_dir: Path, out: Path, model_name: str) -> Path:
     with atomic_directory(out) as tmp:
         merged.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
+        add_card(tmp)
     return out
 
 
@@ -255,7 +287,6 @@ def run_demo(cfg: Config, progress: bool = True, resume: bool = False) -> dict[s
 
     say("4/4 test accuracy of the ESSA adapter")
     after = score_adapter(cfg, task, test, root / "essa" / "adapter", loaded=model_and_tokenizer, progress=progress)
-    run_export(root / "essa", root / "adapter")
     shutil.copy2(root / "essa" / PLOT, root / PLOT)
     paired = compare_paired(before.correct, after.correct, seed=cfg.essa.seed)
     summary = {
@@ -271,6 +302,7 @@ def run_demo(cfg: Config, progress: bool = True, resume: bool = False) -> dict[s
         "essa_wall_clock_s": train["wall_clock_s"], "wall_clock_s": round(time.perf_counter() - start, 1),
     }
     atomic_write_json(root / "summary.json", summary)
+    run_export(root / "essa", root / "adapter")  # after the summary: its model card shows the test results
     write_report(root / "report.md", "ESSA demo", summary, plot=PLOT, notes=[
         f"Held-out test accuracy on {len(test)} problems never used for training or selection (disjoint from "
         f"the SFT, train and validation problems by operation and operands): "

@@ -1,8 +1,11 @@
 """One typed config for every command: dataclasses, loaded from YAML, overridden by key=value.
 
-Each section is a dataclass that checks its own fields when it is built, so a setting's default,
-its check and its comment live in one place; errors name the key as the user wrote it. The
-resolved config is saved verbatim into each run directory so a run can be read back and repeated.
+Each section is a dataclass that declares its fields with a default and a help text (`setting`)
+and checks them when it is built, so a setting's default, help and check live in one place;
+errors name the key as the user wrote it. `settings()` lists every key with its default and help
+(for `essa COMMAND --help`, the docs and `essa.ESSAConfig`, which derives its fields from these
+sections). The resolved config is saved verbatim into each run directory so a run can be read
+back and repeated.
 """
 
 from __future__ import annotations
@@ -44,19 +47,28 @@ def _one_of(choices: Any) -> str:
     return f"must be one of {', '.join(choices)}"
 
 
+def setting(default: Any, help: str) -> Any:
+    """A config field: its default and its help text side by side. The help is what
+    `essa COMMAND --help`, `essa.ESSAConfig` and the docs show; the section's `__post_init__`
+    holds the check."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelConfig:
-    # Bundled alias ("smollm2-135m-instruct"), a local HF directory, a hub id, or a .gguf file.
-    name: str = "smollm2-135m-instruct"
-    # float32 | bfloat16 | float16 | auto (bfloat16 for inference on CPUs with AMX bf16 units, where it
-    # is ~2.4x faster at unchanged accuracy; float32 elsewhere and for SFT/GRPO training)
-    dtype: str = "float32"
-    # none | int8 | int4: quantized base linears in the local runtime (PyTorch CPU kernels; int8
-    # per-token activations x per-channel weights, int4 weight-only in groups of 32); the SVD-LoRA
-    # branch and the output head stay in float.
-    quantize: str = "none"
-    # CPU threads for torch (and for a vLLM CPU engine); null leaves the default.
-    threads: int | None = None
+    """The `model:` section: the base model and how it is loaded."""
+
+    name: str = setting("smollm2-135m-instruct", "Bundled alias (smollm2-135m-instruct), a local Hugging Face "
+                        "model directory, a hub id, or a .gguf file.")
+    dtype: str = setting("float32", "float32 | bfloat16 | float16 | auto (bfloat16 for inference on a GPU or on "
+                         "CPUs with AMX bf16 units, where it is ~2.4x faster at unchanged accuracy; float32 "
+                         "elsewhere and for SFT/GRPO training).")
+    quantize: str = setting("none", "none | int8 | int4: quantized base linears in the local runtime (PyTorch CPU "
+                            "kernels; int8 per-token activations x per-channel weights, int4 weight-only in groups "
+                            "of 32); the SVD-LoRA branch and the output head stay in float.")
+    threads: int | None = setting(None, "CPU threads for torch (and for a vLLM CPU engine); null leaves the default.")
 
     def __post_init__(self) -> None:
         _check("model.dtype", self.dtype in DTYPES, _one_of(DTYPES), self.dtype)
@@ -66,15 +78,18 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = "arithmetic"
-    seed: int = 0
-    # Number of examples in each split (procedural tasks generate exactly this many).
-    sft_size: int = 2000
-    train_size: int = 1000
-    validation_size: int = 64
-    test_size: int = 200
-    # Task-specific settings (data files, difficulty, ...), passed to the task's constructor.
-    options: dict[str, Any] = field(default_factory=dict)
+    """The `task:` section: prompts and reward (a registered name, file.py:factory or module:factory)."""
+
+    name: str = setting("arithmetic", "The task: a registered name (arithmetic, gsm8k, math, ifeval, reward_model, "
+                        "helpsteer2, dataset), path/to/file.py:factory or module:factory.")
+    seed: int = setting(0, "Seed of the task's data: which prompts go to which split.")
+    sft_size: int = setting(2000, "Examples in the sft split (procedural tasks generate exactly this many).")
+    train_size: int = setting(1000, "Examples in the train split (the prompts ESSA's mini-batches are drawn from).")
+    validation_size: int = setting(64, "Examples in the validation split (selects the final adapter). The dataset "
+                                   "task holds this many out of its train data when it has no validation source.")
+    test_size: int = setting(200, "Examples in the held-out test split.")
+    options: dict[str, Any] = setting({}, "Task-specific settings (data files, difficulty, reward functions, ...), "
+                                      "passed to the task's constructor.")
 
     def __post_init__(self) -> None:
         for split in ("sft", "train", "validation", "test"):
@@ -84,11 +99,13 @@ class TaskConfig:
 
 @dataclass
 class LoraConfig:
-    rank: int = 8
-    lora_alpha: float = 16.0
-    # Names of the linear layers to adapt (last name component, e.g. q_proj).
-    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    dropout: float = 0.0
+    """The `lora:` section: the adapter the SFT warm start trains (and ESSA then searches)."""
+
+    rank: int = setting(8, "LoRA rank r.")
+    lora_alpha: float = setting(16.0, "LoRA alpha (the update is scaled by lora_alpha / rank).")
+    targets: list[str] = setting(["q_proj", "k_proj", "v_proj", "o_proj"],
+                                 "Names of the linear layers to adapt (last name component, e.g. q_proj).")
+    dropout: float = setting(0.0, "LoRA dropout during SFT.")
 
     def __post_init__(self) -> None:
         _check("lora.rank", self.rank >= 1, "must be >= 1", self.rank)
@@ -99,12 +116,13 @@ class LoraConfig:
 
 @dataclass
 class SftConfig:
-    epochs: float = 1.0
-    lr: float = 3e-4
-    batch_size: int = 16
-    # Caps the number of optimizer steps (null: epochs decide).
-    max_steps: int | None = None
-    seed: int = 0
+    """The `sft:` section: the LoRA SFT warm start."""
+
+    epochs: float = setting(1.0, "Passes over the sft split.")
+    lr: float = setting(3e-4, "AdamW learning rate (linear warmup over 10% of the steps, then linear decay).")
+    batch_size: int = setting(16, "Examples per optimizer step.")
+    max_steps: int | None = setting(None, "Caps the number of optimizer steps (null: epochs decide).")
+    seed: int = setting(0, "Seed of the LoRA initialization and the batch order.")
 
     def __post_init__(self) -> None:
         _check("sft.epochs", self.epochs > 0, "must be > 0", self.epochs)
@@ -118,15 +136,12 @@ class SftConfig:
 class DecodingConfig:
     """How completions are decoded: for ESSA's fitness and for every evaluation."""
 
-    max_new_tokens: int = 48
-    # 0 means greedy decoding.
-    temperature: float = 0.0
-    top_p: float = 1.0
-    # Rows (candidate x prompt pairs) per batched forward pass.
-    batch_size: int = 64
-    # essa: our decoding loop (shared prompt prefix, finished rows leave, one random stream per row);
-    # generate: HF `generate`, the reference path.
-    engine: str = "essa"
+    max_new_tokens: int = setting(48, "Longest completion, in tokens.")
+    temperature: float = setting(0.0, "Sampling temperature; 0 means greedy decoding.")
+    top_p: float = setting(1.0, "Nucleus sampling: keep the smallest set of tokens with this much probability.")
+    batch_size: int = setting(64, "Rows (candidate x prompt pairs) per batched forward pass.")
+    engine: str = setting("essa", "essa: our decoding loop (shared prompt prefix, finished rows leave, one random "
+                          "stream per row); generate: HF `generate`, the reference path.")
 
     def __post_init__(self) -> None:
         _check("decoding.max_new_tokens", self.max_new_tokens >= 1, "must be >= 1", self.max_new_tokens)
@@ -140,29 +155,29 @@ class DecodingConfig:
 class SearchConfig:
     """The `essa:` section: the ES search over singular-value offsets."""
 
-    # Fraction of each factor's singular values that are trainable (the paper's alpha).
-    alpha: float = 1.0
-    # How an offset z moves its singular value s: relative (s * exp(z): one step size fits factors
-    # of any scale, values stay positive) or additive (s + z, the paper's form).
-    offsets: str = "relative"
-    # Offsets shared across `layers` (one per module type and factor) and/or `values` (one per
-    # factor): fewer dimensions for small populations; [] searches every singular value (the paper).
-    share: list[str] = field(default_factory=list)
-    # A name from the optimizer registry (essa.optim): cma | sep-cma | openai-es.
-    optimizer: str = "cma"
-    # Options of the chosen optimizer, e.g. {lr: 0.02} for openai-es (each optimizer lists its own).
-    optimizer_options: dict[str, Any] = field(default_factory=dict)
-    popsize: int = 16
-    # Initial step size of the offsets, or "auto": measured first by a short probe of the signal
-    # around the start (essa.probe), the smallest step that flips enough rewards.
-    sigma0: float | str = 0.05
-    # Training prompts per generation, shared by all candidates (the paper's "batch size").
-    prompts_per_generation: int = 16
-    generations: int | None = 20
-    time_budget_s: float | None = None
-    # Validate the optimizer mean every this many generations (0: only at the start and the end).
-    eval_every: int = 5
-    seed: int = 0
+    alpha: float = setting(1.0, "Fraction of each factor's singular values that are trainable (the paper's "
+                           "alpha), in (0, 1].")
+    offsets: str = setting("relative", "How an offset z moves its singular value s: relative (s * exp(z): one step "
+                           "size fits factors of any scale, values stay positive) or additive (s + z, the paper's "
+                           "form).")
+    share: list[str] = setting([], "Offsets shared across `layers` (one per module type and factor) and/or `values` "
+                               "(one per factor): fewer dimensions for small populations (a departure from the "
+                               "paper); [] searches every singular value, as the paper does.")
+    optimizer: str = setting("cma", "A name from the optimizer registry (essa.optim): cma | sep-cma | openai-es.")
+    optimizer_options: dict[str, Any] = setting({}, "Options of the chosen optimizer, e.g. {lr: 0.02} for "
+                                                "openai-es (each optimizer lists its own).")
+    popsize: int = setting(16, "Candidates per generation (the population lambda).")
+    sigma0: float | str = setting(0.05, "Initial step size on the singular-value offsets, or auto: chosen by a short "
+                                  "probe of the signal around the start (the smallest step that flips enough "
+                                  "rewards; essa.probe).")
+    prompts_per_generation: int = setting(16, "Training prompts per generation, shared by all candidates (the "
+                                          "paper's \"batch size\").")
+    generations: int | None = setting(20, "Generations (ES steps) to run; null: only time_budget_s decides.")
+    time_budget_s: float | None = setting(None, "Search seconds (validation not counted); the run stops at "
+                                          "whichever budget comes first. null: no time budget.")
+    eval_every: int = setting(5, "Validate the optimizer mean every this many generations (0: only at the start "
+                              "and the end).")
+    seed: int = setting(0, "Seed of the optimizer, the mini-batches and the sampling streams.")
 
     def __post_init__(self) -> None:
         _check("essa.alpha", 0.0 < self.alpha <= 1.0, "must be in (0, 1]", self.alpha)
@@ -190,24 +205,20 @@ class SearchConfig:
 
 @dataclass
 class BackendConfig:
-    """Which backend evaluates the candidates, from the registry in essa.backends."""
+    """The `backend:` section: which backend evaluates the candidates, from the registry in essa.backends."""
 
-    # local: this process (population-batched runtime); vllm: a vLLM engine, one LoRA request per
-    # candidate; ray: a pool of Ray workers (paper Alg. 1), each running `worker_engine`.
-    kind: str = "local"
-    # ray: workers, each holding the model once.
-    workers: int = 2
-    # ray: address of an existing Ray cluster; null starts a local one.
-    ray_address: str | None = None
-    # ray: CPU threads (and Ray CPUs) of each worker.
-    threads_per_worker: int = 1
-    # ray: the backend each worker runs in its own process (local | vllm).
-    worker_engine: str = "local"
-    # ray: seconds one chunk of candidates may take before its worker counts as hung, is replaced
-    # and the chunk re-queued (null: wait forever).
-    chunk_timeout_s: float | None = 1800.0
-    # vllm: extra keyword arguments for vllm.LLM (quantization, max_model_len, ...).
-    vllm_options: dict[str, Any] = field(default_factory=dict)
+    kind: str = setting("local", "local: this process (population-batched runtime); vllm: a vLLM engine, one LoRA "
+                        "request per candidate; ray: a pool of Ray workers (paper Alg. 1), each running "
+                        "worker_engine.")
+    workers: int = setting(2, "ray: workers, each holding the model once.")
+    ray_address: str | None = setting(None, "ray: address of an existing Ray cluster; null starts a local one.")
+    threads_per_worker: int = setting(1, "ray: CPU threads (and Ray CPUs) of each worker.")
+    worker_engine: str = setting("local", "ray: the backend each worker runs in its own process (local | vllm).")
+    chunk_timeout_s: float | None = setting(1800.0, "ray: seconds one chunk of candidates may take before its "
+                                            "worker counts as hung, is replaced and the chunk re-queued (null: "
+                                            "wait forever).")
+    vllm_options: dict[str, Any] = setting({}, "vllm: extra keyword arguments for vllm.LLM (quantization, "
+                                           "max_model_len, ...).")
 
     def __post_init__(self) -> None:
         kinds = available_backends()
@@ -223,18 +234,15 @@ class BackendConfig:
 class CompareConfig:
     """The `compare:` section of `essa compare` (ESSA vs GRPO from the same start)."""
 
-    # Wall-clock seconds of training for each method.
-    budget_s: float = 1380.0
-    # Matched snapshots at budget * k / checkpoints, k = 1..checkpoints (plus t = 0 and the end).
-    checkpoints: int = 4
-    # Optional cap on ESSA generations and GRPO steps (null: the budget alone decides).
-    max_steps: int | None = None
-    # Singular vectors of the start adapter: the SFT adapter's own ("sft") or random orthonormal ones.
-    svd_vectors: str = "sft"
-    # Seed of the random singular vectors.
-    seed: int = 0
-    # Run SFT, ESSA and GRPO each in a fresh spawned process (separable peak memory).
-    isolate: bool = True
+    budget_s: float = setting(1380.0, "Wall-clock seconds of training for each method.")
+    checkpoints: int = setting(4, "Matched snapshots at budget * k / checkpoints, k = 1..checkpoints (plus t = 0 "
+                               "and the end).")
+    max_steps: int | None = setting(None, "Optional cap on ESSA generations and GRPO steps (null: the budget "
+                                    "alone decides).")
+    svd_vectors: str = setting("sft", "Singular vectors of the start adapter: the SFT adapter's own (sft) or "
+                               "random orthonormal ones (random).")
+    seed: int = setting(0, "Seed of the random singular vectors.")
+    isolate: bool = setting(True, "Run SFT, ESSA and GRPO each in a fresh spawned process (separable peak memory).")
 
     def __post_init__(self) -> None:
         _check("compare.budget_s", self.budget_s > 0, "must be > 0", self.budget_s)
@@ -252,25 +260,24 @@ class CompareConfig:
 class GrpoConfig:
     """The `grpo:` section: the gradient baseline of `essa compare` (TRL's GRPOTrainer)."""
 
-    # Group size G: completions sampled per prompt (advantages are group-relative).
-    num_generations: int = 8
-    # Distinct prompts per optimizer step (null: essa.prompts_per_generation).
-    prompts_per_step: int | None = None
-    # AdamW learning rate, constant (the budget is wall-clock: no step count to decay over).
-    lr: float = 1e-4
-    # KL coefficient against the start adapter (0: TRL's default, no reference pass).
-    beta: float = 0.0
-    # Sampling of the rollouts (GRPO needs varied completions per group; reported accuracy is greedy).
-    temperature: float = 1.0
-    top_p: float = 1.0
-    # Completions per forward/backward pass (gradient accumulation); null: the whole step at once.
-    micro_batch_size: int | None = None
-    gradient_checkpointing: bool = False
-    # TRL's loss aggregation ("dapo" is TRL's default; "grpo" is the original per-sequence mean).
-    loss_type: str = "dapo"
-    # SVD-GRPO: only the singular-value offsets of essa.alpha's trainable singular values learn.
-    svd_only: bool = False
-    seed: int = 0
+    num_generations: int = setting(8, "Group size G: completions sampled per prompt (advantages are "
+                                   "group-relative).")
+    prompts_per_step: int | None = setting(None, "Distinct prompts per optimizer step (null: "
+                                           "essa.prompts_per_generation).")
+    lr: float = setting(1e-4, "AdamW learning rate, constant (the budget is wall-clock: no step count to decay "
+                        "over).")
+    beta: float = setting(0.0, "KL coefficient against the start adapter (0: TRL's default, no reference pass).")
+    temperature: float = setting(1.0, "Sampling temperature of the rollouts (GRPO needs varied completions per "
+                                 "group; reported accuracy is greedy).")
+    top_p: float = setting(1.0, "Nucleus sampling of the rollouts.")
+    micro_batch_size: int | None = setting(None, "Completions per forward/backward pass (gradient accumulation); "
+                                           "null: the whole step at once.")
+    gradient_checkpointing: bool = setting(False, "Recompute activations in the backward pass (less memory).")
+    loss_type: str = setting("dapo", "TRL's loss aggregation: dapo (TRL's default) | grpo (the original "
+                             "per-sequence mean) | bnpo | dr_grpo.")
+    svd_only: bool = setting(False, "SVD-GRPO: only the singular-value offsets of essa.alpha's trainable singular "
+                             "values learn.")
+    seed: int = setting(0, "Seed of the GRPO run.")
 
     def __post_init__(self) -> None:
         _check("grpo.num_generations", self.num_generations >= 2,
@@ -288,7 +295,40 @@ class GrpoConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """The `tracking:` section: the experiment trackers `essa train` reports to (TRL's report_to)."""
+
+    report_to: list[str] = setting([], "Experiment trackers, several at once: none | tensorboard | wandb | "
+                                   "trackio (each an optional extra: pip install 'essa[tensorboard]'). They log "
+                                   "every number of each generation's record, validation accuracy and wall clock; "
+                                   "wandb and trackio also a table of completion samples.")
+    project: str = setting("essa", "wandb / trackio project name.")
+    run_name: str | None = setting(None, "Run name in the trackers (null: the output directory's name).")
+    logging_dir: str | None = setting(None, "TensorBoard event directory (null: OUTPUT_DIR/tensorboard).")
+    offline: bool = setting(False, "wandb: log to local files only (mode=offline; upload later with `wandb sync`). "
+                            "TensorBoard and trackio always log locally.")
+    log_completions: int = setting(4, "Completion samples per generation in the trackers' tables (the best "
+                                   "candidate's rollouts); 0: none.")
+
+    def __post_init__(self) -> None:
+        from essa.tracking import tracker_names
+
+        if isinstance(self.report_to, str):  # report_to="tensorboard,wandb", as TRL accepts
+            self.report_to = [name.strip() for name in self.report_to.split(",") if name.strip()]
+        names = tracker_names()
+        for name in self.report_to:
+            _check("tracking.report_to", name in (*names, "none"), _one_of(("none", *names)), name)
+        if "none" in self.report_to:
+            _check("tracking.report_to", self.report_to == ["none"], "cannot combine none with a tracker",
+                   self.report_to)
+            self.report_to = []
+        _check("tracking.log_completions", self.log_completions >= 0, "must be >= 0", self.log_completions)
+
+
+@dataclass
 class Config:
+    """Every setting of every command, one section per concern."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -298,9 +338,10 @@ class Config:
     backend: BackendConfig = field(default_factory=BackendConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     grpo: GrpoConfig = field(default_factory=GrpoConfig)
-    # SFT adapter directory that `essa train` / `essa eval` / `essa compare` start from.
-    adapter: str | None = None
-    output_dir: str = "runs/essa"
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    adapter: str | None = setting(None, "SFT adapter directory that `essa train` / `essa eval` / `essa compare` "
+                                  "start from.")
+    output_dir: str = setting("runs/essa", "Where the command writes its run directory.")
 
     def __post_init__(self) -> None:
         # Checks that span sections.
@@ -329,6 +370,54 @@ class Config:
         from essa.io import atomic_write_text
 
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One leaf setting of a config dataclass, as `settings()` lists it."""
+
+    key: str  # dotted, as in YAML and key=value overrides, e.g. "essa.popsize"
+    type: Any
+    default: Any
+    help: str
+    section: type  # the dataclass that declares (and checks) it
+    name: str  # its field name in `section`
+
+
+def settings(cls: type | None = None, prefix: str = "") -> list[Setting]:
+    """Every leaf setting of the config dataclass `cls` (default: `Config`) and its sections, in
+    declaration order, with its default and help text."""
+    cls = Config if cls is None else cls
+    hints = typing.get_type_hints(cls)
+    out: list[Setting] = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += settings(tp, f"{prefix}{f.name}.")
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        out.append(Setting(f"{prefix}{f.name}", tp, default, f.metadata.get("help", ""), cls, f.name))
+    return out
+
+
+def describe_settings(sections: tuple[str, ...] | None = None, width: int = 100, cls: type | None = None,
+                      prefix: str = "") -> str:
+    """The keys of `cls` (default `Config`; only those of the top-level `sections`, if given) with
+    default and help, as `essa COMMAND --help` shows them."""
+    import textwrap
+
+    lines = []
+    for s in settings(cls, prefix):
+        top = s.key[len(prefix):].split(".")[0]
+        if sections is not None and top not in sections:
+            continue
+        lines.append(f"  {s.key} = {_show(s.default)}")
+        lines += textwrap.wrap(s.help, width=width, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)
+
+
+def _show(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,

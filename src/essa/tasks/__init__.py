@@ -31,6 +31,7 @@ _BUILTINS = {
     "ifeval": "essa.tasks.ifeval:IfevalTask",
     "reward_model": "essa.tasks.reward_model:RewardModelTask",
     "helpsteer2": "essa.tasks.reward_model:HelpSteer2Task",
+    "dataset": "essa.tasks.dataset:dataset_task",
 }
 
 __all__ = [

@@ -2,7 +2,7 @@
 
 A task knows nothing about models or optimizers. The trainer, SFT and evaluation only use the
 methods `Task` declares: `split()` and `reward()` (which a task implements), and `messages()`,
-`sft_target()`, `reward_batch()` and `extra_metrics()` (which have defaults). `safe_reward()`
+`prompt_text()`, `sft_target()`, `reward_batch()` and `extra_metrics()` (which have defaults). `safe_reward()`
 wraps `reward()` so one bad completion (a checker that raises or returns NaN) scores 0 instead
 of crashing a run.
 """
@@ -49,6 +49,14 @@ class Task(ABC):
             out.append({"role": "system", "content": self.system_prompt})
         out.append({"role": "user", "content": example.prompt})
         return out
+
+    def prompt_text(self, tokenizer: Any, example: Example) -> str:
+        """The text the model continues: by default `messages()` through the tokenizer's chat
+        template, ready for the assistant turn (or "role: content" lines without a template)."""
+        if getattr(tokenizer, "chat_template", None):
+            return tokenizer.apply_chat_template(self.messages(example), tokenize=False, add_generation_prompt=True)
+        parts = [f"{m['role']}: {m['content']}" for m in self.messages(example)]
+        return "\n".join(parts) + "\nassistant: "
 
     def reward_batch(self, completions: list[str], examples: list[Example]) -> list[float]:
         """Rewards of many completions at once, in order. Default: `reward` one by one; a task
@@ -98,10 +106,6 @@ def safe_reward(task: Task, completion: str, example: Example, stats: RewardStat
 
 
 def format_prompt(tokenizer: Any, task: Task, example: Example) -> str:
-    """The prompt text the model sees: the chat template applied, ready for the assistant turn."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            task.messages(example), tokenize=False, add_generation_prompt=True
-        )
-    parts = [f"{m['role']}: {m['content']}" for m in task.messages(example)]
-    return "\n".join(parts) + "\nassistant: "
+    """The prompt text the model sees (`task.prompt_text`): by default the chat template applied,
+    ready for the assistant turn."""
+    return task.prompt_text(tokenizer, example)

@@ -124,13 +124,21 @@ class RewardScorer:
 
     def score_batch(self, prompts: list[str], completions: list[str]) -> list[float]:
         """Raw reward-model scores, one per (prompt, completion) pair, in input order."""
-        import torch
-
         if len(prompts) != len(completions):
             raise EssaError(f"score_batch got {len(prompts)} prompts but "
                             f"{len(completions)} completions")
         self._load()
-        texts = [self.format_pair(p, c) for p, c in zip(prompts, completions)]
+        return self._score_texts([self.format_pair(p, c) for p, c in zip(prompts, completions)])
+
+    def score_conversations(self, conversations: list[list[dict[str, Any]]]) -> list[float]:
+        """Raw scores of whole chats (a prompt's messages then the assistant's completion), in
+        input order, each rendered as `format_conversation` does."""
+        self._load()
+        return self._score_texts([format_conversation(self._tokenizer, c) for c in conversations])
+
+    def _score_texts(self, texts: list[str]) -> list[float]:
+        import torch
+
         templated = bool(getattr(self._tokenizer, "chat_template", None))
         # Similar lengths together waste less compute on padding.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
@@ -153,6 +161,13 @@ class RewardScorer:
         if values.dim() == 2:
             values = values[:, self.label]
         return [float(v) for v in values.float().cpu()]
+
+
+def format_conversation(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
+    """A chat through the tokenizer's chat template, else as "role: content" lines."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    return "\n\n".join(f"{m['role']}: {m['content']}" for m in messages)
 
 
 def format_pair(tokenizer: Any, prompt: str, completion: str) -> str:
