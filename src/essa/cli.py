@@ -61,7 +61,12 @@ def _quiet_libraries() -> None:
     """Keep the terminal for our own progress: no library progress bars or deprecation chatter."""
     import warnings
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Warnings reach the terminal; essa's INFO lines go to the run's log file only (`say` prints
+    # the progress lines meant for the terminal itself).
+    terminal = logging.StreamHandler()
+    terminal.setLevel(logging.WARNING)
+    terminal.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[terminal])
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
     try:

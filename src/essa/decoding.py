@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from tqdm.auto import tqdm
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
@@ -45,8 +46,15 @@ class DecodeResult:
     # Per row, the logits of every chosen token's step (steps x vocab); only with keep_logits.
     logits: list[torch.Tensor] | None = None
     prefix_tokens: int = 0  # length of the prompt prefix shared by all rows
-    forward_tokens: int = 0  # tokens that went through the model (prefix + suffixes + decoded)
-    stats: dict[str, Any] = field(default_factory=dict)
+    # Work done, for throughput figures: prompt tokens prefilled (the prefix once per candidate),
+    # decode steps summed over the rows they ran for, and the keys all those tokens attended to.
+    prefill_tokens: int = 0
+    decoded_tokens: int = 0
+    attended_keys: int = 0
+
+    @property
+    def forward_tokens(self) -> int:
+        return self.prefill_tokens + self.decoded_tokens
 
 
 def common_prefix_length(sequences: list[list[int]]) -> int:
@@ -99,7 +107,7 @@ class BatchDecoder:
 
     @torch.inference_mode()
     def decode(self, prompts: list[list[int]], candidates: list[int], seeds: list[int] | None = None,
-               keep_logits: bool = False, share_prefix: bool = True) -> DecodeResult:
+               keep_logits: bool = False, share_prefix: bool = True, progress: bool = False) -> DecodeResult:
         """New tokens for every row; row i runs candidate `candidates[i]` and samples with `seeds[i]`."""
         if not (len(prompts) == len(candidates) and (seeds is None or len(seeds) == len(prompts))):
             raise ValueError("prompts, candidates and seeds must have one entry per row")
@@ -111,11 +119,14 @@ class BatchDecoder:
         prefix_len = min(common_prefix_length(prompts), min(len(p) for p in prompts) - 1) if share_prefix else 0
         prefix = self._prefill_prefix(prompts[0][:prefix_len], sorted(set(candidates))) if prefix_len else None
         result = DecodeResult([[] for _ in prompts], [None] * len(prompts) if keep_logits else None, prefix_len)
-        result.forward_tokens = prefix_len * (len(prefix[1]) if prefix else 0)
+        if prefix is not None:
+            result.prefill_tokens = prefix_len * len(prefix[1])
+            result.attended_keys = len(prefix[1]) * prefix_len * (prefix_len + 1) // 2
         # Rows of similar suffix length share a batch, so little padding is prefilled.
         order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), candidates[i], i))
         size = self.settings.batch_size
-        for start in range(0, len(order), size):
+        starts = range(0, len(order), size)
+        for start in tqdm(starts, desc="decode", unit="batch", leave=False, disable=not progress or len(starts) < 2):
             self._decode_batch(order[start:start + size], prompts, candidates, seeds, prefix, prefix_len, result)
         return result
 
@@ -160,7 +171,8 @@ class BatchDecoder:
         cache = self._batch_cache(prefix, rows, candidates)
         active = list(rows)
         logits = self._forward(ids.to(self.device), mask, positions, cache, [candidates[i] for i in active])
-        result.forward_tokens += int(suffix_mask.sum())
+        result.prefill_tokens += int(suffix_mask.sum())
+        result.attended_keys += int(((positions + 1) * suffix_mask.to(positions.device)).sum())
         generators = {i: torch.Generator().manual_seed(int(seeds[i]) % 2**63) for i in rows}
         steps: dict[int, list[torch.Tensor]] = {i: [] for i in rows}
         eos = torch.tensor(s.eos_token_ids or [-1], device=self.device)
@@ -188,7 +200,8 @@ class BatchDecoder:
             mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=mask.device)], dim=1)
             positions = positions[:, -1:] + 1
             logits = self._forward(tokens[:, None], mask, positions, cache, [candidates[i] for i in active])
-            result.forward_tokens += len(active)
+            result.decoded_tokens += len(active)
+            result.attended_keys += int((positions + 1).sum())
         if result.logits is not None:
             for i in rows:
                 result.logits[i] = torch.stack(steps[i])

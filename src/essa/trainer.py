@@ -115,8 +115,8 @@ class EssaTrainer:
             self._step(state)
             bar.update(1)
             last = state.history[-1]
-            bar.set_postfix(fit=f"{last['fitness_mean']:.3f}", best=f"{state.best_fitness:.3f}",
-                            val=f"{state.best_mean_val:.3f}")
+            val = max(state.best_mean_val, float(state.start_correct.mean()))  # best validated so far
+            bar.set_postfix(fit=f"{last['fitness_mean']:.3f}", best=f"{state.best_fitness:.3f}", val=f"{val:.3f}")
             if self.on_generation is not None:
                 self.on_generation(state)
         bar.close()

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from essa.backends import Backend, BackendInputs, row_seed
 from essa.config import DECODING_ENGINES, Config, DecodingConfig
-from essa.decoding import BatchDecoder, DecodeSettings
+from essa.decoding import BatchDecoder, DecodeResult, DecodeSettings
 from essa.population import PopulationModel
 from essa.quantize import quantize_base_
 from essa.svd_space import SvdLoraSpace
@@ -43,6 +43,8 @@ class LocalBackend(Backend):
         select = self.population_model.select_rows if self.population_model is not None else None
         self.decoder = BatchDecoder(model, self._decode_settings(), select_rows=select,
                                     pad_token_id=tokenizer.pad_token_id)
+        # The decoder's result of the latest evaluation (tokens and work counters; engine essa only).
+        self.last_decode: DecodeResult | None = None
 
     @classmethod
     def from_config(cls, cfg: Config, inputs: BackendInputs, progress: bool = False) -> LocalBackend:
@@ -80,7 +82,8 @@ class LocalBackend(Backend):
 
     # -- the essa decoder ---------------------------------------------------------------------
     def _decode(self, ids: list[list[int]], rows: list[tuple[int, int]], seeds: list[int]) -> list[str]:
-        result = self.decoder.decode([ids[p] for _, p in rows], [c for c, _ in rows], seeds)
+        result = self.decoder.decode([ids[p] for _, p in rows], [c for c, _ in rows], seeds, progress=self.progress)
+        self.last_decode = result
         return self.tokenizer.batch_decode(result.tokens, skip_special_tokens=True)
 
     def _decode_settings(self) -> DecodeSettings:

@@ -1,0 +1,192 @@
+"""Completions per second of the essa decoder against HF `generate` (and vLLM) on the demo's shape.
+
+One ESSA generation of the demo: `--candidates` candidates around an SFT adapter (relative offsets
+of size `--sigma` in the demo's search space) x `--prompts` train prompts of the demo task, greedy,
+stop at EOS, `--max-new-tokens`. Each engine decodes the same rows; repetitions are interleaved
+and medians reported:
+- generate: `LocalBackend` with `decoding.engine: generate` (HF `generate`, rows sorted by prompt
+  length, batches of `--batch-size`), the reference path;
+- essa: the same backend with `decoding.engine: essa` (shared prompt prefix per candidate, finished
+  rows leave the batch);
+- vllm (`--vllm`, needs vLLM: run this script with .venv-vllm/bin/python): `VllmBackend`, one LoRA
+  adapter per candidate.
+
+Agreement is the share of rows whose completion is identical to generate's. For each differing
+row the logit margin at the first differing token is reported, from one teacher-forced forward
+pass of that candidate: (logit of generate's token) - (logit of essa's token); a near-zero margin
+is a near-tie that fp32 summation order can flip. The FLOP-limit fraction is the essa decoder's
+model FLOPs per second over the CPU's peak: 2 x (linear weights) per token, plus the output head
+for decoded tokens and the last prompt token of each row, plus attention (4 x hidden size per
+attended key and layer), against cores x 2 FMA units x SIMD lanes (AVX-512: 16, AVX2: 8 fp32) x
+2 FLOPs x maximum clock (lscpu). The last stdout line is one JSON object.
+
+    python benchmarks/decode_throughput.py --adapter runs/demo/sft/adapter [--threads 2] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from _common import json_main, log, require_positive
+
+from essa.backends.local import LocalBackend
+from essa.config import DecodingConfig, ModelConfig, TaskConfig
+from essa.models import load_model
+from essa.svd_space import SvdLoraSpace
+from essa.tasks import format_prompt, get_task
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--adapter", required=True, help="an SFT adapter of the demo task (runs/demo/sft/adapter)")
+    p.add_argument("--candidates", type=int, default=16, help="the demo's essa.popsize")
+    p.add_argument("--prompts", type=int, default=64, help="the demo's essa.prompts_per_generation")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="the demo's decoding.max_new_tokens")
+    p.add_argument("--batch-size", type=int, default=128, help="the demo's decoding.batch_size")
+    p.add_argument("--sigma", type=float, default=0.2, help="offsets of the candidates (the demo's probed sigma0)")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--vllm", action="store_true", help="also time a vLLM engine (needs vLLM installed)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    require_positive(p, args, ("candidates", "prompts", "max_new_tokens", "batch_size", "repeats", "threads"))
+    return args
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model(ModelConfig(dtype=args.dtype, threads=args.threads))
+    task = get_task(TaskConfig(sft_size=128, train_size=800, validation_size=300, test_size=500))
+    prompts = [format_prompt(tokenizer, task, ex) for ex in task.checked_split("train")[:args.prompts]]
+    space = SvdLoraSpace.from_adapter(args.adapter, 1.0, model=model, share=["layers", "values"])
+    population = np.random.default_rng(args.seed).normal(0.0, args.sigma, (args.candidates, space.dim))
+    decoding = DecodingConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    engines = {name: LocalBackend(model, tokenizer, space, dataclasses.replace(decoding, engine=name))
+               for name in ("generate", "essa")}
+    if args.vllm:
+        engines["vllm"] = _vllm_backend(args, tokenizer, space, decoding)
+    seconds: dict[str, list[float]] = {name: [] for name in engines}
+    texts: dict[str, list[list[str]]] = {}
+    try:
+        for backend in engines.values():
+            backend.evaluate(population[:2], prompts[:4])  # warm-up
+        for rep in range(args.repeats):
+            for name, backend in engines.items():
+                t0 = time.perf_counter()
+                texts[name] = backend.evaluate(population, prompts)
+                seconds[name].append(time.perf_counter() - t0)
+                log(f"repeat {rep + 1}/{args.repeats} {name}: {seconds[name][-1]:.1f} s")
+        work = engines["essa"].last_decode
+        margins = _flip_margins(engines["essa"], tokenizer, population, prompts, texts["generate"], texts["essa"])
+    finally:
+        for backend in engines.values():
+            backend.close()
+    rows = args.candidates * args.prompts
+    per_s = {name: rows / statistics.median(s) for name, s in seconds.items()}
+    flops = _model_flops(model, work)
+    peak, how = _peak_flops(args.threads)
+    agree = [a == b for x, y in zip(texts["essa"], texts["generate"]) for a, b in zip(x, y)]
+    result = {
+        "completions_per_s": {k: round(v, 2) for k, v in per_s.items()},
+        "speedup_vs_generate": round(per_s["essa"] / per_s["generate"], 3),
+        "speedup_vs_vllm": round(per_s["essa"] / per_s["vllm"], 3) if "vllm" in per_s else None,
+        "completion_agreement": round(float(np.mean(agree)), 4),
+        "rows": rows, "differing_rows": int(len(agree) - sum(agree)),
+        "differing_row_logit_margins": margins,
+        "flop_limit_fraction": round(flops / statistics.median(seconds["essa"]) / peak, 3),
+        "flop_limit": how, "model_gflop_per_generation": round(flops / 1e9, 1),
+        "tokens": {"prefix": work.prefix_tokens, "prefilled": work.prefill_tokens, "decoded": work.decoded_tokens},
+        "seconds": {k: [round(x, 2) for x in v] for k, v in seconds.items()},
+        "settings": {k: v for k, v in vars(args).items()} | {"torch": torch.__version__, "cpu": _cpu_name()},
+    }
+    return result
+
+
+def _vllm_backend(args: argparse.Namespace, tokenizer: Any, space: SvdLoraSpace, decoding: DecodingConfig) -> Any:
+    from essa.backends.vllm_backend import VllmBackend
+    from essa.models import engine_model_source
+
+    t0 = time.perf_counter()
+    engine = VllmBackend(engine_model_source(ModelConfig().name), tokenizer, space, decoding,
+                         max_loras=args.candidates, threads=args.threads, dtype=args.dtype)
+    log(f"vLLM engine started in {time.perf_counter() - t0:.1f} s")
+    return engine
+
+
+@torch.inference_mode()
+def _flip_margins(backend: LocalBackend, tokenizer: Any, population: np.ndarray, prompts: list[str],
+                  reference: list[list[str]], ours: list[list[str]]) -> list[float]:
+    """For each row where the two engines differ: the reference token's logit minus ours at the
+    first token where they part, from one teacher-forced forward pass of that row's candidate."""
+    margins = []
+    backend.population_model.set_population(population)
+    for c, (ref_row, our_row) in enumerate(zip(reference, ours)):
+        for p, (ref, mine) in enumerate(zip(ref_row, our_row)):
+            if ref == mine:
+                continue
+            a = tokenizer(ref, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            b = tokenizer(mine, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            k = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+            ids = torch.tensor([tokenizer(prompts[p], add_special_tokens=False)["input_ids"] + a[:k]])
+            with backend.population_model.rows([c]):
+                logits = backend.model(input_ids=ids).logits[0, -1].float()
+            margins.append(round(float(logits[a[k]] - logits[b[k]]), 5))
+    backend.population_model.clear_rows()
+    return margins
+
+
+def _model_flops(model: torch.nn.Module, work: Any) -> float:
+    """FLOPs of the work one essa evaluation did (see the module docstring)."""
+    cfg = model.config
+    head = cfg.vocab_size * cfg.hidden_size
+    linear = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n
+                 and "lm_head" not in n)
+    rows_with_logits = work.decoded_tokens + len(work.tokens)  # each decode step, and each prompt's last token
+    return (2.0 * linear * work.forward_tokens + 2.0 * head * rows_with_logits
+            + 4.0 * cfg.hidden_size * cfg.num_hidden_layers * work.attended_keys)
+
+
+def _peak_flops(threads: int) -> tuple[float, str]:
+    flags = open("/proc/cpuinfo").read()
+    lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
+    ghz = _max_ghz()
+    peak = threads * 2 * lanes * 2 * ghz * 1e9
+    return peak, (f"{threads} cores x 2 FMA units x {lanes} fp32 lanes x 2 FLOPs x {ghz:.2f} GHz "
+                  f"= {peak / 1e9:.0f} GFLOP/s")
+
+
+def _max_ghz() -> float:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        found = re.search(r"CPU max MHz:\s*([\d.]+)", out)
+        if found:
+            return float(found.group(1)) / 1000.0
+    except OSError:
+        pass
+    mhz = [float(x) for x in re.findall(r"cpu MHz\s*:\s*([\d.]+)", open("/proc/cpuinfo").read())]
+    return max(mhz) / 1000.0
+
+
+def _cpu_name() -> str:
+    found = re.search(r"model name\s*:\s*(.+)", open("/proc/cpuinfo").read())
+    return found.group(1).strip() if found else "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    return json_main(run, _parse(argv))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.exit(main())
