@@ -214,8 +214,8 @@ def test_lr_sweep_runs_every_rate_from_one_start_and_stream_and_selects_on_valid
     assert json.loads((root / "comparison.json").read_text())["paired_test"] == summary["paired_test"]
 
     # One precision: bf16 inference, so GRPO trained with bf16 autocast; every snapshot evaluated in bf16.
-    assert summary["precision"] == {"essa": "bfloat16", "grpo": "float32 weights, bfloat16 autocast (rollouts and loss)",
-                                    "evaluation": "bfloat16"}
+    assert summary["precision"] == {"essa": "bfloat16", "evaluation": "bfloat16",
+                                    "grpo": "float32 weights, bfloat16 autocast (rollouts and loss)"}
     assert set(evaluated_in) == {torch.bfloat16} and len(evaluated_in) >= 1 + 2 * 2
 
     report = (root / "report.md").read_text()
