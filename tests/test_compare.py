@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,13 +13,18 @@ from adapters import make_random_adapter
 from helpers import make_tiny_model_dir, tiny_llama
 from safetensors.torch import load_file
 
+import essa.compare as compare
+import essa.models
 from essa.cli import main
 from essa.compare import (
     check_same_prompts,
     check_same_start,
+    grpo_run_dir,
     load_compare_config,
+    load_scores,
     randomize_singular_vectors,
     run_compare,
+    select_grpo_run,
     time_to_target,
     validation_best,
 )
@@ -55,7 +61,7 @@ TINY = [
     "task.sft_size=16", "task.train_size=12", "task.validation_size=3", "task.test_size=3", "lora.rank=2",
     "sft.batch_size=8", "decoding.max_new_tokens=4", "essa.popsize=4", "essa.prompts_per_generation=2",
     "essa.sigma0=0.5", "compare.checkpoints=2", "grpo.num_generations=2", "grpo.micro_batch_size=null",
-    "grpo.lr=0.05",
+    "grpo.lr=0.05", "grpo.lr_sweep=[]", "grpo.prompts_per_step=null",
 ]
 
 
@@ -71,8 +77,9 @@ def vowel_task(tmp_path_factory):
     return f"{path}:make"
 
 
-def result(root, method):
-    return json.loads((root / method / "result.json").read_text())
+def result(root, method, lr=0.05):
+    run_dir = root / "essa" if method == "essa" else grpo_run_dir(root, lr)
+    return json.loads((run_dir / "result.json").read_text())
 
 
 def test_compare_isolated_runs_end_to_end_from_identical_start_and_prompts(model_dir, vowel_task, tmp_path):
@@ -91,8 +98,8 @@ def test_compare_isolated_runs_end_to_end_from_identical_start_and_prompts(model
     assert json.loads((root / "comparison.json").read_text())["methods"] == summary["methods"]
 
     # Identical start: the tensors each method saved as its starting point are bit-equal.
-    start_e, start_g = (load_file(str(root / m / "start_adapter" / "adapter_model.safetensors"))
-                        for m in ("essa", "grpo"))
+    start_e, start_g = (load_file(str(d / "start_adapter" / "adapter_model.safetensors"))
+                        for d in (root / "essa", grpo_run_dir(root, 0.05)))
     assert start_e.keys() == start_g.keys() and len(start_e) == 2 * 2 * 4
     assert all(torch.equal(start_e[k], start_g[k]) for k in start_e)
     assert summary["same_start_adapter"] is True
@@ -113,11 +120,133 @@ def test_compare_isolated_runs_end_to_end_from_identical_start_and_prompts(model
         times = [p["time_s"] for p in res["points"]]
         assert times == sorted(times)
     # GRPO really updated the adapter it started from.
-    last = load_file(str(max((root / "grpo" / "snapshots").iterdir()) / "adapter_model.safetensors"))
+    last = load_file(str(max((grpo_run_dir(root, 0.05) / "snapshots").iterdir()) / "adapter_model.safetensors"))
     assert any(not torch.equal(last[k], start_g[k]) for k in start_g)
+    # Every snapshot's per-example scores are kept beside result.json, one row per point.
+    for run_dir, res in ((root / "essa", essa), (grpo_run_dir(root, 0.05), grpo_res)):
+        scores = load_scores(run_dir)
+        assert res["scores"] == "scores.npz" and set(scores) == {"validation", "test"}
+        assert scores["test"].shape == (len(res["points"]), 3) == scores["validation"].shape
+        assert [p["test_accuracy"] for p in res["points"]] == pytest.approx(scores["test"].mean(axis=1))
+    assert set(summary["paired_test"]) >= {"essa_final_vs_grpo_final", "essa_final_vs_start", "grpo_final_vs_start"}
     # ESSA's snapshots are optimizer means: the first is the zero start.
     means = np.load(root / "essa" / "snapshots.npz")
-    assert np.all(means["t0"] == 0) and means["t0"].shape == (2 * 4 * 2 * 2,)
+    # compare.yaml shares offsets across layers and values: one per module type and factor.
+    assert np.all(means["t0"] == 0) and means["t0"].shape == (essa["search_dim"],) == (4 * 2,)
+
+
+def scored_as(out, val, test):
+    """A job's result whose snapshots after the start score the 0/1 vectors `val` and `test`."""
+    correct = {split: out["correct"][split].copy() for split in ("validation", "test")}
+    correct["validation"][1:], correct["test"][1:] = val, test
+    points = [{**p, "val_accuracy": float(correct["validation"][k].mean()),
+               "test_accuracy": float(correct["test"][k].mean())} for k, p in enumerate(out["points"])]
+    return {**out, "correct": correct, "points": points}
+
+
+def test_lr_sweep_runs_every_rate_from_one_start_and_stream_and_selects_on_validation_only(
+        model_dir, vowel_task, tmp_path, monkeypatch):
+    """Two GRPO learning rates whose snapshots are given scores where validation and test disagree:
+    lr 0.01 is better on validation, lr 0.05 on test. The comparison takes lr 0.01."""
+    fake = {"essa": ([0, 1, 0], [1, 0, 1]), 0.01: ([1, 1, 0], [0, 0, 0]), 0.05: ([1, 0, 0], [1, 1, 1])}
+    real_essa, real_grpo, real_evaluator = compare._essa_job, compare._grpo_job, compare._evaluator
+
+    def job(real, key):
+        def run(cfg, **kwargs):
+            out = scored_as(real(cfg, **kwargs), *fake[key(cfg)])
+            compare._write_result(Path(kwargs["run_dir"]), out)  # the files hold what the summary reads
+            return out
+        return run
+
+    evaluated_in = []
+
+    def evaluator(cfg, adapter_dir, alpha, loaded):
+        evaluated_in.append(next(loaded[0].parameters()).dtype)
+        return real_evaluator(cfg, adapter_dir, alpha, loaded)
+
+    monkeypatch.setattr(compare, "_essa_job", job(real_essa, lambda cfg: "essa"))
+    monkeypatch.setattr(compare, "_grpo_job", job(real_grpo, lambda cfg: cfg.grpo.lr))
+    monkeypatch.setattr(compare, "_evaluator", evaluator)
+    monkeypatch.setattr(essa.models, "cpu_has_amx_bf16", lambda: True)  # model.dtype auto: bf16 inference
+    adapter = make_random_adapter(tiny_llama(seed=0), tmp_path / "sft", rank=2)
+    root = tmp_path / "cmp"
+    cfg = load_compare_config(None, [
+        f"model.name={model_dir}", f"task.name={vowel_task}", f"adapter={adapter}", f"output_dir={root}",
+        "compare.budget_s=1", "compare.max_steps=2", "compare.isolate=false", *TINY, "grpo.lr_sweep=[1e-2,5e-2]"])
+    assert cfg.model.dtype == "auto"
+    summary = run_compare(cfg, progress=False)
+
+    # Every rate ran in its own dir, with its own learning rate, from the same start and stream.
+    essa_res = result(root, "essa")
+    start = load_file(str(root / "essa" / "start_adapter" / "adapter_model.safetensors"))
+    for lr in (0.01, 0.05):
+        res = result(root, "grpo", lr)
+        assert res["lr"] == res["settings"]["lr"] == lr and res["settings"]["lr_sweep"] == []
+        trl_log = [json.loads(line) for line in (grpo_run_dir(root, lr) / "trl_log.jsonl").read_text().splitlines()]
+        assert {r["learning_rate"] for r in trl_log if "learning_rate" in r} == {lr}
+        theirs = load_file(str(grpo_run_dir(root, lr) / "start_adapter" / "adapter_model.safetensors"))
+        assert all(torch.equal(start[k], theirs[k]) for k in start)
+        assert res["prompts_used"] == essa_res["prompts_used"][:res["steps"]] and res["steps"] == 2
+
+    # Validation decides: lr 0.01 is compared, although lr 0.05 is far better on test.
+    sweep = summary["grpo_sweep"]
+    assert sweep["selected_lr"] == summary["methods"]["grpo"]["lr"] == 0.01
+    assert [(r["lr"], r["selected"], r["final_test_accuracy"]) for r in sweep["runs"]] == [
+        (0.01, True, 0.0), (0.05, False, 1.0)]
+    assert summary["time_to_target"]["grpo_final"] == 0.0  # the selected run's, not the test-best one's
+    assert summary["methods"]["grpo"]["final_val_accuracy"] == pytest.approx(2 / 3)
+
+    # Paired statistics agree with the per-example vectors kept on disk.
+    e, g = load_scores(root / "essa")["test"], load_scores(grpo_run_dir(root, 0.01))["test"]
+    best_e = int(np.argmax(load_scores(root / "essa")["validation"].mean(axis=1)))
+    best_g = int(np.argmax(load_scores(grpo_run_dir(root, 0.01))["validation"].mean(axis=1)))
+    pairs = {"essa_final_vs_grpo_final": (g[-1], e[-1]), "essa_final_vs_start": (e[0], e[-1]),
+             "grpo_final_vs_start": (g[0], g[-1]), "essa_validation_best_vs_start": (e[0], e[best_e]),
+             "grpo_validation_best_vs_start": (g[0], g[best_g])}
+    assert set(summary["paired_test"]) == set(pairs)
+    for key, (a, b) in pairs.items():
+        row = summary["paired_test"][key]
+        assert row["n"] == 3 and row["delta"] == pytest.approx(b.mean() - a.mean())
+        assert row["gained"] - row["lost"] == round(row["delta"] * row["n"])
+        assert (row["gained"], row["lost"]) == (int((b > a).sum()), int((a > b).sum()))
+        assert row["ci95"][0] <= row["delta"] <= row["ci95"][1] and 0 <= row["mcnemar_p"] <= 1
+    assert summary["paired_test"]["essa_final_vs_grpo_final"]["delta"] == pytest.approx(2 / 3)
+    assert json.loads((root / "comparison.json").read_text())["paired_test"] == summary["paired_test"]
+
+    # One precision: bf16 inference, so GRPO trained with bf16 autocast; every snapshot evaluated in bf16.
+    assert summary["precision"] == {"essa": "bfloat16", "evaluation": "bfloat16",
+                                    "grpo": "float32 weights, bfloat16 autocast (rollouts and loss)"}
+    assert set(evaluated_in) == {torch.bfloat16} and len(evaluated_in) >= 1 + 2 * 2
+
+    report = (root / "report.md").read_text()
+    assert "## GRPO learning rates" in report and "| 0.01 | 2 |" in report and "| 0.05 | 2 |" in report
+    assert "GRPO final 0.000 -> ESSA final 0.667" in report and "beyond noise" in report
+    assert "Precision: ESSA searched in bfloat16" in report
+    assert "## Paired comparisons" in (root / "comparison.md").read_text()
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_grpo_rollouts_and_loss_run_in_the_precision_essa_searches_in(model_dir, vowel_task, tmp_path, monkeypatch,
+                                                                       amx):
+    """model.dtype auto: bf16 inference on an AMX CPU, where GRPO's rollouts (no grad) and loss
+    (grad) both run under bf16 autocast over fp32 weights; fp32 throughout elsewhere."""
+    from essa.grpo import precision, run_grpo
+    from essa.models import load_model
+    from essa.tasks import get_task
+
+    monkeypatch.setattr(essa.models, "cpu_has_amx_bf16", lambda: amx)
+    adapter = make_random_adapter(tiny_llama(seed=0), tmp_path / "sft", rank=2)
+    cfg = load_compare_config(None, [f"model.name={model_dir}", f"task.name={vowel_task}", *TINY,
+                                     "compare.max_steps=1"])
+    model, tokenizer = load_model(cfg.model, training=True)
+    seen = set()
+    model.model.layers[0].self_attn.q_proj.register_forward_hook(
+        lambda module, args, out: seen.add((torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"), out.dtype)))
+    run_grpo(model, tokenizer, get_task(cfg.task), adapter, cfg, tmp_path / "grpo", progress=False)
+    dtype = torch.bfloat16 if amx else torch.float32
+    assert seen == {(False, amx, dtype), (True, amx, dtype)}
+    assert next(model.parameters()).dtype == torch.float32  # autocast, not a cast of the weights
+    assert precision(cfg) == ("float32 weights, bfloat16 autocast (rollouts and loss)" if amx else "float32")
 
 
 def test_compare_command_with_sft_random_singular_vectors_and_svd_grpo(model_dir, tmp_path, capsys):
@@ -143,7 +272,7 @@ def test_compare_command_with_sft_random_singular_vectors_and_svd_grpo(model_dir
     # The baseline was SVD-GRPO: its snapshots keep the start's singular vectors, and it is named so.
     assert saved["grpo"]["svd_only"] is True and summary["baseline"] == "SVD-GRPO"
     assert "| | ESSA | SVD-GRPO |" in (root / "comparison.md").read_text()
-    last = SvdLoraSpace.from_adapter(max((root / "grpo" / "snapshots").iterdir()), 1.0)
+    last = SvdLoraSpace.from_adapter(max((grpo_run_dir(root, 0.05) / "snapshots").iterdir()), 1.0)
     for p, q in zip(start.pairs, last.pairs):
         overlap = (p.u_a.T @ q.u_a).abs()  # same left singular vectors up to sign (and order)
         assert torch.allclose(overlap.max(dim=1).values, torch.ones(p.rank, dtype=overlap.dtype), atol=1e-4)
@@ -224,6 +353,18 @@ def test_selection_reads_validation_only_and_time_to_target():
     assert time_to_target(points[1:], 1.01) is None
 
 
+def test_grpo_run_is_selected_on_final_validation_accuracy_and_test_never_decides():
+    def run(val, test):
+        return {"points": [{"time_s": 0, "val_accuracy": 0.1, "test_accuracy": 0.1},
+                           {"time_s": 9, "val_accuracy": val, "test_accuracy": test}]}
+
+    runs = [run(0.3, 0.9), run(0.6, 0.1), run(0.6, 0.8), run(0.2, 1.0)]
+    assert select_grpo_run(runs) == 1  # best final validation, ties to the first listed
+    for permuted_test in ([0.0, 0.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]):
+        rescored = [run(r["points"][-1]["val_accuracy"], t) for r, t in zip(runs, permuted_test)]
+        assert select_grpo_run(rescored) == 1
+
+
 def test_grpo_reads_essa_prompt_stream_in_order():
     search = SearchConfig(prompts_per_generation=3, seed=5)
     schedule = prompt_stream(search, 20, 4)
@@ -244,11 +385,26 @@ def test_grpo_reads_essa_prompt_stream_in_order():
     ("grpo.num_generations=1", "grpo.num_generations"),
     ("grpo.temperature=0", "grpo.temperature"),
     ("grpo.lr=fast", "grpo.lr"),
+    ("grpo.lr_sweep=[1e-4,0]", "grpo.lr_sweep takes learning rates > 0"),
+    ("grpo.lr_sweep=[3e-5,-1e-4]", "grpo.lr_sweep takes learning rates > 0"),
+    ("grpo.lr_sweep=[1e-4,1.0e-4]", "grpo.lr_sweep must not repeat a learning rate"),
+    ("grpo.lr_sweep=[fast]", "config key 'grpo.lr_sweep' must be a number"),
+    ("grpo.lr_sweep=0.001", "config key 'grpo.lr_sweep' must be a list"),
     ("essa.popsize=1", "essa.popsize"),
 ])
 def test_bad_compare_config_is_one_clear_error(override, message):
     with pytest.raises(EssaError, match=message):
         load_compare_config(None, [override])
+
+
+def test_lr_sweep_settings_and_a_bad_sweep_is_one_error_line(capsys, tmp_path):
+    assert load_compare_config().grpo.lr_sweep == [3e-5, 1e-4, 3e-4]
+    assert load_compare_config(None, ["grpo.lr_sweep=[]", "grpo.lr=2e-5"]).grpo.learning_rates == [2e-5]
+    assert load_compare_config(None, ["grpo.lr_sweep=[3e-5,1e-4]"]).grpo.learning_rates == [3e-5, 1e-4]
+    code = main(["compare", f"output_dir={tmp_path / 'o'}", "grpo.lr_sweep=[1e-4,0]"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("essa: error: grpo.lr_sweep")
+    assert not (tmp_path / "o").exists()
 
 
 def test_bad_batches_and_existing_output_fail_before_any_work(model_dir, tmp_path):

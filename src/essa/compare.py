@@ -4,7 +4,8 @@ Protocol (what makes the comparison fair, and what the report claims):
 - One start adapter: the SFT adapter (trained once, or `adapter=PATH`), or with
   `compare.svd_vectors: random` the same adapter with random orthonormal singular vectors and the
   same singular values (the paper's Appendix E ablation). Both methods save the exact tensors they
-  start from (`essa/start_adapter`, `grpo/start_adapter`); the run fails unless they are equal.
+  start from (`essa/start_adapter`, `grpo/lr_<lr>/start_adapter`); the run fails unless they are
+  equal.
 - One prompt stream (`essa.schedule.prompt_stream`): ESSA's mini-batches over the task's train
   split. GRPO reads the same stream in the same order, cut into its steps; each method records
   what it read and the run fails unless both read exactly the stream.
@@ -17,6 +18,16 @@ Protocol (what makes the comparison fair, and what the report claims):
   by the same evaluator (the backend that evaluates single adapters for this config: local or
   vLLM, the workers' engine for a Ray pool) on the validation and the held-out test split.
   Selection ("validation-best") reads validation accuracy only; the test split is only reported.
+  Each snapshot's per-example 0/1 scores are kept (`scores.npz` beside each `result.json`), and
+  the summary compares snapshots problem by problem on the test split (`essa.stats`: delta,
+  paired bootstrap 95% CI, McNemar's exact p).
+- A fair baseline: with `grpo.lr_sweep` GRPO runs once per learning rate, each with the full
+  budget, from the same start and prompt stream (each checked as above), in `grpo/lr_<lr>/`. The
+  run compared with ESSA is the one whose final snapshot has the highest validation accuracy;
+  every run's numbers are reported.
+- One precision: GRPO trains with bf16 autocast (rollouts included) exactly when the model's
+  inference dtype, the one ESSA searches in, is bf16; every snapshot of both methods is evaluated
+  in that inference dtype. The summary records each method's precision.
 - Peak memory: with `compare.isolate` (default) SFT, ESSA and GRPO each run in a fresh process
   started with multiprocessing 'spawn'; each reports its own `ru_maxrss` right after training
   (model load + training; evaluation comes later), so the two peaks are separable.
@@ -48,15 +59,24 @@ from essa.backends import Backend, Generation, Minibatch, backend_class, build_b
 from essa.config import Config, SearchConfig, config_from_mapping, load_config
 from essa.console import say
 from essa.errors import EssaError
-from essa.io import atomic_write_json, atomic_write_text, ensure_writable_dir
+from essa.io import atomic_write_json, atomic_write_state, atomic_write_text, ensure_writable_dir, read_state
 from essa.report import line_plot
 from essa.schedule import STREAM_STEPS, SnapshotSchedule, prompt_stream, rechunk
+from essa.stats import compare_paired
 from essa.svd_space import ADAPTER_WEIGHTS, SvdFactorPair, SvdLoraSpace
 
 log = logging.getLogger("essa.compare")
 COMPARE_CONFIG = "compare.yaml"
 REWARD_PLOT = "reward_vs_wallclock.png"
 ACCURACY_PLOT = "test_accuracy_vs_wallclock.png"
+RESULT = "result.json"
+# Per-example 0/1 correctness of every snapshot, beside result.json: one (snapshots, examples)
+# array per split, rows in the order of result.json's "points".
+SCORES = "scores.npz"
+SPLITS = ("validation", "test")
+ACCURACY_KEY = {"validation": "val_accuracy", "test": "test_accuracy"}
+SELECTION_RULE = ("the highest validation accuracy of its final snapshot (ties: the first learning rate "
+                  "listed); test accuracy plays no part")
 
 
 # -- config --------------------------------------------------------------------------------------
@@ -249,18 +269,18 @@ def _essa_job(cfg: Config, start_adapter: str, run_dir: str, progress: bool) -> 
     space.save_adapter(result.final_z, out_dir / "adapter")
     np.savez(out_dir / "snapshots.npz", **{f"t{i}": z for i, (_, _, z) in enumerate(watcher.snapshots)})
     with _evaluator(cfg, start_adapter, cfg.essa.alpha, inputs.weights()) as (backend, tokenizer):
-        points = [dict(time_s=round(t, 3), step=g, **_accuracies(backend, tokenizer, task, z))
-                  for t, g, z in watcher.snapshots]
-        choice = {"choice": result.final_choice, "val_accuracy": result.validation[result.final_choice],
-                  "test_accuracy": _accuracies(backend, tokenizer, task, result.final_z, splits=("test",))
-                  ["test_accuracy"]}
+        scored = [_correct(backend, tokenizer, task, z) for _, _, z in watcher.snapshots]
+        final_test = _correct(backend, tokenizer, task, result.final_z, splits=("test",))["test"]
+    choice = {"choice": result.final_choice, "val_accuracy": result.validation[result.final_choice],
+              "test_accuracy": float(final_test.mean())}
     out = {"method": "essa", "steps": result.state.generation, "wall_clock_s": round(end_t, 3),
            "stopped_by": _stopped_by(result.state.generation, compare.max_steps),
-           "validation_s_off_clock": round(result.state.validation_s, 3), "curve": watcher.curve, "points": points,
-           "prompts_used": recorder.batches, "trainer_choice": choice, "search_dim": space.dim,
-           "start_adapter": str(out_dir / "start_adapter"), "peak_rss_mb": peak,
-           "reward_failures": result.state.reward_failures}
-    atomic_write_json(out_dir / "result.json", out)
+           "validation_s_off_clock": round(result.state.validation_s, 3), "curve": watcher.curve,
+           "points": [_point(t, g, c) for (t, g, _), c in zip(watcher.snapshots, scored)],
+           "correct": _stack(scored), "prompts_used": recorder.batches, "trainer_choice": choice,
+           "search_dim": space.dim, "sigma0": result.state.sigma0, "start_adapter": str(out_dir / "start_adapter"),
+           "peak_rss_mb": peak, "reward_failures": result.state.reward_failures}
+    _write_result(out_dir, out)
     return out
 
 
@@ -268,7 +288,7 @@ def _grpo_job(cfg: Config, start_adapter: str, run_dir: str, schedule: list[list
               progress: bool) -> dict[str, Any]:
     """GRPO (TRL, the model in this process), then every snapshot through the one evaluator."""
     from essa.grpo import run_grpo
-    from essa.models import load_model
+    from essa.models import load_model, resolve_dtype
     from essa.tasks import get_task
 
     _quiet()
@@ -277,17 +297,19 @@ def _grpo_job(cfg: Config, start_adapter: str, run_dir: str, schedule: list[list
     compare = cfg.compare
     result = run_grpo(model, tokenizer, task, start_adapter, cfg, run_dir, schedule=schedule, progress=progress)
     peak = _peak_rss_mb()
-    points = []
+    model.to(getattr(torch, resolve_dtype(cfg.model.dtype)))  # evaluated in the dtype ESSA's snapshots are
+    scored = []
     for snap in result.snapshots:
         with _evaluator(cfg, snap.adapter_dir, 1.0, (model, tokenizer)) as (backend, _):
-            points.append(dict(time_s=snap.elapsed_s, step=snap.step, **_accuracies(backend, tokenizer, task, None)))
+            scored.append(_correct(backend, tokenizer, task, None))
     stopped = "budget" if result.elapsed_s >= compare.budget_s else (
         "max_steps" if compare.max_steps is not None else "prompt stream end")
-    out = {"method": "grpo", "steps": result.steps, "wall_clock_s": round(result.elapsed_s, 3),
-           "stopped_by": stopped, "curve": result.history, "points": points, "prompts_used": result.prompts_used,
-           "start_adapter": result.start_adapter, "peak_rss_mb": peak, "reward_failures": result.reward_failures,
-           "settings": dataclasses.asdict(cfg.grpo)}
-    atomic_write_json(Path(run_dir) / "result.json", out)
+    out = {"method": "grpo", "lr": cfg.grpo.lr, "steps": result.steps, "wall_clock_s": round(result.elapsed_s, 3),
+           "stopped_by": stopped, "curve": result.history,
+           "points": [_point(snap.elapsed_s, snap.step, c) for snap, c in zip(result.snapshots, scored)],
+           "correct": _stack(scored), "prompts_used": result.prompts_used, "start_adapter": result.start_adapter,
+           "peak_rss_mb": peak, "reward_failures": result.reward_failures, "settings": dataclasses.asdict(cfg.grpo)}
+    _write_result(Path(run_dir), out)
     return out
 
 
@@ -309,23 +331,46 @@ def _stopped_by(steps: int, max_steps: int | None) -> str:
     return "max_steps" if max_steps is not None and steps >= max_steps else "budget"
 
 
-def _accuracies(backend: Any, tokenizer: Any, task: Any, z: np.ndarray | None,
-                splits: tuple[str, ...] = ("validation", "test")) -> dict[str, float]:
+def _correct(backend: Any, tokenizer: Any, task: Any, z: np.ndarray | None,
+             splits: tuple[str, ...] = SPLITS) -> dict[str, np.ndarray]:
+    """Per split, the 0/1 correctness of each example's greedy completion (`z`: ESSA offsets, or
+    None for the adapter the backend was built with)."""
     from essa.evaluate import evaluate_split
 
     population = None if z is None else np.asarray(z)[None]
-    return {f"{'val' if s == 'validation' else s}_accuracy":
-            evaluate_split(backend, tokenizer, task, task.checked_split(s), population).metrics["accuracy"]
-            for s in splits}
+    return {s: evaluate_split(backend, tokenizer, task, task.checked_split(s), population).correct for s in splits}
+
+
+def _point(time_s: float, step: int, correct: dict[str, np.ndarray]) -> dict[str, Any]:
+    """One snapshot's row of result.json: when it was taken and its accuracy on each split."""
+    return {"time_s": round(time_s, 3), "step": step, **{ACCURACY_KEY[s]: float(v.mean()) for s, v in correct.items()}}
+
+
+def _stack(scored: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Per split, the snapshots' 0/1 vectors as one (snapshots, examples) array."""
+    return {s: np.stack([c[s] for c in scored]).astype(np.uint8) for s in SPLITS}
+
+
+def _write_result(run_dir: Path, out: dict[str, Any]) -> None:
+    """result.json (the numbers) and scores.npz (the per-example vectors, for paired comparisons)."""
+    atomic_write_state(run_dir / SCORES, out["correct"])
+    atomic_write_json(run_dir / RESULT, {**{k: v for k, v in out.items() if k != "correct"}, "scores": SCORES})
+
+
+def load_scores(run_dir: str | Path) -> dict[str, np.ndarray]:
+    """The per-example correctness a method's run dir holds: {"validation": (snapshots, examples),
+    "test": ...} 0/1 arrays, rows in the order of result.json's "points"."""
+    return read_state(Path(run_dir) / SCORES)
 
 
 # -- the whole comparison -------------------------------------------------------------------------
 def run_compare(cfg: Config, progress: bool = True) -> dict[str, Any]:
-    """SFT (or cfg.adapter) -> ESSA and GRPO from the same start -> plots, table, report in output_dir."""
+    """SFT (or cfg.adapter) -> ESSA, and GRPO once per learning rate, from the same start -> plots,
+    tables, paired statistics and report in output_dir."""
     from essa.commands import resolve_adapter_dir
     from essa.tasks import get_task
 
-    compare_cfg, grpo_cfg = cfg.compare, cfg.grpo
+    compare_cfg = cfg.compare
     root = Path(cfg.output_dir)
     if any((root / name).exists() for name in ("essa", "grpo", "summary.json")):
         raise EssaError(f"{root} already holds a comparison; choose another output_dir")
@@ -348,15 +393,36 @@ def run_compare(cfg: Config, progress: bool = True) -> dict[str, Any]:
     _say(f"2/3 ESSA for {compare_cfg.budget_s:.0f} s")
     essa = _run_job(compare_cfg.isolate, _essa_job, cfg=cfg, start_adapter=str(start),
                     run_dir=str(root / "essa"), progress=progress)
-    _say(f"3/3 {'SVD-GRPO' if grpo_cfg.svd_only else 'GRPO'} for {compare_cfg.budget_s:.0f} s")
-    grpo = _run_job(compare_cfg.isolate, _grpo_job, cfg=cfg, start_adapter=str(start), run_dir=str(root / "grpo"),
-                    schedule=rechunk(stream, cfg.grpo_prompts_per_step), progress=progress)
-    check_same_start(essa, grpo)
-    check_same_prompts(cfg.essa, n_train, cfg.grpo_prompts_per_step, essa, grpo)
-    summary = summarize(cfg, sft, essa, grpo, len(task.checked_split("test")),
-                        baseline="SVD-GRPO" if grpo_cfg.svd_only else "GRPO")
-    write_outputs(root, summary, essa, grpo)
+    grpo_runs = _run_grpo_sweep(cfg, start, root, rechunk(stream, cfg.grpo_prompts_per_step), progress)
+    for grpo in grpo_runs:
+        check_same_start(essa, grpo)
+        check_same_prompts(cfg.essa, n_train, cfg.grpo_prompts_per_step, essa, grpo)
+    summary = summarize(cfg, sft, essa, grpo_runs, len(task.checked_split("test")), baseline=_baseline_name(cfg))
+    write_outputs(root, summary, essa, grpo_runs)
     return summary
+
+
+def _run_grpo_sweep(cfg: Config, start: Path, root: Path, schedule: list[list[int]],
+                    progress: bool) -> list[dict[str, Any]]:
+    """GRPO once per learning rate (grpo.lr_sweep, or grpo.lr alone), each in its own process and
+    run dir, all from the same start adapter and the same prompt schedule."""
+    rates = cfg.grpo.learning_rates
+    runs = []
+    for k, lr in enumerate(rates, 1):
+        _say(f"3/3 {_baseline_name(cfg)} lr={lr:g} ({k} of {len(rates)}) for {cfg.compare.budget_s:.0f} s")
+        member = cfg.with_changes(grpo=dataclasses.replace(cfg.grpo, lr=lr, lr_sweep=[]))
+        runs.append(_run_job(cfg.compare.isolate, _grpo_job, cfg=member, start_adapter=str(start),
+                             run_dir=str(grpo_run_dir(root, lr)), schedule=schedule, progress=progress))
+    return runs
+
+
+def grpo_run_dir(root: str | Path, lr: float) -> Path:
+    """The run dir of the GRPO run with learning rate `lr`: OUTPUT_DIR/grpo/lr_<lr>, e.g. grpo/lr_3e-05."""
+    return Path(root) / "grpo" / f"lr_{lr!r}"
+
+
+def _baseline_name(cfg: Config) -> str:
+    return "SVD-GRPO" if cfg.grpo.svd_only else "GRPO"
 
 
 def _check_before_writing(cfg: Config, adapter: str | None) -> None:
@@ -382,34 +448,45 @@ def _start_adapter(sft_adapter: Path, cfg: Config, root: Path) -> Path:
     return randomize_singular_vectors(space, compare.seed).save_adapter(np.zeros(space.dim), root / "start_adapter")
 
 
-def summarize(cfg: Config, sft: dict[str, Any], essa: dict[str, Any], grpo: dict[str, Any],
+# -- the summary ----------------------------------------------------------------------------------
+def summarize(cfg: Config, sft: dict[str, Any], essa: dict[str, Any], grpo_runs: list[dict[str, Any]],
               test_examples: int, baseline: str = "GRPO") -> dict[str, Any]:
+    """The comparison's numbers: ESSA against the GRPO run selected on validation (`select_grpo_run`)."""
     compare = cfg.compare
-    methods = {name: _method_row(res) for name, res in (("essa", essa), ("grpo", grpo))}
-    methods["essa"]["trainer_choice"] = essa["trainer_choice"]
-    e_final, g_final = methods["essa"]["final_test_accuracy"], methods["grpo"]["final_test_accuracy"]
+    chosen = select_grpo_run(grpo_runs)
+    grpo = grpo_runs[chosen]
+    methods = {"essa": {**_method_row(essa), "trainer_choice": essa["trainer_choice"], "sigma0": essa["sigma0"]},
+               "grpo": {**_method_row(grpo), "lr": grpo["lr"]}}
     return {
         "model": cfg.model.name, "task": cfg.task.name, "baseline": baseline, "budget_s": compare.budget_s,
         "checkpoint_times_s": compare.checkpoint_times(), "svd_vectors": compare.svd_vectors,
         "essa_decoding": "greedy" if cfg.decoding.temperature <= 0 else f"T={cfg.decoding.temperature}",
+        "essa_sigma0": cfg.essa.sigma0, "precision": _precision(cfg),
         "test_examples": test_examples, "sft_adapter": sft["adapter"], "sft_wall_clock_s": sft["wall_clock_s"],
         "sft_peak_rss_mb": sft["peak_rss_mb"],
         # run_compare stops before this summary unless both hold (check_same_start, check_same_prompts).
         "same_start_adapter": True, "same_prompt_stream": True,
         "methods": methods,
-        "time_to_target": {
-            "essa_reaches_grpo_final_s": time_to_target(essa["points"], g_final), "grpo_final": g_final,
-            "grpo_reaches_essa_final_s": time_to_target(grpo["points"], e_final), "essa_final": e_final,
-        },
+        "grpo_sweep": {"selection": SELECTION_RULE, "selected_lr": grpo["lr"],
+                       "runs": [{"lr": r["lr"], **_method_row(r), "selected": k == chosen}
+                                for k, r in enumerate(grpo_runs)]},
+        "paired_test": paired_test(essa, grpo, baseline, seed=compare.seed),
+        "time_to_target": _time_to_target(methods, essa, grpo),
     }
+
+
+def select_grpo_run(runs: list[dict[str, Any]]) -> int:
+    """Index of the GRPO run compared with ESSA (SELECTION_RULE): the highest validation accuracy of
+    its final snapshot, ties to the first listed. Test accuracy is never read."""
+    return validation_best([r["points"][-1]["val_accuracy"] for r in runs])
 
 
 def _method_row(res: dict[str, Any]) -> dict[str, Any]:
     points = res["points"]
-    best = points[validation_best([p["val_accuracy"] for p in points])]
+    best = points[_best_index(res)]
     return {
         "start_test_accuracy": points[0]["test_accuracy"], "final_test_accuracy": points[-1]["test_accuracy"],
-        "final_time_s": points[-1]["time_s"],
+        "final_val_accuracy": points[-1]["val_accuracy"], "final_time_s": points[-1]["time_s"],
         "validation_best": {"time_s": best["time_s"], "val_accuracy": best["val_accuracy"],
                             "test_accuracy": best["test_accuracy"]},
         "steps": res["steps"], "wall_clock_s": res["wall_clock_s"], "stopped_by": res["stopped_by"],
@@ -418,21 +495,71 @@ def _method_row(res: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _best_index(res: dict[str, Any]) -> int:
+    """The method's validation-best snapshot (validation accuracy only)."""
+    return validation_best([p["val_accuracy"] for p in res["points"]])
+
+
+def paired_test(essa: dict[str, Any], grpo: dict[str, Any], baseline: str = "GRPO",
+                seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Paired statistics on the test split, problem by problem: ESSA's final snapshot against the
+    baseline's, and each method's final and validation-best snapshot against its own start snapshot
+    (the shared start adapter through the same evaluator). Each entry: b against a, delta = b - a."""
+    e, g = essa["correct"]["test"], grpo["correct"]["test"]
+    e_best, g_best = e[_best_index(essa)], g[_best_index(grpo)]
+    pairs = {
+        "essa_final_vs_grpo_final": ((f"{baseline} final", g[-1]), ("ESSA final", e[-1])),
+        "essa_final_vs_start": (("start", e[0]), ("ESSA final", e[-1])),
+        "grpo_final_vs_start": (("start", g[0]), (f"{baseline} final", g[-1])),
+        "essa_validation_best_vs_start": (("start", e[0]), ("ESSA validation-best", e_best)),
+        "grpo_validation_best_vs_start": (("start", g[0]), (f"{baseline} validation-best", g_best)),
+    }
+    return {key: _paired(a, b, seed) for key, (a, b) in pairs.items()}
+
+
+def _paired(a: tuple[str, np.ndarray], b: tuple[str, np.ndarray], seed: int) -> dict[str, Any]:
+    (name_a, scores_a), (name_b, scores_b) = a, b
+    result = compare_paired(scores_a, scores_b, seed=seed)
+    return {"a": name_a, "b": name_b, **result.to_dict(), "text": result.describe(name_a, name_b)}
+
+
+def _time_to_target(methods: dict[str, Any], essa: dict[str, Any], grpo: dict[str, Any]) -> dict[str, Any]:
+    e_final, g_final = methods["essa"]["final_test_accuracy"], methods["grpo"]["final_test_accuracy"]
+    essa_s, grpo_s = time_to_target(essa["points"], g_final), methods["grpo"]["final_time_s"]
+    return {
+        "essa_reaches_grpo_final_s": essa_s, "grpo_final": g_final,
+        "grpo_reaches_essa_final_s": time_to_target(grpo["points"], e_final), "essa_final": e_final,
+        # ESSA's time to GRPO's final accuracy as a fraction of the time GRPO trained for it.
+        "essa_time_fraction_of_grpo": None if essa_s is None or not grpo_s else round(essa_s / grpo_s, 3),
+    }
+
+
+def _precision(cfg: Config) -> dict[str, str]:
+    """What each method trained in, and what the one evaluator ran in."""
+    from essa.grpo import precision
+    from essa.models import resolve_dtype
+
+    inference = resolve_dtype(cfg.model.dtype)
+    if cfg.model.quantize != "none":
+        inference += f" with {cfg.model.quantize} base linears"
+    return {"essa": inference, "grpo": precision(cfg), "evaluation": inference}
+
+
 # -- outputs --------------------------------------------------------------------------------------
-def write_outputs(root: Path, summary: dict[str, Any], essa: dict[str, Any], grpo: dict[str, Any]) -> None:
+def write_outputs(root: Path, summary: dict[str, Any], essa: dict[str, Any], grpo_runs: list[dict[str, Any]]) -> None:
     atomic_write_json(root / "summary.json", summary)
-    atomic_write_json(root / "comparison.json", {"methods": summary["methods"],
-                                                  "time_to_target": summary["time_to_target"]})
-    table = comparison_table(summary)
-    atomic_write_text(root / "comparison.md", table)
+    atomic_write_json(root / "comparison.json", {key: summary[key] for key in (
+        "methods", "time_to_target", "paired_test", "grpo_sweep", "precision")})
+    tables = "\n".join([comparison_table(summary), paired_section(summary), sweep_table(summary)])
+    atomic_write_text(root / "comparison.md", tables)
     _plot(root / REWARD_PLOT, "training reward vs wall-clock", "mean training reward",
-          [(f"ESSA (population mean, {summary['essa_decoding']})", essa["curve"], "reward_mean"),
-           (f"{_baseline(summary)} (sampled rollouts)", grpo["curve"], "reward_mean")])
+          _series(summary, ("ESSA (population mean, " + summary["essa_decoding"] + ")", essa["curve"]),
+                  [r["curve"] for r in grpo_runs], "sampled rollouts", "reward_mean"))
     _plot(root / ACCURACY_PLOT, f"held-out test accuracy vs wall-clock ({summary['test_examples']} problems)",
           "test accuracy (greedy)",
-          [("ESSA (optimizer mean)", _as_curve(essa["points"]), "test_accuracy"),
-           (f"{_baseline(summary)} (current adapter)", _as_curve(grpo["points"]), "test_accuracy")], markers=True)
-    atomic_write_text(root / "report.md", _report(summary, table))
+          _series(summary, ("ESSA (optimizer mean)", _as_curve(essa["points"])),
+                  [_as_curve(r["points"]) for r in grpo_runs], "current adapter", "test_accuracy"), markers=True)
+    atomic_write_text(root / "report.md", _report(summary, tables))
 
 
 def _baseline(summary: dict[str, Any]) -> str:
@@ -445,18 +572,11 @@ def _as_curve(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def comparison_table(summary: dict[str, Any]) -> str:
     m, ttt = summary["methods"], summary["time_to_target"]
-
-    def cell(v: Any, unit: str) -> str:
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            return {"acc": f"{v:.3f}", "s": f"{v:.1f}", "MB": f"{v:.0f}"}[unit]
-        return str(v)
-
     e, g = m["essa"], m["grpo"]
     rows = [
         ("test accuracy at start", "acc", e["start_test_accuracy"], g["start_test_accuracy"]),
         ("final test accuracy", "acc", e["final_test_accuracy"], g["final_test_accuracy"]),
+        ("  its validation accuracy", "acc", e["final_val_accuracy"], g["final_val_accuracy"]),
         ("validation-best test accuracy", "acc", e["validation_best"]["test_accuracy"],
          g["validation_best"]["test_accuracy"]),
         ("  its validation accuracy", "acc", e["validation_best"]["val_accuracy"],
@@ -464,19 +584,63 @@ def comparison_table(summary: dict[str, Any]) -> str:
         ("  its wall-clock (s)", "s", e["validation_best"]["time_s"], g["validation_best"]["time_s"]),
         ("time to the other's final test accuracy (s)", "s", ttt["essa_reaches_grpo_final_s"],
          ttt["grpo_reaches_essa_final_s"]),
+        ("step size: ESSA sigma0 / GRPO learning rate", "g", e["sigma0"], g["lr"]),
         ("generations / optimizer steps", "s", e["steps"], g["steps"]),
         ("training wall-clock (s)", "s", e["wall_clock_s"], g["wall_clock_s"]),
         ("stopped by", "s", e["stopped_by"], g["stopped_by"]),
         ("peak RSS, load + training (MB)", "MB", e["peak_rss_mb"], g["peak_rss_mb"]),
     ]
     lines = [f"| | ESSA | {_baseline(summary)} |", "| --- | --- | --- |"]
-    lines += [f"| {name} | {cell(a, unit)} | {cell(b, unit)} |" for name, unit, a, b in rows]
+    lines += [f"| {name} | {_cell(a, unit)} | {_cell(b, unit)} |" for name, unit, a, b in rows]
     lines += ["", "'-' in the time-to-target row: never reached within the budget."]
     return "\n".join(lines) + "\n"
 
 
-def _report(summary: dict[str, Any], table: str) -> str:
-    m = summary["methods"]
+def _cell(v: Any, unit: str) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return {"acc": f"{v:.3f}", "s": f"{v:.1f}", "MB": f"{v:.0f}", "g": f"{v:.3g}"}[unit]
+    return str(v)
+
+
+def paired_section(summary: dict[str, Any]) -> str:
+    """The paired test-split comparisons in words: each says whether its difference is beyond noise."""
+    lines = [f"## Paired comparisons on the {summary['test_examples']} test problems", "",
+             "Problem by problem: the difference, its paired bootstrap 95% interval and McNemar's exact test on "
+             "the problems exactly one of the two solves. An interval that includes 0 is no difference.", ""]
+    lines += [f"- {row['text']}" for row in summary["paired_test"].values()]
+    return "\n".join(lines) + "\n"
+
+
+def sweep_table(summary: dict[str, Any]) -> str:
+    """Every GRPO learning rate tried, so the reader sees how the baseline was tuned."""
+    sweep = summary["grpo_sweep"]
+    lines = [f"## {_baseline(summary)} learning rates", "",
+             f"Each from the same start and prompt stream with the full budget. The run compared with ESSA is "
+             f"the one with {sweep['selection']}.", "",
+             "| learning rate | steps | final validation accuracy | final test accuracy | "
+             "validation-best: test accuracy (validation, s) | compared |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in sweep["runs"]:
+        best = r["validation_best"]
+        lines.append(f"| {r['lr']:g} | {r['steps']} | {r['final_val_accuracy']:.3f} | {r['final_test_accuracy']:.3f} "
+                     f"| {best['test_accuracy']:.3f} ({best['val_accuracy']:.3f}, {best['time_s']:.0f}) "
+                     f"| {'yes' if r['selected'] else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def _report(summary: dict[str, Any], tables: str) -> str:
+    return "\n".join([
+        f"# ESSA vs {_baseline(summary)}: {summary['task']} on {summary['model']}", "", tables,
+        f"![training reward vs wall-clock]({REWARD_PLOT})", "",
+        f"![held-out test accuracy vs wall-clock]({ACCURACY_PLOT})", "", "## Notes", "",
+        *[f"- {n}" for n in _notes(summary)], "",
+    ])
+
+
+def _notes(summary: dict[str, Any]) -> list[str]:
+    m, baseline, precision = summary["methods"], _baseline(summary), summary["precision"]
     choice = m["essa"]["trainer_choice"]
     notes = [
         f"Both methods start from `{summary['sft_adapter']}`"
@@ -485,10 +649,17 @@ def _report(summary: dict[str, Any], table: str) -> str:
         + f"; start tensors identical: {summary['same_start_adapter']}.",
         f"Budget {summary['budget_s']:.0f} s of training each; matched snapshots at "
         + ", ".join(f"{t:.0f}" for t in summary["checkpoint_times_s"]) + " s (plus the start and the end).",
-        "Both read the same prompt stream (ESSA's mini-batch schedule over the train split).",
-        ("Snapshots are evaluated greedily by one evaluator on the validation and the held-out test split. "
-         "'Validation-best' is chosen on validation accuracy only; the test split never selects anything."),
-        "Time-to-target uses snapshot times, so it is resolved only to the checkpoint spacing.",
+        f"Both read the same prompt stream (ESSA's mini-batch schedule over the train split), every {baseline} "
+        "learning rate included.",
+        f"Precision: ESSA searched in {precision['essa']}; {baseline} trained in {precision['grpo']}; every "
+        f"snapshot of both was evaluated greedily in {precision['evaluation']} by the same evaluator.",
+        ("Snapshots are evaluated on the validation and the held-out test split. 'Validation-best' and the "
+         f"{baseline} learning rate are chosen on validation accuracy only; the test split never selects anything."),
+        f"Time-to-target uses the {baseline} run compared (lr {m['grpo']['lr']:g}) and snapshot times, so it is "
+        "resolved only to the checkpoint spacing.",
+        f"ESSA's initial step size sigma0 = {m['essa']['sigma0']:.3g}"
+        + (" (essa.sigma0: auto: chosen by a probe on further train prompts, on ESSA's clock)."
+           if summary["essa_sigma0"] == "auto" else "."),
         (f"ESSA's own final choice ({choice['choice']}, picked on validation): test accuracy "
          f"{choice['test_accuracy']:.3f}."),
         "Peak RSS is each method's own process (multiprocessing 'spawn'), read after training."
@@ -496,21 +667,32 @@ def _report(summary: dict[str, Any], table: str) -> str:
     ]
     if summary["sft_wall_clock_s"] is not None:
         notes.append(f"SFT warm start took {summary['sft_wall_clock_s']:.0f} s (not part of either budget).")
-    return "\n".join([
-        f"# ESSA vs {_baseline(summary)}: {summary['task']} on {summary['model']}", "", table,
-        f"![training reward vs wall-clock]({REWARD_PLOT})", "",
-        f"![held-out test accuracy vs wall-clock]({ACCURACY_PLOT})", "", "## Notes", "",
-        *[f"- {n}" for n in notes], "",
-    ])
+    return notes
 
 
-def _plot(path: Path, title: str, ylabel: str, series: list[tuple[str, list[dict[str, Any]], str]],
-          markers: bool = False) -> None:
+Series = tuple[str, list[dict[str, Any]], str, dict[str, Any]]
+
+
+def _series(summary: dict[str, Any], essa: tuple[str, list[dict[str, Any]]], grpo: list[list[dict[str, Any]]],
+            what: str, key: str) -> list[Series]:
+    """ESSA's curve, then one per GRPO learning rate: the run compared in full colour, the others faint."""
+    baseline = _baseline(summary)
+    out: list[Series] = [(essa[0], essa[1], key, {"color": "tab:blue"})]
+    for run, rows in zip(summary["grpo_sweep"]["runs"], grpo):
+        if run["selected"]:
+            out.append((f"{baseline} ({what}, lr {run['lr']:g})", rows, key, {"color": "tab:red"}))
+        else:
+            out.append((f"{baseline} lr {run['lr']:g} (not selected)", rows, key,
+                        {"color": "tab:red", "alpha": 0.3, "linewidth": 1, "zorder": 1}))
+    return out
+
+
+def _plot(path: Path, title: str, ylabel: str, series: list[Series], markers: bool = False) -> None:
     lines = []
-    for (label, rows, key), color in zip(series, ("tab:blue", "tab:red")):
+    for label, rows, key, style in series:
         kept = [r for r in rows if r.get(key) is not None]
         lines.append(([r["wall_clock_s"] for r in kept], [r[key] for r in kept],
-                      {"label": label, "color": color, "marker": "o" if markers else None}))
+                      {"label": label, "marker": "o" if markers else None, **style}))
     line_plot(path, lines, title=title, xlabel="training wall-clock (s)", ylabel=ylabel)
 
 
@@ -522,10 +704,14 @@ __all__ = [
     "check_same_prompts",
     "check_same_start",
     "compare_defaults",
+    "grpo_run_dir",
     "load_compare_config",
+    "load_scores",
+    "paired_test",
     "randomize_singular_vectors",
     "run_compare",
     "same_adapter_tensors",
+    "select_grpo_run",
     "time_to_target",
     "validation_best",
 ]

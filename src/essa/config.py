@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ DTYPES = ("float32", "bfloat16", "float16", "auto")
 SVD_VECTORS = ("sft", "random")
 # Values of grpo.loss_type (TRL's loss aggregations).
 GRPO_LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo")
+# A number in exponent notation, such as 3e-5, which YAML 1.1 leaves a string.
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _check(key: str, ok: bool, rule: str, value: Any) -> None:
@@ -266,6 +269,9 @@ class GrpoConfig:
                                            "essa.prompts_per_generation).")
     lr: float = setting(1e-4, "AdamW learning rate, constant (the budget is wall-clock: no step count to decay "
                         "over).")
+    lr_sweep: list[float] = setting([], "Learning rates to try, one GRPO run each from the same start and prompt "
+                                    "stream; the run with the highest validation accuracy of its final snapshot is "
+                                    "the one compared with ESSA (test never selects). []: grpo.lr alone.")
     beta: float = setting(0.0, "KL coefficient against the start adapter (0: TRL's default, no reference pass).")
     temperature: float = setting(1.0, "Sampling temperature of the rollouts (GRPO needs varied completions per "
                                  "group; reported accuracy is greedy).")
@@ -285,6 +291,10 @@ class GrpoConfig:
         _check("grpo.prompts_per_step", self.prompts_per_step is None or self.prompts_per_step >= 1,
                "must be >= 1 or null", self.prompts_per_step)
         _check("grpo.lr", self.lr > 0, "must be > 0", self.lr)
+        _check("grpo.lr_sweep", all(lr > 0 for lr in self.lr_sweep), "takes learning rates > 0 ([]: grpo.lr alone)",
+               self.lr_sweep)
+        _check("grpo.lr_sweep", len(set(self.lr_sweep)) == len(self.lr_sweep), "must not repeat a learning rate",
+               self.lr_sweep)
         _check("grpo.beta", self.beta >= 0, "must be >= 0", self.beta)
         _check("grpo.temperature", self.temperature > 0, "must be > 0 (GRPO samples its rollouts)",
                self.temperature)
@@ -292,6 +302,11 @@ class GrpoConfig:
         _check("grpo.micro_batch_size", self.micro_batch_size is None or self.micro_batch_size >= 1,
                "must be >= 1 or null", self.micro_batch_size)
         _check("grpo.loss_type", self.loss_type in GRPO_LOSS_TYPES, _one_of(GRPO_LOSS_TYPES), self.loss_type)
+
+    @property
+    def learning_rates(self) -> list[float]:
+        """The learning rates `essa compare` runs GRPO with: grpo.lr_sweep, or grpo.lr alone."""
+        return list(self.lr_sweep) or [self.lr]
 
 
 @dataclass
@@ -557,6 +572,8 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
         if isinstance(value, bool):
             return value
         raise EssaError(f"config key '{name}' must be true or false, got {value!r}")
+    if tp is float and isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads 3e-5 (an exponent without a dot) as a string
     if tp in (int, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise EssaError(f"config key '{name}' must be a number, got {value!r}")

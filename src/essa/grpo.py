@@ -1,8 +1,11 @@
 """GRPO baseline: TRL's GRPOTrainer on the same LoRA adapter, task reward and prompts as ESSA.
 
-The policy is the SFT adapter loaded trainable with PEFT (fp32, CPU or the model's device). Prompts
-are the task's chat-formatted strings (`format_prompt`), exactly the text ESSA generates from, and
-the reward is the task's reward through `essa.evaluate.score`, the same path ESSA's fitness takes.
+The policy is the SFT adapter loaded trainable with PEFT (CPU or the model's device). Its precision
+follows ESSA's: where the model's inference dtype is bf16 (model.dtype bfloat16, or auto on a GPU
+or an AMX CPU) GRPO trains with bf16 autocast, rollouts included; otherwise in the model's own
+dtype (fp32 for auto). Prompts are the task's chat-formatted strings (`format_prompt`), exactly
+the text ESSA generates from, and the reward is the task's reward through `essa.evaluate.score`,
+the same path ESSA's fitness takes.
 Training stops when a wall-clock budget is spent; at given times on that clock the current adapter
 is saved as a snapshot, so it can be evaluated later without the evaluation touching the clock.
 
@@ -21,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -29,6 +33,7 @@ from essa.config import Config, GrpoConfig
 from essa.errors import EssaError
 from essa.evaluate import score
 from essa.io import atomic_directory, atomic_write_text, ensure_writable_dir
+from essa.models import resolve_dtype
 from essa.schedule import STREAM_STEPS, SnapshotSchedule, prompt_stream, rechunk
 from essa.tasks import RewardStats, Task, format_prompt
 
@@ -89,12 +94,17 @@ def run_grpo(model: Any, tokenizer: Any, task: Task, adapter_dir: str | Path, cf
     reward = TaskReward(task, train, prompts, grpo_cfg.num_generations)
     total = per_step * grpo_cfg.num_generations
     micro = grpo_cfg.micro_batch_size or total  # divides total: the config checks it
-    on_cpu = next(model.parameters()).device.type == "cpu"
-    args = GRPOConfig(**_trl_args(cfg, grpo_cfg, out_dir, micro, total // micro, steps, on_cpu))
+    device = next(model.parameters()).device.type
+    bf16 = trains_in_bf16(cfg)
+    args = GRPOConfig(**_trl_args(cfg, grpo_cfg, out_dir, micro, total // micro, steps, device == "cpu", bf16))
     with warnings.catch_warnings():
         # PEFT reads a deprecated transformers attribute; the warning is not the user's to act on.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         policy = peft.PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+    if bf16:
+        # TRL's bf16 autocasts the loss forward only: accelerate wraps the model's forward, and
+        # PEFT's generate calls the base model around it. The rollouts get the same autocast here.
+        policy.generate = torch.autocast(device_type=device, dtype=torch.bfloat16)(policy.generate)
     saver = _svd_only_saver(policy, adapter_dir, cfg.essa.alpha) if grpo_cfg.svd_only else None
     clock = BudgetCallback(cfg.compare.budget_s, cfg.compare.checkpoint_times(), out_dir, reward, checkpoint_cb,
                            progress, saver=saver)
@@ -147,12 +157,25 @@ def _dataset(schedule: list[list[int]], prompts: list[str]) -> Any:
     return Dataset.from_dict({"prompt": [prompts[i] for i in flat], "train_index": flat})
 
 
+def trains_in_bf16(cfg: Config) -> bool:
+    """Whether GRPO trains with bf16 autocast: exactly when the model's inference dtype is bf16
+    (model.dtype bfloat16, or auto on a GPU or an AMX CPU), so its rollouts run in the precision
+    ESSA's fitness does."""
+    return resolve_dtype(cfg.model.dtype) == "bfloat16"
+
+
+def precision(cfg: Config) -> str:
+    """GRPO's training precision in words, for reports."""
+    weights = resolve_dtype(cfg.model.dtype, training=True)
+    return f"{weights} weights, bfloat16 autocast (rollouts and loss)" if trains_in_bf16(cfg) else weights
+
+
 def _trl_args(cfg: Config, g: GrpoConfig, out_dir: Path, micro: int, accumulation: int, steps: int,
-              on_cpu: bool) -> dict[str, Any]:
-    """GRPOConfig keywords: the model's own precision and device (bf16 off: TRL defaults it on),
-    one optimizer step per rollout batch, no checkpoints or trackers (snapshots are ours)."""
+              on_cpu: bool, bf16: bool) -> dict[str, Any]:
+    """GRPOConfig keywords: the device, TRL's bf16 mixed precision only when `bf16` (TRL defaults it
+    on), one optimizer step per rollout batch, no checkpoints or trackers (snapshots are ours)."""
     return {
-        "output_dir": str(out_dir / "trl"), "use_cpu": on_cpu, "bf16": False, "fp16": False,
+        "output_dir": str(out_dir / "trl"), "use_cpu": on_cpu, "bf16": bf16, "fp16": False,
         "learning_rate": g.lr, "lr_scheduler_type": "constant", "warmup_steps": 0, "beta": g.beta,
         "num_generations": g.num_generations, "per_device_train_batch_size": micro,
         "gradient_accumulation_steps": accumulation, "max_steps": steps, "num_train_epochs": 1,
