@@ -15,8 +15,9 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 def make_random_adapter(model: torch.nn.Module, path: str | Path, rank: int = 4, lora_alpha: float = 8.0,
-                        targets: list[str] | None = None, seed: int = 0) -> Path:
-    """Save a PEFT LoRA adapter for `model` with random A and B (PEFT starts B at zero)."""
+                        targets: list[str] | None = None, seed: int = 0, std: float = 0.3) -> Path:
+    """Save a PEFT LoRA adapter for `model` with random A and B of standard deviation `std`
+    (PEFT starts B at zero)."""
     cfg = peft.LoraConfig(r=rank, lora_alpha=lora_alpha, target_modules=targets or TARGETS,
                           lora_dropout=0.0, task_type="CAUSAL_LM")
     wrapped = peft.get_peft_model(copy.deepcopy(model), cfg)
@@ -24,7 +25,7 @@ def make_random_adapter(model: torch.nn.Module, path: str | Path, rank: int = 4,
     with torch.no_grad():
         for name, param in wrapped.named_parameters():
             if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
     wrapped.save_pretrained(str(path))
     return Path(path)
 
