@@ -281,6 +281,16 @@ def test_demo_defaults_are_the_packaged_demo_yaml():
     assert cfg.decoding.max_new_tokens == packaged["decoding"]["max_new_tokens"]
 
 
+@pytest.mark.parametrize("name", ["arithmetic.yaml", "ifeval.yaml"])
+def test_shipped_example_configs_load(name):
+    from pathlib import Path
+
+    from essa.config import load_config
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / name)
+    assert cfg.essa.offsets == "relative" and cfg.essa.sigma0 == "auto"
+
+
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
 def test_vllm_backend_without_vllm_installed(capsys, model_dir, tmp_path):
     adapter = make_random_adapter(tiny_llama(seed=0), tmp_path / "adapter", rank=4)
