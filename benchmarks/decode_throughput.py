@@ -17,8 +17,8 @@ pass of that candidate: (logit of generate's token) - (logit of essa's token); a
 is a near-tie that fp32 summation order can flip. The FLOP-limit fraction is the essa decoder's
 model FLOPs per second over the CPU's peak: 2 x (linear weights) per token, plus the output head
 for decoded tokens and the last prompt token of each row, plus attention (4 x hidden size per
-attended key and layer), against cores x 2 FMA units x SIMD lanes (AVX-512: 16, AVX2: 8 fp32) x
-2 FLOPs x maximum clock (lscpu). The last stdout line is one JSON object.
+attended key and layer), against cores x 2 FMA units x SIMD lanes (AVX-512: 16, AVX2 or AMD's
+256-bit AVX-512: 8 fp32) x 2 FLOPs x clock (lscpu's maximum, else /proc/cpuinfo's current MHz). The last stdout line is one JSON object.
 
     python benchmarks/decode_throughput.py --adapter runs/demo/sft/adapter [--threads 2] [--repeats 3]
 """
@@ -158,8 +158,10 @@ def _model_flops(model: torch.nn.Module, work: Any) -> float:
 
 
 def _peak_flops(threads: int) -> tuple[float, str]:
-    flags = open("/proc/cpuinfo").read()
-    lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
+    info = open("/proc/cpuinfo").read()
+    # AMD Zen 4 runs AVX-512 on 256-bit units: 8 fp32 lanes per FMA, as AVX2.
+    wide = "avx512f" in info and "AuthenticAMD" not in info
+    lanes = 16 if wide else 8 if "avx2" in info else 4
     ghz = _max_ghz()
     peak = threads * 2 * lanes * 2 * ghz * 1e9
     return peak, (f"{threads} cores x 2 FMA units x {lanes} fp32 lanes x 2 FLOPs x {ghz:.2f} GHz "
