@@ -42,8 +42,10 @@ from essa.tasks import RewardStats, Task, format_prompt
 CHECKPOINT = "checkpoint.npz"
 PICKLE_CHECKPOINT = "checkpoint.pkl"  # older essa versions; never read (unpickling can run code)
 METRICS = "metrics.jsonl"
-# Prompts the sigma0 probe scores each candidate on: 8 candidates x 4 sigmas x 32 prompts measure a
-# flip rate to about +-1.5 points, for the price of one generation of the demo.
+# Prompts the sigma0 probe scores each candidate on: 8 candidates x 32 prompts per sigma give a
+# flip rate's binomial error of about +-1.5 points, for about the price of one generation of the
+# demo. Which 8 candidates are drawn moves it more than that (3-8% at sigma 0.2 across seeds on
+# the demo, docs/BENCHMARKS.md).
 PROBE_PROMPTS = 32
 log = logging.getLogger("essa.train")
 
