@@ -67,11 +67,22 @@ def test_auto_sigma_is_larger_where_outputs_barely_change():
     assert sensitive < dull
 
 
+def test_probe_stops_at_the_first_sigma_that_flips_enough():
+    task = ThresholdTask()
+    sigmas = (0.8, 0.02, 0.2, 0.05)  # probed in ascending order whatever the order given
+    full = probe_signal(SensitiveBackend(20.0), tiny_tokenizer(), task, task.examples, sigmas)
+    short = probe_signal(SensitiveBackend(20.0), tiny_tokenizer(), task, task.examples, sigmas, stop_at_flips=0.1)
+    assert [r.sigma for r in full] == sorted(sigmas)
+    assert short == full[:len(short)] and len(short) < len(full)
+    assert short[-1].flipped >= 0.1 and all(r.flipped < 0.1 for r in short[:-1])
+    assert choose_sigma0(short, 0.1) == choose_sigma0(full, 0.1)
+
+
 def test_choose_sigma0_takes_the_smallest_step_that_flips_enough():
     def row(sigma, flipped):
         return ProbeRow(sigma, flipped, flipped, 0.5, 0.5, 0.0, 0.05, None)
 
-    assert choose_sigma0([row(0.4, 0.2), row(0.1, 0.01), row(0.2, 0.06)]) == 0.2
+    assert choose_sigma0([row(0.4, 0.2), row(0.1, 0.01), row(0.2, 0.12)]) == 0.2
     assert choose_sigma0([row(0.1, 0.0), row(0.2, 0.01)]) == 0.2  # none reaches the target: the largest
     assert choose_sigma0([row(0.1, 0.3)], target_flips=0.5) == 0.1
 

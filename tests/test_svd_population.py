@@ -94,6 +94,17 @@ def test_shared_offsets_are_the_unshared_space_with_tied_coordinates(base, adapt
         assert torch.equal(a1, a2) and torch.equal(b1, b2), p.name
 
 
+def test_shared_factors_scale_each_module_type_delta(base, adapter_dir):
+    space = SvdLoraSpace.from_adapter(adapter_dir, alpha=1.0, model=base, share=["layers", "values", "factors"])
+    assert space.dim == 4  # q, k, v, o
+    assert "shared across layers, values and factors" in space.describe()
+    z = np.array([0.3, -0.2, 0.0, 0.5])
+    types = list(dict.fromkeys(p.name.rsplit(".", 1)[-1] for p in space.pairs))  # coordinates in order of first use
+    for pair, (a, b) in zip(space.pairs, space.factors(z).values()):
+        c = z[types.index(pair.name.rsplit(".", 1)[-1])]
+        assert torch.allclose(b @ a, np.exp(2 * c) * (pair.b @ pair.a), atol=1e-6), pair.name
+
+
 def test_bad_offset_mode_or_share_axis_is_refused(adapter_dir):
     with pytest.raises(EssaError, match="offsets must be one of"):
         SvdLoraSpace.from_adapter(adapter_dir, 1.0, offsets="multiplicative")

@@ -163,9 +163,9 @@ class SearchConfig:
     offsets: str = setting("relative", "How an offset z moves its singular value s: relative (s * exp(z): one step "
                            "size fits factors of any scale, values stay positive) or additive (s + z, the paper's "
                            "form).")
-    share: list[str] = setting([], "Offsets shared across `layers` (one per module type and factor) and/or `values` "
-                               "(one per factor): fewer dimensions for small populations (a departure from the "
-                               "paper); [] searches every singular value, as the paper does.")
+    share: list[str] = setting([], "Offsets shared across `layers` (one per module type and factor), `values` (one "
+                               "per factor) and/or `factors` (A and B alike): fewer dimensions for small populations "
+                               "(a departure from the paper); [] searches every singular value, as the paper does.")
     optimizer: str = setting("cma", "A name from the optimizer registry (essa.optim): cma | sep-cma | openai-es.")
     optimizer_options: dict[str, Any] = setting({}, "Options of the chosen optimizer, e.g. {lr: 0.02} for "
                                                 "openai-es (each optimizer lists its own).")

@@ -11,7 +11,10 @@ offsets) and scored on the same prompts as the start itself. Reported per sigma:
 
 `choose_sigma0` picks the smallest sigma whose flip rate reaches a target: small enough to stay
 near a good start, large enough that candidates differ on some prompts (with 0/1 rewards and a
-tiny step, every candidate ties with the start and selection has nothing to go on).
+tiny step, every candidate ties with the start and selection has nothing to go on). The target,
+10% of rewards flipped, is what the demo's runs that gained had (docs/BENCHMARKS.md); at 5% the
+mean barely left the start. With `stop_at_flips` the probe stops at the first sigma that reaches
+it, as larger ones cannot change the choice: the probe spends search time.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ from essa.backends import Backend, half_means
 from essa.evaluate import score
 from essa.tasks import Example, Task, format_prompt
 
-DEFAULT_SIGMAS = (0.05, 0.1, 0.2, 0.4)
-TARGET_FLIPS = 0.05
+DEFAULT_SIGMAS = (0.1, 0.2, 0.4, 0.8)
+TARGET_FLIPS = 0.10  # share of (candidate, prompt) rewards that differ from the start's
 
 
 @dataclass(frozen=True)
@@ -46,8 +49,10 @@ class ProbeRow:
 
 
 def probe_signal(backend: Backend, tokenizer: Any, task: Task, examples: list[Example],
-                 sigmas: tuple[float, ...] = DEFAULT_SIGMAS, candidates: int = 8, seed: int = 0) -> list[ProbeRow]:
-    """One `ProbeRow` per sigma, from `candidates` mirrored candidates scored on `examples`."""
+                 sigmas: tuple[float, ...] = DEFAULT_SIGMAS, candidates: int = 8, seed: int = 0,
+                 stop_at_flips: float | None = None) -> list[ProbeRow]:
+    """One `ProbeRow` per sigma (ascending), from `candidates` mirrored candidates scored on
+    `examples`; with `stop_at_flips`, none after the first whose flip rate reaches it."""
     if candidates < 2 or candidates % 2:
         raise ValueError("the probe needs an even number of candidates (they come in mirrored pairs)")
     prompts = [format_prompt(tokenizer, task, ex) for ex in examples]
@@ -55,12 +60,14 @@ def probe_signal(backend: Backend, tokenizer: Any, task: Task, examples: list[Ex
     start = score(task, [start_text], examples)[0]
     rng = np.random.default_rng(seed)
     rows = []
-    for sigma in sigmas:
+    for sigma in sorted(sigmas):
         eps = rng.standard_normal((candidates // 2, backend.dim))
         population = sigma * np.concatenate([eps, -eps])
         texts = backend.evaluate(population, prompts, seed=seed)
         rewards = score(task, texts, examples)
         rows.append(_row(sigma, texts, rewards, start_text, start))
+        if stop_at_flips is not None and rows[-1].flipped >= stop_at_flips:
+            break
     return rows
 
 

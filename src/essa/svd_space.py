@@ -15,7 +15,9 @@ bit for bit.
 Which singular values share one offset (`share`, a departure from the paper, which searches each
 independently): "layers" gives the same module type and factor (q_proj's A, say) one offset in
 every layer; "values" gives all trainable singular values of a factor one offset (with relative
-offsets: the factor is scaled). Sharing trades expressiveness for a search space small enough
+offsets: the factor is scaled); "factors" gives A and B the same offsets (with relative offsets
+and "values" as well, one offset z scales a module's LoRA delta B A by exp(2z), and no coordinate
+is spent on moving A up and B down, which leaves B A unchanged). Sharing trades expressiveness for a search space small enough
 for a small population to find its way in (docs/BENCHMARKS.md).
 """
 
@@ -36,7 +38,7 @@ from essa.errors import EssaError
 from essa.io import atomic_directory
 
 OFFSET_MODES = ("relative", "additive")
-SHARE_AXES = ("layers", "values")
+SHARE_AXES = ("layers", "values", "factors")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
@@ -123,7 +125,8 @@ class SvdLoraSpace:
 
     def describe(self) -> str:
         k = self.pairs[0].trainable
-        shared = f", shared across {' and '.join(self.share)}" if self.share else ""
+        axes = ", ".join(self.share[:-1]) + " and " + self.share[-1] if len(self.share) > 1 else "".join(self.share)
+        shared = f", shared across {axes}" if self.share else ""
         return (f"SVD-LoRA search space: {len(self.pairs)} modules x 2 factors x {k} trainable singular values "
                 f"(rank {self.rank}), {self.offsets} offsets{shared} = {self.dim} dimensions")
 
@@ -205,7 +208,8 @@ def _group_index(pairs: list[SvdFactorPair], share: tuple[str, ...]) -> np.ndarr
         module = _LAYER_INDEX.sub(".*.", p.name) if "layers" in share else p.name
         for factor in ("A", "B"):
             for j in range(p.trainable):
-                out.append(ids.setdefault((module, factor, None if "values" in share else j), len(ids)))
+                key = (module, None if "factors" in share else factor, None if "values" in share else j)
+                out.append(ids.setdefault(key, len(ids)))
     return np.asarray(out, dtype=np.int64)
 
 

@@ -34,7 +34,7 @@ from essa.errors import EssaError
 from essa.evaluate import evaluate_split
 from essa.io import atomic_write_json, atomic_write_state, atomic_write_text, ensure_writable_dir, read_state
 from essa.optim import make_optimizer
-from essa.probe import choose_sigma0, probe_signal, rank_agreement
+from essa.probe import TARGET_FLIPS, choose_sigma0, probe_signal, rank_agreement
 from essa.schedule import minibatch_indices
 from essa.stats import PairedComparison, compare_paired
 from essa.tasks import RewardStats, Task, format_prompt
@@ -137,7 +137,7 @@ class EssaTrainer:
         size = min(self.cfg.prompts_per_generation, PROBE_PROMPTS, len(self.train))
         picked = rng.choice(len(self.train), size=size, replace=False)
         rows = probe_signal(self.backend, self.tokenizer, self.task, [self.train[i] for i in picked],
-                            seed=self.cfg.seed)
+                            seed=self.cfg.seed, stop_at_flips=TARGET_FLIPS)
         sigma0 = choose_sigma0(rows)
         state.elapsed_s += time.perf_counter() - t0  # the probe spends search compute: it counts
         state.history.append({"generation": 0, "wall_clock_s": round(state.elapsed_s, 3), "sigma0": sigma0,
