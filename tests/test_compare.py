@@ -131,8 +131,8 @@ def test_compare_isolated_runs_end_to_end_from_identical_start_and_prompts(model
     assert set(summary["paired_test"]) >= {"essa_final_vs_grpo_final", "essa_final_vs_start", "grpo_final_vs_start"}
     # ESSA's snapshots are optimizer means: the first is the zero start.
     means = np.load(root / "essa" / "snapshots.npz")
-    # compare.yaml shares offsets across layers and values: one per module type and factor.
-    assert np.all(means["t0"] == 0) and means["t0"].shape == (essa["search_dim"],) == (4 * 2,)
+    # compare.yaml shares offsets across layers, values and factors: one per module type.
+    assert np.all(means["t0"] == 0) and means["t0"].shape == (essa["search_dim"],) == (4,)
 
 
 def scored_as(out, val, test):

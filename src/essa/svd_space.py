@@ -17,8 +17,8 @@ independently): "layers" gives the same module type and factor (q_proj's A, say)
 every layer; "values" gives all trainable singular values of a factor one offset (with relative
 offsets: the factor is scaled); "factors" gives A and B the same offsets (with relative offsets
 and "values" as well, one offset z scales a module's LoRA delta B A by exp(2z), and no coordinate
-is spent on moving A up and B down, which leaves B A unchanged). Sharing trades expressiveness for a search space small enough
-for a small population to find its way in (docs/BENCHMARKS.md).
+is spent on moving A up and B down, which leaves B A unchanged). Sharing trades expressiveness
+for a search space small enough for a small population to find its way in (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -43,9 +43,9 @@ CHECKPOINT = "checkpoint.npz"
 PICKLE_CHECKPOINT = "checkpoint.pkl"  # older essa versions; never read (unpickling can run code)
 METRICS = "metrics.jsonl"
 # Prompts the sigma0 probe scores each candidate on: 8 candidates x 32 prompts per sigma give a
-# flip rate's binomial error of about +-1.5 points, for about the price of one generation of the
-# demo. Which 8 candidates are drawn moves it more than that (3-8% at sigma 0.2 across seeds on
-# the demo, docs/BENCHMARKS.md).
+# flip rate's binomial error of about +-2 points; each sigma costs half a generation of the demo
+# (8 candidates x 64 prompts). Which 8 candidates are drawn moves it more than that (3-8% at
+# sigma 0.2 across seeds on the demo, docs/BENCHMARKS.md).
 PROBE_PROMPTS = 32
 log = logging.getLogger("essa.train")
 
