@@ -49,7 +49,7 @@ from essa.tasks import format_prompt, get_task
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--adapter", required=True, help="an SFT adapter of the demo task (runs/demo/sft/adapter)")
-    p.add_argument("--candidates", type=int, default=16, help="the demo's essa.popsize")
+    p.add_argument("--candidates", type=int, default=8, help="the demo's essa.popsize")
     p.add_argument("--prompts", type=int, default=64, help="the demo's essa.prompts_per_generation")
     p.add_argument("--max-new-tokens", type=int, default=32, help="the demo's decoding.max_new_tokens")
     p.add_argument("--batch-size", type=int, default=128, help="the demo's decoding.batch_size")

@@ -13,8 +13,8 @@ offsets) and scored on the same prompts as the start itself. Reported per sigma:
 near a good start, large enough that candidates differ on some prompts (with 0/1 rewards and a
 tiny step, every candidate ties with the start and selection has nothing to go on). The target,
 10% of rewards flipped, is what the demo's runs that gained had (docs/BENCHMARKS.md); the run
-whose probe stopped at 5% kept its start. With `stop_at_flips` the probe stops at the first sigma that reaches
-it, as larger ones cannot change the choice: the probe spends search time.
+whose probe stopped at 5% kept its start. With `stop_at_flips` the probe stops at the first sigma
+that reaches it, as larger ones cannot change the choice: the probe spends search time.
 """
 
 from __future__ import annotations

@@ -138,7 +138,7 @@ class EssaTrainer:
         picked = rng.choice(len(self.train), size=size, replace=False)
         rows = probe_signal(self.backend, self.tokenizer, self.task, [self.train[i] for i in picked],
                             seed=self.cfg.seed, stop_at_flips=TARGET_FLIPS)
-        sigma0 = choose_sigma0(rows)
+        sigma0 = choose_sigma0(rows, TARGET_FLIPS)  # the target the probe stopped at
         state.elapsed_s += time.perf_counter() - t0  # the probe spends search compute: it counts
         state.history.append({"generation": 0, "wall_clock_s": round(state.elapsed_s, 3), "sigma0": sigma0,
                               "probe": [r.to_dict() for r in rows]})
