@@ -105,6 +105,41 @@ def test_shared_factors_scale_each_module_type_delta(base, adapter_dir):
         assert torch.allclose(b @ a, np.exp(2 * c) * (pair.b @ pair.a), atol=1e-6), pair.name
 
 
+def test_layer_groups_give_each_block_of_layers_its_own_module_scales(base, adapter_dir):
+    space = SvdLoraSpace.from_adapter(adapter_dir, alpha=1.0, model=base, share=["layers", "values", "factors"],
+                                      layer_groups=2)
+    assert space.dim == 2 * 4  # 2 blocks (of one layer each) x q, k, v, o
+    assert "shared across layers (in 2 blocks), values and factors" in space.describe()
+    z = np.array([0.3, -0.2, 0.0, 0.5, -0.4, 0.1, 0.2, -0.1])
+    types = list(dict.fromkeys(p.name.rsplit(".", 1)[-1] for p in space.pairs))
+    for pair, (a, b) in zip(space.pairs, space.factors(z).values()):
+        layer = int(pair.name.split(".layers.")[1].split(".")[0])
+        c = z[4 * layer + types.index(pair.name.rsplit(".", 1)[-1])]
+        assert torch.allclose(b @ a, np.exp(2 * c) * (pair.b @ pair.a), atol=1e-6), pair.name
+
+
+def test_shared_modules_scale_each_layer_block_delta(base, adapter_dir):
+    space = SvdLoraSpace.from_adapter(adapter_dir, alpha=1.0, model=base,
+                                      share=["layers", "modules", "values", "factors"], layer_groups=2)
+    assert space.dim == 2  # one scale per block of layers
+    assert "shared across layers (in 2 blocks), modules, values and factors" in space.describe()
+    z = np.array([0.3, -0.2])
+    for pair, (a, b) in zip(space.pairs, space.factors(z).values()):
+        layer = int(pair.name.split(".layers.")[1].split(".")[0])
+        assert torch.allclose(b @ a, np.exp(2 * z[layer]) * (pair.b @ pair.a), atol=1e-6), pair.name
+    per_layer = SvdLoraSpace.from_adapter(adapter_dir, alpha=1.0, model=base, share=["modules", "values"])
+    assert per_layer.dim == 2 * 2  # 2 layers x (A, B)
+
+
+def test_layer_groups_need_shared_layers_and_enough_layers(adapter_dir):
+    with pytest.raises(EssaError, match="needs layers in share"):
+        SvdLoraSpace.from_adapter(adapter_dir, 1.0, share=["values"], layer_groups=2)
+    with pytest.raises(EssaError, match="spans 2 layers"):
+        SvdLoraSpace.from_adapter(adapter_dir, 1.0, share=["layers"], layer_groups=3)
+    with pytest.raises(EssaError, match="essa.layer_groups"):
+        SearchConfig(share=["values"], layer_groups=2)
+
+
 def test_bad_offset_mode_or_share_axis_is_refused(adapter_dir):
     with pytest.raises(EssaError, match="offsets must be one of"):
         SvdLoraSpace.from_adapter(adapter_dir, 1.0, offsets="multiplicative")

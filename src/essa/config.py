@@ -163,9 +163,12 @@ class SearchConfig:
     offsets: str = setting("relative", "How an offset z moves its singular value s: relative (s * exp(z): one step "
                            "size fits factors of any scale, values stay positive) or additive (s + z, the paper's "
                            "form).")
-    share: list[str] = setting([], "Offsets shared across `layers` (one per module type and factor), `values` (one "
-                               "per factor) and/or `factors` (A and B alike): fewer dimensions for small populations "
-                               "(a departure from the paper); [] searches every singular value, as the paper does.")
+    share: list[str] = setting([], "Offsets shared across `layers` (one per module type and factor), `modules` (one "
+                               "per layer), `values` (one per factor) and/or `factors` (A and B alike): fewer "
+                               "dimensions for small populations (a departure from the paper); [] searches every "
+                               "singular value, as the paper does.")
+    layer_groups: int = setting(1, "With layers in share: split the layers into this many contiguous blocks, each "
+                                "with its own offsets (1: one offset for all layers).")
     optimizer: str = setting("cma", "A name from the optimizer registry (essa.optim): cma | sep-cma | openai-es.")
     optimizer_options: dict[str, Any] = setting({}, "Options of the chosen optimizer, e.g. {lr: 0.02} for "
                                                 "openai-es (each optimizer lists its own).")
@@ -187,6 +190,9 @@ class SearchConfig:
         _check("essa.offsets", self.offsets in OFFSET_MODES, _one_of(OFFSET_MODES), self.offsets)
         _check("essa.share", set(self.share) <= set(SHARE_AXES), f"takes a list of {', '.join(SHARE_AXES)}",
                self.share)
+        _check("essa.layer_groups", isinstance(self.layer_groups, int) and self.layer_groups >= 1
+               and (self.layer_groups == 1 or "layers" in self.share), "must be an integer >= 1, and > 1 only with "
+               "layers in essa.share", self.layer_groups)
         _check("essa.optimizer", self.optimizer in optimizer_names(), _one_of(optimizer_names()), self.optimizer)
         options = check_optimizer_options(self.optimizer, self.optimizer_options)
         _check("essa.popsize", self.popsize >= 2, "must be >= 2", self.popsize)

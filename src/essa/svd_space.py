@@ -14,11 +14,14 @@ bit for bit.
 
 Which singular values share one offset (`share`, a departure from the paper, which searches each
 independently): "layers" gives the same module type and factor (q_proj's A, say) one offset in
-every layer; "values" gives all trainable singular values of a factor one offset (with relative
+every layer; "modules" gives the adapted modules of a layer (q, k, v and o, say) one offset;
+"values" gives all trainable singular values of a factor one offset (with relative
 offsets: the factor is scaled); "factors" gives A and B the same offsets (with relative offsets
 and "values" as well, one offset z scales a module's LoRA delta B A by exp(2z), and no coordinate
-is spent on moving A up and B down, which leaves B A unchanged). Sharing trades expressiveness
-for a search space small enough for a small population to find its way in (docs/BENCHMARKS.md).
+is spent on moving A up and B down, which leaves B A unchanged). With "layers", `layer_groups`
+splits the layers into that many contiguous blocks, each with its own offsets (early and late
+layers of the demo's adapter want different scales: docs/BENCHMARKS.md). Sharing trades
+expressiveness for a search space small enough for a small population to find its way in.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from essa.errors import EssaError
 from essa.io import atomic_directory
 
 OFFSET_MODES = ("relative", "additive")
-SHARE_AXES = ("layers", "values", "factors")
+SHARE_AXES = ("layers", "modules", "values", "factors")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
@@ -96,7 +99,7 @@ class SvdLoraSpace:
     """
 
     def __init__(self, pairs: list[SvdFactorPair], adapter_config: dict[str, Any], offsets: str = "relative",
-                 share: tuple[str, ...] | list[str] = ()):
+                 share: tuple[str, ...] | list[str] = (), layer_groups: int = 1):
         if not pairs:
             raise EssaError("the adapter has no LoRA factors: nothing to search")
         if offsets not in OFFSET_MODES:
@@ -107,8 +110,9 @@ class SvdLoraSpace:
         self.adapter_config = adapter_config
         self.offsets = offsets
         self.share = tuple(a for a in SHARE_AXES if a in share)
+        self.layer_groups = _check_layer_groups(pairs, self.share, layer_groups)
         self.starts = np.cumsum([0] + [2 * p.trainable for p in pairs])
-        self.group = _group_index(pairs, self.share)
+        self.group = _group_index(pairs, self.share, self.layer_groups)
 
     @property
     def dim(self) -> int:
@@ -125,18 +129,21 @@ class SvdLoraSpace:
 
     def describe(self) -> str:
         k = self.pairs[0].trainable
-        axes = ", ".join(self.share[:-1]) + " and " + self.share[-1] if len(self.share) > 1 else "".join(self.share)
+        share = [f"layers (in {self.layer_groups} blocks)" if a == "layers" and self.layer_groups > 1 else a
+                 for a in self.share]
+        axes = ", ".join(share[:-1]) + " and " + share[-1] if len(share) > 1 else "".join(share)
         shared = f", shared across {axes}" if self.share else ""
         return (f"SVD-LoRA search space: {len(self.pairs)} modules x 2 factors x {k} trainable singular values "
                 f"(rank {self.rank}), {self.offsets} offsets{shared} = {self.dim} dimensions")
 
     @classmethod
     def from_adapter(cls, adapter_dir: str | Path, alpha: float, model: torch.nn.Module | None = None,
-                     offsets: str = "relative", share: tuple[str, ...] | list[str] = ()) -> SvdLoraSpace:
+                     offsets: str = "relative", share: tuple[str, ...] | list[str] = (),
+                     layer_groups: int = 1) -> SvdLoraSpace:
         """Build the space from a PEFT LoRA adapter dir; with `model`, check it fits that model.
 
-        `alpha` is essa.alpha, in (0, 1] (SearchConfig checks it); `offsets` and `share` as in the
-        module docstring."""
+        `alpha` is essa.alpha, in (0, 1] (SearchConfig checks it); `offsets`, `share` and
+        `layer_groups` as in the module docstring."""
         config, tensors = read_peft_adapter(adapter_dir)
         factors = _group_factors(tensors, adapter_dir)
         rank = int(config.get("r", 0))
@@ -151,7 +158,7 @@ class SvdLoraSpace:
             if math.floor(alpha * rank + 1e-9) < 1:
                 raise EssaError(f"essa.alpha={alpha} leaves no trainable singular value at rank {rank}")
             pairs.append(SvdFactorPair.decompose(name, a, b, alpha, scale))
-        return cls(pairs, config, offsets=offsets, share=share)
+        return cls(pairs, config, offsets=offsets, share=share, layer_groups=layer_groups)
 
     def changes(self, population: np.ndarray) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(lambda, dim) candidates -> per module the changes s' - s of its trainable singular
@@ -200,12 +207,39 @@ class SvdLoraSpace:
         return Path(out_dir)
 
 
-def _group_index(pairs: list[SvdFactorPair], share: tuple[str, ...]) -> np.ndarray:
+def _layer_of(name: str) -> int | None:
+    """The layer index in a module path ("model.layers.7.self_attn.q_proj" -> 7), None outside layers."""
+    found = _LAYER_INDEX.search(name)
+    return None if found is None else int(found.group(0).strip("."))
+
+
+def _check_layer_groups(pairs: list[SvdFactorPair], share: tuple[str, ...], layer_groups: int) -> int:
+    if not isinstance(layer_groups, int) or layer_groups < 1:
+        raise EssaError(f"layer_groups must be an integer >= 1 (got {layer_groups!r})")
+    if layer_groups == 1:
+        return 1
+    if "layers" not in share:
+        raise EssaError("layer_groups > 1 needs layers in share (without it every layer has its own offsets)")
+    layers = {_layer_of(p.name) for p in pairs} - {None}
+    if layer_groups > len(layers):
+        raise EssaError(f"layer_groups={layer_groups} but the adapter spans {len(layers)} layers")
+    return layer_groups
+
+
+def _group_index(pairs: list[SvdFactorPair], share: tuple[str, ...], layer_groups: int = 1) -> np.ndarray:
     """The search coordinate of every singular-value slot, numbered in order of first use."""
+    layers = sorted({_layer_of(p.name) for p in pairs} - {None})
+    rank = {layer: i for i, layer in enumerate(layers)}
     ids: dict[tuple, int] = {}
     out = []
     for p in pairs:
-        module = _LAYER_INDEX.sub(".*.", p.name) if "layers" in share else p.name
+        layer = _layer_of(p.name)
+        if "layers" in share:  # contiguous blocks of the adapted layers, sizes differing by at most one
+            layer = None if layer is None else rank[layer] * layer_groups // len(layers)
+        if "modules" in share:
+            module = (layer, None)
+        else:
+            module = (layer, _LAYER_INDEX.sub(".*.", p.name)) if "layers" in share else p.name
         for factor in ("A", "B"):
             for j in range(p.trainable):
                 key = (module, None if "factors" in share else factor, None if "values" in share else j)

@@ -174,7 +174,7 @@ def load_inputs(cfg: Config, adapter_dir: str | Path | None, alpha: float, kind:
     space = None
     if adapter_dir is not None:
         space = SvdLoraSpace.from_adapter(adapter_dir, alpha, model=model, offsets=cfg.essa.offsets,
-                                          share=cfg.essa.share)
+                                          share=cfg.essa.share, layer_groups=cfg.essa.layer_groups)
     return BackendInputs(model, tokenizer, space, None if adapter_dir is None else Path(adapter_dir), alpha)
 
 
