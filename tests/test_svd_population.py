@@ -140,6 +140,22 @@ def test_layer_groups_need_shared_layers_and_enough_layers(adapter_dir):
         SearchConfig(share=["values"], layer_groups=2)
 
 
+def test_projection_keeps_points_of_the_space_and_drops_what_it_cannot_reach(base, adapter_dir):
+    space = SvdLoraSpace.from_adapter(adapter_dir, alpha=1.0, model=base)
+    inside = space.factors(random_population(space, 1)[0])
+    for name, (a, b) in space.project(inside).items():
+        assert torch.allclose(a, inside[name][0], atol=1e-6) and torch.allclose(b, inside[name][1], atol=1e-6)
+    # A change off the diagonal of U^T A V (rotating A's singular vectors) projects back to the start.
+    pair = space.pairs[0]
+    rotated = pair.u_a[:, [1, 0, 2, 3]] @ torch.diag(pair.s_a) @ pair.v_a.T
+    off = dict(inside, **{pair.name: (rotated.float(), pair.b)})
+    a, b = space.project(off)[pair.name]
+    expected = (pair.u_a * torch.diag(pair.u_a.T @ rotated @ pair.v_a)) @ pair.v_a.T
+    assert torch.allclose(a.double(), expected, atol=1e-6) and torch.equal(b, pair.b)
+    with pytest.raises(EssaError, match="lack 1 module"):
+        space.project({n: f for n, f in inside.items() if n != pair.name})
+
+
 def test_bad_offset_mode_or_share_axis_is_refused(adapter_dir):
     with pytest.raises(EssaError, match="offsets must be one of"):
         SvdLoraSpace.from_adapter(adapter_dir, 1.0, offsets="multiplicative")

@@ -191,6 +191,27 @@ class SvdLoraSpace:
             out.append((s_a, s_b))
         return out
 
+    def project(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+                ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The nearest point of this space to other LoRA factors of the same modules (e.g. a
+        gradient-trained adapter from the same start): each factor's trainable singular values are
+        refit by least squares on the frozen singular vectors (s_i = u_i^T A v_i), the rest keep
+        their start values. What the projection loses is what no offset vector can reach."""
+        missing = sorted({p.name for p in self.pairs} - set(factors))
+        if missing:
+            raise EssaError(f"the factors to project lack {len(missing)} module(s) of this space, e.g. {missing[0]}")
+        out = {}
+        for p in self.pairs:
+            a, b = (t.double() for t in factors[p.name])
+            if a.shape != p.a.shape or b.shape != p.b.shape:
+                raise EssaError(f"module {p.name}: factors {tuple(b.shape)} x {tuple(a.shape)} do not match this "
+                                f"space's {tuple(p.b.shape)} x {tuple(p.a.shape)}")
+            k = p.trainable
+            fit_a = torch.einsum("ri,rc,ci->i", p.u_a[:, :k], a, p.v_a[:, :k])
+            fit_b = torch.einsum("mi,mr,ri->i", p.u_b[:, :k], b, p.v_b[:, :k])
+            out[p.name] = p.offset_factors(fit_a - p.s_a[:k], fit_b - p.s_b[:k])
+        return out
+
     def save_adapter(self, z: np.ndarray, out_dir: str | Path) -> Path:
         """Write the candidate as a standard PEFT adapter dir (atomically)."""
         return self.save_factors(self.factors(z), out_dir)
@@ -263,6 +284,12 @@ def read_peft_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str
         raise EssaError(f"adapter {adapter_dir} uses per-module rank/alpha patterns, which are not supported")
     _refuse_weights_beyond_lora_factors(config, tensors, adapter_dir)
     return config, tensors
+
+
+def read_lora_factors(adapter_dir: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module name: (A, B)} of a PEFT LoRA adapter dir, in model order."""
+    _, tensors = read_peft_adapter(adapter_dir)
+    return _group_factors(tensors, adapter_dir)
 
 
 # Settings under which an adapter holds trained weights besides the LoRA factors A and B. ESSA
