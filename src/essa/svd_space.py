@@ -196,7 +196,8 @@ class SvdLoraSpace:
         """The nearest point of this space to other LoRA factors of the same modules (e.g. a
         gradient-trained adapter from the same start): each factor's trainable singular values are
         refit by least squares on the frozen singular vectors (s_i = u_i^T A v_i), the rest keep
-        their start values. What the projection loses is what no offset vector can reach."""
+        their start values (a refit value may change sign, which only additive offsets reach). What the
+        projection loses is what no offset vector can reach."""
         missing = sorted({p.name for p in self.pairs} - set(factors))
         if missing:
             raise EssaError(f"the factors to project lack {len(missing)} module(s) of this space, e.g. {missing[0]}")
