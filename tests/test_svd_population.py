@@ -145,7 +145,7 @@ def test_projection_keeps_points_of_the_space_and_drops_what_it_cannot_reach(bas
     inside = space.factors(random_population(space, 1)[0])
     for name, (a, b) in space.project(inside).items():
         assert torch.allclose(a, inside[name][0], atol=1e-6) and torch.allclose(b, inside[name][1], atol=1e-6)
-    # A change off the diagonal of U^T A V (rotating A's singular vectors) projects back to the start.
+    # Swapping two of A's singular directions: only the diagonal of U^T A' V survives the projection.
     pair = space.pairs[0]
     rotated = pair.u_a[:, [1, 0, 2, 3]] @ torch.diag(pair.s_a) @ pair.v_a.T
     off = dict(inside, **{pair.name: (rotated.float(), pair.b)})

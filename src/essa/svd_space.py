@@ -235,6 +235,10 @@ def _layer_of(name: str) -> int | None:
     return None if found is None else int(found.group(0).strip("."))
 
 
+def _adapted_layers(pairs: list[SvdFactorPair]) -> list[int]:
+    return sorted({_layer_of(p.name) for p in pairs} - {None})
+
+
 def _check_layer_groups(pairs: list[SvdFactorPair], share: tuple[str, ...], layer_groups: int) -> int:
     if not isinstance(layer_groups, int) or layer_groups < 1:
         raise EssaError(f"layer_groups must be an integer >= 1 (got {layer_groups!r})")
@@ -242,7 +246,7 @@ def _check_layer_groups(pairs: list[SvdFactorPair], share: tuple[str, ...], laye
         return 1
     if "layers" not in share:
         raise EssaError("layer_groups > 1 needs layers in share (without it every layer has its own offsets)")
-    layers = {_layer_of(p.name) for p in pairs} - {None}
+    layers = _adapted_layers(pairs)
     if layer_groups > len(layers):
         raise EssaError(f"layer_groups={layer_groups} but the adapter spans {len(layers)} layers")
     return layer_groups
@@ -250,7 +254,7 @@ def _check_layer_groups(pairs: list[SvdFactorPair], share: tuple[str, ...], laye
 
 def _group_index(pairs: list[SvdFactorPair], share: tuple[str, ...], layer_groups: int = 1) -> np.ndarray:
     """The search coordinate of every singular-value slot, numbered in order of first use."""
-    layers = sorted({_layer_of(p.name) for p in pairs} - {None})
+    layers = _adapted_layers(pairs)
     rank = {layer: i for i, layer in enumerate(layers)}
     ids: dict[tuple, int] = {}
     out = []
@@ -260,8 +264,10 @@ def _group_index(pairs: list[SvdFactorPair], share: tuple[str, ...], layer_group
             layer = None if layer is None else rank[layer] * layer_groups // len(layers)
         if "modules" in share:
             module = (layer, None)
+        elif "layers" in share:
+            module = (layer, _LAYER_INDEX.sub(".*.", p.name))
         else:
-            module = (layer, _LAYER_INDEX.sub(".*.", p.name)) if "layers" in share else p.name
+            module = p.name
         for factor in ("A", "B"):
             for j in range(p.trainable):
                 key = (module, None if "factors" in share else factor, None if "values" in share else j)
