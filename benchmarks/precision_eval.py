@@ -4,7 +4,8 @@ Evaluates one SFT adapter (e.g. the demo's: `essa sft --config src/essa/configs/
 output_dir=runs/demo-sft`) on the demo task's test split with the local runtime in each precision:
 fp32, bf16, int8 (per-token int8 activations x per-channel int8 weights, `torch._int_mm`) and int4
 (weight-only, groups of 32, bf16 activations). Repetitions are interleaved and the median time is
-reported with its ratio to fp32 on the same run. The last stdout line is one JSON object.
+reported with its ratio to fp32 on the same run, and each precision's accuracy against fp32's on the
+same problems (paired delta, bootstrap 95% CI, McNemar p). The last stdout line is one JSON object.
 
     python benchmarks/precision_eval.py --adapter runs/demo-sft [--repeats 2] [--threads 1]
         [--limit N] [--precisions fp32,bf16,int8,int4]
@@ -28,6 +29,7 @@ from essa.commands import resolve_adapter_dir
 from essa.config import load_config
 from essa.evaluate import evaluate_split
 from essa.models import load_model
+from essa.stats import compare_paired
 from essa.svd_space import SvdLoraSpace
 from essa.tasks import get_task
 
@@ -64,6 +66,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     space = SvdLoraSpace.from_adapter(adapter, 1.0, model=next(iter(models.values()))[0])
     seconds: dict[str, list[float]] = {name: [] for name in args.precisions}
     accuracy: dict[str, float] = {}
+    correct: dict[str, Any] = {}
     for rep in range(args.repeats):
         for name in args.precisions:
             dtype, quantize = PRECISIONS[name]
@@ -77,6 +80,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             finally:
                 backend.close()
             accuracy[name] = result.metrics["accuracy"]
+            correct[name] = result.correct
             log(f"repeat {rep + 1}/{args.repeats} {name}: accuracy {accuracy[name]:.4f} in {seconds[name][-1]:.1f} s")
     median = {name: statistics.median(s) for name, s in seconds.items()}
     base = median.get("fp32")
@@ -84,6 +88,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "accuracy": {k: round(v, 4) for k, v in accuracy.items()},
         "seconds": {k: [round(s, 1) for s in v] for k, v in seconds.items()},
         "speedup_vs_fp32": {k: round(base / v, 3) for k, v in median.items()} if base else None,
+        # Each precision against fp32 on the same problems: delta, paired bootstrap 95% CI, McNemar p.
+        "vs_fp32": {k: compare_paired(correct["fp32"], v).to_dict() for k, v in correct.items() if k != "fp32"}
+        if "fp32" in correct else None,
         "settings": {"config": os.path.relpath(args.config), "adapter": str(adapter), "examples": len(examples),
                      "threads": args.threads, "repeats": args.repeats, "torch": torch.__version__},
     }

@@ -167,7 +167,7 @@ def test_lr_sweep_runs_every_rate_from_one_start_and_stream_and_selects_on_valid
     monkeypatch.setattr(compare, "_essa_job", job(real_essa, lambda cfg: "essa"))
     monkeypatch.setattr(compare, "_grpo_job", job(real_grpo, lambda cfg: cfg.grpo.lr))
     monkeypatch.setattr(compare, "_evaluator", evaluator)
-    monkeypatch.setattr(essa.models, "cpu_has_amx_bf16", lambda: True)  # model.dtype auto: bf16 inference
+    monkeypatch.setattr(essa.models, "cpu_has_fast_bf16", lambda: True)  # model.dtype auto: bf16 inference
     adapter = make_random_adapter(tiny_llama(seed=0), tmp_path / "sft", rank=2)
     root = tmp_path / "cmp"
     cfg = load_compare_config(None, [
@@ -225,16 +225,16 @@ def test_lr_sweep_runs_every_rate_from_one_start_and_stream_and_selects_on_valid
     assert "## Paired comparisons" in (root / "comparison.md").read_text()
 
 
-@pytest.mark.parametrize("amx", [True, False])
+@pytest.mark.parametrize("fast_bf16", [True, False])
 def test_grpo_rollouts_and_loss_run_in_the_precision_essa_searches_in(model_dir, vowel_task, tmp_path, monkeypatch,
-                                                                       amx):
-    """model.dtype auto: bf16 inference on an AMX CPU, where GRPO's rollouts (no grad) and loss
-    (grad) both run under bf16 autocast over fp32 weights; fp32 throughout elsewhere."""
+                                                                       fast_bf16):
+    """model.dtype auto: bf16 inference on a CPU with bf16 matrix instructions, where GRPO's rollouts
+    (no grad) and loss (grad) both run under bf16 autocast over fp32 weights; fp32 throughout elsewhere."""
     from essa.grpo import precision, run_grpo
     from essa.models import load_model
     from essa.tasks import get_task
 
-    monkeypatch.setattr(essa.models, "cpu_has_amx_bf16", lambda: amx)
+    monkeypatch.setattr(essa.models, "cpu_has_fast_bf16", lambda: fast_bf16)
     adapter = make_random_adapter(tiny_llama(seed=0), tmp_path / "sft", rank=2)
     cfg = load_compare_config(None, [f"model.name={model_dir}", f"task.name={vowel_task}", *TINY,
                                      "compare.max_steps=1"])
@@ -243,10 +243,10 @@ def test_grpo_rollouts_and_loss_run_in_the_precision_essa_searches_in(model_dir,
     model.model.layers[0].self_attn.q_proj.register_forward_hook(
         lambda module, args, out: seen.add((torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"), out.dtype)))
     run_grpo(model, tokenizer, get_task(cfg.task), adapter, cfg, tmp_path / "grpo", progress=False)
-    dtype = torch.bfloat16 if amx else torch.float32
-    assert seen == {(False, amx, dtype), (True, amx, dtype)}
+    dtype = torch.bfloat16 if fast_bf16 else torch.float32
+    assert seen == {(False, fast_bf16, dtype), (True, fast_bf16, dtype)}
     assert next(model.parameters()).dtype == torch.float32  # autocast, not a cast of the weights
-    assert precision(cfg) == ("float32 weights, bfloat16 autocast (rollouts and loss)" if amx else "float32")
+    assert precision(cfg) == ("float32 weights, bfloat16 autocast (rollouts and loss)" if fast_bf16 else "float32")
 
 
 def test_compare_command_with_sft_random_singular_vectors_and_svd_grpo(model_dir, tmp_path, capsys):

@@ -383,3 +383,18 @@ def test_bundled_model_loads_and_chats():
     reply = tok.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     assert out.shape[1] > batch["input_ids"].shape[1]
     assert reply.strip(), "the instruct model should answer with some text"
+
+
+@pytest.mark.parametrize("flags, fast", [
+    ("fpu avx2 avx512f avx512_vnni", False),  # AVX-512 without BF16 (e.g. Intel Ice Lake)
+    ("fpu avx2 avx512f avx512_bf16", True),  # AVX-512 BF16 (AMD Zen 4, Intel Cooper Lake)
+    ("fpu avx2 avx512f amx_bf16 amx_tile", True),  # AMX
+    ("fpu avx2 fma", False),
+])
+def test_auto_dtype_is_bf16_for_inference_only_on_cpus_with_bf16_matrix_instructions(monkeypatch, flags, fast):
+    monkeypatch.setattr(models.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(models.Path, "read_text", lambda self: f"processor\t: 0\nflags\t\t: {flags}\n")
+    assert models.cpu_has_fast_bf16() is fast
+    assert models.resolve_dtype("auto") == ("bfloat16" if fast else "float32")
+    assert models.resolve_dtype("auto", training=True) == "float32"
+    assert models.resolve_dtype("float32") == "float32"

@@ -66,8 +66,8 @@ class ModelConfig:
     name: str = setting("smollm2-135m-instruct", "Bundled alias (smollm2-135m-instruct), a local Hugging Face "
                         "model directory, a hub id, or a .gguf file.")
     dtype: str = setting("float32", "float32 | bfloat16 | float16 | auto (bfloat16 for inference on a GPU or on "
-                         "CPUs with AMX bf16 units, where it is ~2.4x faster at unchanged accuracy; float32 "
-                         "elsewhere and for SFT/GRPO training).")
+                         "CPUs with bf16 matrix instructions (AMX or AVX-512 BF16), where it is 1.8-2.4x faster "
+                         "at unchanged accuracy; float32 elsewhere and for SFT/GRPO training).")
     quantize: str = setting("none", "none | int8 | int4: quantized base linears in the local runtime (PyTorch CPU "
                             "kernels; int8 per-token activations x per-channel weights, int4 weight-only in groups "
                             "of 32); the SVD-LoRA branch and the output head stay in float.")

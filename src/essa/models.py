@@ -48,23 +48,29 @@ CACHE_ENV = "ESSA_CACHE_DIR"
 _SOURCE_HINT = f"give a local model directory, a .gguf file, or the bundled alias '{BUNDLED_ALIAS}'"
 
 
-def cpu_has_amx_bf16() -> bool:
-    """Whether this CPU has AMX bf16 tile units (Linux: /proc/cpuinfo), where bf16 matmuls run
-    several times faster than fp32; without them bf16 is slower than fp32 on CPU."""
+# CPU flags (Linux /proc/cpuinfo) of bf16 matrix instructions: AMX tiles (Intel Sapphire Rapids and
+# later) or AVX-512 BF16 dot products (Intel Cooper Lake, AMD Zen 4 and later). With either, bf16
+# matmuls run ~2x faster than fp32 (measured: docs/BENCHMARKS.md); without them bf16 is slower.
+FAST_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU has bf16 matrix instructions (AMX or AVX-512 BF16)."""
     try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
+        flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
         return False
+    return any(flag in flags for flag in FAST_BF16_CPU_FLAGS)
 
 
 def resolve_dtype(name: str, training: bool = False) -> str:
-    """model.dtype with "auto" resolved: bfloat16 for inference on a GPU or an AMX CPU, float32
-    otherwise and for training (SFT, GRPO)."""
+    """model.dtype with "auto" resolved: bfloat16 for inference on a GPU or a CPU with bf16 matrix
+    instructions, float32 otherwise and for training (SFT, GRPO)."""
     if name != "auto":
         return name
     if training:
         return "float32"
-    return "bfloat16" if torch.cuda.is_available() or cpu_has_amx_bf16() else "float32"
+    return "bfloat16" if torch.cuda.is_available() or cpu_has_fast_bf16() else "float32"
 
 
 def load_model(cfg: ModelConfig, training: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
