@@ -18,7 +18,10 @@ is a near-tie that fp32 summation order can flip. The FLOP-limit fraction is the
 model FLOPs per second over the CPU's peak: 2 x (linear weights) per token, plus the output head
 for decoded tokens and the last prompt token of each row, plus attention (4 x hidden size per
 attended key and layer), against cores x 2 FMA units x SIMD lanes (AVX-512: 16, AVX2 or AMD's
-256-bit AVX-512: 8 fp32) x 2 FLOPs x clock (lscpu's maximum, else /proc/cpuinfo's current MHz). The last stdout line is one JSON object.
+256-bit AVX-512: 8 fp32) x 2 FLOPs x clock (lscpu's maximum, else /proc/cpuinfo's current MHz); in
+bf16 with AVX-512 BF16 twice that (each bf16 dot-product instruction does two multiply-adds per fp32
+lane), and no figure with AMX, whose tile peak is of another order. The last stdout line is one
+JSON object.
 
     python benchmarks/decode_throughput.py --adapter runs/demo/sft/adapter [--threads 2] [--repeats 3]
 """
@@ -95,7 +98,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows = args.candidates * args.prompts
     per_s = {name: rows / statistics.median(s) for name, s in seconds.items()}
     flops = _model_flops(model, work)
-    peak, how = _peak_flops(args.threads)
+    peak, how = _peak_flops(args.threads, args.dtype)
     agree = [a == b for x, y in zip(texts["essa"], texts["generate"]) for a, b in zip(x, y)]
     result = {
         "completions_per_s": {k: round(v, 2) for k, v in per_s.items()},
@@ -104,7 +107,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "completion_agreement": round(float(np.mean(agree)), 4),
         "rows": rows, "differing_rows": int(len(agree) - sum(agree)),
         "differing_row_logit_margins": margins,
-        "flop_limit_fraction": round(flops / statistics.median(seconds["essa"]) / peak, 3),
+        "flop_limit_fraction": round(flops / statistics.median(seconds["essa"]) / peak, 3) if peak else None,
         "flop_limit": how, "model_gflop_per_generation": round(flops / 1e9, 1),
         "tokens": {"prefix": work.prefix_tokens, "prefilled": work.prefill_tokens, "decoded": work.decoded_tokens},
         "seconds": {k: [round(x, 2) for x in v] for k, v in seconds.items()},
@@ -157,14 +160,20 @@ def _model_flops(model: torch.nn.Module, work: Any) -> float:
             + 4.0 * cfg.hidden_size * cfg.num_hidden_layers * work.attended_keys)
 
 
-def _peak_flops(threads: int) -> tuple[float, str]:
+def _peak_flops(threads: int, dtype: str) -> tuple[float | None, str]:
     info = open("/proc/cpuinfo").read()
     # AMD Zen 4 runs AVX-512 on 256-bit units: 8 fp32 lanes per FMA, as AVX2.
     wide = "avx512f" in info and "AuthenticAMD" not in info
     lanes = 16 if wide else 8 if "avx2" in info else 4
+    per_lane, unit = 2, "FLOPs"
+    if dtype == "bfloat16":
+        if "amx_bf16" in info:
+            return None, "not computed: bf16 on AMX tiles"
+        if "avx512_bf16" in info:
+            per_lane, unit = 4, "FLOPs (bf16 pairs)"
     ghz = _max_ghz()
-    peak = threads * 2 * lanes * 2 * ghz * 1e9
-    return peak, (f"{threads} cores x 2 FMA units x {lanes} fp32 lanes x 2 FLOPs x {ghz:.2f} GHz "
+    peak = threads * 2 * lanes * per_lane * ghz * 1e9
+    return peak, (f"{threads} cores x 2 FMA units x {lanes} fp32 lanes x {per_lane} {unit} x {ghz:.2f} GHz "
                   f"= {peak / 1e9:.0f} GFLOP/s")
 
 
