@@ -24,6 +24,10 @@ lane), and no figure with AMX, whose tile peak is of another order. The last std
 JSON object.
 
     python benchmarks/decode_throughput.py --adapter runs/demo/sft/adapter [--threads 2] [--repeats 3]
+
+`--step-rows 16,32,64,128` measures something else instead: the time of one decode step of the
+plain model (cache of `--step-cache` positions, median of 12 steps) at each number of rows, which
+says what a step with few live rows costs against a full one (whether refilling freed slots pays).
 """
 
 from __future__ import annotations
@@ -41,9 +45,11 @@ from typing import Any
 import numpy as np
 import torch
 from _common import json_main, log, require_positive
+from transformers import DynamicCache
 
 from essa.backends.local import LocalBackend
 from essa.config import DecodingConfig, ModelConfig, TaskConfig
+from essa.decoding import PreallocatedLayer
 from essa.models import load_model
 from essa.svd_space import SvdLoraSpace
 from essa.tasks import format_prompt, get_task
@@ -51,7 +57,7 @@ from essa.tasks import format_prompt, get_task
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--adapter", required=True, help="an SFT adapter of the demo task (runs/demo/sft/adapter)")
+    p.add_argument("--adapter", help="an SFT adapter of the demo task (runs/demo/sft/adapter); not with --step-rows")
     p.add_argument("--candidates", type=int, default=8, help="the demo's essa.popsize")
     p.add_argument("--prompts", type=int, default=64, help="the demo's essa.prompts_per_generation")
     p.add_argument("--max-new-tokens", type=int, default=32, help="the demo's decoding.max_new_tokens")
@@ -62,12 +68,25 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--vllm", action="store_true", help="also time a vLLM engine (needs vLLM installed)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step-rows", default=None, help="instead: time single decode steps at these row counts (16,32,...)")
+    p.add_argument("--step-cache", type=int, default=75, help="cache positions for --step-rows")
     args = p.parse_args(argv)
+    if args.step_rows is None and args.adapter is None:
+        p.error("--adapter is required (unless --step-rows)")
+    if args.step_rows is not None:
+        try:
+            args.step_rows = [int(x) for x in args.step_rows.split(",")]
+        except ValueError:
+            p.error(f"--step-rows takes comma-separated integers (got {args.step_rows!r})")
+        if min(args.step_rows) < 1:
+            p.error("--step-rows must be positive")
     require_positive(p, args, ("candidates", "prompts", "max_new_tokens", "batch_size", "repeats", "threads"))
     return args
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.step_rows is not None:
+        return _step_times(args)
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(ModelConfig(dtype=args.dtype, threads=args.threads))
     task = get_task(TaskConfig(sft_size=128, train_size=800, validation_size=300, test_size=500))
@@ -114,6 +133,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "settings": {k: v for k, v in vars(args).items()} | {"torch": torch.__version__, "cpu": _cpu_name()},
     }
     return result
+
+
+@torch.inference_mode()
+def _step_times(args: argparse.Namespace) -> dict[str, Any]:
+    """Median seconds of one decode step of the plain model at each row count (random tokens)."""
+    model, _ = load_model(ModelConfig(dtype=args.dtype, threads=args.threads))
+    generator = torch.Generator().manual_seed(args.seed)
+    step_ms = {}
+    for rows in args.step_rows:
+        cache = DynamicCache(config=model.config)
+        cache.layers = [PreallocatedLayer(args.step_cache + 16) for _ in cache.layers]
+        ids = torch.randint(100, 1000, (rows, args.step_cache), generator=generator)
+        mask = torch.ones_like(ids)
+        model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        seconds = []
+        for step in range(12):
+            mask = torch.cat([mask, torch.ones((rows, 1), dtype=mask.dtype)], dim=1)
+            positions = torch.full((rows, 1), args.step_cache + step)
+            token = torch.randint(100, 1000, (rows, 1), generator=generator)
+            t = time.perf_counter()
+            model(input_ids=token, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                  use_cache=True, logits_to_keep=1)
+            seconds.append(time.perf_counter() - t)
+        step_ms[rows] = round(1e3 * statistics.median(seconds), 1)
+        log(f"{rows} rows: {step_ms[rows]} ms per step")
+    return {"step_ms_by_rows": step_ms, "ms_per_row": {r: round(t / r, 2) for r, t in step_ms.items()},
+            "settings": {"dtype": args.dtype, "threads": args.threads, "cache": args.step_cache,
+                         "torch": torch.__version__, "cpu": _cpu_name()}}
 
 
 def _vllm_backend(args: argparse.Namespace, tokenizer: Any, space: SvdLoraSpace, decoding: DecodingConfig) -> Any:
