@@ -45,11 +45,10 @@ from typing import Any
 import numpy as np
 import torch
 from _common import json_main, log, require_positive
-from transformers import DynamicCache
 
 from essa.backends.local import LocalBackend
 from essa.config import DecodingConfig, ModelConfig, TaskConfig
-from essa.decoding import PreallocatedLayer
+from essa.decoding import new_decode_cache
 from essa.models import load_model
 from essa.svd_space import SvdLoraSpace
 from essa.tasks import format_prompt, get_task
@@ -142,8 +141,7 @@ def _step_times(args: argparse.Namespace) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(args.seed)
     step_ms = {}
     for rows in args.step_rows:
-        cache = DynamicCache(config=model.config)
-        cache.layers = [PreallocatedLayer(args.step_cache + 16) for _ in cache.layers]
+        cache = new_decode_cache(model.config, args.step_cache + 16)  # the essa decoder's cache
         ids = torch.randint(100, 1000, (rows, args.step_cache), generator=generator)
         mask = torch.ones_like(ids)
         model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)

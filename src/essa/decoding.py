@@ -139,10 +139,7 @@ class BatchDecoder:
         return cache, {c: i for i, c in enumerate(unique)}
 
     def _new_cache(self) -> DynamicCache:
-        cache = DynamicCache(config=self.model.config)
-        if all(type(layer) is DynamicLayer for layer in cache.layers):  # full attention everywhere
-            cache.layers = [PreallocatedLayer(self._capacity) for _ in cache.layers]
-        return cache
+        return new_decode_cache(self.model.config, self._capacity)
 
     def _batch_cache(self, prefix: tuple[DynamicCache, dict[int, int]] | None, rows: list[int],
                      candidates: list[int]) -> DynamicCache:
@@ -214,6 +211,15 @@ class BatchDecoder:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                          logits_to_keep=1, **{self._cache_kwarg: cache})
         return out.logits[:, -1, :]
+
+
+def new_decode_cache(config: Any, capacity: int) -> DynamicCache:
+    """The model's cache, with `PreallocatedLayer`s of `capacity` positions where every layer is full
+    attention (other layer kinds, e.g. sliding windows, keep transformers' own classes)."""
+    cache = DynamicCache(config=config)
+    if all(type(layer) is DynamicLayer for layer in cache.layers):
+        cache.layers = [PreallocatedLayer(capacity) for _ in cache.layers]
+    return cache
 
 
 class PreallocatedLayer(DynamicLayer):
