@@ -1,0 +1,67 @@
+"""Adapters scored against a start on more held-out arithmetic problems than the demo's test split.
+
+Builds up to `--size` problems disjoint (by operation and operands) from all four splits of the
+config's arithmetic task: its test stream drawn on past `test_size`, every key of the config's
+splits removed. Each adapter is scored greedily on them and compared with `--start` (paired delta,
+bootstrap 95% CI, McNemar p). One JSON line.
+
+    python benchmarks/fresh_heldout.py --config src/essa/configs/demo.yaml \\
+        --start runs/demo/sft/adapter essa=runs/demo/adapter grpo=runs/cmp/grpo/lr_0.0003/snapshots/step00005
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Any
+
+from _common import json_main, log
+
+from essa.commands import evaluation_kind, load_inputs, score_adapter
+from essa.config import load_config
+from essa.stats import compare_paired
+from essa.tasks import get_task
+from essa.tasks.base import SPLITS
+from essa.tasks.splits import problem_key
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="the run's config (arithmetic task)")
+    parser.add_argument("--start", required=True, help="the adapter the others are compared with")
+    parser.add_argument("--size", type=int, default=2000, help="at most this many fresh problems")
+    parser.add_argument("--draw", type=int, default=3200, help="problems drawn from the test stream")
+    parser.add_argument("adapters", nargs="+", metavar="NAME=DIR", help="adapters to score")
+    args = parser.parse_args(argv)
+    if any("=" not in a for a in args.adapters):
+        parser.error("adapters are given as NAME=DIR")
+    return args
+
+
+def fresh_problems(cfg: Any, size: int, draw: int) -> list[Any]:
+    """Problems of the config's task that none of its splits holds."""
+    taken = {problem_key(e) for split in SPLITS for e in get_task(cfg.task).checked_split(split)}
+    wide = dataclasses.replace(cfg.task, test_size=draw, validation_size=0, train_size=0, sft_size=0)
+    return [e for e in get_task(wide).checked_split("test") if problem_key(e) not in taken][:size]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    cfg = load_config(args.config, [])
+    examples = fresh_problems(cfg, args.size, args.draw)
+    log(f"{len(examples)} fresh problems")
+    loaded = load_inputs(cfg, None, 1.0, kind=evaluation_kind(cfg)).weights()
+    task = get_task(cfg.task)
+    start = score_adapter(cfg, task, examples, args.start, loaded=loaded).correct
+    out: dict[str, Any] = {"examples": len(examples), "start_accuracy": sum(start) / len(examples)}
+    for name, path in (a.split("=", 1) for a in args.adapters):
+        correct = score_adapter(cfg, task, examples, path, loaded=loaded).correct
+        paired = compare_paired(start, correct, seed=0)
+        out[name] = {"accuracy": sum(correct) / len(examples), "delta": paired.delta,
+                     "delta_ci95": list(paired.ci95), "mcnemar_p": paired.mcnemar_p}
+        log(f"{name}: {paired.delta:+.3f} {paired.ci95}")
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(json_main(run, _parse(sys.argv[1:])))
