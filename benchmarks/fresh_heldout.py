@@ -18,7 +18,7 @@ from typing import Any
 
 from _common import json_main, log
 
-from essa.commands import evaluation_kind, load_inputs, score_adapter
+from essa.commands import evaluation_kind, load_inputs, paired_fields, score_adapter
 from essa.config import load_config
 from essa.stats import compare_paired
 from essa.tasks import get_task
@@ -39,26 +39,25 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def fresh_problems(cfg: Any, size: int, draw: int) -> list[Any]:
-    """Problems of the config's task that none of its splits holds."""
-    taken = {problem_key(e) for split in SPLITS for e in get_task(cfg.task).checked_split(split)}
+def fresh_problems(task: Any, cfg: Any, size: int, draw: int) -> list[Any]:
+    """Problems of the config's task that none of its splits (built by `task`) holds."""
+    taken = {problem_key(e) for split in SPLITS for e in task.checked_split(split)}
     wide = dataclasses.replace(cfg.task, test_size=draw, validation_size=0, train_size=0, sft_size=0)
     return [e for e in get_task(wide).checked_split("test") if problem_key(e) not in taken][:size]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = load_config(args.config, [])
-    examples = fresh_problems(cfg, args.size, args.draw)
+    task = get_task(cfg.task)
+    examples = fresh_problems(task, cfg, args.size, args.draw)
     log(f"{len(examples)} fresh problems")
     loaded = load_inputs(cfg, None, 1.0, kind=evaluation_kind(cfg)).weights()
-    task = get_task(cfg.task)
     start = score_adapter(cfg, task, examples, args.start, loaded=loaded).correct
     out: dict[str, Any] = {"examples": len(examples), "start_accuracy": sum(start) / len(examples)}
     for name, path in (a.split("=", 1) for a in args.adapters):
         correct = score_adapter(cfg, task, examples, path, loaded=loaded).correct
         paired = compare_paired(start, correct, seed=0)
-        out[name] = {"accuracy": sum(correct) / len(examples), "delta": paired.delta,
-                     "delta_ci95": list(paired.ci95), "mcnemar_p": paired.mcnemar_p}
+        out[name] = {"accuracy": sum(correct) / len(examples), **paired_fields(paired)}
         log(f"{name}: {paired.delta:+.3f} {paired.ci95}")
     return out
 

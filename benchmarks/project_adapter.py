@@ -7,8 +7,9 @@ compare`) onto a subspace of the start and writes the projection as a PEFT adapt
 - `core`: any r x r mixing within the start's output and input directions (B A projected onto the
   column space of the start's B and the row space of its A), a superset of `values`;
 - `output`: only B A's output side kept in the start's B columns (A free);
-- `input`: only B A's input side kept in the start's A rows (B free). Prints one JSON line: the
-relative change of the A and B factors from the start, and the share of the change of each module's
+- `input`: only B A's input side kept in the start's A rows (B free).
+
+Prints one JSON line: the relative change of the A and B factors from the start, and the share of the change of each module's
 delta B A that the projection keeps (the regression coefficient of the projected change on the
 full change, averaged over modules: 1 = all of it, 0 = none). Score both with
 `essa eval --split test adapter=OUT --compare-to START`.
@@ -29,6 +30,8 @@ from _common import json_main, log
 
 from essa.svd_space import SvdLoraSpace, read_lora_factors
 
+SUBSPACES = ("values", "core", "output", "input")
+
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -39,23 +42,21 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-SUBSPACES = ("values", "core", "output", "input")
-
-
 def _project_spans(space: SvdLoraSpace, other: dict[str, tuple[torch.Tensor, torch.Tensor]],
                    onto: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The factors (A, B) of B A projected onto the start's output span (columns of its B, U_B)
-    and/or input span (rows of its A, V_A^T)."""
+    and/or input span (rows of its A, V_A^T), in the start's dtype like `SvdLoraSpace.project`."""
     out = {}
     for p in space.pairs:
         a, b = (t.double() for t in other[p.name])
         u_b, v_a = p.u_b, p.v_a
         if onto == "core":
-            out[p.name] = (v_a.T, u_b @ (u_b.T @ b @ a @ v_a))
+            a, b = v_a.T, u_b @ (u_b.T @ b @ a @ v_a)
         elif onto == "output":
-            out[p.name] = (a, u_b @ (u_b.T @ b))
+            b = u_b @ (u_b.T @ b)
         else:  # input
-            out[p.name] = ((a @ v_a) @ v_a.T, b)
+            a = (a @ v_a) @ v_a.T
+        out[p.name] = (a.to(p.a.dtype), b.to(p.b.dtype))
     return out
 
 
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rel_b.append(float((b - p.b).norm() / p.b.norm()))
         full, kept_change = b @ a - start, pb @ pa - start
         kept.append(float((full * kept_change).sum() / max(float(full.norm()) ** 2, 1e-30)))
-    space.save_factors({name: (a.float(), b.float()) for name, (a, b) in projected.items()}, args.out)
+    space.save_factors(projected, args.out)
     log(f"projected adapter written to {args.out}")
     return {"onto": args.onto, "modules": len(space.pairs), "relative_change_a": float(np.mean(rel_a)),
             "relative_change_b": float(np.mean(rel_b)), "delta_change_kept": float(np.mean(kept)),
