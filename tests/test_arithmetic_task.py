@@ -116,8 +116,8 @@ def test_splits_sizes_and_disjoint(difficulty):
 
 @pytest.mark.parametrize("difficulty", ["easy", "medium"])
 def test_held_out_problems_never_appear_in_training_under_other_names(difficulty):
-    # The demo's sizes: 500 test problems, none of them (operation and operands) seen in SFT/train.
-    task = ArithmeticTask(TaskConfig(sft_size=128, train_size=800, validation_size=300, test_size=500,
+    # The demo's sizes: 1,000 test problems, none of them (operation and operands) seen in SFT/train.
+    task = ArithmeticTask(TaskConfig(sft_size=128, train_size=800, validation_size=300, test_size=1000,
                                      options={"difficulty": difficulty}))
     assert_held_out_by_problem(task)
     kinds = [e.meta["kind"] for e in task.split("test")]
