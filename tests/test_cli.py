@@ -281,14 +281,28 @@ def test_demo_defaults_are_the_packaged_demo_yaml():
     assert cfg.decoding.max_new_tokens == packaged["decoding"]["max_new_tokens"]
 
 
-@pytest.mark.parametrize("name", ["arithmetic.yaml", "ifeval.yaml"])
+def test_arithmetic_example_config_is_the_demo():
+    # configs/arithmetic.yaml promises the demo's settings for the separate commands.
+    from pathlib import Path
+
+    from essa.cli import demo_defaults
+    from essa.config import load_config
+
+    cfg, demo = load_config(Path(__file__).parents[1] / "configs" / "arithmetic.yaml"), demo_defaults()
+    for section in ("model", "task", "lora", "sft", "decoding", "essa"):
+        assert getattr(cfg, section) == getattr(demo, section), section
+
+
+@pytest.mark.parametrize("name", ["arithmetic.yaml", "ifeval.yaml", "math.yaml"])
 def test_shipped_example_configs_load(name):
     from pathlib import Path
 
     from essa.config import load_config
 
     cfg = load_config(Path(__file__).parents[1] / "configs" / name)
-    assert cfg.essa.offsets == "relative" and cfg.essa.sigma0 == "auto"
+    assert cfg.essa.offsets == "relative"
+    assert cfg.essa.sigma0 == "auto" or cfg.essa.sigma0 > 0
+    assert cfg.task.name == name.removesuffix(".yaml")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
