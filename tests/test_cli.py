@@ -293,15 +293,15 @@ def test_arithmetic_example_config_is_the_demo():
         assert getattr(cfg, section) == getattr(demo, section), section
 
 
-@pytest.mark.parametrize("name", ["arithmetic.yaml", "ifeval.yaml", "math.yaml"])
-def test_shipped_example_configs_load(name):
+# math.yaml fixes the step size: its start solves ~2%, where the probe finds no flips (docs/BENCHMARKS.md).
+@pytest.mark.parametrize("name, sigma0", [("arithmetic.yaml", "auto"), ("ifeval.yaml", "auto"), ("math.yaml", 0.8)])
+def test_shipped_example_configs_load(name, sigma0):
     from pathlib import Path
 
     from essa.config import load_config
 
     cfg = load_config(Path(__file__).parents[1] / "configs" / name)
-    assert cfg.essa.offsets == "relative"
-    assert cfg.essa.sigma0 == "auto" or cfg.essa.sigma0 > 0
+    assert cfg.essa.offsets == "relative" and cfg.essa.sigma0 == sigma0
     assert cfg.task.name == name.removesuffix(".yaml")
 
 
