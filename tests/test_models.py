@@ -23,6 +23,7 @@ from essa.errors import EssaError
 from essa.models import (
     BUNDLED_ALIAS,
     BUNDLED_GGUF_MEMBER,
+    cast_for_inference,
     ensure_bundled_model,
     find_linear_targets,
     load_model,
@@ -84,6 +85,21 @@ def test_dtype_and_threads_are_applied(tmp_path):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert torch.get_num_threads() == 1
     assert _same_weights(model, tiny_llama().to(torch.bfloat16))
+
+
+def test_a_training_model_cast_for_inference_equals_one_loaded_for_inference(tmp_path):
+    path = make_tiny_model_dir(tmp_path / "tiny")
+    cfg = ModelConfig(name=str(path), dtype="bfloat16")
+    loaded, tok = load_model(cfg)
+    cast = cast_for_inference(load_model(ModelConfig(name=str(path)))[0], cfg)  # loaded in fp32, cast to bf16
+    assert {p.dtype for p in cast.parameters()} == {torch.bfloat16} and _same_weights(cast, loaded)
+    loaded_buffers, cast_buffers = dict(loaded.named_buffers()), dict(cast.named_buffers())
+    assert loaded_buffers["model.rotary_emb.inv_freq"].dtype == torch.float32  # RoPE frequencies stay fp32
+    for name, buf in loaded_buffers.items():
+        assert cast_buffers[name].dtype == buf.dtype and torch.equal(cast_buffers[name], buf), name
+    ids = tok(["abcabcabcabcabcabcabcabcabcabcabcabcabcabc"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(cast(ids).logits, loaded(ids).logits)
 
 
 def test_pad_token_falls_back_to_eos(tmp_path):

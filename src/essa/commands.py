@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from essa.backends import backend_class, build_backend, evaluation_kind, load_inputs
 from essa.config import Config
@@ -28,7 +27,7 @@ from essa.console import say
 from essa.errors import EssaError
 from essa.evaluate import SplitResult, evaluate_split
 from essa.io import atomic_directory, atomic_write_json, atomic_write_text, ensure_writable_dir
-from essa.models import load_model, resolve_dtype
+from essa.models import cast_for_inference, load_model, resolve_dtype
 from essa.report import plot_training, write_report
 from essa.stats import PairedComparison, compare_paired
 from essa.svd_space import ADAPTER_CONFIG, SvdLoraSpace
@@ -275,7 +274,7 @@ def run_demo(cfg: Config, progress: bool = True, resume: bool = False) -> dict[s
     if not (resume and (adapter / ADAPTER_CONFIG).is_file()):
         adapter = run_sft(sft_cfg, progress=progress, model_and_tokenizer=model_and_tokenizer)
     sft_s = time.perf_counter() - t0
-    model_and_tokenizer[0].to(getattr(torch, resolve_dtype(cfg.model.dtype)))  # trained in fp32; "auto" infers faster
+    cast_for_inference(model_and_tokenizer[0], cfg.model)  # trained in fp32; "auto" infers faster
 
     say("2/4 test accuracy of the SFT adapter")
     test = task.checked_split("test")

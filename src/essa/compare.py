@@ -288,7 +288,7 @@ def _grpo_job(cfg: Config, start_adapter: str, run_dir: str, schedule: list[list
               progress: bool) -> dict[str, Any]:
     """GRPO (TRL, the model in this process), then every snapshot through the one evaluator."""
     from essa.grpo import run_grpo
-    from essa.models import load_model, resolve_dtype
+    from essa.models import cast_for_inference, load_model
     from essa.tasks import get_task
 
     _quiet()
@@ -297,7 +297,7 @@ def _grpo_job(cfg: Config, start_adapter: str, run_dir: str, schedule: list[list
     compare = cfg.compare
     result = run_grpo(model, tokenizer, task, start_adapter, cfg, run_dir, schedule=schedule, progress=progress)
     peak = _peak_rss_mb()
-    model.to(getattr(torch, resolve_dtype(cfg.model.dtype)))  # evaluated in the dtype ESSA's snapshots are
+    cast_for_inference(model, cfg.model)  # evaluated as ESSA's snapshots are
     scored = []
     for snap in result.snapshots:
         with _evaluator(cfg, snap.adapter_dir, 1.0, (model, tokenizer)) as (backend, _):

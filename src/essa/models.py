@@ -73,6 +73,19 @@ def resolve_dtype(name: str, training: bool = False) -> str:
     return "bfloat16" if torch.cuda.is_available() or cpu_has_fast_bf16() else "float32"
 
 
+def cast_for_inference(model: nn.Module, cfg: ModelConfig) -> nn.Module:
+    """A model loaded for training, cast in place to the inference dtype as `load_model` would have
+    loaded it: parameters only. Buffers keep their dtype, as they do when a model is loaded in
+    bf16; `Module.to` would also round the RoPE frequencies to bf16, which moved ~1% of greedy
+    answers on the bundled model (0.353 vs 0.363 on the demo's 1,000 test problems)."""
+    buffers = [(module, name, buf) for module in model.modules() for name, buf in module._buffers.items()
+               if buf is not None]
+    model.to(getattr(torch, resolve_dtype(cfg.dtype)))
+    for module, name, buf in buffers:
+        module._buffers[name] = buf
+    return model
+
+
 def load_model(cfg: ModelConfig, training: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Model in eval mode and a left-padding tokenizer with a pad token; `training` loads it for
     SFT or GRPO (model.dtype "auto" means float32 there)."""
