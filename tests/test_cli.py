@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from adapters import make_random_adapter
 from essa.cli import main
+from essa.probe import TARGET_FLIPS, ProbeRow, choose_sigma0
 from helpers import make_tiny_model_dir, tiny_llama
 
 torch.set_num_threads(1)
@@ -83,7 +84,8 @@ def test_demo_reports_the_paired_test_delta(capsys, model_dir, tmp_path):
     assert summary["test_gained"] - summary["test_lost"] == round(delta * summary["test_examples"])
     assert "McNemar p" in (out_dir / "report.md").read_text()
     probe = [json.loads(line) for line in (out_dir / "essa" / "metrics.jsonl").read_text().splitlines()][0]
-    assert probe["sigma0"] == summary["sigma0"] and len(probe["probe"]) == 4  # sigma0: auto was probed
+    rows = [ProbeRow(**row) for row in probe["probe"]]  # sigma0: auto was probed and its choice taken
+    assert rows and probe["sigma0"] == summary["sigma0"] == choose_sigma0(rows, TARGET_FLIPS)
 
 
 def test_eval_compare_to_scores_both_on_the_same_examples(capsys, model_dir, tmp_path):

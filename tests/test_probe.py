@@ -9,7 +9,7 @@ import pytest
 
 from essa.backends import Backend
 from essa.probe import ProbeRow, choose_sigma0, probe_signal, split_half_rho
-from essa.tasks import Example, Task
+from essa.tasks import Example, Task, format_prompt
 from helpers import tiny_tokenizer
 
 
@@ -73,9 +73,32 @@ def test_probe_stops_at_the_first_sigma_that_flips_enough():
     full = probe_signal(SensitiveBackend(20.0), tiny_tokenizer(), task, task.examples, sigmas)
     short = probe_signal(SensitiveBackend(20.0), tiny_tokenizer(), task, task.examples, sigmas, stop_at_flips=0.1)
     assert [r.sigma for r in full] == sorted(sigmas)
-    assert short == full[:len(short)] and len(short) < len(full)
-    assert short[-1].flipped >= 0.1 and all(r.flipped < 0.1 for r in short[:-1])
+    # The start solves none of the prompts, so the largest step was probed first (and flipped enough).
+    first, largest = short[:-1], short[-1]
+    assert largest == full[-1] and first == full[:len(first)] and len(short) < len(full)
+    assert first[-1].flipped >= 0.1 and all(r.flipped < 0.1 for r in first[:-1])
     assert choose_sigma0(short, 0.1) == choose_sigma0(full, 0.1)
+
+
+def test_probe_of_a_start_that_solves_nothing_stops_when_even_the_largest_step_flips_nothing():
+    task = ThresholdTask()
+    backend = SensitiveBackend(0.01)  # no step up to 0.8 reaches a threshold: every answer stays "no"
+    sigmas = (0.1, 0.2, 0.4, 0.8)
+    full = probe_signal(backend, tiny_tokenizer(), task, task.examples, sigmas)
+    short = probe_signal(backend, tiny_tokenizer(), task, task.examples, sigmas, stop_at_flips=0.1)
+    assert [r.flipped for r in full] == [0.0] * 4
+    assert short == [full[-1]]  # one step probed instead of four
+    assert choose_sigma0(short, 0.1) == choose_sigma0(full, 0.1) == 0.8
+
+
+def test_probe_of_a_mixed_start_goes_in_ascending_order():
+    task = ThresholdTask()
+    backend = SensitiveBackend(20.0)
+    tokenizer = tiny_tokenizer()
+    prompts = [format_prompt(tokenizer, task, ex) for ex in task.examples]
+    backend.thresholds = {p: -1.0 for p in prompts[::2]}  # the start already says "yes" to half of them
+    rows = probe_signal(backend, tokenizer, task, task.examples, (0.02, 0.8), stop_at_flips=0.0)
+    assert [r.sigma for r in rows] == [0.02] and rows[0].start_fitness == 0.5
 
 
 def test_choose_sigma0_takes_the_smallest_step_that_flips_enough():
