@@ -283,14 +283,14 @@ def test_demo_defaults_are_the_packaged_demo_yaml():
     assert cfg.decoding.max_new_tokens == packaged["decoding"]["max_new_tokens"]
 
 
-def test_arithmetic_example_config_is_the_demo():
-    # configs/arithmetic.yaml promises the demo's settings for the separate commands.
+def test_math_example_config_is_the_demo():
+    # configs/math.yaml promises the demo's settings for the separate commands.
     from pathlib import Path
 
     from essa.cli import demo_defaults
     from essa.config import load_config
 
-    cfg, demo = load_config(Path(__file__).parents[1] / "configs" / "arithmetic.yaml"), demo_defaults()
+    cfg, demo = load_config(Path(__file__).parents[1] / "configs" / "math.yaml"), demo_defaults()
     for section in ("model", "task", "lora", "sft", "decoding", "essa"):
         assert getattr(cfg, section) == getattr(demo, section), section
 

@@ -303,8 +303,8 @@ def run_demo(cfg: Config, progress: bool = True, resume: bool = False) -> dict[s
     atomic_write_json(root / "summary.json", summary)
     run_export(root / "essa", root / "adapter")  # after the summary: its model card shows the test results
     write_report(root / "report.md", "ESSA demo", summary, plot=PLOT, notes=[
-        f"Held-out test accuracy on {len(test)} problems never used for training or selection (disjoint from "
-        f"the SFT, train and validation problems by operation and operands): "
+        f"Held-out test accuracy on {len(test)} problems never used for training or selection (no underlying "
+        f"problem shared with the SFT, train or validation splits; `{task.name}` task): "
         + paired.describe("SFT", "ESSA") + ".",
         "The final adapter was selected on the validation split only; the SFT adapter itself was a candidate "
         f"and is kept unless beaten there with confidence (final choice: {train['final_choice']}).",
