@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -398,7 +399,8 @@ def test_bad_compare_config_is_one_clear_error(override, message):
 
 
 def test_lr_sweep_settings_and_a_bad_sweep_is_one_error_line(capsys, tmp_path):
-    assert load_compare_config().grpo.lr_sweep == [3e-5, 1e-4, 3e-4]
+    packaged = yaml.safe_load(resources.files("essa").joinpath("configs", "compare.yaml").read_text())
+    assert load_compare_config().grpo.lr_sweep == packaged["grpo"]["lr_sweep"] and len(packaged["grpo"]["lr_sweep"]) > 1
     assert load_compare_config(None, ["grpo.lr_sweep=[]", "grpo.lr=2e-5"]).grpo.learning_rates == [2e-5]
     assert load_compare_config(None, ["grpo.lr_sweep=[3e-5,1e-4]"]).grpo.learning_rates == [3e-5, 1e-4]
     code = main(["compare", f"output_dir={tmp_path / 'o'}", "grpo.lr_sweep=[1e-4,0]"])
