@@ -20,6 +20,7 @@ from essa.cli import main
 from essa.compare import (
     check_same_prompts,
     check_same_start,
+    compare_defaults,
     grpo_run_dir,
     load_compare_config,
     load_scores,
@@ -397,6 +398,21 @@ def test_grpo_reads_essa_prompt_stream_in_order():
 def test_bad_compare_config_is_one_clear_error(override, message):
     with pytest.raises(EssaError, match=message):
         load_compare_config(None, [override])
+
+
+def test_packaged_compare_uses_the_demos_task_adapter_and_search():
+    # compare.yaml promises the demo's settings; only the budget and in-loop validation are its own.
+    import dataclasses
+
+    from essa.cli import demo_defaults
+
+    cmp, demo = compare_defaults(), demo_defaults()
+    for section in ("model", "task", "lora", "sft", "decoding"):
+        assert getattr(cmp, section) == getattr(demo, section), section
+    own = {"generations", "time_budget_s", "eval_every"}
+    for field in dataclasses.fields(cmp.essa):
+        if field.name not in own:
+            assert getattr(cmp.essa, field.name) == getattr(demo.essa, field.name), field.name
 
 
 def test_lr_sweep_settings_and_a_bad_sweep_is_one_error_line(capsys, tmp_path):
