@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from importlib import resources
 from pathlib import Path
 
@@ -152,7 +153,7 @@ def test_lr_sweep_runs_every_rate_from_one_start_and_stream_and_selects_on_valid
     """Two GRPO learning rates whose snapshots are given scores where validation and test disagree:
     lr 0.01 is better on validation, lr 0.05 on test. The comparison takes lr 0.01."""
     fake = {"essa": ([0, 1, 0], [1, 0, 1]), 0.01: ([1, 1, 0], [0, 0, 0]), 0.05: ([1, 0, 0], [1, 1, 1])}
-    real_essa, real_grpo, real_evaluator = compare._essa_job, compare._grpo_job, compare._evaluator
+    real_essa, real_grpo, real_evaluator = compare._essa_job, compare._grpo_scoring_job, compare._evaluator
 
     def job(real, key):
         def run(cfg, **kwargs):
@@ -168,7 +169,7 @@ def test_lr_sweep_runs_every_rate_from_one_start_and_stream_and_selects_on_valid
         return real_evaluator(cfg, adapter_dir, alpha, loaded)
 
     monkeypatch.setattr(compare, "_essa_job", job(real_essa, lambda cfg: "essa"))
-    monkeypatch.setattr(compare, "_grpo_job", job(real_grpo, lambda cfg: cfg.grpo.lr))
+    monkeypatch.setattr(compare, "_grpo_scoring_job", job(real_grpo, lambda cfg: cfg.grpo.lr))
     monkeypatch.setattr(compare, "_evaluator", evaluator)
     monkeypatch.setattr(essa.models, "cpu_has_fast_bf16", lambda: True)  # model.dtype auto: bf16 inference
     adapter = make_random_adapter(tiny_llama(seed=0), tmp_path / "sft", rank=2)
@@ -442,3 +443,58 @@ def test_bad_batches_and_existing_output_fail_before_any_work(model_dir, tmp_pat
         run_compare(cfg, progress=False)
     with pytest.raises(EssaError, match="config file not found"):
         load_compare_config(tmp_path / "missing.yaml")
+
+
+def test_resume_keeps_finished_jobs_and_starts_an_interrupted_one_over(model_dir, vowel_task, tmp_path, monkeypatch):
+    adapter = make_random_adapter(tiny_llama(seed=0), tmp_path / "sft", rank=2)
+    root = tmp_path / "cmp"
+    settings = [f"model.name={model_dir}", f"task.name={vowel_task}", f"adapter={adapter}", f"output_dir={root}",
+                "compare.budget_s=60", "compare.max_steps=2", "compare.isolate=false", *TINY,
+                "grpo.lr_sweep=[1e-2,5e-2]"]
+    cfg = load_compare_config(None, settings)
+    first = run_compare(cfg, progress=False)
+    with pytest.raises(EssaError, match="--resume"):
+        run_compare(cfg, progress=False)
+    with pytest.raises(EssaError, match="nothing to resume"):
+        run_compare(cfg.with_changes(output_dir=str(tmp_path / "empty")), progress=False, resume=True)
+    with pytest.raises(EssaError, match=r"Changed: essa.sigma0 \(was 0.5, now 0.25\)$"):
+        run_compare(load_compare_config(None, [*settings, "essa.sigma0=0.25"]), progress=False, resume=True)
+
+    # Interrupted while lr 0.05's snapshots were being scored: its training is kept, only scoring reruns.
+    for name in ("result.json", "scores.npz"):
+        (grpo_run_dir(root, 0.05) / name).unlink()
+    (root / "summary.json").unlink()
+    ran = []
+
+    def counted(name):
+        real = getattr(compare, name)
+        return lambda cfg, **kw: ran.append((name, cfg.grpo.lr)) or real(cfg, **kw)
+
+    for name in ("_essa_job", "_grpo_job", "_grpo_scoring_job"):
+        monkeypatch.setattr(compare, name, counted(name))
+    resumed = run_compare(cfg, progress=False, resume=True)
+    assert ran == [("_grpo_scoring_job", 0.05)]
+    assert resumed["methods"] == first["methods"] and resumed["paired_test"] == first["paired_test"]
+    assert resumed["grpo_sweep"] == first["grpo_sweep"]
+
+    # Interrupted while lr 0.01 trained: what it left is cleared and the run starts over.
+    run_dir = grpo_run_dir(root, 0.01)
+    for name in ("job.json", "result.json", "scores.npz"):
+        (run_dir / name).unlink()
+    (run_dir / "left_by_the_crash").write_text("")
+    ran.clear()
+    again = run_compare(cfg, progress=False, resume=True)
+    assert ran == [("_grpo_job", 0.01), ("_grpo_scoring_job", 0.01)]
+    assert not (run_dir / "left_by_the_crash").exists() and (run_dir / "result.json").is_file()
+    assert [r["lr"] for r in again["grpo_sweep"]["runs"]] == [0.01, 0.05] and again["same_start_adapter"]
+
+
+def test_job_processes_keep_the_memory_they_free_unless_the_user_set_malloc(monkeypatch):
+    """A spawned job starts with glibc told not to unmap freed blocks (GRPO's logits page-faulted
+    in anew at every step); a MALLOC_ variable the user set is left as it is, and the parent's
+    environment is unchanged afterwards."""
+    monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "123")
+    assert compare._run_job(True, os.getenv, key="MALLOC_MMAP_MAX_") == "0"
+    assert compare._run_job(True, os.getenv, key="MALLOC_TRIM_THRESHOLD_") == "123"
+    assert "MALLOC_MMAP_MAX_" not in os.environ and os.environ["MALLOC_TRIM_THRESHOLD_"] == "123"

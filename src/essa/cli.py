@@ -53,7 +53,7 @@ def _guarded(run: Callable[[], int]) -> int:
         print(f"essa: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("essa: interrupted (a training run continues with --resume)", file=sys.stderr)
+        print("essa: interrupted (train, demo and compare continue with --resume)", file=sys.stderr)
         return 130
 
 
@@ -135,8 +135,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     p.set_defaults(func=_export)
 
-    _command(sub, "compare", "ESSA vs GRPO from the same SFT adapter, same reward, prompts and budget "
-             "(config: the packaged compare.yaml, compare: and grpo: sections included)", _compare, None)
+    p = _command(sub, "compare", "ESSA vs GRPO from the same SFT adapter, same reward, prompts and budget "
+                 "(config: the packaged compare.yaml, compare: and grpo: sections included)", _compare, None)
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted comparison in output_dir (same settings): finished jobs are kept, "
+                        "an unfinished one starts over")
 
     p = sub.add_parser("plan", help="the paper's cost model: ESSA vs a gradient method at G GPUs",
                        description=PLAN)
@@ -252,7 +255,7 @@ def _export(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from essa.compare import compare_defaults, run_compare
 
-    summary = run_compare(_config(args, base=compare_defaults()), progress=not args.quiet)
+    summary = run_compare(_config(args, base=compare_defaults()), progress=not args.quiet, resume=args.resume)
     print(json.dumps(summary))
     return 0
 

@@ -30,7 +30,11 @@ Protocol (what makes the comparison fair, and what the report claims):
   in that inference dtype. The summary records each method's precision.
 - Peak memory: with `compare.isolate` (default) SFT, ESSA and GRPO each run in a fresh process
   started with multiprocessing 'spawn'; each reports its own `ru_maxrss` right after training
-  (model load + training; evaluation comes later), so the two peaks are separable.
+  (model load + training; evaluation comes later), so the two peaks are separable. GRPO's
+  snapshots are scored in another fresh process, on a freshly loaded model: in the process that
+  trained, greedy decoding ran 2.5x slower (1.6x after `malloc_trim`; the rest not pinned down).
+- Resume (`--resume`): finished jobs (SFT, ESSA, each GRPO run's training and its scoring) are
+  kept, an interrupted one starts over; only with the settings the comparison began with.
 
 With `grpo.svd_only: true` the baseline is SVD-GRPO: the same GRPO, but only the singular-value
 offsets ESSA searches are trained (`svd_grpo.py`); tables and plots then name it SVD-GRPO.
@@ -39,9 +43,12 @@ offsets ESSA searches are trained (`svd_grpo.py`); tables and plots then name it
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import multiprocessing
+import os
 import resource
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -169,16 +176,38 @@ def _quiet() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def _peak_rss_mb() -> float:
+def _peak_rss_mb() -> float | None:
+    """This job process's peak RSS; None in the caller's own process (compare.isolate: false),
+    whose high-water mark belongs to no one method."""
+    if multiprocessing.parent_process() is None:
+        return None
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+# glibc's malloc serves blocks over 32 MB with fresh mmaps and unmaps them when they are freed, so
+# TRL's full-vocabulary logits (~0.5 GB a micro-batch on the bundled model) page-fault in anew at
+# every step: 38% of a GRPO process's CPU time went to the kernel (docs/BENCHMARKS.md). Each job
+# process keeps the memory it frees instead (it ends with its job); variables the user set win.
+JOB_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
+
+
+@contextmanager
+def _env_for_children(env: dict[str, str]) -> Iterator[None]:
+    """`env` in os.environ (where unset) while child processes are spawned; glibc reads it at their start."""
+    added = {k: v for k, v in env.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 def _run_job(isolate: bool, fn: Callable[..., dict[str, Any]], **kwargs: Any) -> dict[str, Any]:
     if not isolate:
-        result = fn(**kwargs)
-        result["peak_rss_mb"] = None  # a shared process's high-water mark belongs to no one method
-        return result
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return fn(**kwargs)
+    with _env_for_children(JOB_MALLOC_ENV), \
+            ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         try:
             return pool.submit(fn, **kwargs).result()
         except BrokenProcessPool as exc:
@@ -286,29 +315,44 @@ def _essa_job(cfg: Config, start_adapter: str, run_dir: str, progress: bool) -> 
 
 def _grpo_job(cfg: Config, start_adapter: str, run_dir: str, schedule: list[list[int]],
               progress: bool) -> dict[str, Any]:
-    """GRPO (TRL, the model in this process), then every snapshot through the one evaluator."""
+    """GRPO (TRL, the model in this process): training only. `_grpo_scoring_job` scores the
+    snapshots in a fresh process: after training, decoding in this one ran 2.5x slower (the
+    bundled model; 1.6x after `malloc_trim`, the rest not pinned down)."""
     from essa.grpo import run_grpo
-    from essa.models import cast_for_inference, load_model
+    from essa.models import load_model
     from essa.tasks import get_task
 
     _quiet()
     model, tokenizer = load_model(cfg.model, training=True)
-    task = get_task(cfg.task)
+    result = run_grpo(model, tokenizer, get_task(cfg.task), start_adapter, cfg, run_dir, schedule=schedule,
+                      progress=progress)
     compare = cfg.compare
-    result = run_grpo(model, tokenizer, task, start_adapter, cfg, run_dir, schedule=schedule, progress=progress)
-    peak = _peak_rss_mb()
-    cast_for_inference(model, cfg.model)  # evaluated as ESSA's snapshots are
-    scored = []
-    for snap in result.snapshots:
-        with _evaluator(cfg, snap.adapter_dir, 1.0, (model, tokenizer)) as (backend, _):
-            scored.append(_correct(backend, tokenizer, task, None))
     stopped = "budget" if result.elapsed_s >= compare.budget_s else (
         "max_steps" if compare.max_steps is not None else "prompt stream end")
-    out = {"method": "grpo", "lr": cfg.grpo.lr, "steps": result.steps, "wall_clock_s": round(result.elapsed_s, 3),
-           "stopped_by": stopped, "curve": result.history,
-           "points": [_point(snap.elapsed_s, snap.step, c) for snap, c in zip(result.snapshots, scored)],
-           "correct": _stack(scored), "prompts_used": result.prompts_used, "start_adapter": result.start_adapter,
-           "peak_rss_mb": peak, "reward_failures": result.reward_failures, "settings": dataclasses.asdict(cfg.grpo)}
+    return {"method": "grpo", "lr": cfg.grpo.lr, "steps": result.steps, "wall_clock_s": round(result.elapsed_s, 3),
+            "stopped_by": stopped, "curve": result.history,
+            "snapshots": [dataclasses.asdict(snap) for snap in result.snapshots],
+            "prompts_used": result.prompts_used, "start_adapter": result.start_adapter,
+            "peak_rss_mb": _peak_rss_mb(), "reward_failures": result.reward_failures,
+            "settings": dataclasses.asdict(cfg.grpo)}
+
+
+def _grpo_scoring_job(cfg: Config, run_dir: str, trained: dict[str, Any]) -> dict[str, Any]:
+    """Every snapshot of a finished GRPO run (`trained`: `_grpo_job`'s result) through the one
+    evaluator, on a freshly loaded model in the inference dtype; writes the run's result."""
+    from essa.models import load_model
+    from essa.tasks import get_task
+
+    _quiet()
+    loaded = load_model(cfg.model)
+    task = get_task(cfg.task)
+    scored = []
+    for snap in trained["snapshots"]:
+        with _evaluator(cfg, snap["adapter_dir"], 1.0, loaded) as (backend, tokenizer):
+            scored.append(_correct(backend, tokenizer, task, None))
+    points = [_point(snap["elapsed_s"], snap["step"], c) for snap, c in zip(trained["snapshots"], scored)]
+    out = {k: v for k, v in trained.items() if k != "snapshots"}
+    out.update(points=points, correct=_stack(scored))  # peak_rss_mb stays training's
     _write_result(Path(run_dir), out)
     return out
 
@@ -364,16 +408,22 @@ def load_scores(run_dir: str | Path) -> dict[str, np.ndarray]:
 
 
 # -- the whole comparison -------------------------------------------------------------------------
-def run_compare(cfg: Config, progress: bool = True) -> dict[str, Any]:
+def run_compare(cfg: Config, progress: bool = True, resume: bool = False) -> dict[str, Any]:
     """SFT (or cfg.adapter) -> ESSA, and GRPO once per learning rate, from the same start -> plots,
-    tables, paired statistics and report in output_dir."""
+    tables, paired statistics and report in output_dir.
+
+    With `resume`, an interrupted comparison in output_dir continues with the same settings: every
+    finished job (SFT, ESSA, each GRPO run's training and its scoring) is kept, an unfinished one
+    is started over (a method's clock cannot be resumed fairly)."""
     from essa.commands import resolve_adapter_dir
     from essa.tasks import get_task
 
     compare_cfg = cfg.compare
     root = Path(cfg.output_dir)
-    if any((root / name).exists() for name in ("essa", "grpo", "summary.json")):
-        raise EssaError(f"{root} already holds a comparison; choose another output_dir")
+    if resume:
+        check_resumable(root, cfg)
+    elif any((root / name).exists() for name in ("sft", "essa", "grpo", "summary.json")):
+        raise EssaError(f"{root} already holds a comparison; pass --resume to continue it, or choose another output_dir")
     task = get_task(cfg.task)
     for split in ("train", "validation", "test") + (() if cfg.adapter else ("sft",)):
         task.checked_split(split)
@@ -385,14 +435,17 @@ def run_compare(cfg: Config, progress: bool = True) -> dict[str, Any]:
     sft = {"adapter": given, "wall_clock_s": None, "peak_rss_mb": None}
     if given is None:
         _say("1/3 LoRA SFT warm start")
-        sft = _run_job(compare_cfg.isolate, _sft_job, cfg=cfg.with_changes(output_dir=str(root / "sft")), progress=progress)
+        sft = _job_once(root / "sft", compare_cfg.isolate, _sft_job,
+                        cfg=cfg.with_changes(output_dir=str(root / "sft")), progress=progress)
     start = _start_adapter(Path(sft["adapter"]), cfg, root)
 
     n_train = len(task.checked_split("train"))
     stream = prompt_stream(cfg.essa, n_train, compare_cfg.max_steps or STREAM_STEPS)
     _say(f"2/3 ESSA for {compare_cfg.budget_s:.0f} s")
-    essa = _run_job(compare_cfg.isolate, _essa_job, cfg=cfg, start_adapter=str(start),
-                    run_dir=str(root / "essa"), progress=progress)
+    essa = _finished_run(root / "essa")
+    if essa is None:
+        essa = _run_job(compare_cfg.isolate, _essa_job, cfg=cfg, start_adapter=str(start),
+                        run_dir=str(_fresh_dir(root / "essa")), progress=progress)
     grpo_runs = _run_grpo_sweep(cfg, start, root, rechunk(stream, cfg.grpo_prompts_per_step), progress)
     for grpo in grpo_runs:
         check_same_start(essa, grpo)
@@ -400,6 +453,66 @@ def run_compare(cfg: Config, progress: bool = True) -> dict[str, Any]:
     summary = summarize(cfg, sft, essa, grpo_runs, len(task.checked_split("test")), baseline=_baseline_name(cfg))
     write_outputs(root, summary, essa, grpo_runs)
     return summary
+
+
+# -- resuming ---------------------------------------------------------------------------------------
+# A finished training job's result (SFT, a GRPO run before its snapshots are scored), kept for --resume.
+JOB_RESULT = "job.json"
+
+
+def check_resumable(root: Path, cfg: Config) -> None:
+    """`root` holds a comparison begun with exactly the settings of `cfg`."""
+    saved_path = root / "config.yaml"
+    if not saved_path.is_file():
+        raise EssaError(f"nothing to resume: {root} holds no comparison (no config.yaml)")
+    saved = _flat(yaml.safe_load(saved_path.read_text()) or {})
+    now = _flat(yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
+    changed = [f"{k} (was {saved.get(k)!r}, now {now.get(k)!r})" for k in sorted(set(saved) | set(now))
+               if saved.get(k) != now.get(k)]
+    if changed:
+        raise EssaError(f"{root} was begun with other settings; resume it with the same ones, or choose another "
+                        "output_dir. Changed: " + "; ".join(changed))
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _job_once(job_dir: Path, isolate: bool, fn: Callable[..., dict[str, Any]], **kwargs: Any) -> dict[str, Any]:
+    """`fn`'s result, saved in `job_dir` when it finishes; a resumed run reads it back instead of
+    running `fn` again (and starts `job_dir` over when `fn` had not finished)."""
+    path = job_dir / JOB_RESULT
+    if path.is_file():
+        _say(f"   kept from the interrupted run: {job_dir}")
+        return json.loads(path.read_text())
+    _fresh_dir(job_dir)
+    result = _run_job(isolate, fn, **kwargs)
+    atomic_write_json(path, result)
+    return result
+
+
+def _finished_run(run_dir: Path) -> dict[str, Any] | None:
+    """A method run that wrote its result (with its per-example scores), or None."""
+    if not (run_dir / RESULT).is_file():
+        return None
+    _say(f"   kept from the interrupted run: {run_dir}")
+    out = json.loads((run_dir / RESULT).read_text())
+    out.pop("scores", None)
+    return {**out, "correct": load_scores(run_dir)}
+
+
+def _fresh_dir(run_dir: Path) -> Path:
+    """`run_dir` emptied of what an interrupted job left (nothing there is reusable)."""
+    if run_dir.exists():
+        _say(f"   started over: {run_dir} (interrupted)")
+        shutil.rmtree(run_dir)
+    return run_dir
 
 
 def _run_grpo_sweep(cfg: Config, start: Path, root: Path, schedule: list[list[int]],
@@ -411,8 +524,16 @@ def _run_grpo_sweep(cfg: Config, start: Path, root: Path, schedule: list[list[in
     for k, lr in enumerate(rates, 1):
         _say(f"3/3 {_baseline_name(cfg)} lr={lr:g} ({k} of {len(rates)}) for {cfg.compare.budget_s:.0f} s")
         member = cfg.with_changes(grpo=dataclasses.replace(cfg.grpo, lr=lr, lr_sweep=[]))
-        runs.append(_run_job(cfg.compare.isolate, _grpo_job, cfg=member, start_adapter=str(start),
-                             run_dir=str(grpo_run_dir(root, lr)), schedule=schedule, progress=progress))
+        run_dir = grpo_run_dir(root, lr)
+        done = _finished_run(run_dir)
+        if done is not None:
+            runs.append(done)
+            continue
+        trained = _job_once(run_dir, cfg.compare.isolate, _grpo_job, cfg=member,
+                            start_adapter=str(start), run_dir=str(run_dir), schedule=schedule, progress=progress)
+        # The scoring process's own peak is not reported: the run's peak is training's (`trained`).
+        scored = _run_job(cfg.compare.isolate, _grpo_scoring_job, cfg=member, run_dir=str(run_dir), trained=trained)
+        runs.append({**scored, "peak_rss_mb": trained["peak_rss_mb"]})
     return runs
 
 
