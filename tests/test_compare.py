@@ -498,3 +498,10 @@ def test_job_processes_keep_the_memory_they_free_unless_the_user_set_malloc(monk
     assert compare._run_job(True, os.getenv, key="MALLOC_MMAP_MAX_") == "0"
     assert compare._run_job(True, os.getenv, key="MALLOC_TRIM_THRESHOLD_") == "123"
     assert "MALLOC_MMAP_MAX_" not in os.environ and os.environ["MALLOC_TRIM_THRESHOLD_"] == "123"
+
+
+def test_compare_command_resume_of_nothing_is_one_error_line(capsys, tmp_path):
+    code = main(["compare", "--resume", f"output_dir={tmp_path / 'o'}"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("essa: error: nothing to resume")
+    assert not (tmp_path / "o").exists()
