@@ -63,7 +63,7 @@ import torch
 import yaml
 
 from essa.backends import Backend, Generation, Minibatch, backend_class, build_backend, evaluation_kind, load_inputs
-from essa.config import Config, SearchConfig, config_from_mapping, load_config
+from essa.config import Config, SearchConfig, config_from_mapping, dotted, load_config
 from essa.console import say
 from essa.errors import EssaError
 from essa.io import atomic_write_json, atomic_write_state, atomic_write_text, ensure_writable_dir, read_state
@@ -465,23 +465,13 @@ def check_resumable(root: Path, cfg: Config) -> None:
     saved_path = root / "config.yaml"
     if not saved_path.is_file():
         raise EssaError(f"nothing to resume: {root} holds no comparison (no config.yaml)")
-    saved = _flat(yaml.safe_load(saved_path.read_text()) or {})
-    now = _flat(yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
+    saved = dotted(yaml.safe_load(saved_path.read_text()) or {})
+    now = dotted(yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
     changed = [f"{k} (was {saved.get(k)!r}, now {now.get(k)!r})" for k in sorted(set(saved) | set(now))
                if saved.get(k) != now.get(k)]
     if changed:
         raise EssaError(f"{root} was begun with other settings; resume it with the same ones, or choose another "
                         "output_dir. Changed: " + "; ".join(changed))
-
-
-def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _job_once(job_dir: Path, isolate: bool, fn: Callable[..., dict[str, Any]], **kwargs: Any) -> dict[str, Any]:
@@ -531,9 +521,8 @@ def _run_grpo_sweep(cfg: Config, start: Path, root: Path, schedule: list[list[in
             continue
         trained = _job_once(run_dir, cfg.compare.isolate, _grpo_job, cfg=member,
                             start_adapter=str(start), run_dir=str(run_dir), schedule=schedule, progress=progress)
-        # The scoring process's own peak is not reported: the run's peak is training's (`trained`).
-        scored = _run_job(cfg.compare.isolate, _grpo_scoring_job, cfg=member, run_dir=str(run_dir), trained=trained)
-        runs.append({**scored, "peak_rss_mb": trained["peak_rss_mb"]})
+        runs.append(_run_job(cfg.compare.isolate, _grpo_scoring_job, cfg=member, run_dir=str(run_dir),
+                             trained=trained))
     return runs
 
 

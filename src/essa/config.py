@@ -441,6 +441,17 @@ def _show(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
 
 
+def dotted(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as {"section.key": value}, keys as `key=value` overrides spell them."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 base: Config | None = None) -> Config:
     """Defaults (or `base`) <- YAML file <- `key=value` overrides, then validated."""

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from essa.config import dotted
 from essa.errors import EssaError, first_line
 from essa.io import atomic_write_text
 
@@ -172,7 +173,7 @@ def _usage(merged: bool, where: str, base: str) -> list[str]:
 def _results(record: RunRecord | None, evaluation: dict[str, Any]) -> list[str]:
     summary = record.summary if record is not None else {}
     held_out = {k: v for k, v in summary.items() if k.startswith("test_") or k in HELD_OUT_KEYS or "ci95" in k}
-    rows = [(k, _fmt(v)) for k, v in _flat(held_out).items()]
+    rows = [(k, _fmt(v)) for k, v in dotted(held_out).items()]
     lines = ["## Results", ""]
     if rows:
         lines += ["Held-out metrics (never used for training or for choosing the final adapter):", "",
@@ -185,7 +186,7 @@ def _results(record: RunRecord | None, evaluation: dict[str, Any]) -> list[str]:
         where = ("the validation prompts, which also chose the final adapter (so not a held-out number)"
                  if on_validation else "the eval_dataset passed to it")
         lines += [f"`ESSATrainer.evaluate()` on {where}:", "", "| metric | value |", "| --- | --- |",
-                  *[f"| {k} | {_fmt(v)} |" for k, v in _flat(evaluation).items() if k != "eval_split"], ""]
+                  *[f"| {k} | {_fmt(v)} |" for k, v in dotted(evaluation).items() if k != "eval_split"], ""]
     validation = (record.final.get("validation_accuracy") if record is not None else None) or {}
     if validation:
         choice = record.final.get("choice")
@@ -284,16 +285,6 @@ def _datasets(task: dict[str, Any]) -> list[str]:
     if task.get("name") == "helpsteer2" and not options.get("prompts_file"):
         found.append("nvidia/HelpSteer2")
     return found
-
-
-def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _fmt(value: Any) -> str:
