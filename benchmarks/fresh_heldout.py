@@ -5,6 +5,11 @@ config's arithmetic task: its test stream drawn on past `test_size`, every key o
 splits removed. Each adapter is scored greedily on them and compared with `--start` (paired delta,
 bootstrap 95% CI, McNemar p). One JSON line.
 
+The problem space is finite (about 1,100 keys per kind of easy problem). Where the config's splits
+take most of a kind's keys, the fresh problems are the generator's leftovers, skewed towards the
+keys it draws least often (for subtraction, the larger first operands), not a sample from the same
+distribution as the test split: compare their mix with the test split's before pooling the two.
+
     python benchmarks/fresh_heldout.py --config src/essa/configs/demo.yaml \\
         --start runs/demo/sft/adapter essa=runs/demo/adapter grpo=runs/cmp/grpo/lr_0.0003/snapshots/step00005
 """
