@@ -1,14 +1,18 @@
-"""Adapters scored against a start on more held-out arithmetic problems than the demo's test split.
+"""Adapters scored against a start on more held-out problems than a config's test split.
 
-Builds up to `--size` problems disjoint (by operation and operands) from all four splits of the
-config's arithmetic task: its test stream drawn on past `test_size`, every key of the config's
-splits removed. Each adapter is scored greedily on them and compared with `--start` (paired delta,
-bootstrap 95% CI, McNemar p). One JSON line.
+Builds up to `--size` problems disjoint by problem key (`essa.tasks.splits.problem_key`:
+arithmetic's operation and operands, the IFEval-like task's prompt) from all four splits of the
+config's task: its test stream drawn on past `test_size`, every key of the config's splits
+removed. Works for the tasks whose splits are generated streams (arithmetic, ifeval without
+`eval_file`, math and gsm8k procedural). Each adapter is scored greedily on them and compared with
+`--start` (paired delta, bootstrap 95% CI, McNemar p). One JSON line.
 
-The problem space is finite (about 1,100 keys per kind of easy problem). Where the config's splits
-take most of a kind's keys, the fresh problems are the generator's leftovers, skewed towards the
-keys it draws least often (for subtraction, the larger first operands), not a sample from the same
-distribution as the test split: compare their mix with the test split's before pooling the two.
+Where a problem space is small, the fresh problems are the generator's leftovers, not a sample
+from the same distribution as the test split: easy arithmetic has about 1,100 keys per kind, so
+where the splits take most of them the leftovers skew towards the keys drawn least often (for
+subtraction, the larger first operands); IFEval-like prompts with one instruction are few, so the
+leftovers are mostly two-instruction prompts. Compare their mix with the test split's before
+pooling the two.
 
     python benchmarks/fresh_heldout.py --config src/essa/configs/demo.yaml \\
         --start runs/demo/sft/adapter essa=runs/demo/adapter grpo=runs/cmp/grpo/lr_0.0003/snapshots/step00005
@@ -33,7 +37,7 @@ from essa.tasks.splits import problem_key
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="the run's config (arithmetic task)")
+    parser.add_argument("--config", required=True, help="the run's config")
     parser.add_argument("--start", required=True, help="the adapter the others are compared with")
     parser.add_argument("--size", type=int, default=2000, help="at most this many fresh problems")
     parser.add_argument("--draw", type=int, default=3200, help="problems drawn from the test stream")

@@ -295,8 +295,10 @@ def test_math_example_config_is_the_demo():
         assert getattr(cfg, section) == getattr(demo, section), section
 
 
-# math.yaml fixes the step size: its start solves ~2%, where the probe finds no flips (docs/BENCHMARKS.md).
-@pytest.mark.parametrize("name, sigma0", [("arithmetic.yaml", "auto"), ("ifeval.yaml", "auto"), ("math.yaml", 0.8)])
+# math.yaml fixes the step size: its start solves ~2%, where the probe finds no flips; ifeval.yaml fixes
+# the step the probe always chose there, as probing 80-token completions took 40% of the budget
+# (docs/BENCHMARKS.md).
+@pytest.mark.parametrize("name, sigma0", [("arithmetic.yaml", "auto"), ("ifeval.yaml", 0.4), ("math.yaml", 0.8)])
 def test_shipped_example_configs_load(name, sigma0):
     from pathlib import Path
 
