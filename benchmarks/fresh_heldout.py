@@ -7,12 +7,16 @@ removed. Works for the tasks whose splits are generated streams (arithmetic, ife
 `eval_file`, math and gsm8k procedural). Each adapter is scored greedily on them and compared with
 `--start` (paired delta, bootstrap 95% CI, McNemar p). One JSON line.
 
+Each adapter's delta is also given per stratum (arithmetic's operation, the IFEval-like task's
+number of instructions) and reweighted to the test split's mix of strata (`delta_at_test_mix`,
+bootstrap within strata). `--with-test` scores the test split too, broken down the same way.
+
 Where a problem space is small, the fresh problems are the generator's leftovers, not a sample
 from the same distribution as the test split: easy arithmetic has about 1,100 keys per kind, so
 where the splits take most of them the leftovers skew towards the keys drawn least often (for
 subtraction, the larger first operands); IFEval-like prompts with one instruction are few, so the
-leftovers are mostly two-instruction prompts. Compare their mix with the test split's before
-pooling the two.
+leftovers are mostly two-instruction prompts: `delta_at_test_mix` corrects for the mix, not for
+what else the leftovers differ in.
 
     python benchmarks/fresh_heldout.py --config src/essa/configs/demo.yaml \\
         --start runs/demo/sft/adapter essa=runs/demo/adapter grpo=runs/cmp/grpo/lr_0.0003/snapshots/step00005
@@ -22,14 +26,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from _common import json_main, log
 
 from essa.commands import evaluation_kind, load_inputs, paired_fields, score_adapter
 from essa.config import load_config
-from essa.stats import compare_paired
+from essa.io import atomic_write_text, ensure_writable_dir
+from essa.stats import compare_paired, stratified_delta
 from essa.tasks import get_task
 from essa.tasks.base import SPLITS
 from essa.tasks.splits import problem_key
@@ -41,6 +50,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--start", required=True, help="the adapter the others are compared with")
     parser.add_argument("--size", type=int, default=2000, help="at most this many fresh problems")
     parser.add_argument("--draw", type=int, default=3200, help="problems drawn from the test stream")
+    parser.add_argument("--with-test", action="store_true", help="score the test split too")
+    parser.add_argument("--records", help="write each adapter's completions and rewards here, as JSONL")
     parser.add_argument("adapters", nargs="+", metavar="NAME=DIR", help="adapters to score")
     args = parser.parse_args(argv)
     if any("=" not in a for a in args.adapters):
@@ -55,19 +66,69 @@ def fresh_problems(task: Any, cfg: Any, size: int, draw: int) -> list[Any]:
     return [e for e in get_task(wide).checked_split("test") if problem_key(e) not in taken][:size]
 
 
+def stratum(example: Any) -> str:
+    """The kind of problem: arithmetic's operation, the IFEval-like task's number of instructions."""
+    if "kind" in example.meta:
+        return str(example.meta["kind"])
+    ids = getattr(example.answer, "instruction_ids", None)
+    if ids is None:
+        return "all"
+    return f"{len(ids)} instruction{'s' if len(ids) != 1 else ''}"
+
+
+def mix(examples: list[Any]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for example in examples:
+        counts[stratum(example)] = counts.get(stratum(example), 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def compare_on(cfg: Any, task: Any, examples: list[Any], adapters: list[tuple[str, str]], start: str,
+               test_mix: dict[str, int], loaded: Any, records: Path | None) -> dict[str, Any]:
+    """Each adapter against `start` on `examples`: overall, per stratum, at the test split's mix."""
+    strata = [stratum(e) for e in examples]
+
+    def correct_of(name: str, path: str) -> np.ndarray:
+        result = score_adapter(cfg, task, examples, path, loaded=loaded)
+        if records is not None:
+            atomic_write_text(records.with_name(f"{records.name}_{name}.jsonl"),
+                              "".join(json.dumps(r) + "\n" for r in result.records))
+        return np.asarray(result.correct)
+
+    first = correct_of("start", start)
+    out: dict[str, Any] = {"examples": len(examples), "mix": mix(examples),
+                           "start_accuracy": float(first.mean())}
+    for name, path in adapters:
+        correct = correct_of(name, path)
+        paired = compare_paired(first, correct, seed=0)
+        per_stratum = {}
+        for label in sorted(set(strata)):
+            rows = [i for i, s in enumerate(strata) if s == label]
+            part = compare_paired(first[rows], correct[rows], seed=0)
+            per_stratum[label] = {"start": part.mean_a, "delta": part.delta, "delta_ci95": list(part.ci95)}
+        at_mix, at_mix_ci = stratified_delta(correct - first, strata, test_mix, seed=0)
+        out[name] = {"accuracy": float(correct.mean()), **paired_fields(paired), "strata": per_stratum,
+                     "delta_at_test_mix": at_mix, "delta_at_test_mix_ci95": list(at_mix_ci)}
+        log(f"{name}: {paired.delta:+.3f} {paired.ci95}; at the test mix {at_mix:+.3f} {at_mix_ci}")
+    return out
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = load_config(args.config, [])
     task = get_task(cfg.task)
     examples = fresh_problems(task, cfg, args.size, args.draw)
-    log(f"{len(examples)} fresh problems")
+    test = task.checked_split("test")
+    log(f"{len(examples)} fresh problems, mix {mix(examples)}; test mix {mix(test)}")
     loaded = load_inputs(cfg, None, 1.0, kind=evaluation_kind(cfg)).weights()
-    start = score_adapter(cfg, task, examples, args.start, loaded=loaded).correct
-    out: dict[str, Any] = {"examples": len(examples), "start_accuracy": sum(start) / len(examples)}
-    for name, path in (a.split("=", 1) for a in args.adapters):
-        correct = score_adapter(cfg, task, examples, path, loaded=loaded).correct
-        paired = compare_paired(start, correct, seed=0)
-        out[name] = {"accuracy": sum(correct) / len(examples), **paired_fields(paired)}
-        log(f"{name}: {paired.delta:+.3f} {paired.ci95}")
+    adapters = [tuple(a.split("=", 1)) for a in args.adapters]
+    records = Path(args.records) if args.records else None
+    if records is not None:
+        ensure_writable_dir(records)
+    out = compare_on(cfg, task, examples, adapters, args.start, mix(test), loaded,
+                     records and records / "fresh")
+    if args.with_test:
+        out["test"] = compare_on(cfg, task, test, adapters, args.start, mix(test), loaded,
+                                 records and records / "test")
     return out
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from essa.errors import EssaError
-from essa.stats import compare_paired, mcnemar_exact_p, paired_bootstrap_ci
+from essa.stats import compare_paired, mcnemar_exact_p, paired_bootstrap_ci, stratified_delta
 
 
 @pytest.mark.parametrize("gained, lost, p", [
@@ -53,6 +53,28 @@ def test_compare_paired_counts_and_verdict():
     assert identical.ci95 == (0.0, 0.0) and identical.mcnemar_p == 1.0
     assert "no difference beyond noise" in identical.describe()
     assert compare_paired([0.5, 0.2], [0.7, 0.1]).mcnemar_p is None  # graded scores: no McNemar
+
+
+def test_stratified_delta_reweights_strata_to_another_mix():
+    # Stratum "one": 20 of 100 gained (mean 0.2, standard error sqrt(0.2 * 0.8 / 100) = 0.04);
+    # stratum "two": 200 ties. Reweighted to 1:3 the delta is 0.25 * 0.2 = 0.05 and its standard
+    # error 0.25 * 0.04 = 0.01, so the 95% interval is about 0.05 +- 0.0196; the examples' own
+    # mix (1:2) gives 0.2 / 3.
+    diffs = np.array([1.0] * 20 + [0.0] * 80 + [0.0] * 200)
+    strata = ["one"] * 100 + ["two"] * 200
+    delta, (low, high) = stratified_delta(diffs, strata, {"one": 1.0, "two": 3.0}, resamples=20000, seed=2)
+    assert delta == pytest.approx(0.05)
+    assert low == pytest.approx(0.0304, abs=0.004) and high == pytest.approx(0.0696, abs=0.004)
+    assert stratified_delta(diffs, strata, {"one": 100, "two": 200})[0] == pytest.approx(0.2 / 3)
+    only_ties, interval = stratified_delta(diffs, strata, {"one": 0.0, "two": 1.0})
+    assert only_ties == 0.0 and interval == (0.0, 0.0)
+
+
+def test_stratified_delta_refuses_a_weighted_stratum_without_examples():
+    with pytest.raises(EssaError, match=r"no examples in weighted strata \['three'\]"):
+        stratified_delta(np.zeros(2), ["one", "two"], {"one": 1.0, "three": 1.0})
+    with pytest.raises(EssaError, match="one stratum per"):
+        stratified_delta(np.zeros(2), ["one"], {"one": 1.0})
 
 
 def test_unpaired_input_is_refused():

@@ -60,18 +60,54 @@ def paired_bootstrap_ci(diffs: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES,
     diffs = np.asarray(diffs, dtype=np.float64)
     if diffs.ndim != 1 or len(diffs) == 0:
         raise EssaError("a paired bootstrap needs a non-empty 1-D array of per-example differences")
+    means = _bootstrap_means(diffs, resamples, np.random.default_rng(seed))
+    return _percentile_interval(means, level)
+
+
+def stratified_delta(diffs: np.ndarray, strata: list[str], weights: dict[str, float],
+                     resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
+                     level: float = 0.95) -> tuple[float, tuple[float, float]]:
+    """The mean difference reweighted to another mix of strata, with its bootstrap interval.
+
+    Post-stratification: each stratum's mean difference weighted by `weights` (normalised), so
+    problems drawn in another mix (e.g. fresh problems against a test split) estimate the delta
+    the test split's mix would show. The interval resamples examples within each stratum.
+    """
+    diffs = np.asarray(diffs, dtype=np.float64)
+    if diffs.ndim != 1 or len(diffs) != len(strata):
+        raise EssaError("stratified_delta needs one stratum per per-example difference")
+    total = sum(weights.values())
+    missing = sorted(s for s, w in weights.items() if w > 0 and s not in set(strata))
+    if total <= 0 or missing:
+        raise EssaError(f"no examples in weighted strata {missing}" if missing else "weights must sum to > 0")
     rng = np.random.default_rng(seed)
+    labels = np.asarray(strata, dtype=object)
+    delta, means = 0.0, np.zeros(resamples)
+    for name, weight in weights.items():
+        if weight <= 0:
+            continue
+        part = diffs[labels == name]
+        delta += weight / total * float(part.mean())
+        means += weight / total * _bootstrap_means(part, resamples, rng)
+    return delta, _percentile_interval(means, level)
+
+
+def _bootstrap_means(diffs: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """Means of `resamples` resamples (with replacement) of `diffs`."""
     values = np.unique(diffs)
     if len(values) <= 3:
         # Few distinct differences (0/1 scores give -1, 0, 1): resampling n examples is a
         # multinomial draw of how often each value is picked, which is cheap at any n.
         counts = rng.multinomial(len(diffs), [np.mean(diffs == v) for v in values], size=resamples)
-        means = counts @ values / len(diffs)
-    else:
-        means = np.empty(resamples)
-        for start in range(0, resamples, 1000):  # chunks keep memory at 1000 x n
-            idx = rng.integers(0, len(diffs), size=(min(1000, resamples - start), len(diffs)))
-            means[start:start + len(idx)] = diffs[idx].mean(axis=1)
+        return counts @ values / len(diffs)
+    means = np.empty(resamples)
+    for start in range(0, resamples, 1000):  # chunks keep memory at 1000 x n
+        idx = rng.integers(0, len(diffs), size=(min(1000, resamples - start), len(diffs)))
+        means[start:start + len(idx)] = diffs[idx].mean(axis=1)
+    return means
+
+
+def _percentile_interval(means: np.ndarray, level: float) -> tuple[float, float]:
     tail = (1.0 - level) / 2.0
     low, high = np.quantile(means, [tail, 1.0 - tail])
     return float(low), float(high)
