@@ -239,6 +239,8 @@ _TRAIN_REQUESTS: tuple[tuple[str, str, str], ...] = (
 )
 
 # Never used for sft/train: the offline validation/test prompts are built only from these.
+# 50 requests: with 14, a few hundred prompts with one instruction exhausted the held-out space,
+# so the test split held most of it and any further held-out prompts were its leftovers.
 _HELDOUT_REQUESTS: tuple[tuple[str, str, str], ...] = (
     ("Write a short note inviting a colleague to lunch.", "Lunch Invitation",
      "Would you like to join me for lunch on Wednesday? There is a new noodle place near the "
@@ -282,6 +284,114 @@ _HELDOUT_REQUESTS: tuple[tuple[str, str, str], ...] = (
     ("Give advice on preparing for an exam.", "Exam Preparation",
      "Start reviewing at least a week before the exam. Practice with old questions and check "
      "your answers. Sleep well the night before the test."),
+    ("Write a short note asking a coworker to cover your shift.", "Shift Cover",
+     "I have a family event on Friday afternoon. Could you take my shift from two to six? I "
+     "will gladly cover one of yours next week."),
+    ("Describe a summer evening on a farm.", "Summer Evening",
+     "The sun sets slowly behind the red barn. Cows walk back from the green field. Crickets "
+     "start to sing as the air cools."),
+    ("Give tips for writing a clear email.", "Clear Emails",
+     "Put the main point in the first line. Keep each paragraph short and simple. Read the "
+     "email once more before you send it."),
+    ("Write a short message welcoming a new neighbor.", "Welcome Neighbor",
+     "Welcome to the street and to our little community. We live in the blue house next door. "
+     "Knock anytime if you need a hand."),
+    ("Explain why exercise helps the mind.", "Exercise and the Mind",
+     "Exercise sends more blood and oxygen to the brain. It lowers stress and lifts your mood. "
+     "Many people also sleep better after a workout."),
+    ("Describe a crowded farmers market.", "Farmers Market",
+     "Stalls overflow with apples and fresh bread. Farmers chat with shoppers about their "
+     "crops. The smell of honey and flowers fills the air."),
+    ("Write a short note thanking a mail carrier.", "Thank You Mail Carrier",
+     "Thank you for bringing our mail in every kind of weather. You always handle our packages "
+     "with care. We are lucky to have you on our route."),
+    ("Give advice on buying a used bike.", "Buying a Used Bike",
+     "Check that the brakes work well before you pay. Look for rust on the chain and the frame. "
+     "Ride it around the block to test it."),
+    ("Write a short message asking a teacher for extra help.", "Extra Help",
+     "I am having trouble with the last chapter in math. Could we meet after class this week? "
+     "I want to be ready for the test."),
+    ("Describe a quiet museum hall.", "Museum Hall",
+     "Tall paintings hang on the white walls. Visitors walk slowly and speak in soft voices. A "
+     "guard watches from a chair by the door."),
+    ("Explain how to wash a car by hand.", "Washing a Car",
+     "Rinse the car with water to remove loose dirt. Wash it with soapy water and a soft cloth. "
+     "Rinse again and dry it with a clean towel."),
+    ("Write a short note reminding a friend about a concert.", "Concert Reminder",
+     "The concert starts at eight on Saturday night. Please meet me at the main gate by seven. "
+     "Do not forget your ticket."),
+    ("Give tips for a long car trip.", "Road Trip Tips",
+     "Check the tires and the oil before you leave. Pack water and snacks for the road. Stop "
+     "every two hours to stretch your legs."),
+    ("Describe a small fishing village.", "Fishing Village",
+     "Colorful boats rest in the little harbor. Fishermen mend their nets on the dock. The "
+     "houses climb the hill above the sea."),
+    ("Write a short message congratulating a cousin on graduating.", "Graduation Wishes",
+     "Congratulations on finishing school with such good grades. Your family is very proud of "
+     "you. I wish you the best on your next adventure."),
+    ("Explain why people keep a journal.", "Why Keep a Journal",
+     "Writing in a journal helps people sort out their thoughts. It keeps a record of good "
+     "days and hard ones. Many find it calming before bed."),
+    ("Write a short apology for arriving late to dinner.", "Sorry I Was Late",
+     "I am sorry that I arrived so late to dinner last night. The bus broke down on the way. "
+     "Thank you for saving a plate for me."),
+    ("Describe a bright autumn forest.", "Autumn Forest",
+     "Red and orange leaves cover the forest floor. Sunlight shines through the thin branches. "
+     "Squirrels hurry to hide their nuts."),
+    ("Give advice on starting to run.", "Starting to Run",
+     "Begin with short runs mixed with walking. Wear shoes that fit well and feel soft. Rest a "
+     "day between runs at first."),
+    ("Write a short notice about a lost wallet.", "Lost Wallet",
+     "I lost a brown leather wallet near the bus stop on Tuesday. It holds my library card and "
+     "a family photo. Please call me if you find it."),
+    ("Explain how a bicycle helps the environment.", "Bikes and the Environment",
+     "A bicycle makes no smoke and uses no fuel. It takes up little space on the road. Riding "
+     "instead of driving keeps the air cleaner."),
+    ("Write a short thank you note to a bus driver.", "Thank You Driver",
+     "Thank you for waiting when I ran for the bus this morning. Your smile made my day "
+     "better. You are always kind to every rider."),
+    ("Describe a lively school playground.", "School Playground",
+     "Children race across the yard at recess. Some play ball while others swing high. Happy "
+     "shouts echo off the brick walls."),
+    ("Give tips for learning a new language.", "Learning a Language",
+     "Practice a little every day instead of a lot once a week. Listen to songs and shows in "
+     "the language. Do not be shy about making mistakes."),
+    ("Write a short message inviting a sister to a movie.", "Movie Night",
+     "Would you like to see a movie with me on Sunday? The new comedy starts at six. I will buy "
+     "the popcorn."),
+    ("Explain why people wear seat belts.", "Why Seat Belts",
+     "A seat belt holds you in place if the car stops suddenly. It keeps you from hitting the "
+     "dashboard or the window. It saves thousands of lives every year."),
+    ("Describe a calm lake at sunrise.", "Lake at Sunrise",
+     "Mist floats over the still water. A heron stands quietly near the reeds. The sky turns "
+     "pink as the sun appears."),
+    ("Write a short note asking a neighbor to keep the noise down.", "Quiet Please",
+     "I have to wake up very early for work this week. Could you please keep the music low "
+     "after ten? Thank you for understanding."),
+    ("Give advice on choosing a good book.", "Choosing a Book",
+     "Read the first page before you decide. Ask friends what they enjoyed lately. Do not be "
+     "afraid to stop a book you dislike."),
+    ("Write a short message thanking a host for a party.", "Thanks for the Party",
+     "Thank you for the wonderful party on Saturday. The food was delicious and the music was "
+     "fun. I had a great time with everyone."),
+    ("Describe an old train crossing a bridge.", "Old Train",
+     "The old train rolls slowly across the stone bridge. Steam drifts over the river below. "
+     "Passengers wave from the open windows."),
+    ("Explain how to pack a healthy lunch.", "Healthy Lunch",
+     "Start with whole grain bread or rice. Add vegetables and some fruit. Pack water instead "
+     "of a sweet drink."),
+    ("Write a short note to a child about the first day of school.", "First Day of School",
+     "Today is a big day and I am so proud of you. Be kind and make new friends. I will be "
+     "waiting for you at the gate."),
+    ("Give tips for saving energy at home.", "Saving Energy",
+     "Turn off the lights when you leave a room. Unplug chargers you are not using. Wash "
+     "clothes in cold water."),
+    ("Describe a busy hospital hallway.", "Hospital Hallway",
+     "Nurses move quickly between the rooms. A doctor reads a chart while she walks. Visitors "
+     "wait quietly with flowers in their hands."),
+    ("Write a short message asking a friend to help you move.", "Moving Day",
+     "I am moving to my new apartment next Saturday. Could you help me carry the boxes? I will "
+     "buy pizza for everyone."),
 )
 
 _END_PHRASES = ("Any other questions?", "Is there anything else I can help with?",
