@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -77,21 +78,19 @@ def stratum(example: Any) -> str:
 
 
 def mix(examples: list[Any]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for example in examples:
-        counts[stratum(example)] = counts.get(stratum(example), 0) + 1
-    return dict(sorted(counts.items()))
+    return dict(sorted(Counter(stratum(e) for e in examples).items()))
 
 
 def compare_on(cfg: Any, task: Any, examples: list[Any], adapters: list[tuple[str, str]], start: str,
-               test_mix: dict[str, int], loaded: Any, records: Path | None) -> dict[str, Any]:
-    """Each adapter against `start` on `examples`: overall, per stratum, at the test split's mix."""
+               test_mix: dict[str, int], loaded: Any, records_prefix: str | None) -> dict[str, Any]:
+    """Each adapter against `start` on `examples`: overall, per stratum, at the test split's mix
+    (None where `examples` lack one of the test split's strata)."""
     strata = [stratum(e) for e in examples]
 
     def correct_of(name: str, path: str) -> np.ndarray:
         result = score_adapter(cfg, task, examples, path, loaded=loaded)
-        if records is not None:
-            atomic_write_text(records.with_name(f"{records.name}_{name}.jsonl"),
+        if records_prefix is not None:
+            atomic_write_text(Path(f"{records_prefix}_{name}.jsonl"),
                               "".join(json.dumps(r) + "\n" for r in result.records))
         return np.asarray(result.correct)
 
@@ -106,10 +105,14 @@ def compare_on(cfg: Any, task: Any, examples: list[Any], adapters: list[tuple[st
             rows = [i for i, s in enumerate(strata) if s == label]
             part = compare_paired(first[rows], correct[rows], seed=0)
             per_stratum[label] = {"start": part.mean_a, "delta": part.delta, "delta_ci95": list(part.ci95)}
-        at_mix, at_mix_ci = stratified_delta(correct - first, strata, test_mix, seed=0)
+        at_mix, at_mix_ci = None, None
+        if set(test_mix) <= set(strata):
+            at_mix, interval = stratified_delta(correct - first, strata, test_mix, seed=0)
+            at_mix_ci = list(interval)
         out[name] = {"accuracy": float(correct.mean()), **paired_fields(paired), "strata": per_stratum,
-                     "delta_at_test_mix": at_mix, "delta_at_test_mix_ci95": list(at_mix_ci)}
-        log(f"{name}: {paired.delta:+.3f} {paired.ci95}; at the test mix {at_mix:+.3f} {at_mix_ci}")
+                     "delta_at_test_mix": at_mix, "delta_at_test_mix_ci95": at_mix_ci}
+        at_mix_text = "n/a (a stratum is missing)" if at_mix is None else f"{at_mix:+.3f} {at_mix_ci}"
+        log(f"{name}: {paired.delta:+.3f} {paired.ci95}; at the test mix {at_mix_text}")
     return out
 
 
@@ -121,14 +124,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     log(f"{len(examples)} fresh problems, mix {mix(examples)}; test mix {mix(test)}")
     loaded = load_inputs(cfg, None, 1.0, kind=evaluation_kind(cfg)).weights()
     adapters = [tuple(a.split("=", 1)) for a in args.adapters]
-    records = Path(args.records) if args.records else None
-    if records is not None:
-        ensure_writable_dir(records)
-    out = compare_on(cfg, task, examples, adapters, args.start, mix(test), loaded,
-                     records and records / "fresh")
+    if args.records:
+        ensure_writable_dir(args.records)
+    prefix = (lambda part: f"{args.records}/{part}") if args.records else (lambda part: None)
+    out = compare_on(cfg, task, examples, adapters, args.start, mix(test), loaded, prefix("fresh"))
     if args.with_test:
-        out["test"] = compare_on(cfg, task, test, adapters, args.start, mix(test), loaded,
-                                 records and records / "test")
+        out["test"] = compare_on(cfg, task, test, adapters, args.start, mix(test), loaded, prefix("test"))
     return out
 
 
