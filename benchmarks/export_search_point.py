@@ -20,8 +20,7 @@ from essa.commands import load_inputs
 from essa.config import load_config
 from essa.errors import EssaError
 from essa.io import read_state
-from essa.optim import make_optimizer
-from essa.trainer import CHECKPOINT, TrainState
+from essa.trainer import CHECKPOINT, TrainState, restore_optimizer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,9 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         state = TrainState.from_tree(read_state(path), path)
         space = load_inputs(cfg, Path(cfg.adapter), cfg.essa.alpha).space
         if args.point == "mean":
-            optimizer = make_optimizer(cfg.essa, space.dim, sigma0=state.sigma0)
-            optimizer.load_state_dict(state.optimizer)
-            z = optimizer.mean
+            z = restore_optimizer(cfg.essa, state).mean
         elif state.best_mean is None:
             raise EssaError(f"{args.run_dir} validated no mean")
         else:

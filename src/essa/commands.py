@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -26,7 +25,7 @@ from essa.config import Config
 from essa.console import say
 from essa.errors import EssaError
 from essa.evaluate import SplitResult, evaluate_split
-from essa.io import atomic_directory, atomic_write_json, atomic_write_text, ensure_writable_dir
+from essa.io import atomic_directory, atomic_write_json, atomic_write_jsonl, ensure_writable_dir
 from essa.models import cast_for_inference, load_model, resolve_dtype
 from essa.report import plot_training, write_report
 from essa.stats import PairedComparison, compare_paired
@@ -146,7 +145,7 @@ def run_eval(cfg: Config, split: str = "test", samples: int = 1, limit: int | No
     if records_path is not None:
         path = Path(records_path)
         ensure_writable_dir(path.parent)
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in result.records))
+        atomic_write_jsonl(path, result.records)
     return {"task": task.name, "split": split, "model": cfg.model.name, "adapter": adapter, **result.metrics}
 
 

@@ -77,7 +77,8 @@ def stratified_delta(diffs: np.ndarray, strata: list[str], weights: dict[str, fl
     if diffs.ndim != 1 or len(diffs) != len(strata):
         raise EssaError("stratified_delta needs one stratum per per-example difference")
     total = sum(weights.values())
-    missing = sorted(s for s, w in weights.items() if w > 0 and s not in set(strata))
+    present = set(strata)
+    missing = sorted(s for s, w in weights.items() if w > 0 and s not in present)
     if total <= 0 or missing:
         raise EssaError(f"no examples in weighted strata {missing}" if missing else "weights must sum to > 0")
     rng = np.random.default_rng(seed)

@@ -223,8 +223,7 @@ class EssaTrainer:
         state = TrainState.from_tree(read_state(path), path)
         if state.dim != self.dim:
             raise EssaError(f"checkpoint {path} belongs to a search space of another size")
-        self.optimizer = make_optimizer(self.cfg, self.dim, sigma0=state.sigma0)
-        self.optimizer.load_state_dict(state.optimizer)
+        self.optimizer = restore_optimizer(self.cfg, state)
         log.info("resumed at generation %d (%.0f s spent)", state.generation, state.elapsed_s)
         return state
 
@@ -260,6 +259,13 @@ class EssaTrainer:
             "reward_failures": state.reward_failures,
         })
         return TrainResult(final_z, choice, validation, state, versus_start)
+
+
+def restore_optimizer(search: SearchConfig, state: TrainState) -> Any:
+    """The optimizer as the checkpointed `state` left it (its mean, step size and random state)."""
+    optimizer = make_optimizer(search, state.dim, sigma0=state.sigma0)
+    optimizer.load_state_dict(state.optimizer)
+    return optimizer
 
 
 def choose_final(start: np.ndarray, challengers: dict[str, np.ndarray],
