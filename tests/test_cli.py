@@ -335,6 +335,7 @@ def test_int8_quantize_is_not_a_vllm_setting(capsys, model_dir, tmp_path, backen
     ("decoding.top_p=0", "decoding.top_p must be in (0, 1]"),
     ("essa.optimizer_options.lr=0.1", "unknown config key 'essa.optimizer_options.lr': optimizer cma"),
     ("grpo.micro_batch_size=5", "grpo.micro_batch_size must divide"),
+    ("essa.final_challengers=[mean,best]", "essa.final_challengers takes a non-empty list of distinct names"),
 ])
 def test_bad_settings_name_the_key_the_user_set(capsys, tmp_path, override, message):
     code, _, err = run(capsys, "train", override, f"output_dir={tmp_path / 'out'}")

@@ -47,12 +47,14 @@ def adapter_dir(tmp_path_factory):
     return make_random_adapter(tiny_llama(seed=0), tmp_path_factory.mktemp("a") / "sft", rank=2)
 
 
-def make_trainer(adapter_dir, run_dir, generations, on_generation=None, optimizer="sep-cma", time_budget_s=None):
+def make_trainer(adapter_dir, run_dir, generations, on_generation=None, optimizer="sep-cma", time_budget_s=None,
+                 **search_settings):
     model, tok = tiny_llama(seed=0), tiny_tokenizer()
     space = SvdLoraSpace.from_adapter(adapter_dir, 1.0, model=model)
     backend = LocalBackend(model, tok, space, DecodingConfig(max_new_tokens=6, batch_size=32))
-    search = SearchConfig(optimizer=optimizer, popsize=4, sigma0=0.5, prompts_per_generation=3,
-                          generations=generations, time_budget_s=time_budget_s, eval_every=2, seed=7)
+    search = SearchConfig(**{**dict(optimizer=optimizer, popsize=4, sigma0=0.5, prompts_per_generation=3,
+                                    generations=generations, time_budget_s=time_budget_s, eval_every=2, seed=7),
+                             **search_settings})
     return EssaTrainer(backend, tok, VowelTask(), search, run_dir, progress=False,
                        on_generation=on_generation)
 
@@ -106,6 +108,36 @@ def test_run_writes_metrics_checkpoint_and_validation_best_choice(adapter_dir, t
     assert final["choice"] == "start" and not result.final_z.any()
     assert all(c["ci95"][0] <= 0 for c in final["versus_start"].values())
     assert (tmp_path / "checkpoint.npz").is_file()
+
+
+def test_final_challengers_limit_what_is_validated_and_compared(adapter_dir, tmp_path, monkeypatch):
+    import essa.trainer
+
+    validated = []
+
+    def counting(backend, tokenizer, task, examples, z):
+        validated.append(np.array(z[0]))
+        return evaluate_split(backend, tokenizer, task, examples, z)
+
+    evaluate_split = essa.trainer.evaluate_split
+    monkeypatch.setattr(essa.trainer, "evaluate_split", counting)
+    result = make_trainer(adapter_dir, tmp_path, 3, eval_every=0, final_challengers=["mean"]).run()
+    final = json.loads((tmp_path / "final.json").read_text())
+    assert set(final["validation_accuracy"]) == {"start", "mean"} and set(final["versus_start"]) == {"mean"}
+    # Two validations: the start (zero offsets) and the final mean, which has moved.
+    assert len(validated) == 2 and not validated[0].any() and validated[1].any()
+    assert result.validation == final["validation_accuracy"]
+    # All three (the default) on the same run: the best candidate is validated too.
+    make_trainer(adapter_dir, tmp_path / "all", 3, eval_every=0).run()
+    all_three = json.loads((tmp_path / "all" / "final.json").read_text())
+    assert set(all_three["validation_accuracy"]) == {"start", "mean", "best_candidate"}
+    assert all_three["validation_accuracy"]["mean"] == final["validation_accuracy"]["mean"]
+
+
+def test_best_validated_mean_alone_needs_in_loop_validation():
+    with pytest.raises(EssaError, match="needs in-loop validation"):
+        SearchConfig(final_challengers=["best_validated_mean"], eval_every=0)
+    assert SearchConfig(final_challengers=["best_validated_mean"], eval_every=3).final_challengers
 
 
 def test_final_choice_needs_a_confident_win_over_the_start():

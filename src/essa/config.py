@@ -34,6 +34,8 @@ DECODING_ENGINES = ("essa", "generate")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 # Values of compare.svd_vectors.
 SVD_VECTORS = ("sft", "random")
+# Points of a search that may replace its start as the final adapter (essa.trainer._finish).
+FINAL_CHALLENGERS = ("mean", "best_validated_mean", "best_candidate")
 # Values of grpo.loss_type (TRL's loss aggregations).
 GRPO_LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo")
 # A number in exponent notation, such as 3e-5, which YAML 1.1 leaves a string.
@@ -183,6 +185,13 @@ class SearchConfig:
                                           "whichever budget comes first. null: no time budget.")
     eval_every: int = setting(5, "Validate the optimizer mean every this many generations (0: only at the start "
                               "and the end).")
+    final_challengers: list[str] = setting(list(FINAL_CHALLENGERS), "Points that may replace the start (the SFT "
+                                           "adapter) as the final adapter, each only if it beats the start on "
+                                           "validation with confidence: mean (the optimizer's final mean), "
+                                           "best_validated_mean (the best mean of the in-loop validations), "
+                                           "best_candidate (the fittest candidate on its mini-batch). Each one "
+                                           "costs a validation; one alone is a single pre-set comparison, with no "
+                                           "best-of-several selection on the validation split.")
     seed: int = setting(0, "Seed of the optimizer, the mini-batches and the sampling streams.")
 
     def __post_init__(self) -> None:
@@ -209,6 +218,13 @@ class SearchConfig:
         if self.generations is None and self.time_budget_s is None:
             raise EssaError("set essa.generations or essa.time_budget_s (or both)")
         _check("essa.eval_every", self.eval_every >= 0, "must be >= 0", self.eval_every)
+        _check("essa.final_challengers", isinstance(self.final_challengers, list) and self.final_challengers
+               and set(self.final_challengers) <= set(FINAL_CHALLENGERS)
+               and len(set(self.final_challengers)) == len(self.final_challengers),
+               f"takes a non-empty list of distinct names from {', '.join(FINAL_CHALLENGERS)}", self.final_challengers)
+        _check("essa.final_challengers", self.final_challengers != ["best_validated_mean"] or self.eval_every > 0,
+               "names only best_validated_mean, which needs in-loop validation (essa.eval_every > 0)",
+               self.final_challengers)
         _check("essa.seed", 0 <= self.seed < 2**32, "must be in [0, 2**32)", self.seed)
 
 

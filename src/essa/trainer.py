@@ -11,8 +11,9 @@ Around the loop:
 - Each generation records how many distinct fitness values its candidates got and how well the two
   halves of its prompts agree on their ranking (`distinct_fitness`, `split_half_rho`).
 - The start (the SFT adapter, zero offsets) is always a candidate for the final adapter: the
-  others (the final mean, the best validated mean, the best candidate) replace it only when they
-  beat it on the validation split with confidence (paired bootstrap 95% interval above zero).
+  others (those of essa.final_challengers: the final mean, the best validated mean, the best
+  candidate) replace it only when they beat it on the validation split with confidence (paired
+  bootstrap 95% interval above zero).
 """
 
 from __future__ import annotations
@@ -237,16 +238,12 @@ class EssaTrainer:
     def _finish(self, state: TrainState) -> TrainResult:
         """The final adapter: the start, unless a challenger beats it on validation with confidence.
 
-        Challengers: the optimizer's final mean, the best validated mean and the best candidate
-        (its fitness came from a few prompts). One that beats the start with its paired bootstrap
-        95% interval above zero qualifies; the qualifier with the highest validation accuracy wins.
+        Challengers (those named in essa.final_challengers): the optimizer's final mean, the best
+        validated mean and the best candidate (its fitness came from a few prompts). One that beats
+        the start with its paired bootstrap 95% interval above zero qualifies; the qualifier with the
+        highest validation accuracy wins.
         """
-        mean = self.optimizer.mean.copy()
-        challengers = {"mean": (mean, self.validation_scores(mean))}
-        if state.best_mean is not None and not np.array_equal(state.best_mean, mean):
-            challengers["best_validated_mean"] = (state.best_mean, state.best_mean_correct)
-        if state.best_candidate is not None:
-            challengers["best_candidate"] = (state.best_candidate, self.validation_scores(state.best_candidate))
+        challengers = self._challengers(state)
         start = state.start_correct
         choice, versus = choose_final(start, {n: c for n, (_, c) in challengers.items()}, seed=self.cfg.seed)
         validation = {"start": float(start.mean()), **{n: float(c.mean()) for n, (_, c) in challengers.items()}}
@@ -259,6 +256,21 @@ class EssaTrainer:
             "reward_failures": state.reward_failures,
         })
         return TrainResult(final_z, choice, validation, state, versus_start)
+
+
+    def _challengers(self, state: TrainState) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Each challenger the config names that exists: its offsets and per-example validation scores."""
+        wanted = self.cfg.final_challengers
+        mean = self.optimizer.mean.copy()
+        challengers = {}
+        if "mean" in wanted:
+            challengers["mean"] = (mean, self.validation_scores(mean))
+        if ("best_validated_mean" in wanted and state.best_mean is not None
+                and not np.array_equal(state.best_mean, mean)):
+            challengers["best_validated_mean"] = (state.best_mean, state.best_mean_correct)
+        if "best_candidate" in wanted and state.best_candidate is not None:
+            challengers["best_candidate"] = (state.best_candidate, self.validation_scores(state.best_candidate))
+        return challengers
 
 
 def restore_optimizer(search: SearchConfig, state: TrainState) -> Any:
