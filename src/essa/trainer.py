@@ -257,7 +257,6 @@ class EssaTrainer:
         })
         return TrainResult(final_z, choice, validation, state, versus_start)
 
-
     def _challengers(self, state: TrainState) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Each challenger the config names that exists: its offsets and per-example validation scores."""
         wanted = self.cfg.final_challengers
