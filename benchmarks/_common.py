@@ -26,9 +26,9 @@ def log(msg: str) -> None:
 
 def require_positive(parser: argparse.ArgumentParser, args: argparse.Namespace,
                      names: Iterable[str]) -> None:
-    """Exit with a usage error unless every named integer option is >= 1."""
+    """Exit with a usage error unless every named integer option is >= 1 (or unset: None)."""
     for name in names:
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
 
 

@@ -7,7 +7,8 @@ and medians reported:
 - generate: `LocalBackend` with `decoding.engine: generate` (HF `generate`, rows sorted by prompt
   length, batches of `--batch-size`), the reference path;
 - essa: the same backend with `decoding.engine: essa` (shared prompt prefix per candidate, finished
-  rows leave the batch);
+  rows leave the batch, fp32 linears with oneDNN-packed weights: `decoding.pack_weights`);
+- essa_unpacked: the same with `decoding.pack_weights: false` (what the decoding loop alone saves);
 - vllm (`--vllm`, needs vLLM: run this script with .venv-vllm/bin/python): `VllmBackend`, one LoRA
   adapter per candidate.
 
@@ -20,8 +21,10 @@ for decoded tokens and the last prompt token of each row, plus attention (4 x hi
 attended key and layer), against cores x 2 FMA units x SIMD lanes (AVX-512: 16, AVX2 or AMD's
 256-bit AVX-512: 8 fp32) x 2 FLOPs x clock (lscpu's maximum, else /proc/cpuinfo's current MHz); in
 bf16 with AVX-512 BF16 twice that (each bf16 dot-product instruction does two multiply-adds per fp32
-lane), and no figure with AMX, whose tile peak is of another order. The last stdout line is one
-JSON object.
+lane), and no figure with AMX, whose tile peak is of another order. The clock a VM reports can be
+below the one it runs at, so the same FLOPs are also given as a fraction of the fastest large
+matmul measured in this process (`matmul_peak_fraction`: 2048 x 2048 x 2048, best of 5). The last
+stdout line is one JSON object.
 
     python benchmarks/decode_throughput.py --adapter runs/demo/sft/adapter [--threads 2] [--repeats 3]
 
@@ -47,7 +50,7 @@ import torch
 from _common import json_main, log, require_positive
 
 from essa.backends.local import LocalBackend
-from essa.config import DecodingConfig, ModelConfig, TaskConfig
+from essa.config import DecodingConfig, ModelConfig, load_config
 from essa.decoding import new_decode_cache
 from essa.models import load_model
 from essa.svd_space import SvdLoraSpace
@@ -57,11 +60,14 @@ from essa.tasks import format_prompt, get_task
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--adapter", help="an SFT adapter of the demo task (runs/demo/sft/adapter); not with --step-rows")
-    p.add_argument("--candidates", type=int, default=8, help="the demo's essa.popsize")
-    p.add_argument("--prompts", type=int, default=64, help="the demo's essa.prompts_per_generation")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="the demo's decoding.max_new_tokens")
-    p.add_argument("--batch-size", type=int, default=128, help="the demo's decoding.batch_size")
-    p.add_argument("--sigma", type=float, default=0.2, help="offsets of the candidates (the demo's probed sigma0)")
+    p.add_argument("--config", default=None, help="a run's config.yaml for the task, search space and generation "
+                   "shape (default: the demo's packaged settings)")
+    p.add_argument("--candidates", type=int, default=None, help="default: the config's essa.popsize")
+    p.add_argument("--prompts", type=int, default=None, help="default: the config's essa.prompts_per_generation")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the config's decoding.max_new_tokens")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the config's decoding.batch_size")
+    p.add_argument("--sigma", type=float, default=None, help="offsets of the candidates (default: the config's "
+                   "essa.sigma0; 0.2 where that is auto)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
@@ -87,14 +93,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.step_rows is not None:
         return _step_times(args)
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model(ModelConfig(dtype=args.dtype, threads=args.threads))
-    task = get_task(TaskConfig(sft_size=128, train_size=800, validation_size=300, test_size=500))
+    cfg = _settings(args)
+    model, tokenizer = load_model(ModelConfig(name=cfg.model.name, dtype=args.dtype, threads=args.threads))
+    task = get_task(cfg.task)
     prompts = [format_prompt(tokenizer, task, ex) for ex in task.checked_split("train")[:args.prompts]]
-    space = SvdLoraSpace.from_adapter(args.adapter, 1.0, model=model, share=["layers", "values"])
+    space = SvdLoraSpace.from_adapter(args.adapter, cfg.essa.alpha, model=model, offsets=cfg.essa.offsets,
+                                      share=cfg.essa.share, layer_groups=cfg.essa.layer_groups)
     population = np.random.default_rng(args.seed).normal(0.0, args.sigma, (args.candidates, space.dim))
-    decoding = DecodingConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    engines = {name: LocalBackend(model, tokenizer, space, dataclasses.replace(decoding, engine=name))
-               for name in ("generate", "essa")}
+    decoding = dataclasses.replace(cfg.decoding, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    variants = {"generate": {"engine": "generate"}, "essa_unpacked": {"engine": "essa", "pack_weights": False},
+                "essa": {"engine": "essa", "pack_weights": True}}
+    engines = {name: LocalBackend(model, tokenizer, space, dataclasses.replace(decoding, **settings))
+               for name, settings in variants.items()}
     if args.vllm:
         engines["vllm"] = _vllm_backend(args, tokenizer, space, decoding)
     seconds: dict[str, list[float]] = {name: [] for name in engines}
@@ -117,21 +127,40 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     per_s = {name: rows / statistics.median(s) for name, s in seconds.items()}
     flops = _model_flops(model, work)
     peak, how = _peak_flops(args.threads, args.dtype)
+    matmul_peak = _matmul_peak(getattr(torch, args.dtype))
     agree = [a == b for x, y in zip(texts["essa"], texts["generate"]) for a, b in zip(x, y)]
+    agree_unpacked = [a == b for x, y in zip(texts["essa_unpacked"], texts["generate"]) for a, b in zip(x, y)]
     result = {
         "completions_per_s": {k: round(v, 2) for k, v in per_s.items()},
         "speedup_vs_generate": round(per_s["essa"] / per_s["generate"], 3),
+        "speedup_unpacked_vs_generate": round(per_s["essa_unpacked"] / per_s["generate"], 3),
         "speedup_vs_vllm": round(per_s["essa"] / per_s["vllm"], 3) if "vllm" in per_s else None,
         "completion_agreement": round(float(np.mean(agree)), 4),
+        "completion_agreement_unpacked": round(float(np.mean(agree_unpacked)), 4),
         "rows": rows, "differing_rows": int(len(agree) - sum(agree)),
         "differing_row_logit_margins": margins,
         "flop_limit_fraction": round(flops / statistics.median(seconds["essa"]) / peak, 3) if peak else None,
         "flop_limit": how, "model_gflop_per_generation": round(flops / 1e9, 1),
+        "matmul_peak_fraction": round(flops / statistics.median(seconds["essa"]) / matmul_peak, 3),
+        "matmul_peak_gflop_s": round(matmul_peak / 1e9, 1),
         "tokens": {"prefix": work.prefix_tokens, "prefilled": work.prefill_tokens, "decoded": work.decoded_tokens},
         "seconds": {k: [round(x, 2) for x in v] for k, v in seconds.items()},
         "settings": {k: v for k, v in vars(args).items()} | {"torch": torch.__version__, "cpu": _cpu_name()},
     }
     return result
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    """The run's settings (the demo's by default); options left unset take the generation shape from them."""
+    from essa.cli import demo_defaults
+
+    cfg = demo_defaults() if args.config is None else load_config(args.config)
+    for option, value in (("candidates", cfg.essa.popsize), ("prompts", cfg.essa.prompts_per_generation),
+                          ("max_new_tokens", cfg.decoding.max_new_tokens),
+                          ("batch_size", cfg.decoding.batch_size), ("sigma", 0.2 if cfg.essa.sigma0 == "auto" else cfg.essa.sigma0)):
+        if getattr(args, option) is None:
+            setattr(args, option, value)
+    return cfg
 
 
 @torch.inference_mode()
@@ -220,6 +249,17 @@ def _peak_flops(threads: int, dtype: str) -> tuple[float | None, str]:
     peak = threads * 2 * lanes * per_lane * ghz * 1e9
     return peak, (f"{threads} cores x 2 FMA units x {lanes} fp32 lanes x {per_lane} {unit} x {ghz:.2f} GHz "
                   f"= {peak / 1e9:.0f} GFLOP/s")
+
+
+def _matmul_peak(dtype: torch.dtype, n: int = 2048) -> float:
+    """FLOP/s of the fastest of 5 large square matmuls on this process's threads."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n ** 3 / best
 
 
 def _max_ghz() -> float:

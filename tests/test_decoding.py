@@ -74,9 +74,10 @@ def _hf_generate(setup, rows):
     return tokens, logits
 
 
-def test_greedy_tokens_and_logits_match_hf_generate(setup):
+@pytest.mark.parametrize("pack_weights", [False, True])
+def test_greedy_tokens_and_logits_match_hf_generate(setup, pack_weights):
     rows = setup[4]
-    ours = _decode(setup, _decoder(setup, batch_size=7), keep_logits=True)
+    ours = _decode(setup, _decoder(setup, batch_size=7, pack_weights=pack_weights), keep_logits=True)
     tokens, logits = _hf_generate(setup, rows)
     assert ours.tokens == tokens
     for mine, theirs in zip(ours.logits, logits):
@@ -106,11 +107,11 @@ def _teacher_forced_logits(setup, row, continuation):
     return logits[len(prompts[p]) - 1:]
 
 
-@pytest.mark.parametrize("top_p", [1.0, 0.8])
-def test_sampled_rows_do_not_depend_on_their_batch(setup, top_p):
+@pytest.mark.parametrize(("top_p", "pack_weights"), [(1.0, False), (0.8, False), (0.8, True)])
+def test_sampled_rows_do_not_depend_on_their_batch(setup, top_p, pack_weights):
     rows = setup[4]
     seeds = [1000 + 7 * i for i in range(len(rows))]
-    decoder = _decoder(setup, temperature=1.3, top_p=top_p, batch_size=64)
+    decoder = _decoder(setup, temperature=1.3, top_p=top_p, batch_size=64, pack_weights=pack_weights)
     together = _decode(setup, decoder, seeds, keep_logits=True)
     alone = _decode(setup, _decoder(setup, temperature=1.3, top_p=top_p, batch_size=1), seeds, share_prefix=False)
     assert together.tokens == alone.tokens

@@ -147,6 +147,9 @@ class DecodingConfig:
     batch_size: int = setting(64, "Rows (candidate x prompt pairs) per batched forward pass.")
     engine: str = setting("essa", "essa: our decoding loop (shared prompt prefix, finished rows leave, one random "
                           "stream per row); generate: HF `generate`, the reference path.")
+    pack_weights: bool = setting(True, "Engine essa on CPU (fp32 or bf16): run the linear layers with weights "
+                                 "packed once in oneDNN's layout (faster decoding, one more copy of the weights in "
+                                 "memory; the same products up to summation order).")
 
     def __post_init__(self) -> None:
         _check("decoding.max_new_tokens", self.max_new_tokens >= 1, "must be >= 1", self.max_new_tokens)

@@ -15,6 +15,7 @@ re-implemented here). Which candidate a row runs is set through `PopulationModel
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+from essa.packed_weights import PackedLinears, packing_available
 
 # Finished rows leave the batch once they are at least this fraction of it (measured: docs/BENCHMARKS.md).
 COMPACT_FRACTION = 0.25
@@ -38,6 +41,7 @@ class DecodeSettings:
     top_p: float = 1.0
     eos_token_ids: tuple[int, ...] = ()
     batch_size: int = 64  # rows decoded together
+    pack_weights: bool = False  # linears run with oneDNN-packed weights (essa.packed_weights)
 
 
 @dataclass
@@ -104,6 +108,8 @@ class BatchDecoder:
         # transformers 5.x renamed `past_key_values` to `cache` (the old name warns until it is removed).
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        use_packed = settings.pack_weights and packing_available()
+        self._packed = PackedLinears(model, settings.batch_size) if use_packed else None
 
     @torch.inference_mode()
     def decode(self, prompts: list[list[int]], candidates: list[int], seeds: list[int] | None = None,
@@ -114,6 +120,11 @@ class BatchDecoder:
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         seeds = list(seeds) if seeds is not None else [0] * len(prompts)
+        with self._packed.swapped_in() if self._packed is not None else contextlib.nullcontext():
+            return self._decode(prompts, candidates, seeds, keep_logits, share_prefix, progress)
+
+    def _decode(self, prompts: list[list[int]], candidates: list[int], seeds: list[int], keep_logits: bool,
+                share_prefix: bool, progress: bool) -> DecodeResult:
         self._capacity = max(len(p) for p in prompts) + self.settings.max_new_tokens
         # The last prompt token of every row stays out of the prefix: its logits start decoding.
         prefix_len = min(common_prefix_length(prompts), min(len(p) for p in prompts) - 1) if share_prefix else 0
