@@ -137,6 +137,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "speedup_vs_vllm": round(per_s["essa"] / per_s["vllm"], 3) if "vllm" in per_s else None,
         "completion_agreement": round(float(np.mean(agree)), 4),
         "completion_agreement_unpacked": round(float(np.mean(agree_unpacked)), 4),
+        "packed_vs_unpacked_agreement": round(float(np.mean(
+            [a == b for x, y in zip(texts["essa"], texts["essa_unpacked"]) for a, b in zip(x, y)])), 4),
         "rows": rows, "differing_rows": int(len(agree) - sum(agree)),
         "differing_row_logit_margins": margins,
         "flop_limit_fraction": round(flops / statistics.median(seconds["essa"]) / peak, 3) if peak else None,
