@@ -10,7 +10,8 @@ Three things HF `generate` does not do for ESSA's workload, each exact under cau
   not depend on which other rows share its batch (batch size, Ray chunking, row order).
 
 The model's own forward, attention and cache classes do the work (nothing of attention is
-re-implemented here). Which candidate a row runs is set through `PopulationModel.select_rows`.
+re-implemented here); with `pack_weights` its linear layers run on oneDNN-packed weights while
+`decode` runs (`essa.packed_weights`). Which candidate a row runs is set through `PopulationModel.select_rows`.
 """
 
 from __future__ import annotations
