@@ -7,7 +7,7 @@ and medians reported:
 - generate: `LocalBackend` with `decoding.engine: generate` (HF `generate`, rows sorted by prompt
   length, batches of `--batch-size`), the reference path;
 - essa: the same backend with `decoding.engine: essa` (shared prompt prefix per candidate, finished
-  rows leave the batch, fp32 linears with oneDNN-packed weights: `decoding.pack_weights`);
+  rows leave the batch, fp32/bf16 linears with oneDNN-packed weights: `decoding.pack_weights`);
 - essa_unpacked: the same with `decoding.pack_weights: false` (what the decoding loop alone saves);
 - vllm (`--vllm`, needs vLLM: run this script with .venv-vllm/bin/python): `VllmBackend`, one LoRA
   adapter per candidate.
@@ -128,17 +128,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     flops = _model_flops(model, work)
     peak, how = _peak_flops(args.threads, args.dtype)
     matmul_peak = _matmul_peak(getattr(torch, args.dtype))
-    agree = [a == b for x, y in zip(texts["essa"], texts["generate"]) for a, b in zip(x, y)]
-    agree_unpacked = [a == b for x, y in zip(texts["essa_unpacked"], texts["generate"]) for a, b in zip(x, y)]
+    agree = _same_rows(texts["essa"], texts["generate"])
     result = {
         "completions_per_s": {k: round(v, 2) for k, v in per_s.items()},
         "speedup_vs_generate": round(per_s["essa"] / per_s["generate"], 3),
         "speedup_unpacked_vs_generate": round(per_s["essa_unpacked"] / per_s["generate"], 3),
         "speedup_vs_vllm": round(per_s["essa"] / per_s["vllm"], 3) if "vllm" in per_s else None,
         "completion_agreement": round(float(np.mean(agree)), 4),
-        "completion_agreement_unpacked": round(float(np.mean(agree_unpacked)), 4),
-        "packed_vs_unpacked_agreement": round(float(np.mean(
-            [a == b for x, y in zip(texts["essa"], texts["essa_unpacked"]) for a, b in zip(x, y)])), 4),
+        "completion_agreement_unpacked": round(float(np.mean(_same_rows(texts["essa_unpacked"],
+                                                                         texts["generate"]))), 4),
+        "packed_vs_unpacked_agreement": round(float(np.mean(_same_rows(texts["essa"], texts["essa_unpacked"]))), 4),
         "rows": rows, "differing_rows": int(len(agree) - sum(agree)),
         "differing_row_logit_margins": margins,
         "flop_limit_fraction": round(flops / statistics.median(seconds["essa"]) / peak, 3) if peak else None,
@@ -152,14 +151,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _same_rows(ours: list[list[str]], theirs: list[list[str]]) -> list[bool]:
+    """Per row (candidate x prompt), whether two engines' completions are identical."""
+    return [a == b for x, y in zip(ours, theirs) for a, b in zip(x, y)]
+
+
 def _settings(args: argparse.Namespace) -> Any:
     """The run's settings (the demo's by default); options left unset take the generation shape from them."""
     from essa.cli import demo_defaults
 
     cfg = demo_defaults() if args.config is None else load_config(args.config)
+    sigma = 0.2 if cfg.essa.sigma0 == "auto" else cfg.essa.sigma0
     for option, value in (("candidates", cfg.essa.popsize), ("prompts", cfg.essa.prompts_per_generation),
                           ("max_new_tokens", cfg.decoding.max_new_tokens),
-                          ("batch_size", cfg.decoding.batch_size), ("sigma", 0.2 if cfg.essa.sigma0 == "auto" else cfg.essa.sigma0)):
+                          ("batch_size", cfg.decoding.batch_size), ("sigma", sigma)):
         if getattr(args, option) is None:
             setattr(args, option, value)
     return cfg
