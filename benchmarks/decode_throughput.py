@@ -7,8 +7,10 @@ and medians reported:
 - generate: `LocalBackend` with `decoding.engine: generate` (HF `generate`, rows sorted by prompt
   length, batches of `--batch-size`), the reference path;
 - essa: the same backend with `decoding.engine: essa` (shared prompt prefix per candidate, finished
-  rows leave the batch, fp32/bf16 linears with oneDNN-packed weights: `decoding.pack_weights`);
-- essa_unpacked: the same with `decoding.pack_weights: false` (what the decoding loop alone saves);
+  rows leave the batch, fp32/bf16 linears with oneDNN-packed weights: `decoding.pack_weights`, batches
+  decoded at once on threads that share the CPU threads: `decoding.parallel_batches`);
+- essa_one_batch: the same with `decoding.parallel_batches: 1` (one batch after another on all threads);
+- essa_unpacked: that with `decoding.pack_weights: false` too (what the decoding loop alone saves);
 - vllm (`--vllm`, needs vLLM: run this script with .venv-vllm/bin/python): `VllmBackend`, one LoRA
   adapter per candidate.
 
@@ -101,8 +103,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                       share=cfg.essa.share, layer_groups=cfg.essa.layer_groups)
     population = np.random.default_rng(args.seed).normal(0.0, args.sigma, (args.candidates, space.dim))
     decoding = dataclasses.replace(cfg.decoding, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    variants = {"generate": {"engine": "generate"}, "essa_unpacked": {"engine": "essa", "pack_weights": False},
-                "essa": {"engine": "essa", "pack_weights": True}}
+    variants = {"generate": {"engine": "generate"},
+                "essa_unpacked": {"engine": "essa", "pack_weights": False, "parallel_batches": 1},
+                "essa_one_batch": {"engine": "essa", "pack_weights": True, "parallel_batches": 1},
+                "essa": {"engine": "essa", "pack_weights": True, "parallel_batches": None}}
     engines = {name: LocalBackend(model, tokenizer, space, dataclasses.replace(decoding, **settings))
                for name, settings in variants.items()}
     if args.vllm:
@@ -132,12 +136,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result = {
         "completions_per_s": {k: round(v, 2) for k, v in per_s.items()},
         "speedup_vs_generate": round(per_s["essa"] / per_s["generate"], 3),
+        "speedup_one_batch_vs_generate": round(per_s["essa_one_batch"] / per_s["generate"], 3),
         "speedup_unpacked_vs_generate": round(per_s["essa_unpacked"] / per_s["generate"], 3),
         "speedup_vs_vllm": round(per_s["essa"] / per_s["vllm"], 3) if "vllm" in per_s else None,
         "completion_agreement": round(float(np.mean(agree)), 4),
         "completion_agreement_unpacked": round(float(np.mean(_same_rows(texts["essa_unpacked"],
                                                                          texts["generate"]))), 4),
-        "packed_vs_unpacked_agreement": round(float(np.mean(_same_rows(texts["essa"], texts["essa_unpacked"]))), 4),
+        "packed_vs_unpacked_agreement": round(float(np.mean(_same_rows(texts["essa_one_batch"],
+                                                                       texts["essa_unpacked"]))), 4),
+        "parallel_vs_one_batch_agreement": round(float(np.mean(_same_rows(texts["essa"],
+                                                                          texts["essa_one_batch"]))), 4),
         "rows": rows, "differing_rows": int(len(agree) - sum(agree)),
         "differing_row_logit_margins": margins,
         "flop_limit_fraction": round(flops / statistics.median(seconds["essa"]) / peak, 3) if peak else None,

@@ -6,6 +6,8 @@ the newline character is used as the stop token, which the tiny random model emi
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -74,10 +76,11 @@ def _hf_generate(setup, rows):
     return tokens, logits
 
 
-@pytest.mark.parametrize("pack_weights", [False, True])
-def test_greedy_tokens_and_logits_match_hf_generate(setup, pack_weights):
+@pytest.mark.parametrize(("pack_weights", "parallel_batches"), [(False, 1), (True, 1), (True, 2)])
+def test_greedy_tokens_and_logits_match_hf_generate(setup, pack_weights, parallel_batches):
     rows = setup[4]
-    ours = _decode(setup, _decoder(setup, batch_size=7, pack_weights=pack_weights), keep_logits=True)
+    decoder = _decoder(setup, batch_size=7, pack_weights=pack_weights, parallel_batches=parallel_batches)
+    ours = _decode(setup, decoder, keep_logits=True)
     tokens, logits = _hf_generate(setup, rows)
     assert ours.tokens == tokens
     for mine, theirs in zip(ours.logits, logits):
@@ -107,11 +110,13 @@ def _teacher_forced_logits(setup, row, continuation):
     return logits[len(prompts[p]) - 1:]
 
 
-@pytest.mark.parametrize(("top_p", "pack_weights"), [(1.0, False), (0.8, False), (0.8, True)])
-def test_sampled_rows_do_not_depend_on_their_batch(setup, top_p, pack_weights):
+@pytest.mark.parametrize(("top_p", "pack_weights", "batch_size", "parallel_batches"),
+                         [(1.0, False, 64, 1), (0.8, False, 64, 1), (0.8, True, 64, 1), (0.8, True, 5, None)])
+def test_sampled_rows_do_not_depend_on_their_batch(setup, top_p, pack_weights, batch_size, parallel_batches):
     rows = setup[4]
     seeds = [1000 + 7 * i for i in range(len(rows))]
-    decoder = _decoder(setup, temperature=1.3, top_p=top_p, batch_size=64, pack_weights=pack_weights)
+    decoder = _decoder(setup, temperature=1.3, top_p=top_p, batch_size=batch_size, pack_weights=pack_weights,
+                       parallel_batches=parallel_batches)
     together = _decode(setup, decoder, seeds, keep_logits=True)
     alone = _decode(setup, _decoder(setup, temperature=1.3, top_p=top_p, batch_size=1), seeds, share_prefix=False)
     assert together.tokens == alone.tokens
@@ -123,6 +128,30 @@ def test_sampled_rows_do_not_depend_on_their_batch(setup, top_p, pack_weights):
         ended = len(logits) > len(tokens)
         reference = _teacher_forced_logits(setup, row, tokens + ([stop] if ended else []))
         assert torch.allclose(logits, reference[:len(logits)], atol=1e-4)
+
+
+def test_parallel_batches_give_the_same_rows_and_work_and_restore_the_thread_count(setup):
+    threads = torch.get_num_threads()
+    one_by_one = _decode(setup, _decoder(setup, batch_size=4, parallel_batches=1), keep_logits=True)
+    seen = set()
+    _, _, runtime, _, _, _ = setup
+    select = runtime.select_rows
+
+    def select_and_note(candidate_of_row):
+        seen.add(threading.get_ident())
+        select(candidate_of_row)
+
+    decoder = _decoder(setup, batch_size=4, parallel_batches=3)
+    decoder.select_rows = select_and_note
+    together = _decode(setup, decoder, keep_logits=True)
+    # The shared prefix is prefilled here; 18 rows in batches of at most 4 make 6 batches, on 3 other threads.
+    assert len(seen - {threading.get_ident()}) == 3
+    assert together.tokens == one_by_one.tokens
+    for a, b in zip(together.logits, one_by_one.logits):
+        assert torch.allclose(a, b, atol=1e-5)
+    work = lambda r: (r.prefill_tokens, r.decoded_tokens, r.attended_keys)  # noqa: E731
+    assert work(together) == work(one_by_one)
+    assert torch.get_num_threads() == threads
 
 
 def test_row_order_does_not_matter(setup):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import peft
@@ -178,6 +179,39 @@ def test_mixed_population_logits_match_merged_weights(base, adapter_dir, offsets
         with torch.no_grad():
             ref = reference(input_ids=ids[row:row + 1]).logits[0]
         assert (logits[row] - ref).abs().max().item() < 1e-4
+
+
+def test_each_thread_runs_the_rows_it_selected(base, adapter_dir):
+    """The essa decoder runs batches on several threads: one thread's row selection must not leak into another's."""
+    space = SvdLoraSpace.from_adapter(adapter_dir, alpha=1.0, model=base)
+    runtime = PopulationModel(tiny_llama(seed=0), space)
+    runtime.set_population(random_population(space, 2, seed=4))
+    ids = torch.randint(5, 90, (2, 6), generator=torch.Generator().manual_seed(2))
+    expected = []
+    for cand in (0, 1):
+        with torch.no_grad(), runtime.rows([cand, cand]):
+            expected.append(runtime.model(input_ids=ids).logits)
+    both_selected = threading.Barrier(2)
+    got = [None, None]
+
+    def work(cand):
+        runtime.select_rows([cand, cand])
+        both_selected.wait()  # the other thread has made its own selection by now
+        with torch.no_grad():
+            got[cand] = runtime.model(input_ids=ids).logits
+
+    threads = [threading.Thread(target=work, args=(cand,)) for cand in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not torch.allclose(expected[0], expected[1])
+    for cand in (0, 1):
+        assert torch.equal(got[cand], expected[cand])
+    runtime.clear_rows()  # clears every thread's selection: this thread runs the plain model
+    with torch.no_grad():
+        plain = runtime.model(input_ids=ids).logits
+        assert torch.equal(plain, base(input_ids=ids).logits)
 
 
 def test_batched_generation_equals_each_candidate_alone(base, adapter_dir):

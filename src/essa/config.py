@@ -150,12 +150,17 @@ class DecodingConfig:
     pack_weights: bool = setting(True, "Engine essa on CPU (fp32 or bf16): run the linear layers with weights "
                                  "packed once in oneDNN's layout (faster decoding, one more copy of the weights in "
                                  "memory; the same products up to summation order).")
+    parallel_batches: int | None = setting(None, "Engine essa on CPU: batches decoded at the same time, each on its "
+                                           "own thread with a share of model.threads (null: one per thread, at most "
+                                           "one per batch of rows; 1: one batch after another).")
 
     def __post_init__(self) -> None:
         _check("decoding.max_new_tokens", self.max_new_tokens >= 1, "must be >= 1", self.max_new_tokens)
         _check("decoding.temperature", self.temperature >= 0, "must be >= 0", self.temperature)
         _check("decoding.top_p", 0 < self.top_p <= 1, "must be in (0, 1]", self.top_p)
         _check("decoding.batch_size", self.batch_size >= 1, "must be >= 1", self.batch_size)
+        _check("decoding.parallel_batches", self.parallel_batches is None or self.parallel_batches >= 1,
+               "must be >= 1 or null", self.parallel_batches)
         _check("decoding.engine", self.engine in DECODING_ENGINES, _one_of(DECODING_ENGINES), self.engine)
 
 

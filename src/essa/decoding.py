@@ -12,6 +12,10 @@ Three things HF `generate` does not do for ESSA's workload, each exact under cau
 The model's own forward, attention and cache classes do the work (nothing of attention is
 re-implemented here); with `pack_weights` its linear layers run on oneDNN-packed weights while
 `decode` runs (`essa.packed_weights`). Which candidate a row runs is set through `PopulationModel.select_rows`.
+
+On CPU, batches run on several threads at once (`parallel_batches`), each with its share of
+torch's threads: one batch's Python and small elementwise operations then overlap the other's
+matrix products, instead of every small operation waiting for all threads (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -43,6 +49,9 @@ class DecodeSettings:
     eos_token_ids: tuple[int, ...] = ()
     batch_size: int = 64  # rows decoded together
     pack_weights: bool = False  # linears run with oneDNN-packed weights (essa.packed_weights)
+    # Batches decoded at once on CPU, each on its own thread(s); None: as many as torch has threads
+    # (at most one per batch). On other devices batches run one after another.
+    parallel_batches: int | None = 1
 
 
 @dataclass
@@ -136,11 +145,31 @@ class BatchDecoder:
             result.attended_keys = len(prefix[1]) * prefix_len * (prefix_len + 1) // 2
         # Rows of similar suffix length share a batch, so little padding is prefilled.
         order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), candidates[i], i))
-        size = self.settings.batch_size
-        starts = range(0, len(order), size)
-        for start in tqdm(starts, desc="decode", unit="batch", leave=False, disable=not progress or len(starts) < 2):
-            self._decode_batch(order[start:start + size], prompts, candidates, seeds, prefix, prefix_len, result)
+        workers = self._workers(math.ceil(len(order) / self.settings.batch_size))
+        n_batches = math.ceil(len(order) / self.settings.batch_size / workers) * workers  # equal shares
+        size = math.ceil(len(order) / n_batches)
+        batches = [order[start:start + size] for start in range(0, len(order), size)]
+        bar = tqdm(total=len(batches), desc="decode", unit="batch", leave=False, disable=not progress or len(batches) < 2)
+
+        def run(rows: list[int]) -> tuple[int, int, int]:
+            work = self._decode_batch(rows, prompts, candidates, seeds, prefix, prefix_len, result)
+            bar.update()
+            return work
+
+        with bar:
+            works = [run(rows) for rows in batches] if workers == 1 else _run_in_threads(run, batches, workers)
+        for prefilled, decoded, attended in works:
+            result.prefill_tokens += prefilled
+            result.decoded_tokens += decoded
+            result.attended_keys += attended
         return result
+
+    def _workers(self, n_batches: int) -> int:
+        """How many batches run at once: on CPU, up to one per torch thread (or the setting)."""
+        if self.device.type != "cpu":
+            return 1
+        wanted = self.settings.parallel_batches or torch.get_num_threads()
+        return max(1, min(wanted, n_batches))
 
     # -- prefill -------------------------------------------------------------------------------
     def _prefill_prefix(self, prefix: list[int], unique: list[int]) -> tuple[DynamicCache, dict[int, int]]:
@@ -165,7 +194,8 @@ class BatchDecoder:
     # -- one batch -----------------------------------------------------------------------------
     def _decode_batch(self, rows: list[int], prompts: list[list[int]], candidates: list[int], seeds: list[int],
                       prefix: tuple[DynamicCache, dict[int, int]] | None, prefix_len: int,
-                      result: DecodeResult) -> None:
+                      result: DecodeResult) -> tuple[int, int, int]:
+        """Decodes `rows` into `result`'s tokens (and logits); returns (prefilled, decoded, attended keys)."""
         s = self.settings
         suffixes = [prompts[i][prefix_len:] for i in rows]
         width = max(len(x) for x in suffixes)
@@ -180,8 +210,9 @@ class BatchDecoder:
         cache = self._batch_cache(prefix, rows, candidates)
         active = list(rows)
         logits = self._forward(ids.to(self.device), mask, positions, cache, [candidates[i] for i in active])
-        result.prefill_tokens += int(suffix_mask.sum())
-        result.attended_keys += int(((positions + 1) * suffix_mask.to(positions.device)).sum())
+        prefilled = int(suffix_mask.sum())
+        attended = int(((positions + 1) * suffix_mask.to(positions.device)).sum())
+        decoded = 0
         generators = {i: torch.Generator().manual_seed(int(seeds[i]) % 2**63) for i in rows}
         steps: dict[int, list[torch.Tensor]] = {i: [] for i in rows}
         eos = torch.tensor(s.eos_token_ids or [-1], device=self.device)
@@ -209,11 +240,12 @@ class BatchDecoder:
             mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=mask.device)], dim=1)
             positions = positions[:, -1:] + 1
             logits = self._forward(tokens[:, None], mask, positions, cache, [candidates[i] for i in active])
-            result.decoded_tokens += len(active)
-            result.attended_keys += int((positions + 1).sum())
+            decoded += len(active)
+            attended += int((positions + 1).sum())
         if result.logits is not None:
             for i in rows:
                 result.logits[i] = torch.stack(steps[i])
+        return prefilled, decoded, attended
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor | None, cache: DynamicCache,
                  candidate_of_row: list[int]) -> torch.Tensor:
@@ -223,6 +255,30 @@ class BatchDecoder:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                          logits_to_keep=1, **{self._cache_kwarg: cache})
         return out.logits[:, -1, :]
+
+
+def _run_in_threads(fn: Callable[[list[int]], Any], batches: list[list[int]], workers: int) -> list[Any]:
+    """`fn` of every batch, `workers` at a time on threads that split torch's CPU threads between them.
+
+    Inference mode and the thread count are per thread, so each worker sets both; the caller's
+    thread count is restored afterwards.
+    """
+    total = torch.get_num_threads()
+    shares = [total // workers + (k < total % workers) for k in range(workers)]
+    slots = iter(range(workers))
+
+    def start() -> None:
+        torch.set_num_threads(max(1, shares[next(slots)]))
+
+    def call(rows: list[int]) -> Any:
+        with torch.inference_mode():
+            return fn(rows)
+
+    try:
+        with ThreadPoolExecutor(workers, initializer=start, thread_name_prefix="essa-decode") as pool:
+            return list(pool.map(call, batches))
+    finally:
+        torch.set_num_threads(total)
 
 
 def new_decode_cache(config: Any, capacity: int) -> DynamicCache:

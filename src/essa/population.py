@@ -12,6 +12,7 @@ cost: no merged weights, no adapter files, no reloads.
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -40,9 +41,17 @@ class PopulationLoraLinear(nn.Module):
                              persistent=False)
         self.register_buffer("u_b_t", pair.u_b.T.contiguous().to(device=device, dtype=branch), persistent=False)
         self.scale = pair.scale
-        # (rows, r) singular values for the current batch; None runs the plain base layer.
-        self.row_s_a: torch.Tensor | None = None
-        self.row_s_b: torch.Tensor | None = None
+        # Per thread, the (rows, r) singular values of its current batch: the essa decoder runs
+        # batches on several threads at once. A thread without an entry runs the plain base layer.
+        self._rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def set_rows(self, s_a: torch.Tensor, s_b: torch.Tensor) -> None:
+        """The calling thread's batch rows use these (rows, r) singular values."""
+        self._rows[threading.get_ident()] = (s_a, s_b)
+
+    def clear_rows(self) -> None:
+        """Every thread runs the plain base layer again."""
+        self._rows.clear()
 
     @property
     def in_features(self) -> int:
@@ -58,16 +67,18 @@ class PopulationLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if self.row_s_a is None:
+        tables = self._rows.get(threading.get_ident())
+        if tables is None:
             return y
-        rows = self.row_s_a.shape[0]
+        row_s_a, row_s_b = tables
+        rows = row_s_a.shape[0]
         if x.dim() < 2 or x.shape[0] != rows:
             raise RuntimeError(f"input of shape {tuple(x.shape)} does not have the {rows} candidate rows that are set "
                                "as its first dimension")
         # (rows, r) -> (rows, 1, ..., 1, r): one table row per batch row, whatever lies in between.
         shape = (rows,) + (1,) * (x.dim() - 2) + (-1,)
-        h = (x @ self.v_a).to(self.mid_t.dtype) * self.row_s_a.view(shape)
-        h = (h @ self.mid_t) * self.row_s_b.view(shape)
+        h = (x @ self.v_a).to(self.mid_t.dtype) * row_s_a.view(shape)
+        h = (h @ self.mid_t) * row_s_b.view(shape)
         return y + (h @ self.u_b_t).to(y.dtype)
 
 
@@ -102,18 +113,17 @@ class PopulationModel:
         ]
 
     def select_rows(self, candidate_of_row: list[int] | np.ndarray) -> None:
-        """From now on batch row i runs candidate `candidate_of_row[i]` of the population."""
+        """From now on batch row i runs candidate `candidate_of_row[i]` of the population (in the calling thread)."""
         if self._tables is None:
             raise RuntimeError("call set_population() before selecting rows")
         index = torch.as_tensor(np.asarray(candidate_of_row), dtype=torch.long)
         for layer, (s_a, s_b) in zip(self.layers, self._tables):
-            layer.row_s_a = s_a.index_select(0, index.to(s_a.device))
-            layer.row_s_b = s_b.index_select(0, index.to(s_b.device))
+            layer.set_rows(s_a.index_select(0, index.to(s_a.device)), s_b.index_select(0, index.to(s_b.device)))
 
     def clear_rows(self) -> None:
-        """Back to the plain base model in every layer."""
+        """Back to the plain base model in every layer, for every thread."""
         for layer in self.layers:
-            layer.row_s_a = layer.row_s_b = None
+            layer.clear_rows()
 
     @contextmanager
     def rows(self, candidate_of_row: list[int] | np.ndarray) -> Iterator[None]:

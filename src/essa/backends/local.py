@@ -91,7 +91,8 @@ class LocalBackend(Backend):
         eos = self.tokenizer.eos_token_id
         return DecodeSettings(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
                               eos_token_ids=tuple(eos if isinstance(eos, list) else [eos]),
-                              batch_size=g.batch_size, pack_weights=g.pack_weights)
+                              batch_size=g.batch_size, pack_weights=g.pack_weights,
+                              parallel_batches=g.parallel_batches)
 
     # -- the reference path: HF generate ------------------------------------------------------
     def _generate_all(self, prompts: list[str], ids: list[list[int]], rows: list[tuple[int, int]],
