@@ -154,6 +154,24 @@ def test_parallel_batches_give_the_same_rows_and_work_and_restore_the_thread_cou
     assert torch.get_num_threads() == threads
 
 
+def test_a_failing_batch_stops_the_batches_on_other_threads(setup):
+    _, _, runtime, _, _, _ = setup
+    select, calls = runtime.select_rows, []
+
+    def select_or_fail(candidate_of_row):
+        calls.append(threading.get_ident())
+        if len(calls) == 4:  # a decode step of some batch, after every worker has started
+            raise ValueError("broken batch")
+        select(candidate_of_row)
+
+    decoder = _decoder(setup, batch_size=4, parallel_batches=2)
+    decoder.select_rows = select_or_fail
+    with pytest.raises(ValueError, match="broken batch"):
+        _decode(setup, decoder)
+    # The others stopped at their next step instead of decoding every batch to the end (about 60 forward passes).
+    assert len(calls) < 10
+
+
 def test_row_order_does_not_matter(setup):
     _, _, runtime, prompts, rows, _ = setup
     seeds = [11 * i for i in range(len(rows))]

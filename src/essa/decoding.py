@@ -24,7 +24,8 @@ import contextlib
 import copy
 import inspect
 import math
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -146,18 +147,20 @@ class BatchDecoder:
         # Rows of similar suffix length share a batch, so little padding is prefilled.
         order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), candidates[i], i))
         workers = self._workers(math.ceil(len(order) / self.settings.batch_size))
-        n_batches = math.ceil(len(order) / self.settings.batch_size / workers) * workers  # equal shares
+        # Batches of equal size (at most batch_size), a multiple of the workers, so no worker waits long for another.
+        n_batches = math.ceil(len(order) / self.settings.batch_size / workers) * workers
         size = math.ceil(len(order) / n_batches)
         batches = [order[start:start + size] for start in range(0, len(order), size)]
         bar = tqdm(total=len(batches), desc="decode", unit="batch", leave=False, disable=not progress or len(batches) < 2)
 
-        def run(rows: list[int]) -> tuple[int, int, int]:
-            work = self._decode_batch(rows, prompts, candidates, seeds, prefix, prefix_len, result)
+        def run(rows: list[int], before_step: Callable[[], None]) -> tuple[int, int, int]:
+            work = self._decode_batch(rows, prompts, candidates, seeds, prefix, prefix_len, result, before_step)
             bar.update()
             return work
 
         with bar:
-            works = [run(rows) for rows in batches] if workers == 1 else _run_in_threads(run, batches, workers)
+            works = ([run(rows, lambda: None) for rows in batches] if workers == 1
+                     else _BatchThreads(workers).run(run, batches))
         for prefilled, decoded, attended in works:
             result.prefill_tokens += prefilled
             result.decoded_tokens += decoded
@@ -194,9 +197,13 @@ class BatchDecoder:
     # -- one batch -----------------------------------------------------------------------------
     def _decode_batch(self, rows: list[int], prompts: list[list[int]], candidates: list[int], seeds: list[int],
                       prefix: tuple[DynamicCache, dict[int, int]] | None, prefix_len: int,
-                      result: DecodeResult) -> tuple[int, int, int]:
-        """Decodes `rows` into `result`'s tokens (and logits); returns (prefilled, decoded, attended keys)."""
+                      result: DecodeResult, before_step: Callable[[], None]) -> tuple[int, int, int]:
+        """Decodes `rows` into `result`'s tokens (and logits); returns (prefilled, decoded, attended keys).
+
+        `before_step` runs before the prefill and at every step (threaded batches: see `_BatchThreads`).
+        """
         s = self.settings
+        before_step()
         suffixes = [prompts[i][prefix_len:] for i in rows]
         width = max(len(x) for x in suffixes)
         # Left padding between prefix and suffix keeps every row's last prompt token in the last column.
@@ -218,6 +225,7 @@ class BatchDecoder:
         eos = torch.tensor(s.eos_token_ids or [-1], device=self.device)
         done = torch.zeros(len(active), dtype=torch.bool, device=self.device)
         for step in range(s.max_new_tokens):
+            before_step()
             uniforms = None if s.temperature <= 0 else torch.cat([torch.rand(1, generator=generators[i])
                                                                   for i in active])
             tokens = choose_tokens(logits, s, uniforms)
@@ -257,28 +265,54 @@ class BatchDecoder:
         return out.logits[:, -1, :]
 
 
-def _run_in_threads(fn: Callable[[list[int]], Any], batches: list[list[int]], workers: int) -> list[Any]:
-    """`fn` of every batch, `workers` at a time on threads that split torch's CPU threads between them.
+class DecodeStopped(RuntimeError):
+    """A batch stopped early because the decode it belonged to failed or was interrupted elsewhere."""
 
-    Inference mode and the thread count are per thread, so each worker sets both; the caller's
-    thread count is restored afterwards.
+
+class _BatchThreads:
+    """Runs batches `workers` at a time on threads that split torch's CPU threads between them.
+
+    Inference mode and the thread count are per thread, so each worker sets both. (Giving a
+    finished worker's threads to the batch still running did not pay: docs/BENCHMARKS.md.) If one
+    batch fails or the caller is interrupted (Ctrl-C), the others end at their next step, so the
+    error surfaces at once. The caller's thread count is restored afterwards.
     """
-    total = torch.get_num_threads()
-    shares = [total // workers + (k < total % workers) for k in range(workers)]
-    slots = iter(range(workers))
 
-    def start() -> None:
-        torch.set_num_threads(max(1, shares[next(slots)]))
+    def __init__(self, workers: int):
+        self.workers = workers
+        self.total = torch.get_num_threads()
+        self.share = max(1, self.total // workers)
+        self.stop = threading.Event()
 
-    def call(rows: list[int]) -> Any:
-        with torch.inference_mode():
-            return fn(rows)
+    def before_step(self) -> None:
+        """In a worker, before each forward pass: stop if told to, and run on this worker's share of threads."""
+        if self.stop.is_set():
+            raise DecodeStopped("decoding stopped: another batch failed or was interrupted")
+        if torch.get_num_threads() != self.share:
+            torch.set_num_threads(self.share)
 
-    try:
-        with ThreadPoolExecutor(workers, initializer=start, thread_name_prefix="essa-decode") as pool:
-            return list(pool.map(call, batches))
-    finally:
-        torch.set_num_threads(total)
+    def run(self, fn: Callable[[list[int], Callable[[], None]], Any], batches: list[list[int]]) -> list[Any]:
+        """`fn(rows, before_step)` of every batch, in the batches' order."""
+        def call(rows: list[int]) -> Any:
+            with torch.inference_mode():
+                return fn(rows, self.before_step)
+
+        try:
+            with ThreadPoolExecutor(self.workers, thread_name_prefix="essa-decode") as pool:
+                futures = [pool.submit(call, rows) for rows in batches]
+                try:
+                    wait(futures, return_when=FIRST_EXCEPTION)
+                    for f in futures:
+                        if f.done() and not f.cancelled() and f.exception() is not None:
+                            raise f.exception()
+                    return [f.result() for f in futures]
+                except BaseException:
+                    self.stop.set()
+                    for f in futures:
+                        f.cancel()
+                    raise
+        finally:
+            torch.set_num_threads(self.total)
 
 
 def new_decode_cache(config: Any, capacity: int) -> DynamicCache:
