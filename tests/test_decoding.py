@@ -160,7 +160,7 @@ def test_a_failing_batch_stops_the_batches_on_other_threads(setup):
 
     def select_or_fail(candidate_of_row):
         calls.append(threading.get_ident())
-        if len(calls) == 4:  # a decode step of some batch, after every worker has started
+        if len(calls) == 4:  # the 4th forward pass (the 1st is the prefix's), in one of the workers' batches
             raise ValueError("broken batch")
         select(candidate_of_row)
 

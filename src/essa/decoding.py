@@ -285,15 +285,14 @@ class _BatchThreads:
         self.stop = threading.Event()
 
     def before_step(self) -> None:
-        """In a worker, before each forward pass: stop if told to, and run on this worker's share of threads."""
+        """In a worker, before each forward pass: stop if another batch failed or the caller gave up."""
         if self.stop.is_set():
             raise DecodeStopped("decoding stopped: another batch failed or was interrupted")
-        if torch.get_num_threads() != self.share:
-            torch.set_num_threads(self.share)
 
     def run(self, fn: Callable[[list[int], Callable[[], None]], Any], batches: list[list[int]]) -> list[Any]:
         """`fn(rows, before_step)` of every batch, in the batches' order."""
         def call(rows: list[int]) -> Any:
+            torch.set_num_threads(self.share)  # this worker thread's share
             with torch.inference_mode():
                 return fn(rows, self.before_step)
 
