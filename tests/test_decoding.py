@@ -6,6 +6,7 @@ the newline character is used as the stop token, which the tiny random model emi
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import numpy as np
@@ -14,7 +15,9 @@ import torch
 import transformers
 
 from adapters import make_random_adapter
-from essa.decoding import BatchDecoder, DecodeSettings, choose_tokens, common_prefix_length
+from essa import decoding
+from essa.decoding import (BatchDecoder, DecodeSettings, PreallocatedLayer, choose_tokens, common_prefix_length,
+                          deal_batches, keep_order, prefill_groups)
 from essa.population import PopulationModel
 from essa.svd_space import SvdLoraSpace
 from helpers import tiny_llama, tiny_tokenizer
@@ -91,6 +94,36 @@ def test_greedy_tokens_and_logits_match_hf_generate(setup, pack_weights, paralle
     assert ours.prefix_tokens > 5  # the chat template + system prompt were shared
 
 
+@pytest.fixture
+def grouped_prefill(monkeypatch):
+    """A prefill group costs almost nothing extra: rows of each distinct suffix length are prefilled on their own."""
+    monkeypatch.setattr(decoding, "PREFILL_GROUP_OVERHEAD", 1)
+
+
+def test_grouped_prefill_matches_hf_generate(setup, grouped_prefill):
+    _, _, runtime, _, rows, _ = setup
+    forwards = []
+
+    def select_and_note(candidate_of_row):
+        forwards.append(len(candidate_of_row))
+        runtime.select_rows(candidate_of_row)
+
+    decoder = _decoder(setup, batch_size=64)
+    decoder.select_rows = select_and_note
+    ours = _decode(setup, decoder, keep_logits=True)
+    tokens, logits = _hf_generate(setup, rows)
+    # The prefix (one row per candidate), then the 18 rows' suffixes in groups, then decode steps of <= 18 rows.
+    prefill = []
+    for n in forwards[1:]:
+        if sum(prefill) == len(rows):
+            break
+        prefill.append(n)
+    assert forwards[0] == 3 and sum(prefill) == len(rows) and len(prefill) >= 3, forwards
+    assert ours.tokens == tokens
+    for mine, theirs in zip(ours.logits, logits):
+        assert torch.allclose(mine, theirs, atol=1e-4)
+
+
 def test_prefix_sharing_and_row_dropping_change_nothing(setup):
     shared = _decode(setup, _decoder(setup, batch_size=64), keep_logits=True)
     plain = _decode(setup, _decoder(setup, batch_size=1), keep_logits=True, share_prefix=False)
@@ -110,9 +143,13 @@ def _teacher_forced_logits(setup, row, continuation):
     return logits[len(prompts[p]) - 1:]
 
 
-@pytest.mark.parametrize(("top_p", "pack_weights", "batch_size", "parallel_batches"),
-                         [(1.0, False, 64, 1), (0.8, False, 64, 1), (0.8, True, 64, 1), (0.8, True, 5, None)])
-def test_sampled_rows_do_not_depend_on_their_batch(setup, top_p, pack_weights, batch_size, parallel_batches):
+@pytest.mark.parametrize(("top_p", "pack_weights", "batch_size", "parallel_batches", "grouped"),
+                         [(1.0, False, 64, 1, False), (0.8, False, 64, 1, False), (0.8, True, 64, 1, False),
+                          (0.8, True, 5, None, False), (0.8, True, 64, 1, True)])
+def test_sampled_rows_do_not_depend_on_their_batch(setup, request, top_p, pack_weights, batch_size, parallel_batches,
+                                                   grouped):
+    if grouped:
+        request.getfixturevalue("grouped_prefill")
     rows = setup[4]
     seeds = [1000 + 7 * i for i in range(len(rows))]
     decoder = _decoder(setup, temperature=1.3, top_p=top_p, batch_size=batch_size, pack_weights=pack_weights,
@@ -196,6 +233,62 @@ def test_inverse_cdf_sampling_follows_the_distribution():
     assert nucleus[2:].sum() == 0  # 0.5 + 0.3 covers top_p 0.75: the tail is never drawn
     assert abs(nucleus[0] / nucleus[:2].sum() - 0.5 / 0.8) < 0.01
     assert choose_tokens(logits[:2], DecodeSettings(1, 0.0), None).tolist() == [0, 0]
+
+
+def test_prefill_groups_are_the_cheapest_cut():
+    assert prefill_groups([2, 2, 2, 10, 10], overhead=1) == [(0, 3), (3, 5)]
+    assert prefill_groups([2, 2, 2, 10, 10], overhead=100) == [(0, 5)]  # a second forward pass costs more
+    assert prefill_groups([7], overhead=0) == [(0, 1)]
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        lengths = sorted(rng.integers(1, 40, rng.integers(1, 8)).tolist())
+        overhead = int(rng.integers(0, 30))
+        cost = lambda groups: sum((e - s) * max(lengths[s:e]) + overhead for s, e in groups)  # noqa: E731
+        groups = prefill_groups(lengths, overhead)
+        assert [s for s, _ in groups][0] == 0 and groups[-1][1] == len(lengths)
+        assert all(a[1] == b[0] for a, b in zip(groups, groups[1:]))
+        # Against every way of cutting the rows into consecutive ranges.
+        n = len(lengths)
+        best = min(cost([(s, e) for s, e in zip((0,) + cuts, cuts + (n,))])
+                   for k in range(n) for cuts in itertools.combinations(range(1, n), k))
+        assert cost(groups) == best
+
+
+def test_batches_that_run_together_are_dealt_alike_rows():
+    order = list(range(10))
+    assert deal_batches(order, 4, 1) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]  # one at a time: consecutive rows
+    assert deal_batches(order, 5, 2) == [[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]]
+    assert deal_batches(order, 3, 2) == [[0, 2, 4], [1, 3], [5, 7, 9], [6, 8]]  # two rounds of two
+    for rows, size, workers in [(256, 128, 2), (300, 64, 3), (7, 2, 4), (1, 8, 2)]:
+        batches = deal_batches(list(range(rows)), size, workers)
+        assert sorted(r for b in batches for r in b) == list(range(rows))
+        assert max(len(b) for b in batches) <= size and min(len(b) for b in batches) >= 1
+        assert len(batches) % workers == 0 or rows < workers
+
+
+def test_keep_order_moves_only_live_rows_from_past_the_end():
+    done = torch.tensor([False, True, False, True, False, False])
+    assert keep_order(done).tolist() == [0, 4, 2, 5]
+    assert keep_order(torch.tensor([True, False, False])).tolist() == [2, 1]
+    assert keep_order(torch.tensor([False, False, True])).tolist() == [0, 1]
+    for _ in range(20):
+        done = torch.rand(12) < 0.4
+        keep = keep_order(done)
+        assert sorted(keep.tolist()) == (~done).nonzero().squeeze(-1).tolist()
+        assert int((keep != torch.arange(len(keep))).sum()) == int(done[:len(keep)].sum())
+
+
+@pytest.mark.parametrize("indices", [[0, 4, 2, 3], [3, 2, 1, 0], [4, 3], [0, 1, 2, 3, 4], [1, 1, 0, 2, 2, 4, 3]])
+def test_preallocated_layer_keeps_the_selected_rows_and_grows_after(indices):
+    keys, values = torch.randn(5, 2, 4, 3), torch.randn(5, 2, 4, 3)
+    layer = PreallocatedLayer(capacity=6)
+    layer.update(keys, values)
+    layer.batch_select_indices(torch.tensor(indices))
+    assert torch.equal(layer.keys, keys[indices]) and torch.equal(layer.values, values[indices])
+    new_keys, new_values = torch.randn(len(indices), 2, 1, 3), torch.randn(len(indices), 2, 1, 3)
+    got_keys, got_values = layer.update(new_keys, new_values)
+    assert torch.equal(got_keys, torch.cat([keys[indices], new_keys], dim=2))
+    assert torch.equal(got_values, torch.cat([values[indices], new_values], dim=2))
 
 
 def test_common_prefix_length():

@@ -36,8 +36,12 @@ from transformers.cache_utils import DynamicLayer
 
 from essa.packed_weights import PackedLinears, packing_available
 
-# Finished rows leave the batch once they are at least this fraction of it (measured: docs/BENCHMARKS.md).
+# With transformers' own cache layers (which copy every row to drop some), finished rows leave the
+# batch once they are at least this fraction of it; `PreallocatedLayer`s copy only the moved rows, so
+# there finished rows leave at once (docs/BENCHMARKS.md).
 COMPACT_FRACTION = 0.25
+# Prefill groups: a forward pass costs about as much as this many more token columns (docs/BENCHMARKS.md).
+PREFILL_GROUP_OVERHEAD = 64
 # Called with the candidate index of every batch row before each forward pass (None: plain model).
 SelectRows = Callable[[list[int]], None]
 
@@ -144,13 +148,10 @@ class BatchDecoder:
         if prefix is not None:
             result.prefill_tokens = prefix_len * len(prefix[1])
             result.attended_keys = len(prefix[1]) * prefix_len * (prefix_len + 1) // 2
-        # Rows of similar suffix length share a batch, so little padding is prefilled.
+        # Sorted by length: batches (and prefill groups within them) hold prompts of similar length.
         order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), candidates[i], i))
         workers = self._workers(math.ceil(len(order) / self.settings.batch_size))
-        # Batches of equal size (at most batch_size), a multiple of the workers, so no worker waits long for another.
-        n_batches = math.ceil(len(order) / self.settings.batch_size / workers) * workers
-        size = math.ceil(len(order) / n_batches)
-        batches = [order[start:start + size] for start in range(0, len(order), size)]
+        batches = deal_batches(order, self.settings.batch_size, workers)
         bar = tqdm(total=len(batches), desc="decode", unit="batch", leave=False, disable=not progress or len(batches) < 2)
 
         def run(rows: list[int], before_step: Callable[[], None]) -> tuple[int, int, int]:
@@ -216,7 +217,8 @@ class BatchDecoder:
         positions = (mask.cumsum(-1) - 1).clamp_(min=0)[:, prefix_len:]
         cache = self._batch_cache(prefix, rows, candidates)
         active = list(rows)
-        logits = self._forward(ids.to(self.device), mask, positions, cache, [candidates[i] for i in active])
+        logits = self._prefill(ids.to(self.device), mask, positions, cache, [candidates[i] for i in active],
+                               [len(x) for x in suffixes])
         prefilled = int(suffix_mask.sum())
         attended = int(((positions + 1) * suffix_mask.to(positions.device)).sum())
         decoded = 0
@@ -224,6 +226,7 @@ class BatchDecoder:
         steps: dict[int, list[torch.Tensor]] = {i: [] for i in rows}
         eos = torch.tensor(s.eos_token_ids or [-1], device=self.device)
         done = torch.zeros(len(active), dtype=torch.bool, device=self.device)
+        preallocated = all(isinstance(x, PreallocatedLayer) for x in cache.layers)
         for step in range(s.max_new_tokens):
             before_step()
             uniforms = None if s.temperature <= 0 else torch.cat([torch.rand(1, generator=generators[i])
@@ -238,10 +241,9 @@ class BatchDecoder:
             done |= ended
             if step == s.max_new_tokens - 1 or bool(done.all()):
                 break
-            if int(done.sum()) >= COMPACT_FRACTION * len(active):
-                # Finished rows leave, their cache rows too. Copying the cache costs about as much as
-                # a few decode steps of a row, so rows leave in groups rather than one by one.
-                keep = (~done).nonzero().squeeze(-1)
+            if bool(done.any()) and (preallocated or int(done.sum()) >= COMPACT_FRACTION * len(active)):
+                # Finished rows leave, their cache rows too; the live rows past the end fill their slots.
+                keep = keep_order(done)
                 cache.batch_select_indices(keep)
                 mask, positions, tokens, done = mask[keep], positions[keep], tokens[keep], done[keep]
                 active = [active[int(k)] for k in keep]
@@ -254,6 +256,30 @@ class BatchDecoder:
             for i in rows:
                 result.logits[i] = torch.stack(steps[i])
         return prefilled, decoded, attended
+
+    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
+                 candidate_of_row: list[int], lengths: list[int]) -> torch.Tensor:
+        """Prefills the batch's prompt suffixes (right-aligned in `ids`); returns each row's last logits.
+
+        Where the cache already holds the prefix in `PreallocatedLayer`s, rows of similar length are
+        prefilled in groups, each only as wide as its longest suffix: the batch's padding columns are
+        then left empty (and masked) instead of being computed as tokens.
+        """
+        groups = prefill_groups(lengths, PREFILL_GROUP_OVERHEAD)
+        layers = cache.layers
+        if len(groups) == 1 or not all(isinstance(x, PreallocatedLayer) and x.is_initialized for x in layers):
+            return self._forward(ids, mask, positions, cache, candidate_of_row)
+        width, start_length = ids.shape[1], layers[0].length
+        logits = []
+        for start, end in groups:
+            w = max(lengths[start:end])
+            window = copy.copy(cache)  # the cache object the model sees, over rows start:end of the batch
+            window.layers = [x.window(start, end, start_length + width - w) for x in layers]
+            logits.append(self._forward(ids[start:end, width - w:], mask[start:end], positions[start:end, width - w:],
+                                        window, candidate_of_row[start:end]))
+        for x in layers:
+            x.extend_to(start_length + width)
+        return torch.cat(logits)
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor | None, cache: DynamicCache,
                  candidate_of_row: list[int]) -> torch.Tensor:
@@ -314,6 +340,52 @@ class _BatchThreads:
             torch.set_num_threads(self.total)
 
 
+def deal_batches(order: list[int], batch_size: int, workers: int) -> list[list[int]]:
+    """Rows (in `order`, sorted by prompt length) into batches of at most `batch_size`, a multiple of `workers`.
+
+    Batches run `workers` at a time. Each such round takes the next stretch of `order` and deals it out
+    row by row, so batches that run together hold alike prompts and end at about the same time (cut into
+    consecutive pieces instead, the batch of the longest prompts kept one thread busy while the other idled).
+    """
+    rounds = math.ceil(len(order) / (batch_size * workers))
+    per_round = math.ceil(len(order) / rounds) if rounds else 0
+    batches = []
+    for start in range(0, len(order), per_round or 1):
+        stretch = order[start:start + per_round]
+        batches += [stretch[k::workers] for k in range(min(workers, len(stretch)))]
+    return batches
+
+
+def prefill_groups(lengths: list[int], overhead: int) -> list[tuple[int, int]]:
+    """Consecutive row ranges [start, end) that prefill the fewest token columns (each range is as wide
+    as its longest row) plus `overhead` columns per range for the cost of a forward pass; exact by dynamic
+    programming over the cut points."""
+    n = len(lengths)
+    best = [0.0] + [math.inf] * n  # best[j]: cheapest prefill of rows [0, j)
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        widest = 0
+        for i in range(j - 1, -1, -1):
+            widest = max(widest, lengths[i])
+            cost = best[i] + (j - i) * widest + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], n
+    while j > 0:
+        groups.append((cut[j], j))
+        j = cut[j]
+    return groups[::-1]
+
+
+def keep_order(done: torch.Tensor) -> torch.Tensor:
+    """The live rows, in an order that leaves most of them in place: those past the first (number
+    of live rows) slots move into the finished rows' slots, so compacting copies only those."""
+    live = (~done).nonzero().squeeze(-1)
+    keep = torch.arange(len(live), device=done.device)
+    keep[done[:len(live)].nonzero().squeeze(-1)] = live[live >= len(live)]
+    return keep
+
+
 def new_decode_cache(config: Any, capacity: int) -> DynamicCache:
     """The model's cache, with `PreallocatedLayer`s of `capacity` positions where every layer is full
     attention (other layer kinds, e.g. sliding windows, keep transformers' own classes)."""
@@ -354,13 +426,29 @@ class PreallocatedLayer(DynamicLayer):
         self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
         return self.keys, self.values
 
+    def window(self, start: int, end: int, length: int) -> PreallocatedLayer:
+        """A layer over rows start:end of this one's buffers (writes land here), holding its first `length` positions."""
+        view = PreallocatedLayer(self.capacity)
+        view.device, view.is_initialized = self.device, True
+        view._keys, view._values = self._keys[start:end], self._values[start:end]
+        view.extend_to(length)
+        return view
+
+    def extend_to(self, length: int) -> None:
+        """Holds the first `length` positions (positions written through a window, or left empty and masked)."""
+        self.length = length
+        self.keys, self.values = self._keys[:, :, :length], self._values[:, :, :length]
+
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if not self.is_initialized:
             return
         n, end = len(indices), self.length
-        if n <= self._keys.shape[0]:  # fewer rows: copy only the filled part, into the same buffers
-            self._keys[:n, :, :end] = self._keys[indices, :, :end]
-            self._values[:n, :, :end] = self._values[indices, :, :end]
+        if n <= self._keys.shape[0]:  # fewer rows: in the same buffers, copy the filled part of rows that move
+            moved = (indices != torch.arange(n, device=indices.device)).nonzero().squeeze(-1)
+            if len(moved):
+                source = indices[moved]
+                self._keys[moved, :, :end] = self._keys[source, :, :end]
+                self._values[moved, :, :end] = self._values[source, :, :end]
             self._keys, self._values = self._keys[:n], self._values[:n]
         else:  # more rows (a prefix spread over its candidates' rows): new buffers
             self._keys, self._values = self._keys[indices], self._values[indices]
