@@ -4,8 +4,12 @@ Three things HF `generate` does not do for ESSA's workload, each exact under cau
 - **Shared prefix.** The prompts of one evaluation usually begin alike (chat template and system
   prompt). That prefix is prefilled once per candidate and its KV cache is copied to the
   candidate's rows; each row then prefills only the rest of its prompt.
+- **Little padding work.** A batch's prompt suffixes are prefilled in groups of similar length, each
+  only as wide as its longest suffix; the padding columns stay empty and masked.
 - **Rows leave when they finish.** A row that emits EOS (or reaches `max_new_tokens`) is dropped
-  from the batch and its cache rows with it, instead of decoding padding until the longest row ends.
+  from the batch and its cache rows with it, at the step it ends, instead of decoding padding until
+  the longest row ends; live rows from the end of the batch fill the freed slots, so the cache
+  copies only those.
 - **One random stream per row.** A sampled row draws from its own seeded generator, so its tokens do
   not depend on which other rows share its batch (batch size, Ray chunking, row order).
 
@@ -16,6 +20,7 @@ re-implemented here); with `pack_weights` its linear layers run on oneDNN-packed
 On CPU, batches run on several threads at once (`parallel_batches`), each with its share of
 torch's threads: one batch's Python and small elementwise operations then overlap the other's
 matrix products, instead of every small operation waiting for all threads (docs/BENCHMARKS.md).
+Batches that run together are dealt rows of alike prompt lengths, so they end at about the same time.
 """
 
 from __future__ import annotations
