@@ -45,7 +45,8 @@ from essa.packed_weights import PackedLinears, packing_available
 # batch once they are at least this fraction of it; `PreallocatedLayer`s copy only the moved rows, so
 # there finished rows leave at once (docs/BENCHMARKS.md).
 COMPACT_FRACTION = 0.25
-# Prefill groups: a forward pass costs about as much as this many more token columns (docs/BENCHMARKS.md).
+# Prefill groups: each extra forward pass counts as this many token columns (an estimate of its fixed
+# cost, not tuned; at the demo's shape it makes 4 groups per batch of 128: docs/BENCHMARKS.md).
 PREFILL_GROUP_OVERHEAD = 64
 # Called with the candidate index of every batch row before each forward pass (None: plain model).
 SelectRows = Callable[[list[int]], None]
