@@ -284,7 +284,7 @@ class BatchDecoder:
             logits.append(self._forward(ids[start:end, width - w:], mask[start:end], positions[start:end, width - w:],
                                         window, candidate_of_row[start:end]))
         for x in layers:
-            x.extend_to(start_length + width)
+            x.set_length(start_length + width)
         return torch.cat(logits)
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor | None, cache: DynamicCache,
@@ -428,8 +428,7 @@ class PreallocatedLayer(DynamicLayer):
             raise RuntimeError(f"decode cache holds {self.capacity} positions, {end} were asked for")
         self._keys[:, :, self.length:end] = key_states
         self._values[:, :, self.length:end] = value_states
-        self.length = end
-        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+        self.set_length(end)
         return self.keys, self.values
 
     def window(self, start: int, end: int, length: int) -> PreallocatedLayer:
@@ -437,11 +436,12 @@ class PreallocatedLayer(DynamicLayer):
         view = PreallocatedLayer(self.capacity)
         view.device, view.is_initialized = self.device, True
         view._keys, view._values = self._keys[start:end], self._values[start:end]
-        view.extend_to(length)
+        view.set_length(length)
         return view
 
-    def extend_to(self, length: int) -> None:
-        """Holds the first `length` positions (positions written through a window, or left empty and masked)."""
+    def set_length(self, length: int) -> None:
+        """The first `length` positions of the buffers are the visible cache (written here or through a
+        window, or left empty and masked)."""
         self.length = length
         self.keys, self.values = self._keys[:, :, :length], self._values[:, :, :length]
 
@@ -458,4 +458,4 @@ class PreallocatedLayer(DynamicLayer):
             self._keys, self._values = self._keys[:n], self._values[:n]
         else:  # more rows (a prefix spread over its candidates' rows): new buffers
             self._keys, self._values = self._keys[indices], self._values[indices]
-        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+        self.set_length(end)
