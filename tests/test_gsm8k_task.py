@@ -213,7 +213,7 @@ def test_missing_field_names_file_and_line(tmp_path):
     rows = [gsm_row(1), gsm_row(2), {"question": "What is 1 + 1?"}]
     bad = write_jsonl(tmp_path / "bad_train.jsonl", rows)
     good_test = write_jsonl(tmp_path / "test.jsonl", [gsm_row(500)])
-    with pytest.raises(EssaError, match=r"bad_train\.jsonl.*line 3.*'answer'"):
+    with pytest.raises(EssaError, match=r"bad_train\.jsonl.*record 3.*'answer'"):
         file_task((bad, good_test), sft_size=1, train_size=1, validation_size=1, test_size=1)
 
 

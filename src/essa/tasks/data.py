@@ -1,11 +1,12 @@
-"""Task data from local files (JSONL, JSON, Parquet) or, where reachable, the `datasets` hub.
+"""Task data from local files (JSONL, JSON, Parquet), the cached real benchmarks (`real:NAME`,
+`essa.tasks.real`) or, where reachable, the `datasets` hub.
 
 `load_records` returns plain dicts and checks that every row has the fields a task needs, so a
 bad row is reported by file and row number before any model runs. A local file always works
 offline; a hub id needs the optional `datasets` package and network access.
 
 The option helpers read the `task.options` that file-backed tasks share: `source`
-("procedural" or "data") and, per side ("train" / "test"), `<side>_file`, `<side>_split` and
+("procedural", "data" or "real") and, per side ("train" / "test"), `<side>_file`, `<side>_split` and
 `<side>_config`.
 """
 
@@ -16,9 +17,11 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from essa.errors import EssaError, first_line
+from essa.tasks.real import is_real, real_path
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
-SOURCES = ("procedural", "data")
+# real: the task's real benchmark files (`essa.tasks.real`), fetched once into the cache.
+SOURCES = ("procedural", "data", "real")
 DATA_OPTIONS = {"source", "train_file", "test_file", "train_split", "test_split",
                 "train_config", "test_config"}
 
@@ -32,6 +35,8 @@ def load_records(source: str, split: str | None = None, required: Iterable[str] 
     (a null value counts as missing).
     """
     source = str(source)
+    if is_real(source):
+        source = str(real_path(source))
     path = Path(source).expanduser()
     if path.is_file():
         rows = _read_file(path)

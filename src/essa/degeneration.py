@@ -1,0 +1,58 @@
+"""Degeneration figures of completions, reported beside accuracy: an adapter can gain accuracy on
+its own distribution while its completions elsewhere loop, run on or stop answering.
+
+Per completion:
+- `tokens`: its length in tokens (the completion text tokenized again, no special tokens);
+- `hit_limit`: 1 when that length reaches `max_new_tokens`, i.e. it ran out of tokens instead of
+  stopping (re-tokenizing decoded text gives the generated length for these tokenizers; a
+  completion that stopped within a token of the limit may rarely be counted);
+- `repetition`: the share of its word 4-grams that repeat an earlier 4-gram of the same
+  completion (seq-rep-4 of Welleck et al., 2019): 0 for varied text, near 1 for a loop;
+- `no_answer`: 1 when it has no non-empty \\boxed{} answer (math tasks only).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from essa.tasks.answers import extract_boxed
+
+NGRAM = 4
+# What a summary reports, as share or mean over completions.
+SUMMARY_KEYS = {"hit_limit": "hit_limit_share", "repetition": "repeated_4gram_share",
+                "tokens": "mean_tokens", "no_answer": "no_answer_share"}
+
+
+def repeated_ngram_share(text: str, n: int = NGRAM) -> float:
+    """Share of the word n-grams of `text` that already occurred earlier in it (0 without any)."""
+    words = text.split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    if not grams:
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+def has_answer(text: str) -> bool:
+    return any(box.strip() for box in extract_boxed(text))
+
+
+def per_completion(completions: list[str], tokenizer: Any, max_new_tokens: int,
+                   answers: bool) -> dict[str, np.ndarray]:
+    """The figures of each completion, one array per key (`no_answer` only where `answers`)."""
+    lengths = np.asarray([len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in completions],
+                         dtype=np.float64)
+    out = {
+        "tokens": lengths,
+        "hit_limit": (lengths >= max_new_tokens).astype(np.float64),
+        "repetition": np.asarray([repeated_ngram_share(c) for c in completions]),
+    }
+    if answers:
+        out["no_answer"] = np.asarray([0.0 if has_answer(c) else 1.0 for c in completions])
+    return out
+
+
+def summarize(figures: dict[str, np.ndarray]) -> dict[str, float]:
+    """Means of the per-completion figures under their report names."""
+    return {SUMMARY_KEYS[key]: float(values.mean()) for key, values in figures.items() if len(values)}
