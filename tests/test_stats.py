@@ -82,3 +82,19 @@ def test_unpaired_input_is_refused():
         compare_paired([1, 0, 1], [1, 0])
     with pytest.raises(EssaError, match="no examples"):
         compare_paired([], [])
+
+
+def test_paired_ratio_pools_numerators_over_denominators():
+    from essa.stats import compare_paired_ratio
+
+    # Two prompts: 3 instructions (A follows 1, B follows 3) and 1 instruction (A 1, B 0).
+    result = compare_paired_ratio([1, 1], [3, 0], [3, 1], resamples=2000)
+    assert result.mean_a == pytest.approx(2 / 4) and result.mean_b == pytest.approx(3 / 4)
+    assert result.delta == pytest.approx(0.25) and (result.gained, result.lost) == (1, 0 + 1)
+    assert result.mcnemar_p is None
+    # Resampling two prompts: both picks of prompt 1 -> +2/3, both of prompt 2 -> -1, one of each -> +1/4.
+    assert -1.0 - 1e-9 <= result.ci95[0] and result.ci95[1] <= 2 / 3 + 1e-9
+    same = compare_paired_ratio([1, 2, 0], [1, 2, 0], [2, 2, 1])
+    assert same.delta == 0 and same.ci95 == (0.0, 0.0)
+    with pytest.raises(EssaError):
+        compare_paired_ratio([1], [1, 2], [1, 1])

@@ -1,0 +1,40 @@
+"""Degeneration figures: repeated n-grams, token-limit hits, length, missing answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import tiny_tokenizer
+
+from essa import degeneration
+
+
+def test_repeated_ngram_share_by_hand():
+    assert degeneration.repeated_ngram_share("one two three four five six") == 0.0
+    # 8 words -> 5 four-grams; "a b c d" comes back twice after its first time: 2 of 5 repeat.
+    assert degeneration.repeated_ngram_share("a b c d a b c d") == pytest.approx(1 - 4 / 5)
+    loop = " ".join(["\\boxed{1} ="] * 20)
+    assert degeneration.repeated_ngram_share(loop) > 0.9
+    assert degeneration.repeated_ngram_share("too short") == 0.0
+
+
+def test_has_answer_needs_a_non_empty_box():
+    assert degeneration.has_answer("so \\boxed{3}.")
+    assert not degeneration.has_answer("so \\boxed{ }.")
+    assert not degeneration.has_answer("the answer is 3")
+
+
+def test_per_completion_and_summary():
+    tok = tiny_tokenizer()
+    completions = ["ab \\boxed{1}", "abababab abababab abababab", ""]
+    lengths = [len(tok(c, add_special_tokens=False)["input_ids"]) for c in completions]
+    limit = lengths[1]  # the second one used every token it was allowed
+    figures = degeneration.per_completion(completions, tok, limit, answers=True)
+    assert figures["tokens"].tolist() == lengths
+    assert figures["hit_limit"].tolist() == [float(n >= limit) for n in lengths] == [0.0, 1.0, 0.0]
+    assert figures["no_answer"].tolist() == [0.0, 1.0, 1.0]
+    summary = degeneration.summarize(figures)
+    assert summary["hit_limit_share"] == pytest.approx(1 / 3)
+    assert summary["no_answer_share"] == pytest.approx(2 / 3)
+    assert summary["mean_tokens"] == pytest.approx(np.mean(lengths))
+    assert "no_answer" not in degeneration.per_completion(completions, tok, limit, answers=False)

@@ -1,0 +1,106 @@
+"""The transfer check (`essa eval --suite`): arms x real benchmarks on a tiny model and fixture data."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from adapters import make_random_adapter
+from helpers import make_tiny_model_dir, tiny_llama
+from real_fixtures import install_fixture_wheels
+
+import essa.suite as suite_mod
+from essa.cli import main
+from essa.config import load_config
+from essa.errors import EssaError
+from essa.suite import BENCHMARKS, parse_arms, run_suite, suite_examples
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def data(tmp_path, monkeypatch):
+    monkeypatch.setenv("ESSA_CACHE_DIR", str(tmp_path / "cache"))
+    install_fixture_wheels(tmp_path / "wheels", monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_model_dir(tmp_path_factory.mktemp("m") / "tiny")
+
+
+def _cfg(model_dir, *extra):
+    return load_config(None, [f"model.name={model_dir}", "suite.sets=[svamp,ifeval]", "suite.limit=6",
+                              "suite.max_new_tokens=5", "decoding.batch_size=8", *extra])
+
+
+def test_suite_scores_every_arm_on_the_same_examples_and_compares_neighbours(data, model_dir, tmp_path,
+                                                                             monkeypatch):
+    adapter = make_random_adapter(tiny_llama(seed=0), tmp_path / "adapter", rank=4)
+    arms = [("base", None), ("rnd", str(adapter))]
+    out = tmp_path / "suite"
+    summary = run_suite(_cfg(model_dir), arms, out)
+
+    svamp, ifeval = summary["benchmarks"]["svamp"], summary["benchmarks"]["ifeval"]
+    assert svamp["examples"] == ifeval["examples"] == 6 and svamp["max_new_tokens"] == 5
+    assert ifeval["metrics"] == ["prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc",
+                                 "inst_level_loose_acc"]
+    for label, _ in arms:
+        rows = [json.loads(line) for line in (out / "records" / label / "svamp.jsonl").read_text().splitlines()]
+        assert [r["prompt"] for r in rows] == [ex.prompt for ex in suite_examples(BENCHMARKS["svamp"], 6)]
+        assert svamp["arms"][label]["accuracy"] == pytest.approx(np.mean([r["correct"] for r in rows]))
+        assert svamp["arms"][label]["hit_limit_share"] == pytest.approx(np.mean([r["hit_limit"] for r in rows]))
+        assert "no_answer_share" in svamp["arms"][label] and "no_answer_share" not in ifeval["arms"][label]
+    for entry in (svamp, ifeval):
+        assert [c["metric"] for c in entry["comparisons"]] == entry["metrics"]
+        for c in entry["comparisons"]:
+            assert (c["from"], c["to"]) == ("base", "rnd")
+            assert c["delta"] == pytest.approx(entry["arms"]["rnd"][c["metric"]] - entry["arms"]["base"][c["metric"]])
+            assert c["ci95"][0] <= c["delta"] <= c["ci95"][1]
+    table = (out / "suite.md").read_text()
+    assert "| svamp | 6 | accuracy |" in table and "rnd - base [95% CI]" in table
+    assert json.loads((out / "suite.json").read_text()) == summary
+
+    # Run again into the same directory: every finished (arm, benchmark) is reused, not rescored.
+    monkeypatch.setattr(suite_mod, "_score", lambda *a, **k: pytest.fail("rescored a finished result"))
+    assert run_suite(_cfg(model_dir), arms, out) == summary
+    with pytest.raises(EssaError, match="other examples"):
+        run_suite(_cfg(model_dir, "suite.limit=5"), arms, out)
+
+
+def test_suite_checks_before_scoring(data, model_dir, tmp_path):
+    with pytest.raises(EssaError, match="no PEFT adapter"):
+        run_suite(_cfg(model_dir), [("base", None), ("gone", str(tmp_path / "missing"))], tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+    with pytest.raises(EssaError, match="suite.sets must be one of"):
+        _cfg(model_dir, "suite.sets=[gsm9k]")
+    with pytest.raises(EssaError, match="no benchmarks"):
+        run_suite(_cfg(model_dir, "suite.sets=[]"), [("base", None)], tmp_path / "s")
+
+
+def test_parse_arms():
+    assert parse_arms(["start=base", "sft=runs/sft"]) == [("start", None), ("sft", "runs/sft")]
+    for bad in (["nolabel"], ["=x"], ["a/b=x"], ["a=x", "a=y"]):
+        with pytest.raises(EssaError):
+            parse_arms(bad)
+
+
+def test_cli_suite_with_compare_to(data, model_dir, tmp_path, capsys):
+    adapter = make_random_adapter(tiny_llama(seed=0), tmp_path / "adapter", rank=4)
+    out = tmp_path / "suite"
+    code = main(["eval", "--suite", "svamp", "--limit", "4", "--compare-to", "base", f"adapter={adapter}",
+                 f"model.name={model_dir}", "suite.max_new_tokens=3", "--out", str(out), "--quiet"])
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stderr
+    assert json.loads(stdout.strip().splitlines()[-1]) == {"suite": str(out / "suite.json"),
+                                                           "table": str(out / "suite.md")}
+    summary = json.loads((out / "suite.json").read_text())
+    assert [a["label"] for a in summary["arms"]] == ["start", "adapter"]
+    assert summary["benchmarks"]["svamp"]["examples"] == 4 and "| svamp | 4 | accuracy |" in stderr
+
+    code = main(["eval", "--suite", "svamp", "--arm", "oops", f"model.name={model_dir}", "--quiet"])
+    assert code != 0 and "LABEL=ADAPTER_PATH" in capsys.readouterr().err
+    code = main(["eval", "--arm", "a=base", f"model.name={model_dir}", "--quiet"])
+    assert code != 0 and "--suite" in capsys.readouterr().err
