@@ -104,3 +104,22 @@ def test_cli_suite_with_compare_to(data, model_dir, tmp_path, capsys):
     assert code != 0 and "LABEL=ADAPTER_PATH" in capsys.readouterr().err
     code = main(["eval", "--arm", "a=base", f"model.name={model_dir}", "--quiet"])
     assert code != 0 and "--suite" in capsys.readouterr().err
+
+
+def test_train_writes_the_transfer_check_into_its_report(data, model_dir, tmp_path, capsys):
+    adapter = make_random_adapter(tiny_llama(seed=0), tmp_path / "adapter", rank=4)
+    run_dir = tmp_path / "run"
+    code = main(["train", f"model.name={model_dir}", f"adapter={adapter}", f"output_dir={run_dir}",
+                 "task.sft_size=4", "task.train_size=8", "task.validation_size=4", "task.test_size=4",
+                 "decoding.max_new_tokens=3", "essa.popsize=4", "essa.prompts_per_generation=2",
+                 "essa.generations=1", "suite.sets=[svamp,ifeval]", "suite.limit=3", "suite.max_new_tokens=3",
+                 "--quiet"])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary["transfer"]) == {"svamp", "ifeval"}
+    assert summary["transfer"]["ifeval"]["metric"] == "prompt_level_strict_acc"
+    assert {"start", "final", "delta", "delta_ci95"} <= set(summary["transfer"]["svamp"])
+    report = (run_dir / "report.md").read_text()
+    assert "## Transfer check" in report and "| svamp | 3 | accuracy |" in report
+    assert (run_dir / "transfer" / "records" / "final" / "ifeval.jsonl").is_file()

@@ -29,11 +29,13 @@ from essa.io import atomic_directory, atomic_write_json, atomic_write_jsonl, ens
 from essa.models import cast_for_inference, load_model, resolve_dtype
 from essa.report import plot_training, write_report
 from essa.stats import PairedComparison, compare_paired
+from essa.suite import transfer_check
 from essa.svd_space import ADAPTER_CONFIG, SvdLoraSpace
 from essa.tasks import Task, get_task
 
 log = logging.getLogger("essa")
 PLOT = "reward_vs_wallclock.png"
+TRANSFER_HEADING = "Transfer check: start and final adapter on real benchmarks (suite.sets)"
 
 
 def resolve_adapter_dir(path: str | Path | None) -> Path:
@@ -121,13 +123,21 @@ def run_train(cfg: Config, resume: bool = False, progress: bool = True,
         "final_choice": result.final_choice, "validation_accuracy": result.validation,
         "validation_versus_start": result.versus_start, "reward_failures": result.state.reward_failures,
     }
-    write_report(run_dir / "report.md", f"ESSA run: {task.name}", summary, plot=PLOT,
-                 notes=[f"Adapter: `{run_dir / 'adapter'}` (standard PEFT LoRA)",
-                        "Per-generation numbers: `metrics.jsonl` (fitness, sigma, distinct fitness values, "
-                        "split-half rank agreement, validation accuracy).",
-                        "The final adapter is the start (the SFT adapter) unless the optimizer mean, the best "
-                        "validated mean or the best candidate beats it on validation with a paired bootstrap "
-                        "95% interval above zero; then the best of those."])
+    notes = [f"Adapter: `{run_dir / 'adapter'}` (standard PEFT LoRA)",
+             "Per-generation numbers: `metrics.jsonl` (fitness, sigma, distinct fitness values, "
+             "split-half rank agreement, validation accuracy).",
+             "The final adapter is the start (the SFT adapter) unless the optimizer mean, the best "
+             "validated mean or the best candidate beats it on validation with a paired bootstrap "
+             "95% interval above zero; then the best of those."]
+    write_report(run_dir / "report.md", f"ESSA run: {task.name}", summary, plot=PLOT, notes=notes)
+    sections = []
+    if cfg.suite.sets:
+        say("transfer check: the start and the final adapter on real benchmarks")
+        summary["transfer"], table = transfer_check(cfg, adapter_dir, run_dir / "adapter", run_dir / "transfer",
+                                                    loaded=inputs.weights(), progress=progress)
+        sections.append((TRANSFER_HEADING, table))
+        write_report(run_dir / "report.md", f"ESSA run: {task.name}", summary, plot=PLOT, notes=notes,
+                     sections=sections)
     atomic_write_json(run_dir / "summary.json", summary)
     write_card(run_dir / "adapter", read_run(run_dir))
     return summary
@@ -270,7 +280,8 @@ def run_demo(cfg: Config, progress: bool = True, resume: bool = False) -> dict[s
     root = _prepare_run_dir(cfg)  # only after every check
 
     sft_cfg = cfg.with_changes(output_dir=str(root / "sft"))
-    say("1/4 LoRA SFT warm start")
+    stages = 5 if cfg.suite.sets else 4
+    say(f"1/{stages} LoRA SFT warm start")
     t0 = time.perf_counter()
     adapter = root / "sft" / "adapter"
     if not (resume and (adapter / ADAPTER_CONFIG).is_file()):
@@ -278,15 +289,15 @@ def run_demo(cfg: Config, progress: bool = True, resume: bool = False) -> dict[s
     sft_s = time.perf_counter() - t0
     cast_for_inference(model_and_tokenizer[0], cfg.model)  # trained in fp32; "auto" infers faster
 
-    say("2/4 test accuracy of the SFT adapter")
+    say(f"2/{stages} test accuracy of the SFT adapter")
     test = task.checked_split("test")
     before = score_adapter(cfg, task, test, adapter, loaded=model_and_tokenizer, progress=progress)
 
-    say("3/4 ESSA search")
+    say(f"3/{stages} ESSA search")
     train_cfg = cfg.with_changes(adapter=str(adapter), output_dir=str(root / "essa"))
     train = run_train(train_cfg, resume=resume, progress=progress, model_and_tokenizer=model_and_tokenizer)
 
-    say("4/4 test accuracy of the ESSA adapter")
+    say(f"4/{stages} test accuracy of the ESSA adapter")
     after = score_adapter(cfg, task, test, root / "essa" / "adapter", loaded=model_and_tokenizer, progress=progress)
     shutil.copy2(root / "essa" / PLOT, root / PLOT)
     paired = compare_paired(before.correct, after.correct, seed=cfg.essa.seed)
@@ -302,9 +313,17 @@ def run_demo(cfg: Config, progress: bool = True, resume: bool = False) -> dict[s
         "test_metrics_essa": _split_metrics(after.metrics), "sft_wall_clock_s": round(sft_s, 1),
         "essa_wall_clock_s": train["wall_clock_s"], "wall_clock_s": round(time.perf_counter() - start, 1),
     }
+    sections = []
+    if cfg.suite.sets:
+        say(f"5/{stages} transfer check: the SFT and the ESSA adapter on real benchmarks")
+        summary["transfer"], table = transfer_check(cfg, adapter, root / "essa" / "adapter", root / "transfer",
+                                                    loaded=model_and_tokenizer, progress=progress)
+        sections.append((TRANSFER_HEADING, table))
+        say(table)
+    summary["wall_clock_s"] = round(time.perf_counter() - start, 1)
     atomic_write_json(root / "summary.json", summary)
     run_export(root / "essa", root / "adapter")  # after the summary: its model card shows the test results
-    write_report(root / "report.md", "ESSA demo", summary, plot=PLOT, notes=[
+    write_report(root / "report.md", "ESSA demo", summary, plot=PLOT, sections=sections, notes=[
         f"Held-out test accuracy on {len(test)} problems never used for training or selection (no underlying "
         f"problem shared with the SFT, train or validation splits; `{task.name}` task): "
         + paired.describe("SFT", "ESSA") + ".",

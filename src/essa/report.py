@@ -64,8 +64,9 @@ def save_figure(fig: Any, path: str | Path) -> Path:
 
 
 def write_report(path: str | Path, title: str, summary: dict[str, Any], notes: list[str] | None = None,
-                 plot: str | None = None) -> Path:
-    """A short Markdown report: a key/value table of the run's numbers, the plot, and notes."""
+                 plot: str | None = None, sections: list[tuple[str, str]] | None = None) -> Path:
+    """A short Markdown report: a key/value table of the run's numbers, the plot, notes, and any
+    further (heading, Markdown body) sections."""
     lines = [f"# {title}", "", "| quantity | value |", "| --- | --- |"]
     for key, value in summary.items():
         lines.append(f"| {key} | {_fmt(value)} |")
@@ -73,6 +74,8 @@ def write_report(path: str | Path, title: str, summary: dict[str, Any], notes: l
         lines += ["", f"![reward vs wall-clock]({plot})"]
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    for heading, body in sections or []:
+        lines += ["", f"## {heading}", "", body.rstrip()]
     atomic_write_text(path, "\n".join(lines) + "\n")
     return Path(path)
 

@@ -192,6 +192,27 @@ def _read_rows(path: Path, examples: list[Example]) -> list[dict[str, Any]] | No
     return rows
 
 
+def transfer_check(cfg: Config, start: str | Path, final: str | Path, out_dir: str | Path,
+                   loaded: tuple[Any, Any] | None = None, progress: bool = False) -> tuple[dict[str, Any], str]:
+    """A run's start and final adapters on `cfg.suite.sets`: the headline numbers for its summary
+    and the Markdown table for its report."""
+    summary = run_suite(cfg, [("start", str(start)), ("final", str(final))], out_dir,
+                        model_and_tokenizer=loaded, progress=progress)
+    return headline(summary), markdown_table(summary)
+
+
+def headline(summary: dict[str, Any]) -> dict[str, Any]:
+    """Per benchmark, its first metric: each arm's value and the last neighbour delta with its CI."""
+    out = {}
+    for name, entry in summary["benchmarks"].items():
+        metric = entry["metrics"][0]
+        last = [c for c in entry["comparisons"] if c["metric"] == metric][-1:]
+        out[name] = {"metric": metric, "examples": entry["examples"],
+                     **{label: values[metric] for label, values in entry["arms"].items()},
+                     **({"delta": last[0]["delta"], "delta_ci95": last[0]["ci95"]} if last else {})}
+    return out
+
+
 # -- the summary ---------------------------------------------------------------------------------
 
 def summarize(cfg: Config, arms: list[tuple[str, str | None]], benches: list[Benchmark],
