@@ -113,7 +113,7 @@ def test_train_writes_the_transfer_check_into_its_report(data, model_dir, tmp_pa
                  "task.sft_size=4", "task.train_size=8", "task.validation_size=4", "task.test_size=4",
                  "decoding.max_new_tokens=3", "essa.popsize=4", "essa.prompts_per_generation=2",
                  "essa.generations=1", "suite.sets=[svamp,ifeval]", "suite.limit=3", "suite.max_new_tokens=3",
-                 "--quiet"])
+                 "essa.guard_sets=[mawps]", "essa.guard_limit=4", "--quiet"])
     _, err = capsys.readouterr()
     assert code == 0, err
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -123,3 +123,5 @@ def test_train_writes_the_transfer_check_into_its_report(data, model_dir, tmp_pa
     report = (run_dir / "report.md").read_text()
     assert "## Transfer check" in report and "| svamp | 3 | accuracy |" in report
     assert (run_dir / "transfer" / "records" / "final" / "ifeval.jsonl").is_file()
+    final = json.loads((run_dir / "final.json").read_text())
+    assert "guard set" in final["rule"] and set(final["guard"]) <= {"mean", "best_candidate"}

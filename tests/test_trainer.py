@@ -17,8 +17,8 @@ from essa.config import DecodingConfig, SearchConfig
 from essa.errors import EssaError
 from essa.io import atomic_write_state, read_state
 from essa.svd_space import SvdLoraSpace
-from essa.tasks import Example, Task
-from essa.trainer import EssaTrainer, choose_final
+from essa.tasks import Example, Task, format_prompt
+from essa.trainer import EssaTrainer, GuardSet, choose_final
 from helpers import tiny_llama, tiny_tokenizer
 
 torch.set_num_threads(1)
@@ -55,8 +55,10 @@ def make_trainer(adapter_dir, run_dir, generations, on_generation=None, optimize
     search = SearchConfig(**{**dict(optimizer=optimizer, popsize=4, sigma0=0.5, prompts_per_generation=3,
                                     generations=generations, time_budget_s=time_budget_s, eval_every=2, seed=7),
                              **search_settings})
+    # guard_sets only switch the guard on here: the tests give the trainer its guard sets.
+    guards = [GuardSet(name, VowelTask(), VowelTask().split("test")) for name in search.guard_sets]
     return EssaTrainer(backend, tok, VowelTask(), search, run_dir, progress=False,
-                       on_generation=on_generation)
+                       on_generation=on_generation, guards=guards)
 
 
 def validation_history(run_dir):
@@ -212,3 +214,68 @@ def test_checkpoint_with_a_pickled_entry_runs_no_code_and_says_so(adapter_dir, t
     with pytest.raises(EssaError, match="cannot read state file .*allow_pickle=False"):
         make_trainer(adapter_dir, run_dir, 2).run(resume=True)
     assert not marker.exists()
+
+
+def test_guard_asks_qualifiers_in_order_and_keeps_the_start_when_all_fail():
+    start = np.zeros(40)
+    better, best = start.copy(), start.copy()
+    better[:20], best[:30] = 1.0, 1.0
+    asked = []
+
+    def refuse(name):
+        asked.append(name)
+        return name != "best_candidate"
+
+    assert choose_final(start, {"mean": better, "best_candidate": best}, passes_guard=refuse)[0] == "mean"
+    assert asked == ["best_candidate", "mean"]  # highest validation accuracy first
+    asked.clear()
+    worse = start.copy()
+    assert choose_final(start, {"mean": worse, "best_candidate": best},
+                        passes_guard=lambda n: asked.append(n) or False)[0] == "start"
+    assert asked == ["best_candidate"]  # a challenger that did not qualify is never guarded
+
+
+def test_guard_verdict_rejects_only_a_loss_beyond_noise():
+    from essa.stats import compare_paired
+    from essa.trainer import guard_verdict
+
+    start = np.ones(50)
+    lost_some = start.copy()
+    lost_some[:2] = 0.0  # -4 points: the interval reaches zero
+    lost_many = start.copy()
+    lost_many[:10] = 0.0
+    assert guard_verdict({"a": compare_paired(start, lost_some)})
+    assert not guard_verdict({"a": compare_paired(start, start), "b": compare_paired(start, lost_many)})
+
+
+def test_guard_sets_score_start_and_challenger_and_decide_the_final_choice(adapter_dir, tmp_path, monkeypatch):
+    from essa.stats import compare_paired
+    from essa.trainer import GuardSet
+
+    guard = GuardSet("other", VowelTask(), VowelTask().split("test"))
+    trainer = make_trainer(adapter_dir, tmp_path, 2, eval_every=0, final_challengers=["mean"])
+    trainer.guards = [guard]
+    # The guard's comparison is the start's and the candidate's own scores on the guard examples.
+    z = np.full(trainer.dim, 0.7)
+    comparison = trainer._guard_comparisons(z)["other"]
+    prompts = [format_prompt(trainer.tokenizer, guard.task, ex) for ex in guard.examples]
+    completions = trainer.backend.evaluate(z[None], prompts)[0]
+    direct = [guard.task.reward(c, ex) for c, ex in zip(completions, guard.examples)]
+    assert comparison.n == 6 and comparison.mean_b == pytest.approx(np.mean(direct))
+
+    # A mean that wins on validation but loses on the guard set: the start is kept, and why is written.
+    monkeypatch.setattr(EssaTrainer, "validation_scores",
+                        lambda self, z: np.ones(40) if np.any(z) else np.zeros(40))
+    losing = compare_paired(np.ones(40), np.r_[np.zeros(20), np.ones(20)])
+    monkeypatch.setattr(EssaTrainer, "_guard_comparisons", lambda self, z: {"other": losing})
+    result = make_trainer(adapter_dir, tmp_path / "lose", 2, eval_every=0, final_challengers=["mean"],
+                          guard_sets=["svamp"]).run()
+    final = json.loads((tmp_path / "lose" / "final.json").read_text())
+    assert final["choice"] == "start" and result.final_choice == "start"
+    assert final["guard"]["mean"]["passed"] is False and final["guard"]["mean"]["other"]["delta"] == -0.5
+    assert "guard set" in final["rule"]
+
+    holding = compare_paired(np.ones(40), np.ones(40))
+    monkeypatch.setattr(EssaTrainer, "_guard_comparisons", lambda self, z: {"other": holding})
+    assert make_trainer(adapter_dir, tmp_path / "hold", 2, eval_every=0, final_challengers=["mean"],
+                        guard_sets=["svamp"]).run().final_choice == "mean"

@@ -29,7 +29,7 @@ from essa.io import atomic_directory, atomic_write_json, atomic_write_jsonl, ens
 from essa.models import cast_for_inference, load_model, resolve_dtype
 from essa.report import plot_training, write_report
 from essa.stats import PairedComparison, compare_paired
-from essa.suite import transfer_check
+from essa.suite import guard_sets, transfer_check
 from essa.svd_space import ADAPTER_CONFIG, SvdLoraSpace
 from essa.tasks import Task, get_task
 
@@ -97,6 +97,7 @@ def run_train(cfg: Config, resume: bool = False, progress: bool = True,
     task.checked_split("validation")
     refuse_to_overwrite(cfg.output_dir, resume)
     check_trackers(cfg)
+    guards = guard_sets(cfg)
     # Every check (backend, model, adapter fit) happens here, before the run dir is written.
     inputs = load_inputs(cfg, adapter_dir, cfg.essa.alpha, loaded=model_and_tokenizer)
     space = inputs.space
@@ -107,7 +108,7 @@ def run_train(cfg: Config, resume: bool = False, progress: bool = True,
         backend = build_backend(cfg, inputs)
         try:
             result = EssaTrainer(backend, inputs.tokenizer, tracking.task, cfg.essa, run_dir, progress=progress,
-                                 on_generation=tracking.on_generation).run(resume=resume)
+                                 on_generation=tracking.on_generation, guards=guards).run(resume=resume)
         finally:
             backend.close()
         tracking.finish({"validation_accuracy": result.validation, "reward_failures": result.state.reward_failures,

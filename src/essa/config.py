@@ -214,10 +214,19 @@ class SearchConfig:
                                            "best_candidate (the fittest candidate on its mini-batch). Each one "
                                            "costs a validation; one alone is a single pre-set comparison, with no "
                                            "best-of-several selection on the validation split.")
+    guard_sets: list[str] = setting([], "Do no harm beyond the training distribution: real benchmarks (from "
+                                    + ", ".join(SUITE_BENCHMARKS) + ") a challenger that wins on validation must "
+                                    "also not lose on, against the start, beyond noise (paired 95% interval below "
+                                    "zero); else the next challenger is asked, then the start is kept. Scored "
+                                    "greedily with the run's decoding settings. Empty: no guard.")
+    guard_limit: int = setting(200, "Examples of each guard set (the first N of the suite's seeded shuffle).")
     seed: int = setting(0, "Seed of the optimizer, the mini-batches and the sampling streams.")
 
     def __post_init__(self) -> None:
         _check("essa.alpha", 0.0 < self.alpha <= 1.0, "must be in (0, 1]", self.alpha)
+        for name in self.guard_sets:
+            _check("essa.guard_sets", name in SUITE_BENCHMARKS, _one_of(SUITE_BENCHMARKS), name)
+        _check("essa.guard_limit", self.guard_limit >= 1, "must be >= 1", self.guard_limit)
         _check("essa.offsets", self.offsets in OFFSET_MODES, _one_of(OFFSET_MODES), self.offsets)
         _check("essa.share", set(self.share) <= set(SHARE_AXES), f"takes a list of {', '.join(SHARE_AXES)}",
                self.share)

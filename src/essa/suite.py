@@ -192,6 +192,14 @@ def _read_rows(path: Path, examples: list[Example]) -> list[dict[str, Any]] | No
     return rows
 
 
+def guard_sets(cfg: Config) -> list[Any]:
+    """The trainer's guard sets (`essa.guard_sets`): each benchmark's task and first examples."""
+    from essa.trainer import GuardSet
+
+    return [GuardSet(name, suite_task(BENCHMARKS[name], cfg), suite_examples(BENCHMARKS[name], cfg.essa.guard_limit))
+            for name in cfg.essa.guard_sets]
+
+
 def transfer_check(cfg: Config, start: str | Path, final: str | Path, out_dir: str | Path,
                    loaded: tuple[Any, Any] | None = None, progress: bool = False) -> tuple[dict[str, Any], str]:
     """A run's start and final adapters on `cfg.suite.sets`: the headline numbers for its summary

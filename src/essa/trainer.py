@@ -13,7 +13,8 @@ Around the loop:
 - The start (the SFT adapter, zero offsets) is always a candidate for the final adapter: the
   others (those of essa.final_challengers: the final mean, the best validated mean, the best
   candidate) replace it only when they beat it on the validation split with confidence (paired
-  bootstrap 95% interval above zero).
+  bootstrap 95% interval above zero) and, with guard sets (`essa.guard_sets`: data from other
+  sources), do not lose to it beyond noise on any of them.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from essa.optim import make_optimizer
 from essa.probe import TARGET_FLIPS, choose_sigma0, probe_signal, rank_agreement
 from essa.schedule import minibatch_indices
 from essa.stats import PairedComparison, compare_paired
-from essa.tasks import RewardStats, Task, format_prompt
+from essa.tasks import Example, RewardStats, Task, format_prompt
 
 CHECKPOINT = "checkpoint.npz"
 PICKLE_CHECKPOINT = "checkpoint.pkl"  # older essa versions; never read (unpickling can run code)
@@ -91,8 +92,10 @@ class EssaTrainer:
     """The search over `backend.dim` singular-value offsets; `on_generation(state)` runs after each generation."""
 
     def __init__(self, backend: Backend, tokenizer: Any, task: Task, search: SearchConfig, run_dir: str | Path,
-                 progress: bool = True, on_generation: Callable[[TrainState], None] | None = None):
+                 progress: bool = True, on_generation: Callable[[TrainState], None] | None = None,
+                 guards: list[GuardSet] | None = None):
         self.backend = backend
+        self.guards = list(guards or [])
         self.tokenizer = tokenizer
         self.task = task
         self.cfg = search
@@ -245,17 +248,39 @@ class EssaTrainer:
         """
         challengers = self._challengers(state)
         start = state.start_correct
-        choice, versus = choose_final(start, {n: c for n, (_, c) in challengers.items()}, seed=self.cfg.seed)
+        guarded: dict[str, dict[str, PairedComparison]] = {}
+
+        def passes_guard(name: str) -> bool:
+            guarded[name] = self._guard_comparisons(challengers[name][0])
+            return guard_verdict(guarded[name])
+
+        choice, versus = choose_final(start, {n: c for n, (_, c) in challengers.items()}, seed=self.cfg.seed,
+                                      passes_guard=passes_guard)
         validation = {"start": float(start.mean()), **{n: float(c.mean()) for n, (_, c) in challengers.items()}}
         final_z = np.zeros(self.dim) if choice == "start" else challengers[choice][0]
         versus_start = {name: c.to_dict() for name, c in versus.items()}
+        rule = "the start unless a challenger's paired bootstrap 95% CI against it on validation is above zero"
+        if self.guards:
+            rule += (" and its CI against the start on no guard set (essa.guard_sets) lies below zero; "
+                     "challengers are asked in order of validation accuracy")
         atomic_write_json(self.run_dir / "final.json", {
             "choice": choice, "validation_accuracy": validation, "versus_start": versus_start,
-            "rule": "the start unless a challenger's paired bootstrap 95% CI against it on validation is above zero",
+            "guard": {name: {"passed": guard_verdict(sets), **{s: c.to_dict() for s, c in sets.items()}}
+                      for name, sets in guarded.items() if self.guards},
+            "rule": rule,
             "generations": state.generation, "wall_clock_s": state.elapsed_s, "sigma0": state.sigma0,
             "reward_failures": state.reward_failures,
         })
         return TrainResult(final_z, choice, validation, state, versus_start)
+
+    def _guard_comparisons(self, z: np.ndarray) -> dict[str, PairedComparison]:
+        """Candidate `z` against the start on each guard set (greedy, the run's decoding settings)."""
+        out = {}
+        for guard in self.guards:
+            start, candidate = (evaluate_split(self.backend, self.tokenizer, guard.task, guard.examples,
+                                               offsets[None]).correct for offsets in (np.zeros(self.dim), z))
+            out[guard.name] = compare_paired(start, candidate, seed=self.cfg.seed)
+        return out
 
     def _challengers(self, state: TrainState) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Each challenger the config names that exists: its offsets and per-example validation scores."""
@@ -279,15 +304,30 @@ def restore_optimizer(search: SearchConfig, state: TrainState) -> Any:
     return optimizer
 
 
-def choose_final(start: np.ndarray, challengers: dict[str, np.ndarray],
-                 seed: int = 0) -> tuple[str, dict[str, PairedComparison]]:
+def choose_final(start: np.ndarray, challengers: dict[str, np.ndarray], seed: int = 0,
+                 passes_guard: Callable[[str], bool] = lambda name: True) -> tuple[str, dict[str, PairedComparison]]:
     """"start", or the challenger with the highest validation accuracy among those whose paired
-    bootstrap 95% interval against the start lies above zero; with each one's comparison."""
+    bootstrap 95% interval against the start lies above zero and that `passes_guard` (asked in
+    that order, until one passes); with each one's comparison."""
     versus = {name: compare_paired(start, correct, seed=seed) for name, correct in challengers.items()}
-    qualified = [name for name, c in versus.items() if c.ci95[0] > 0]
-    if not qualified:
-        return "start", versus
-    return max(qualified, key=lambda n: (versus[n].mean_b, n == "mean")), versus
+    qualified = sorted((name for name, c in versus.items() if c.ci95[0] > 0),
+                       key=lambda n: (versus[n].mean_b, n == "mean"), reverse=True)
+    return next((name for name in qualified if passes_guard(name)), "start"), versus
+
+
+@dataclass
+class GuardSet:
+    """Examples from another source the final adapter must not lose on (`essa.guard_sets`)."""
+
+    name: str
+    task: Task
+    examples: list[Example]
+
+
+def guard_verdict(comparisons: dict[str, PairedComparison]) -> bool:
+    """A challenger passes the guard unless it loses to the start beyond noise on some guard set
+    (its paired 95% interval lies below zero there)."""
+    return all(c.ci95[1] >= 0 for c in comparisons.values())
 
 
 def refuse_to_overwrite(run_dir: str | Path, resume: bool) -> None:
