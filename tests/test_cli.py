@@ -74,9 +74,11 @@ def test_sft_train_eval_export_pipeline(capsys, model_dir, tmp_path):
 def test_demo_reports_the_paired_test_delta(capsys, model_dir, tmp_path):
     out_dir = tmp_path / "demo"
     code, out, err = run(capsys, "demo", f"model.name={model_dir}", f"output_dir={out_dir}", "essa.sigma0=auto",
-                         *SMALL)
+                         "sft.patience=1", "sft.eval_every=1", "suite.sets=[]", *SMALL)
     assert code == 0, err
     summary = last_json(out)
+    # The early-stopped SFT reports where it stopped (16 examples / batch 8 = 2 steps at most).
+    assert 1 <= summary["sft_best_step"] <= summary["sft_steps"] <= 2 and "sft_stopped_early" in summary
     delta = summary["test_accuracy_essa"] - summary["test_accuracy_sft"]
     assert summary["test_accuracy_delta"] == pytest.approx(delta)
     low, high = summary["delta_ci95"]

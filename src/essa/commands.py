@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -312,6 +313,7 @@ def run_demo(cfg: Config, progress: bool = True, resume: bool = False) -> dict[s
         "sigma0": train["sigma0"], "final_choice": train["final_choice"],
         "validation_accuracy": train["validation_accuracy"], "test_metrics_sft": _split_metrics(before.metrics),
         "test_metrics_essa": _split_metrics(after.metrics), "sft_wall_clock_s": round(sft_s, 1),
+        **sft_summary(adapter),
         "essa_wall_clock_s": train["wall_clock_s"], "wall_clock_s": round(time.perf_counter() - start, 1),
     }
     sections = []
@@ -333,6 +335,21 @@ def run_demo(cfg: Config, progress: bool = True, resume: bool = False) -> dict[s
         f"Exported PEFT adapter: `{root / 'adapter'}`.",
     ])
     return summary
+
+
+def sft_summary(adapter_dir: Path) -> dict[str, Any]:
+    """The SFT's steps and, with early stopping, its best step and whether it stopped early."""
+    from essa.sft import METRICS_FILE
+
+    path = Path(adapter_dir) / METRICS_FILE
+    if not path.is_file():
+        return {}
+    metrics = json.loads(path.read_text())
+    out = {"sft_steps": metrics.get("steps")}
+    if "best_step" in metrics:
+        out.update(sft_best_step=metrics["best_step"], sft_stopped_early=metrics["stopped_early"],
+                   sft_best_validation_loss=metrics["best_validation_loss"])
+    return out
 
 
 def _split_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
