@@ -38,3 +38,36 @@ def test_per_completion_and_summary():
     assert summary["no_answer_share"] == pytest.approx(2 / 3)
     assert summary["mean_tokens"] == pytest.approx(np.mean(lengths))
     assert "no_answer" not in degeneration.per_completion(completions, tok, limit, answers=False)
+
+
+def test_generated_token_counts_win_over_tokenizing_again():
+    """A loop of odd tokens re-tokenizes shorter than it was generated: the engine's counts decide."""
+    tok = tiny_tokenizer()
+    figures = degeneration.per_completion(["ab", "ab"], tok, 4, answers=False, token_counts=[4, 2])
+    assert figures["tokens"].tolist() == [4.0, 2.0] and figures["hit_limit"].tolist() == [1.0, 0.0]
+
+
+def test_local_backend_reports_the_generated_lengths():
+    from helpers import tiny_llama
+
+    from essa.backends.local import LocalBackend
+    from essa.config import DecodingConfig
+    from essa.evaluate import evaluate_split
+    from essa.tasks import Example, Task
+
+    class Echo(Task):
+        name = "echo"
+
+        def split(self, name):
+            return []
+
+        def reward(self, completion, example):
+            return 0.0
+
+    backend = LocalBackend(tiny_llama(seed=0), tok := tiny_tokenizer(), None, DecodingConfig(max_new_tokens=5))
+    examples = [Example(prompt=p) for p in ("a", "bb", "ccc")]
+    result = evaluate_split(backend, tok, Echo(), examples)
+    assert result.token_counts == [len(t) for t in backend.last_decode.tokens]
+    assert all(0 <= n <= 5 for n in result.token_counts) and len(result.token_counts) == 3
+    generate = LocalBackend(tiny_llama(seed=0), tok, None, DecodingConfig(max_new_tokens=5, engine="generate"))
+    assert evaluate_split(generate, tok, Echo(), examples).token_counts is None

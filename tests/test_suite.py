@@ -52,6 +52,8 @@ def test_suite_scores_every_arm_on_the_same_examples_and_compares_neighbours(dat
         assert [r["prompt"] for r in rows] == [ex.prompt for ex in suite_examples(BENCHMARKS["svamp"], 6)]
         assert svamp["arms"][label]["accuracy"] == pytest.approx(np.mean([r["correct"] for r in rows]))
         assert svamp["arms"][label]["hit_limit_share"] == pytest.approx(np.mean([r["hit_limit"] for r in rows]))
+        # Token counts are the decoder's own: at most the limit, and a hit exactly at it.
+        assert all(r["tokens"] <= 5 and r["hit_limit"] == float(r["tokens"] == 5) for r in rows)
         assert "no_answer_share" in svamp["arms"][label] and "no_answer_share" not in ifeval["arms"][label]
     for entry in (svamp, ifeval):
         assert [c["metric"] for c in entry["comparisons"]] == entry["metrics"]

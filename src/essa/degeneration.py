@@ -2,10 +2,11 @@
 its own distribution while its completions elsewhere loop, run on or stop answering.
 
 Per completion:
-- `tokens`: its length in tokens (the completion text tokenized again, no special tokens);
+- `tokens`: its length in generated tokens where the backend reports them (the essa decoder),
+  else the completion text tokenized again (shorter for loops of odd tokens: a model in a loop
+  often emits a text in more tokens than its tokenizer would use);
 - `hit_limit`: 1 when that length reaches `max_new_tokens`, i.e. it ran out of tokens instead of
-  stopping (re-tokenizing decoded text gives the generated length for these tokenizers; a
-  completion that stopped within a token of the limit may rarely be counted);
+  stopping (exact with generated counts; undercounted with re-tokenized ones);
 - `repetition`: the share of its word 4-grams that repeat an earlier 4-gram of the same
   completion (seq-rep-4 of Welleck et al., 2019): 0 for varied text, near 1 for a loop;
 - `no_answer`: 1 when it has no non-empty \\boxed{} answer (math tasks only).
@@ -38,11 +39,13 @@ def has_answer(text: str) -> bool:
     return any(box.strip() for box in extract_boxed(text))
 
 
-def per_completion(completions: list[str], tokenizer: Any, max_new_tokens: int,
-                   answers: bool) -> dict[str, np.ndarray]:
-    """The figures of each completion, one array per key (`no_answer` only where `answers`)."""
-    lengths = np.asarray([len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in completions],
-                         dtype=np.float64)
+def per_completion(completions: list[str], tokenizer: Any, max_new_tokens: int, answers: bool,
+                   token_counts: list[int] | None = None) -> dict[str, np.ndarray]:
+    """The figures of each completion, one array per key (`no_answer` only where `answers`);
+    `token_counts`: the generated tokens of each, where known (else the text is tokenized again)."""
+    if token_counts is None:
+        token_counts = [len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in completions]
+    lengths = np.asarray(token_counts, dtype=np.float64)
     out = {
         "tokens": lengths,
         "hit_limit": (lengths >= max_new_tokens).astype(np.float64),

@@ -53,6 +53,7 @@ class SplitResult:
     rewards: np.ndarray = field(default_factory=lambda: np.zeros(0))
     extras: dict[str, np.ndarray] = field(default_factory=dict)
     completions: list[str] = field(default_factory=list)  # the first completion of each example
+    token_counts: list[int] | None = None  # their generated tokens, where the backend knows them
 
 
 def evaluate_split(backend: Backend, tokenizer: Any, task: Task, examples: list[Example],
@@ -67,6 +68,7 @@ def evaluate_split(backend: Backend, tokenizer: Any, task: Task, examples: list[
     stats = RewardStats()
     repeated = [p for p in prompts for _ in range(samples)]
     completions = backend.evaluate(population, repeated, seed=seed)[0]
+    lengths = backend.generated_lengths()
     rewards = score(task, [completions], [ex for ex in examples for _ in range(samples)], stats)[0]
     per_prompt = rewards.reshape(len(examples), samples)
     correct = per_prompt >= 1.0 - 1e-9
@@ -88,7 +90,7 @@ def evaluate_split(backend: Backend, tokenizer: Any, task: Task, examples: list[
     ]
     first = {key: values[::samples] for key, values in extras.items()}
     return SplitResult(metrics, records, correct[:, 0].astype(np.float64), per_prompt[:, 0].copy(), first,
-                       completions[::samples])
+                       completions[::samples], None if lengths is None else list(lengths[::samples]))
 
 
 def _extra_metrics(task: Task, completions: list[str], examples: list[Example],

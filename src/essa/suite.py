@@ -164,7 +164,8 @@ def _score(cfg: Config, bench: Benchmark, task: Task, examples: list[Example], a
     scored = score_adapter(cfg.with_changes(decoding=decoding), task, examples, adapter, loaded=loaded,
                            progress=progress)
     tokenizer = loaded[1] if loaded else _tokenizer(cfg)
-    figures = degeneration.per_completion(scored.completions, tokenizer, limit, bench.answers)
+    figures = degeneration.per_completion(scored.completions, tokenizer, limit, bench.answers,
+                                          token_counts=scored.token_counts)
     rows = []
     for i, ex in enumerate(examples):
         row = {"prompt": ex.prompt, "completion": scored.completions[i], "reward": float(scored.rewards[i]),

@@ -1,7 +1,7 @@
 """Backends turn (population of offset vectors, prompts) into completions, and one place builds them.
 
 `Backend` declares everything a caller may use, with defaults: `evaluate` (completions for every
-(candidate, prompt) pair), `run_generation` (the fitness of one ES generation; by default ask ->
+(candidate, prompt) pair), `generated_lengths` (their token counts, where known), `run_generation` (the fitness of one ES generation; by default ask ->
 evaluate -> reward -> mean), `dim`, `close`, and the class-level hooks the builder uses. The
 registry below maps `backend.kind` to a class; train, eval, compare and Ray workers all build
 their backend with `build_backend`, so adding a backend is its module plus one registry line.
@@ -107,6 +107,12 @@ class Backend:
         splits an evaluation into pieces passes each piece's position, and the samples do not
         depend on how the rows were split or batched."""
         raise NotImplementedError(f"{type(self).__name__} does not implement evaluate")
+
+    def generated_lengths(self) -> list[int] | None:
+        """Tokens generated for each completion of the last `evaluate` call (candidate-major, EOS
+        not counted), where the engine knows them; None otherwise. A completion of
+        `decoding.max_new_tokens` tokens ran out of tokens instead of stopping."""
+        return None
 
     def run_generation(self, gen: int, optimizer: Optimizer, task: Task, batch: Minibatch, seed: int,
                        stats: RewardStats) -> Generation:

@@ -67,6 +67,7 @@ class LocalBackend(Backend):
         ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
         rows = [(c, p) for c in range(n_cand) for p in range(len(prompts))]
         out: list[list[str]] = [[""] * len(prompts) for _ in range(n_cand)]
+        self.last_decode = None
         try:
             if self.decoding.engine == "essa":
                 seeds = [row_seed(seed, c + candidate_offset, p + prompt_offset) for c, p in rows]
@@ -79,6 +80,10 @@ class LocalBackend(Backend):
         for (c, p), text in zip(rows, texts):
             out[c][p] = text
         return out
+
+    def generated_lengths(self) -> list[int] | None:
+        """Token counts of the last evaluation's completions (essa decoder only)."""
+        return None if self.last_decode is None else [len(t) for t in self.last_decode.tokens]
 
     # -- the essa decoder ---------------------------------------------------------------------
     def _decode(self, ids: list[list[int]], rows: list[tuple[int, int]], seeds: list[int]) -> list[str]:
