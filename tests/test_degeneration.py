@@ -10,12 +10,18 @@ from essa import degeneration
 
 
 def test_repeated_ngram_share_by_hand():
-    assert degeneration.repeated_ngram_share("one two three four five six") == 0.0
-    # 8 words -> 5 four-grams; "a b c d" comes back twice after its first time: 2 of 5 repeat.
-    assert degeneration.repeated_ngram_share("a b c d a b c d") == pytest.approx(1 - 4 / 5)
-    loop = " ".join(["\\boxed{1} ="] * 20)
-    assert degeneration.repeated_ngram_share(loop) > 0.9
-    assert degeneration.repeated_ngram_share("too short") == 0.0
+    assert degeneration.repeated_ngram_share([1, 2, 3, 4, 5, 6]) == 0.0
+    # 8 tokens -> 5 four-grams, of which 4 distinct: 1 of 5 repeats an earlier one.
+    assert degeneration.repeated_ngram_share([1, 2, 3, 4, 1, 2, 3, 4]) == pytest.approx(1 - 4 / 5)
+    assert degeneration.repeated_ngram_share([7, 8] * 20) > 0.9
+    assert degeneration.repeated_ngram_share([1, 2]) == 0.0
+
+
+def test_a_loop_without_spaces_counts_as_repetition():
+    tok = tiny_tokenizer()
+    loop = "ab" * 30
+    figures = degeneration.per_completion([loop, "abcdefg"], tok, 1000, answers=False)
+    assert figures["repetition"][0] > 0.8 and figures["repetition"][1] == 0.0
 
 
 def test_has_answer_needs_a_non_empty_box():

@@ -7,13 +7,15 @@ Per completion:
   often emits a text in more tokens than its tokenizer would use);
 - `hit_limit`: 1 when that length reaches `max_new_tokens`, i.e. it ran out of tokens instead of
   stopping (exact with generated counts; undercounted with re-tokenized ones);
-- `repetition`: the share of its word 4-grams that repeat an earlier 4-gram of the same
-  completion (seq-rep-4 of Welleck et al., 2019): 0 for varied text, near 1 for a loop;
+- `repetition`: the share of its token 4-grams (the text tokenized again) that repeat an earlier
+  4-gram of the same completion (seq-rep-4 of Welleck et al., 2019): 0 for varied text, near 1
+  for a loop. Tokens, not words: a loop such as `\\frac{12}{\\frac{12}{...` has no spaces;
 - `no_answer`: 1 when it has no non-empty \\boxed{} answer (math tasks only).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -26,10 +28,9 @@ SUMMARY_KEYS = {"hit_limit": "hit_limit_share", "repetition": "repeated_4gram_sh
                 "tokens": "mean_tokens", "no_answer": "no_answer_share"}
 
 
-def repeated_ngram_share(text: str, n: int = NGRAM) -> float:
-    """Share of the word n-grams of `text` that already occurred earlier in it (0 without any)."""
-    words = text.split()
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+def repeated_ngram_share(items: Sequence[Any], n: int = NGRAM) -> float:
+    """Share of the n-grams of `items` (token ids) that already occurred earlier in it (0 without any)."""
+    grams = [tuple(items[i:i + n]) for i in range(len(items) - n + 1)]
     if not grams:
         return 0.0
     return 1.0 - len(set(grams)) / len(grams)
@@ -43,13 +44,12 @@ def per_completion(completions: list[str], tokenizer: Any, max_new_tokens: int, 
                    token_counts: list[int] | None = None) -> dict[str, np.ndarray]:
     """The figures of each completion, one array per key (`no_answer` only where `answers`);
     `token_counts`: the generated tokens of each, where known (else the text is tokenized again)."""
-    if token_counts is None:
-        token_counts = [len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in completions]
-    lengths = np.asarray(token_counts, dtype=np.float64)
+    ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
+    lengths = np.asarray([len(i) for i in ids] if token_counts is None else token_counts, dtype=np.float64)
     out = {
         "tokens": lengths,
         "hit_limit": (lengths >= max_new_tokens).astype(np.float64),
-        "repetition": np.asarray([repeated_ngram_share(c) for c in completions]),
+        "repetition": np.asarray([repeated_ngram_share(i) for i in ids]),
     }
     if answers:
         out["no_answer"] = np.asarray([0.0 if has_answer(c) else 1.0 for c in completions])
