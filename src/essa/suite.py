@@ -298,7 +298,7 @@ def markdown_table(summary: dict[str, Any]) -> str:
                 c = next(c for c in entry["comparisons"] if c["from"] == a and c["to"] == b and c["metric"] == metric)
                 cells.append(f"{c['delta']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]")
             lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Degeneration (share of completions that hit the token limit / mean share of repeated word "
+    lines += ["", "Degeneration (share of completions that hit the token limit / mean share of repeated token "
               "4-grams / mean tokens / share without a \\boxed{} answer):", "",
               "| benchmark | limit | " + " | ".join(labels) + " |",
               "| --- | --: | " + " | ".join(["---"] * len(labels)) + " |"]
