@@ -67,6 +67,7 @@ def test_suite_scores_every_arm_on_the_same_examples_and_compares_neighbours(dat
 
     # Run again into the same directory: every finished (arm, benchmark) is reused, not rescored.
     monkeypatch.setattr(suite_mod, "_score", lambda *a, **k: pytest.fail("rescored a finished result"))
+    monkeypatch.setattr("essa.backends.load_inputs", lambda *a, **k: pytest.fail("loaded a model to reread records"))
     assert run_suite(_cfg(model_dir), arms, out) == summary
     with pytest.raises(EssaError, match="other examples"):
         run_suite(_cfg(model_dir, "suite.limit=5"), arms, out)

@@ -262,6 +262,15 @@ def test_guard_sets_score_start_and_challenger_and_decide_the_final_choice(adapt
     completions = trainer.backend.evaluate(z[None], prompts)[0]
     direct = [guard.task.reward(c, ex) for c, ex in zip(completions, guard.examples)]
     assert comparison.n == 6 and comparison.mean_b == pytest.approx(np.mean(direct))
+    # The start is scored on a guard set once, however many challengers are asked.
+    import essa.trainer
+
+    calls = []
+    real_evaluate = essa.trainer.evaluate_split
+    monkeypatch.setattr(essa.trainer, "evaluate_split", lambda *a: calls.append(1) or real_evaluate(*a))
+    trainer._guard_comparisons(np.full(trainer.dim, -0.7))
+    assert len(calls) == 1
+    monkeypatch.undo()
 
     # A mean that wins on validation but loses on the guard set: the start is kept, and why is written.
     monkeypatch.setattr(EssaTrainer, "validation_scores",

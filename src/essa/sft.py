@@ -61,7 +61,7 @@ def run_sft(model: nn.Module, tokenizer: Any, task: Task, lora: LoraConfig, sft:
     examples = task.checked_split("sft")
     ensure_writable_dir(out_dir.parent)  # fail on a bad path before spending time training
     encoded = encode_split(tokenizer, task, examples, sft.max_length)
-    usable = [e for e in encoded if any(x != IGNORE_INDEX for x in e.labels)]
+    usable = with_targets(encoded)
     if not usable:
         raise EssaError(f"no SFT example keeps any target token within sft.max_length={sft.max_length}: "
                         "raise sft.max_length")
@@ -95,6 +95,11 @@ def run_sft(model: nn.Module, tokenizer: Any, task: Task, lora: LoraConfig, sft:
 def encode_split(tokenizer: Any, task: Task, examples: list[Any], max_length: int) -> list[Encoded]:
     return [encode_example(tokenizer, format_prompt(tokenizer, task, ex), task.sft_target(ex), max_length)
             for ex in examples]
+
+
+def with_targets(encoded: list[Encoded]) -> list[Encoded]:
+    """The examples that keep at least one target token after truncation (the others teach nothing)."""
+    return [e for e in encoded if any(x != IGNORE_INDEX for x in e.labels)]
 
 
 class EarlyStopping:
@@ -145,7 +150,7 @@ def validation_batches(tokenizer: Any, task: Task, sft: SftConfig, pad_id: int,
     except EssaError as exc:
         raise EssaError(f"early stopping (sft.patience) needs reference solutions for the validation split: "
                         f"{exc}") from exc
-    encoded = [e for e in encoded if any(x != IGNORE_INDEX for x in e.labels)]
+    encoded = with_targets(encoded)
     if not encoded:
         raise EssaError("early stopping: no validation example keeps a target token within sft.max_length")
     return [collate(encoded[i:i + sft.batch_size], pad_id, device) for i in range(0, len(encoded), sft.batch_size)]

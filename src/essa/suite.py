@@ -134,8 +134,7 @@ def run_suite(cfg: Config, arms: list[tuple[str, str | None]], out_dir: str | Pa
     benches = [BENCHMARKS[name] for name in cfg.suite.sets]
     examples = {b.name: suite_examples(b, cfg.suite.limit) for b in benches}
     out = ensure_writable_dir(out_dir)
-    if model_and_tokenizer is None:
-        model_and_tokenizer = load_inputs(cfg, None, 1.0, kind=evaluation_kind(cfg)).weights()
+    loaded, to_load = model_and_tokenizer, model_and_tokenizer is None
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for bench in benches:
         task = suite_task(bench, cfg)
@@ -144,7 +143,9 @@ def run_suite(cfg: Config, arms: list[tuple[str, str | None]], out_dir: str | Pa
             rows = _read_rows(path, examples[bench.name])
             if rows is None:
                 say(f"suite: {label} on {bench.name} ({len(examples[bench.name])} examples)")
-                rows = _score(cfg, bench, task, examples[bench.name], adapter, model_and_tokenizer, progress)
+                if to_load:  # only once something is left to score: a finished suite just rereads its records
+                    loaded, to_load = load_inputs(cfg, None, 1.0, kind=evaluation_kind(cfg)).weights(), False
+                rows = _score(cfg, bench, task, examples[bench.name], adapter, loaded, progress)
                 ensure_writable_dir(path.parent)
                 atomic_write_jsonl(path, rows)
             results.setdefault(bench.name, {})[label] = rows

