@@ -22,6 +22,13 @@ def test_mcnemar_exact_matches_hand_computed(gained, lost, p):
     assert mcnemar_exact_p(gained, lost) == pytest.approx(p, abs=1e-6)
 
 
+@pytest.mark.parametrize("gained, lost", [(700, 600), (600, 700), (2500, 2400), (0, 3000), (5000, 5000)])
+def test_mcnemar_exact_holds_at_thousands_of_discordant_pairs(gained, lost):
+    from scipy.stats import binomtest
+    expected = binomtest(min(gained, lost), gained + lost, 0.5).pvalue
+    assert mcnemar_exact_p(gained, lost) == pytest.approx(expected, rel=1e-9, abs=1e-300)
+
+
 def test_bootstrap_interval_of_a_known_difference():
     # 100 problems: 20 gained, 5 lost. Delta 0.15; its standard error is
     # sqrt((p+ + p- - delta^2) / n) = sqrt((0.25 - 0.0225) / 100) = 0.0477, so the 95% interval is
@@ -48,7 +55,11 @@ def test_compare_paired_counts_and_verdict():
     assert result.delta == pytest.approx(0.125)
     assert result.mcnemar_p == pytest.approx(mcnemar_exact_p(20, 10))
     assert result.ci95[0] < result.delta < result.ci95[1]
-    assert "gain" in result.describe() or "noise" in result.describe()
+    # 20 gained, 10 lost of 80: the interval [-0.013, +0.263] still holds zero.
+    assert result.describe().endswith("no difference beyond noise")
+    tripled = compare_paired(np.tile(a, 3), np.tile(b, 3), seed=0)  # 60 / 30 of 240: a gain
+    assert tripled.ci95[0] > 0 and tripled.describe().endswith(": a gain")
+    assert compare_paired(np.tile(b, 3), np.tile(a, 3), seed=0).describe().endswith(": a loss")
     identical = compare_paired(a, a)
     assert identical.ci95 == (0.0, 0.0) and identical.mcnemar_p == 1.0
     assert "no difference beyond noise" in identical.describe()
