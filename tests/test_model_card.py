@@ -66,6 +66,29 @@ def test_export_and_merge_carry_cards(capsys, run_dir, tmp_path):
     assert "AutoModelForCausalLM.from_pretrained" in merged.text
 
 
+def test_exported_adapters_name_their_base_model_portably(run_dir, tmp_path):
+    model_dir = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["name"]
+    for adapter in (run_dir / "adapter", run_dir.parent / "sft" / "adapter"):
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == model_dir  # a user's own path, as given
+    # A run on the bundled model whose adapter names this machine's cache path (older essa):
+    # the export names the hub id, which the card's base_model and other machines resolve.
+    old = tmp_path / "old"
+    (old / "adapter").mkdir(parents=True)
+    for item in (run_dir / "adapter").iterdir():
+        (old / "adapter" / item.name).write_bytes(item.read_bytes())
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["model"]["name"] = "smollm2-135m-instruct"
+    (old / "config.yaml").write_text(yaml.safe_dump(config))
+    adapter_config = json.loads((old / "adapter" / "adapter_config.json").read_text())
+    adapter_config["base_model_name_or_path"] = "/home/someone/.cache/essa/models/smollm2-135m-instruct"
+    (old / "adapter" / "adapter_config.json").write_text(json.dumps(adapter_config))
+    assert main(["export", str(old), "--out", str(tmp_path / "out")]) == 0
+    exported = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert exported["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert ModelCard.load(tmp_path / "out" / "README.md").data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
 def test_held_out_metrics_with_their_interval_and_demo_command(run_dir, tmp_path):
     # A demo-shaped run: the ESSA step's dir inside a demo dir whose summary holds test results.
     demo = tmp_path / "demo"

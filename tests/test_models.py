@@ -2,6 +2,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import stat
 import sys
 import zipfile
@@ -20,7 +21,7 @@ from helpers import (
 )
 
 from essa import models, wheels
-from essa.config import ModelConfig
+from essa.config import LoraConfig, ModelConfig
 from essa.errors import EssaError
 from essa.models import (
     BUNDLED_ALIAS,
@@ -190,6 +191,23 @@ def test_alias_resolves_to_cached_dir_without_network(cache):
     model, tok = load_model(ModelConfig())
     assert _same_weights(model, tiny_llama(seed=5))
     assert tok.padding_side == "left"
+
+
+def test_adapters_name_the_bundled_model_by_its_hub_id_and_a_users_path_as_given(cache, tmp_path):
+    import peft
+
+    from essa.sft import save_adapter, wrap_lora
+
+    make_tiny_model_dir(cache / "models" / BUNDLED_ALIAS, seed=5)
+    own = make_tiny_model_dir(tmp_path / "own")
+    for name, expected in [(BUNDLED_ALIAS, "HuggingFaceTB/SmolLM2-135M-Instruct"), (str(own), str(own))]:
+        model, _ = load_model(ModelConfig(name=name))
+        assert model.config.name_or_path == expected  # what a merged export's config.json says
+        save_adapter(wrap_lora(model, LoraConfig(rank=2, targets=["q_proj"])), tmp_path / "a", {})
+        config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == expected
+        assert peft.PeftConfig.from_pretrained(str(tmp_path / "a")).base_model_name_or_path == expected
+        shutil.rmtree(tmp_path / "a")
 
 
 def test_resolve_model_dir_for_other_names(tmp_path, cache):

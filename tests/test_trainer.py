@@ -97,18 +97,23 @@ def test_run_writes_metrics_checkpoint_and_validation_best_choice(adapter_dir, t
     result = make_trainer(adapter_dir, tmp_path, 3).run()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["generation"] for r in records] == [0, 1, 2, 3]
-    assert "val_accuracy" in records[0] and "val_accuracy" in records[2]
-    assert all(r["wall_clock_s"] >= 0 for r in records)
-    assert all(r["distinct_fitness"] >= 1 for r in records[1:])
-    assert all("split_half_rho" in r for r in records[1:])
+    assert [r["validated"] for r in records if "val_accuracy" in r] == ["start", "mean"]  # gen 0 and eval_every 2
+    clock = [r["wall_clock_s"] for r in records]
+    assert clock == sorted(clock) and clock[-1] == pytest.approx(result.state.elapsed_s, abs=1e-3)
+    for r in records[1:]:  # one distinct value exactly when all candidates tied
+        assert 1 <= r["distinct_fitness"] <= 4
+        assert (r["distinct_fitness"] == 1) == (r["fitness_max"] == r["fitness_min"])
+    assert any(r["distinct_fitness"] > 1 for r in records[1:])
     final = json.loads((tmp_path / "final.json").read_text())
     assert final["choice"] == result.final_choice
     accuracies = final["validation_accuracy"]
     assert len(set(accuracies.values())) > 1, accuracies  # the candidates really differ
     assert set(final["versus_start"]) == set(accuracies) - {"start"} and result.validation == accuracies
-    # Six validation prompts cannot show any challenger better with confidence: the start stays.
+    # Six validation prompts: three select, three judge, and three cannot show a challenger better
+    # with confidence (3 gained, 0 lost has a sign-test p of 0.25): the start stays.
+    assert (final["selection_examples"], final["judgement_examples"]) == (3, 3)
+    assert all(c["n"] == 3 for c in final["versus_start"].values())
     assert final["choice"] == "start" and not result.final_z.any()
-    assert all(c["ci95"][0] <= 0 for c in final["versus_start"].values())
     assert (tmp_path / "checkpoint.npz").is_file()
 
 
@@ -126,8 +131,9 @@ def test_final_challengers_limit_what_is_validated_and_compared(adapter_dir, tmp
     result = make_trainer(adapter_dir, tmp_path, 3, eval_every=0, final_challengers=["mean"]).run()
     final = json.loads((tmp_path / "final.json").read_text())
     assert set(final["validation_accuracy"]) == {"start", "mean"} and set(final["versus_start"]) == {"mean"}
-    # Two validations: the start (zero offsets) and the final mean, which has moved.
-    assert len(validated) == 2 and not validated[0].any() and validated[1].any()
+    # Three validations: the start on the selection half, then on the judgement half the start
+    # and the final mean, which has moved.
+    assert len(validated) == 3 and not validated[0].any() and not validated[1].any() and validated[2].any()
     assert result.validation == final["validation_accuracy"]
     # All three (the default) on the same run: the best candidate is validated too.
     make_trainer(adapter_dir, tmp_path / "all", 3, eval_every=0).run()
@@ -158,6 +164,31 @@ def test_final_choice_needs_a_confident_win_over_the_start():
     worse = start.copy()
     worse[np.flatnonzero(start == 1)[:30]] = 0.0
     assert choose_final(start, {"mean": worse})[0] == "start"
+
+
+@pytest.mark.parametrize("gained, n, others, chosen", [
+    (3, 6, 0, "start"),    # a bootstrap interval from +0.167 would take it; the sign test's p is 0.25
+    (4, 64, 0, "start"),   # bootstrap (+0.016, +0.125) would take it; p = 0.125
+    (6, 64, 0, "mean"),    # p = 0.031 < 0.05: a gain when it is the only challenger
+    (6, 64, 2, "start"),   # ... but not among three challengers (each tested at 0.05 / 3)
+    (8, 64, 2, "mean"),    # p = 0.0078 < 0.0167
+])
+def test_final_choice_holds_at_few_discordant_examples_and_corrects_for_challengers(gained, n, others, chosen):
+    start = np.zeros(n)
+    challenger = start.copy()
+    challenger[:gained] = 1.0
+    challengers = {"mean": challenger, **{f"other{i}": start.copy() for i in range(others)}}
+    assert choose_final(start, challengers)[0] == chosen
+
+
+def test_validation_halves_alternate_and_a_single_example_is_refused():
+    from essa.trainer import split_validation
+
+    examples = [Example(prompt=str(i), answer=None) for i in range(7)]
+    selection, judgement = split_validation(examples)
+    assert [e.prompt for e in selection] == ["0", "2", "4", "6"] and [e.prompt for e in judgement] == ["1", "3", "5"]
+    with pytest.raises(EssaError, match="at least 2 examples"):
+        split_validation(examples[:1])
 
 
 def test_existing_run_is_not_overwritten_without_resume(adapter_dir, tmp_path):
@@ -273,7 +304,7 @@ def test_guard_sets_score_start_and_challenger_and_decide_the_final_choice(adapt
     monkeypatch.undo()
 
     # A mean that wins on validation but loses on the guard set: the start is kept, and why is written.
-    monkeypatch.setattr(EssaTrainer, "validation_scores",
+    monkeypatch.setattr(EssaTrainer, "judgement_scores",
                         lambda self, z: np.ones(40) if np.any(z) else np.zeros(40))
     losing = compare_paired(np.ones(40), np.r_[np.zeros(20), np.ones(20)])
     monkeypatch.setattr(EssaTrainer, "_guard_comparisons", lambda self, z: {"other": losing})

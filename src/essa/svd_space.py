@@ -150,6 +150,10 @@ class SvdLoraSpace:
         scale = _lora_scale(config, rank)
         if model is not None:
             check_adapter_fits_model(factors, model, adapter_dir)
+            # Adapters saved from this space name the model it is loaded with (a portable name,
+            # see models.name_model_portably), even when the source adapter named a local path.
+            if model.__dict__.get("name_or_path"):
+                config = {**config, "base_model_name_or_path": model.__dict__["name_or_path"]}
         pairs = []
         for name, (a, b) in factors.items():
             if a.shape[0] != rank or b.shape[1] != rank:

@@ -10,11 +10,15 @@ Around the loop:
 - `essa.sigma0: auto` first probes the signal around the start (`essa.probe`) and takes its step.
 - Each generation records how many distinct fitness values its candidates got and how well the two
   halves of its prompts agree on their ranking (`distinct_fitness`, `split_half_rho`).
+- The validation split is cut in two (alternate examples): the *selection* half is what the
+  loop validates the mean on (the best validated mean is the best of many such looks), the
+  *judgement* half only scores the start and the challengers once, at the end.
 - The start (the SFT adapter, zero offsets) is always a candidate for the final adapter: the
   others (those of essa.final_challengers: the final mean, the best validated mean, the best
-  candidate) replace it only when they beat it on the validation split with confidence (paired
-  bootstrap 95% interval above zero) and, with guard sets (`essa.guard_sets`: data from other
-  sources), do not lose to it beyond noise on any of them.
+  candidate) replace it only when they beat it on the judgement half with confidence (an exact
+  sign test, McNemar's for 0/1 scores, at 5% split over the challengers, Bonferroni) and, with
+  guard sets (`essa.guard_sets`: data from other sources), do not lose to it beyond noise
+  (paired bootstrap 95% interval below zero) on any of them.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from essa.io import atomic_write_json, atomic_write_state, atomic_write_text, en
 from essa.optim import make_optimizer
 from essa.probe import TARGET_FLIPS, choose_sigma0, probe_signal, rank_agreement
 from essa.schedule import minibatch_indices
-from essa.stats import PairedComparison, compare_paired
+from essa.stats import PairedComparison, compare_paired, mcnemar_exact_p
 from essa.tasks import Example, RewardStats, Task, format_prompt
 
 CHECKPOINT = "checkpoint.npz"
@@ -49,6 +53,9 @@ METRICS = "metrics.jsonl"
 # (8 candidates x 64 prompts). Which 8 candidates are drawn moves it more than that (3-8% at
 # sigma 0.2 across seeds on the demo, docs/BENCHMARKS.md).
 PROBE_PROMPTS = 32
+# Chance that the final choice replaces the start with a challenger no better than it, over all
+# challengers together (each is tested at FINAL_ALPHA / number of challengers).
+FINAL_ALPHA = 0.05
 log = logging.getLogger("essa.train")
 
 
@@ -68,8 +75,8 @@ class TrainState:
     reward_failures: int = 0
     dim: int = 0
     sigma0: float = 0.0  # the initial step size (essa.sigma0, or the probe's choice for "auto")
-    start_correct: np.ndarray | None = None  # per validation example: the start's correctness
-    best_mean_correct: np.ndarray | None = None
+    start_correct: np.ndarray | None = None  # per selection-half example: the start's correctness
+    best_mean_correct: np.ndarray | None = None  # its selection-half scores (history; never judged on)
 
     @classmethod
     def from_tree(cls, tree: Any, path: Path) -> TrainState:
@@ -105,6 +112,7 @@ class EssaTrainer:
         self.on_generation = on_generation
         self.train = task.checked_split("train")
         self.validation = task.checked_split("validation")
+        self.selection, self.judgement = split_validation(self.validation)
         self.train_prompts = [format_prompt(tokenizer, task, ex) for ex in self.train]
         # With sigma0 "auto" the optimizer is built once the probe has chosen its step (run()).
         self.optimizer = None if search.sigma0 == "auto" else make_optimizer(search, self.dim)
@@ -203,9 +211,13 @@ class EssaTrainer:
         log.info("generation %d: validation accuracy of the %s = %.4f", state.generation, label, acc)
 
     def validation_scores(self, z: np.ndarray) -> np.ndarray:
-        """Per validation example, 1.0 where candidate `z` answers correctly (greedy); each
-        candidate is scored once per process (the final choice reuses in-loop validations)."""
-        return self._scores("validation", self.task, self.validation, z)
+        """Per selection-half validation example, 1.0 where candidate `z` answers correctly
+        (greedy); each candidate is scored once per process."""
+        return self._scores("selection", self.task, self.selection, z)
+
+    def judgement_scores(self, z: np.ndarray) -> np.ndarray:
+        """The same on the judgement half, which only the final choice reads."""
+        return self._scores("judgement", self.task, self.judgement, z)
 
     def _scores(self, split: str, task: Task, examples: list[Example], z: np.ndarray) -> np.ndarray:
         """Per example of `examples` (named `split`), 1.0 where candidate `z` answers correctly
@@ -243,15 +255,10 @@ class EssaTrainer:
         atomic_write_text(self.run_dir / METRICS, lines)
 
     def _finish(self, state: TrainState) -> TrainResult:
-        """The final adapter: the start, unless a challenger beats it on validation with confidence.
-
-        Challengers (those named in essa.final_challengers): the optimizer's final mean, the best
-        validated mean and the best candidate (its fitness came from a few prompts). One that beats
-        the start with its paired bootstrap 95% interval above zero qualifies; the qualifier with the
-        highest validation accuracy wins.
-        """
+        """The final adapter: the start, unless a challenger beats it on the judgement half with
+        confidence (`choose_final`) and passes the guard sets."""
+        start = self.judgement_scores(np.zeros(self.dim))
         challengers = self._challengers(state)
-        start = state.start_correct
         guarded: dict[str, dict[str, PairedComparison]] = {}
 
         def passes_guard(name: str) -> bool:
@@ -263,12 +270,15 @@ class EssaTrainer:
         validation = {"start": float(start.mean()), **{n: float(c.mean()) for n, (_, c) in challengers.items()}}
         final_z = np.zeros(self.dim) if choice == "start" else challengers[choice][0]
         versus_start = {name: c.to_dict() for name, c in versus.items()}
-        rule = "the start unless a challenger's paired bootstrap 95% CI against it on validation is above zero"
+        rule = (f"the start unless a challenger beats it on the judgement half of validation ({len(self.judgement)} "
+                f"examples the search never saw) by an exact sign test at {FINAL_ALPHA:g} / {max(1, len(versus))} "
+                "challengers")
         if self.guards:
-            rule += (" and its CI against the start on no guard set (essa.guard_sets) lies below zero; "
-                     "challengers are asked in order of validation accuracy")
+            rule += (" and its paired 95% CI against the start on no guard set (essa.guard_sets) lies below zero; "
+                     "challengers are asked in order of judgement accuracy")
         atomic_write_json(self.run_dir / "final.json", {
             "choice": choice, "validation_accuracy": validation, "versus_start": versus_start,
+            "selection_examples": len(self.selection), "judgement_examples": len(self.judgement),
             "guard": {name: {"passed": guard_verdict(sets), **{s: c.to_dict() for s, c in sets.items()}}
                       for name, sets in guarded.items() if self.guards},
             "rule": rule,
@@ -287,18 +297,18 @@ class EssaTrainer:
         return out
 
     def _challengers(self, state: TrainState) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Each challenger the config names that exists: its offsets and per-example validation scores."""
+        """Each challenger the config names that exists: its offsets and per-example judgement scores."""
         wanted = self.cfg.final_challengers
         mean = self.optimizer.mean.copy()
-        challengers = {}
+        points = {}
         if "mean" in wanted:
-            challengers["mean"] = (mean, self.validation_scores(mean))
+            points["mean"] = mean
         if ("best_validated_mean" in wanted and state.best_mean is not None
                 and not np.array_equal(state.best_mean, mean)):
-            challengers["best_validated_mean"] = (state.best_mean, state.best_mean_correct)
+            points["best_validated_mean"] = state.best_mean
         if "best_candidate" in wanted and state.best_candidate is not None:
-            challengers["best_candidate"] = (state.best_candidate, self.validation_scores(state.best_candidate))
-        return challengers
+            points["best_candidate"] = state.best_candidate
+        return {name: (z, self.judgement_scores(z)) for name, z in points.items()}
 
 
 def restore_optimizer(search: SearchConfig, state: TrainState) -> Any:
@@ -309,14 +319,32 @@ def restore_optimizer(search: SearchConfig, state: TrainState) -> Any:
 
 
 def choose_final(start: np.ndarray, challengers: dict[str, np.ndarray], seed: int = 0,
-                 passes_guard: Callable[[str], bool] = lambda name: True) -> tuple[str, dict[str, PairedComparison]]:
-    """"start", or the challenger with the highest validation accuracy among those whose paired
-    bootstrap 95% interval against the start lies above zero and that `passes_guard` (asked in
-    that order, until one passes); with each one's comparison."""
+                 passes_guard: Callable[[str], bool] = lambda name: True,
+                 alpha: float = FINAL_ALPHA) -> tuple[str, dict[str, PairedComparison]]:
+    """"start", or the challenger with the highest accuracy among those that `beats_start` at
+    `alpha` / number of challengers (Bonferroni) and that `passes_guard` (asked in that order,
+    until one passes); with each one's comparison. Scores are per example of prompts the
+    challengers were not selected on."""
     versus = {name: compare_paired(start, correct, seed=seed) for name, correct in challengers.items()}
-    qualified = sorted((name for name, c in versus.items() if c.ci95[0] > 0),
+    level = alpha / max(1, len(versus))
+    qualified = sorted((name for name, c in versus.items() if beats_start(c, level)),
                        key=lambda n: (versus[n].mean_b, n == "mean"), reverse=True)
     return next((name for name in qualified if passes_guard(name)), "start"), versus
+
+
+def beats_start(versus: PairedComparison, level: float) -> bool:
+    """More examples gained than lost, and an exact two-sided sign test on them (McNemar's exact
+    test for 0/1 scores) below `level`: unlike a bootstrap interval it holds at a handful of
+    discordant examples (3 gained, 0 lost gives p = 0.25, not a gain)."""
+    return versus.gained > versus.lost and mcnemar_exact_p(versus.gained, versus.lost) < level
+
+
+def split_validation(examples: list[Example]) -> tuple[list[Example], list[Example]]:
+    """(selection half, judgement half): alternate examples, so either half keeps the split's mix."""
+    if len(examples) < 2:
+        raise EssaError("the validation split needs at least 2 examples: one half selects during the search, "
+                        "the other judges the final choice (raise task.validation_size)")
+    return examples[0::2], examples[1::2]
 
 
 @dataclass
