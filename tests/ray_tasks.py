@@ -23,16 +23,18 @@ class VowelTask(Task):
     name = "vowels"
 
     def __init__(self, die_once_file: str | None = None, hang_once_file: str | None = None, any_vowel: bool = False,
-                 hang_at_call: int | None = None, reached_file: str | None = None):
+                 hang_at_call: int | None = None, reached_file: str | None = None, validation_examples: int = 6):
         self.die_once_file = die_once_file
         self.hang_once_file = hang_once_file
         self.any_vowel = any_vowel
         self.hang_at_call, self.reached_file = hang_at_call, reached_file
         self.calls = 0
+        self.validation_examples = validation_examples  # halved by the final choice: selection, judgement
 
     def split(self, name):
         offset = {"sft": 0, "train": 100, "validation": 200, "test": 300}[name]
-        return [Example(prompt=f"say {offset + i}", answer=None) for i in range(6)]
+        size = self.validation_examples if name == "validation" else 6
+        return [Example(prompt=f"say {offset + i}", answer=None) for i in range(size)]
 
     def reward(self, completion, example):
         if _took(self.die_once_file):

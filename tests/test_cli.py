@@ -55,7 +55,7 @@ def test_sft_train_eval_export_pipeline(capsys, model_dir, tmp_path):
     code, out, _ = run(capsys, "train", f"model.name={model_dir}", f"adapter={sft_dir}",
                        f"output_dir={run_dir}", *SMALL)
     summary = last_json(out)
-    assert code == 0 and summary["generations"] == 2 and summary["search_dim"] == 8 * 2 * 4
+    assert code == 0 and summary["generations"] == 2 and summary["search_dim"] == 4  # the default: one scale per module type (q, k, v, o)
     for name in ("metrics.jsonl", "checkpoint.npz", "report.md", "reward_vs_wallclock.png", "config.yaml"):
         assert (run_dir / name).is_file(), name
     assert (run_dir / "reward_vs_wallclock.png").read_bytes()[:4] == b"\x89PNG"
@@ -335,7 +335,7 @@ def test_int8_quantize_is_not_a_vllm_setting(capsys, model_dir, tmp_path, backen
     ("backend.kind=gpu", "backend.kind must be one of local, vllm, ray"),
     ("backend.chunk_timeout_s=0", "backend.chunk_timeout_s must be > 0 or null"),
     ("decoding.top_p=0", "decoding.top_p must be in (0, 1]"),
-    ("essa.optimizer_options.lr=0.1", "unknown config key 'essa.optimizer_options.lr': optimizer cma"),
+    ("essa.optimizer_options.lr=0.1", "unknown config key 'essa.optimizer_options.lr': optimizer sep-cma"),
     ("grpo.micro_batch_size=5", "grpo.micro_batch_size must divide"),
     ("essa.final_challengers=[mean,best]", "essa.final_challengers takes a non-empty list of distinct names"),
 ])

@@ -24,10 +24,10 @@ def test_settings_defaults_are_the_config_defaults():
 
 
 @pytest.mark.parametrize("command, shown, hidden", [
-    ("train", ["essa.popsize = 16", "Candidates per generation", "decoding.max_new_tokens = 48",
+    ("train", ["essa.popsize = 8", "Candidates per generation", "decoding.max_new_tokens = 48",
                "task.options.reward_funcs = []"], ["grpo.lr = ", "compare.budget_s = ", "sft.lr = "]),
-    ("sft", ["sft.lr = 0.0003", "lora.rank = 8"], ["essa.popsize = ", "grpo.lr"]),
-    ("compare", ["grpo.lr = 0.0001", "compare.budget_s = 1380.0", "essa.popsize = 16"], []),
+    ("sft", ["sft.lr = 0.001", "lora.rank = 8"], ["essa.popsize = ", "grpo.lr"]),
+    ("compare", ["grpo.lr = 0.0001", "compare.budget_s = 1380.0", "essa.popsize = 8"], []),
 ])
 def test_command_help_lists_its_config_keys(capsys, command, shown, hidden):
     assert main([command, "--help"]) == 0

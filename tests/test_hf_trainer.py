@@ -71,6 +71,55 @@ def test_config_round_trip_yaml_and_cli_keys(tmp_path):
     assert ESSAConfig.from_config(Config()).changed() == {}
 
 
+def test_every_setting_essa_train_reads_is_a_field_and_the_rest_is_named():
+    from essa.hf_trainer import NOT_FIELDS
+
+    reached = set(FIELDS.values())
+    for s in settings():
+        excluded = any(s.key == p or s.key.startswith(p) for p in NOT_FIELDS)
+        assert (s.key in reached) != excluded or s.key in ("task.seed", "task.validation_size"), s.key
+    # The search-space settings that docs/BENCHMARKS.md measured are reachable and reach the config.
+    args = ESSAConfig(share=["layers"], layer_groups=2, offsets="additive", final_challengers=["mean"],
+                      guard_sets=["svamp"], sft_patience=2, temperature=0.7, decoding_pack_weights=False)
+    cfg = args.to_config()
+    assert (cfg.essa.share, cfg.essa.layer_groups, cfg.essa.offsets) == (["layers"], 2, "additive")
+    assert (cfg.essa.final_challengers, cfg.essa.guard_sets, cfg.sft.patience) == (["mean"], ["svamp"], 2)
+    assert cfg.decoding.temperature == 0.7 and cfg.decoding.pack_weights is False
+    assert ESSAConfig.from_config(cfg) == args
+
+
+@pytest.mark.parametrize("override, message", [
+    ("grpo.lr=0.01", "ESSAConfig cannot take grpo.lr=0.01 (a setting of `essa compare`'s GRPO arm"),
+    ("compare.budget_s=60", "compare.budget_s=60"),
+    ("model.name=some/model", "model.name='some/model' (the model is ESSATrainer's `model` argument)"),
+    ("task.name=math", "task.name='math' (the data and rewards are ESSATrainer's train_dataset"),
+])
+def test_from_config_refuses_a_setting_it_would_drop(override, message):
+    with pytest.raises(EssaError) as exc:
+        ESSAConfig.from_config(load_config(None, [override]))
+    assert message in str(exc.value)
+    if override.startswith(("model.", "task.")):  # an ESSATrainer run's own config: the arguments pass
+        assert ESSAConfig.from_config(load_config(None, [override]), arguments=True) == ESSAConfig()
+
+
+def test_library_defaults_are_the_measured_search_settings():
+    """ESSATrainer and `essa train` without a YAML search what the demo measured a gain with."""
+    from importlib import resources
+
+    demo = yaml.safe_load(resources.files("essa").joinpath("configs/demo.yaml").read_text())["essa"]
+    default = ESSAConfig().to_config().essa
+    for key in ("alpha", "offsets", "share", "optimizer", "optimizer_options", "popsize", "sigma0",
+                "prompts_per_generation", "eval_every"):
+        expected = demo[key]
+        if key == "optimizer_options":
+            from essa.optim import check_optimizer_options
+
+            assert check_optimizer_options(default.optimizer, {}) == check_optimizer_options(demo["optimizer"],
+                                                                                             expected)
+            continue
+        assert getattr(default, key) == expected, key
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"popsize": 1}, "popsize must be >= 2 (got 1)"),
     ({"alpha": 1.5}, "alpha must be in (0, 1] (got 1.5)"),
@@ -96,7 +145,7 @@ def test_peft_model_start_trains_evaluates_and_saves_with_a_card(model_dir, tmp_
                           eval_dataset=ROWS[12:], args=small(), processing_class=tiny_tokenizer(), progress=False)
     assert not any("lora" in name for name, _ in trainer.model.named_modules())  # LoRA layers taken out
     summary = trainer.train()
-    assert summary["generations"] == 2 and summary["search_dim"] == 2 * 2 * 2 * 2
+    assert summary["generations"] == 2 and summary["search_dim"] == 2  # the default space: one scale per module type (q, v)
     assert (tmp_path / "out" / "start_adapter" / "adapter_model.safetensors").is_file()
     history = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["generation"] for r in history if "fitness_mean" in r] == [1, 2]
@@ -247,10 +296,37 @@ def test_readme_grpo_to_essa_example_runs_as_written(shape, model_dir, tmp_path,
     namespace = {"__name__": "__main__"}
     exec(compile(source, f"README.md ({shape})", "exec"), namespace)
     out = tmp_path / f"{shape}-out"
-    assert (out / "adapter_config.json").is_file() or (out / "adapter" / "adapter_config.json").is_file()
+    adapter = out / "adapter" if shape == "essa" else out
+    assert peft.PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path == model_dir
     if shape == "essa":
         assert ModelCard.load(out / "adapter" / "README.md").data.library_name == "peft"
         assert namespace["trainer"].adapter_dir.resolve() == (out / "adapter").resolve()
+        assert_searched_the_recommended_space(out)
+
+
+def assert_searched_the_recommended_space(out):
+    summary = json.loads((out / "summary.json").read_text())
+    config = yaml.safe_load((out / "config.yaml").read_text())["essa"]
+    assert config["share"] == ["layers", "values", "factors"] and config["optimizer"] == "sep-cma"
+    assert summary["search_dim"] == 4  # one scale per module type: q, k, v, o
+
+
+@pytest.mark.bundled
+def test_readme_essa_example_on_the_bundled_model_names_its_hub_id(tmp_path, monkeypatch):
+    """The README's ESSA script as written, on the bundled model (the hub is out of reach) and a
+    short budget: the adapter names the hub id, not this machine's cache path."""
+    blocks = readme_blocks()
+    line = 'MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"'
+    script = blocks["essa"].replace("generations=10", "generations=2")
+    assert script != blocks["essa"]
+    source = blocks["common"].replace(line, 'MODEL = "smollm2-135m-instruct"') + "\n" + script
+    monkeypatch.chdir(tmp_path)
+    exec(compile(source, "README.md (essa, bundled)", "exec"), {"__name__": "__main__"})
+    out = tmp_path / "essa-out"
+    for adapter in (out / "adapter", out / "sft" / "adapter"):
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert_searched_the_recommended_space(out)
 
 
 def test_readme_shapes_differ_only_in_the_trainer_lines():

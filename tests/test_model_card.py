@@ -42,7 +42,7 @@ def test_train_writes_a_card_the_hub_parses(run_dir):
     summary = json.loads((run_dir / "summary.json").read_text())
     final = json.loads((run_dir / "final.json").read_text())
     text = card.text
-    assert "| essa.popsize | 4 |" in text and "| essa.optimizer | cma |" in text
+    assert "| essa.popsize | 4 |" in text and "| essa.optimizer | sep-cma |" in text
     assert "| generations run | 2 |" in text and "| candidates evaluated | 8 |" in text
     assert "| completions decoded for fitness | 16 |" in text
     assert f"| search dimensions (trainable singular values) | {summary['search_dim']} |" in text

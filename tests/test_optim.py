@@ -24,7 +24,8 @@ def sphere(x: np.ndarray) -> np.ndarray:
 
 
 def make(kind: str, seed: int = 0, dim: int = DIM, popsize: int = POP):
-    options = {"lr": 0.05} if kind == "openai-es" else {}
+    # Mirrored sampling (the default of cma and sep-cma) pairs candidates: odd sizes run unmirrored.
+    options = {"lr": 0.05} if kind == "openai-es" else {"mirrored": popsize % 2 == 0}
     search = SearchConfig(optimizer=kind, optimizer_options=options, popsize=popsize, sigma0=0.3, seed=seed)
     return make_optimizer(search, dim)
 

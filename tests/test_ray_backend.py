@@ -30,8 +30,10 @@ pytestmark = pytest.mark.ray
 torch.set_num_threads(1)
 
 TASK_FILE = Path(__file__).with_name("ray_tasks.py")
+# Every singular value its own coordinate: the local reference builds its space with from_adapter's
+# defaults, and the workers theirs from this config.
 SEARCH = SearchConfig(optimizer="sep-cma", popsize=4, sigma0=0.5, prompts_per_generation=3, generations=2,
-                      eval_every=2, seed=7)
+                      eval_every=2, seed=7, share=[])
 # Sampled: fitness must not depend on how candidates are split across workers or batched.
 DECODING = DecodingConfig(max_new_tokens=6, batch_size=32, temperature=1.0)
 GENERATIONS = 3
@@ -236,7 +238,7 @@ def test_trainer_on_ray_matches_the_local_backend_including_validation(ray_sessi
     """The trainer drives the Ray backend (workers regenerate candidates, validation ships rows) and
     matches the local backend: fitness, validation accuracies that differ, the final adapter."""
     model_dir, adapter, _ = files
-    task_cfg = task_config(any_vowel=True)
+    task_cfg = task_config(any_vowel=True, validation_examples=16)
     task = get_task(task_cfg)
     evaluator = make_evaluator(model_dir, adapter, task_cfg)
     try:

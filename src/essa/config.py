@@ -126,8 +126,8 @@ class SftConfig:
     """The `sft:` section: the LoRA SFT warm start."""
 
     epochs: float = setting(1.0, "Passes over the sft split.")
-    lr: float = setting(3e-4, "AdamW learning rate (linear warmup over 10% of the steps, then linear decay).")
-    batch_size: int = setting(16, "Examples per optimizer step.")
+    lr: float = setting(1e-3, "AdamW learning rate (linear warmup over 10% of the steps, then linear decay).")
+    batch_size: int = setting(8, "Examples per optimizer step.")
     max_steps: int | None = setting(None, "Caps the number of optimizer steps (null: epochs decide).")
     seed: int = setting(0, "Seed of the LoRA initialization and the batch order.")
     max_length: int = setting(256, "Longest training sequence in tokens (prompt + target); longer ones are cut "
@@ -187,25 +187,26 @@ class SearchConfig:
     offsets: str = setting("relative", "How an offset z moves its singular value s: relative (s * exp(z): one step "
                            "size fits factors of any scale, values stay positive) or additive (s + z, the paper's "
                            "form).")
-    share: list[str] = setting([], "Offsets shared across `layers` (one per module type and factor), `modules` (one "
+    share: list[str] = setting(["layers", "values", "factors"], "Offsets shared across `layers` (one per module type and factor), `modules` (one "
                                "per layer), `values` (one per factor) and/or `factors` (A and B alike): fewer "
-                               "dimensions for small populations (a departure from the paper); [] searches every "
-                               "singular value, as the paper does.")
+                               "dimensions for small populations (a departure from the paper; the default, one scale per "
+                               "module type's LoRA delta, is the setting docs/BENCHMARKS.md measured a gain with); [] "
+                               "searches every singular value, as the paper does.")
     layer_groups: int = setting(1, "With layers in share: split the layers into this many contiguous blocks, each "
                                 "with its own offsets (1: one offset for all layers).")
-    optimizer: str = setting("cma", "A name from the optimizer registry (essa.optim): cma | sep-cma | openai-es.")
+    optimizer: str = setting("sep-cma", "A name from the optimizer registry (essa.optim): cma | sep-cma | openai-es.")
     optimizer_options: dict[str, Any] = setting({}, "Options of the chosen optimizer, e.g. {lr: 0.02} for "
                                                 "openai-es (each optimizer lists its own).")
-    popsize: int = setting(16, "Candidates per generation (the population lambda).")
-    sigma0: float | str = setting(0.05, "Initial step size on the singular-value offsets, or auto: chosen by a short "
+    popsize: int = setting(8, "Candidates per generation (the population lambda).")
+    sigma0: float | str = setting(0.8, "Initial step size on the singular-value offsets, or auto: chosen by a short "
                                   "probe of the signal around the start (the smallest step that flips enough "
                                   "rewards; essa.probe).")
-    prompts_per_generation: int = setting(16, "Training prompts per generation, shared by all candidates (the "
+    prompts_per_generation: int = setting(32, "Training prompts per generation, shared by all candidates (the "
                                           "paper's \"batch size\").")
     generations: int | None = setting(20, "Generations (ES steps) to run; null: only time_budget_s decides.")
     time_budget_s: float | None = setting(None, "Search seconds (validation not counted); the run stops at "
                                           "whichever budget comes first. null: no time budget.")
-    eval_every: int = setting(5, "Validate the optimizer mean every this many generations (0: only at the start "
+    eval_every: int = setting(4, "Validate the optimizer mean every this many generations (0: only at the start "
                               "and the end).")
     final_challengers: list[str] = setting(list(FINAL_CHALLENGERS), "Points that may replace the start (the SFT "
                                            "adapter) as the final adapter, each only if it beats the start on "
@@ -237,7 +238,7 @@ class SearchConfig:
         options = check_optimizer_options(self.optimizer, self.optimizer_options)
         _check("essa.popsize", self.popsize >= 2, "must be >= 2", self.popsize)
         _check("essa.popsize", not (isinstance(options, CmaOptions) and options.mirrored) or self.popsize % 2 == 0,
-               "must be even for mirrored sampling", self.popsize)
+               "must be even for mirrored sampling (or set essa.optimizer_options.mirrored: false)", self.popsize)
         _check("essa.sigma0", self.sigma0 == "auto" or (not isinstance(self.sigma0, str) and self.sigma0 > 0),
                'must be > 0 or "auto"', self.sigma0)
         _check("essa.prompts_per_generation", self.prompts_per_generation >= 1, "must be >= 1",

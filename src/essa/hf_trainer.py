@@ -13,8 +13,10 @@ seed give the same fitness history as the command line. Everything is checked wh
 is built (data, reward functions, settings, model, adapter), before anything is written.
 
 `ESSAConfig` has no settings of its own: each field is a setting of a `Config` section (or of the
-dataset task's options), with that setting's type, default, help text and check. `FIELDS` maps
-the field names (TRL's where a setting means the same there) to the config keys.
+dataset task's options), with that setting's type, default, help text and check. Every setting
+`essa train` reads is a field, derived from the config sections (`FIELDS` maps field names to
+config keys; `ALIASES` holds TRL's names where a setting means the same there); the model and the
+data are the trainer's arguments and `essa compare`'s settings are not fields (`NOT_FIELDS`).
 """
 
 from __future__ import annotations
@@ -32,48 +34,26 @@ from essa.console import say
 from essa.errors import EssaError
 from essa.tasks.dataset import DatasetOptions, DatasetTask, dataset_rows, reward_name
 
-# ESSAConfig field -> the config key it sets (YAML `section: {key: ...}`, CLI `section.key=...`).
-FIELDS: dict[str, str] = {
-    "output_dir": "output_dir",
-    "adapter": "adapter",
-    # The search (essa:)
-    "alpha": "essa.alpha",
-    "optimizer": "essa.optimizer",
-    "optimizer_options": "essa.optimizer_options",
-    "popsize": "essa.popsize",
-    "sigma0": "essa.sigma0",
-    "prompts_per_generation": "essa.prompts_per_generation",
-    "generations": "essa.generations",
-    "time_budget_s": "essa.time_budget_s",
-    "eval_every": "essa.eval_every",
-    "seed": "essa.seed",
-    # Decoding of every completion (fitness and evaluation)
+# ESSAConfig's names for settings whose field name is not derived from the key (TRL's names where
+# a setting means the same there, and the data options the trainer reads). Every other setting
+# `essa train` reads is a field too, named by `_derived_name`.
+ALIASES: dict[str, str] = {
     "max_completion_length": "decoding.max_new_tokens",
     "temperature": "decoding.temperature",
     "top_p": "decoding.top_p",
     "decoding_batch_size": "decoding.batch_size",
-    "decoding_engine": "decoding.engine",
-    # Rewards and data
     "reward_weights": "task.options.reward_weights",
     "validation_size": "task.validation_size",
     "data_seed": "task.seed",
-    # The LoRA SFT warm start (when the trainer runs it)
     "lora_r": "lora.rank",
     "lora_alpha": "lora.lora_alpha",
     "lora_target_modules": "lora.targets",
-    "lora_dropout": "lora.dropout",
-    "sft_epochs": "sft.epochs",
     "sft_learning_rate": "sft.lr",
-    "sft_batch_size": "sft.batch_size",
-    "sft_max_steps": "sft.max_steps",
-    "sft_seed": "sft.seed",
-    # Model loading and the backend
     "dtype": "model.dtype",
     "quantize": "model.quantize",
     "threads": "model.threads",
     "backend": "backend.kind",
     "vllm_options": "backend.vllm_options",
-    # Experiment tracking
     "report_to": "tracking.report_to",
     "project": "tracking.project",
     "run_name": "tracking.run_name",
@@ -81,6 +61,41 @@ FIELDS: dict[str, str] = {
     "tracking_offline": "tracking.offline",
     "log_completions": "tracking.log_completions",
 }
+# Settings that are not fields: ESSATrainer takes them from its arguments, or they belong to
+# `essa compare`. `ESSAConfig.from_config` refuses a config that sets one (it would be dropped).
+NOT_FIELDS: dict[str, str] = {
+    "model.name": "the model is ESSATrainer's `model` argument",
+    "task.": "the data and rewards are ESSATrainer's train_dataset / eval_dataset / reward_funcs",
+    "compare.": "a setting of `essa compare`, which ESSATrainer does not run",
+    "grpo.": "a setting of `essa compare`'s GRPO arm, which ESSATrainer does not run",
+}
+
+
+def _derived_name(key: str) -> str:
+    """The field name of a config key: the search's own keys by name (popsize), the top-level
+    ones as they are (output_dir), others prefixed by their section (sft_patience)."""
+    section, _, leaf = key.rpartition(".")
+    return leaf if section in ("", "essa") else key.replace(".", "_")
+
+
+def _not_a_field(key: str) -> str | None:
+    """Why `key` is not an ESSAConfig field, or None when it is one."""
+    if key in ALIASES.values():
+        return None
+    return next((why for prefix, why in NOT_FIELDS.items() if key == prefix or key.startswith(prefix)), None)
+
+
+def _field_map() -> dict[str, str]:
+    """ESSAConfig field -> the config key it sets (YAML `section: {key: ...}`, CLI `section.key=...`)."""
+    from essa.config import settings
+
+    by_key = {key: name for name, key in ALIASES.items()}
+    keys = [s.key for s in settings() if "." not in s.key] + [s.key for s in settings() if "." in s.key]
+    keys.append("task.options.reward_weights")
+    return {by_key.get(key, _derived_name(key)): key for key in keys if _not_a_field(key) is None}
+
+
+FIELDS: dict[str, str] = _field_map()
 
 # GRPOConfig settings without an ESSA counterpart, and what to use instead.
 _GRPO_ONLY = {
@@ -123,8 +138,11 @@ class _ESSAConfigMethods:
             raise EssaError(_field_names(str(exc))) from exc
 
     @classmethod
-    def from_config(cls, cfg: Config) -> Any:
-        """The ESSAConfig view of a `Config` (e.g. one loaded from a YAML file)."""
+    def from_config(cls, cfg: Config, arguments: bool = False) -> Any:
+        """The ESSAConfig view of a `Config` (e.g. one loaded from a YAML file). A setting that is
+        not a field but differs from its default is an error (it would be dropped silently);
+        `arguments=True` lets the model and task through (an ESSATrainer run's own config, whose
+        model and data came from the trainer's arguments)."""
         data = cfg.to_dict()
         values = {}
         for name, key in FIELDS.items():
@@ -132,6 +150,7 @@ class _ESSAConfigMethods:
             for part in key.split("."):
                 node = node.get(part) if isinstance(node, dict) else None
             values[name] = node
+        _refuse_dropped_settings(cfg, arguments)
         return cls(**values)
 
     def changed(self) -> dict[str, Any]:
@@ -171,6 +190,20 @@ def _make_config_class() -> type:
 
     cls.__init__ = __init__
     return cls
+
+
+def _refuse_dropped_settings(cfg: Config, arguments: bool) -> None:
+    from essa.config import dotted
+
+    default = dotted(Config().to_dict())
+    dropped = []
+    for key, value in dotted(cfg.to_dict()).items():
+        why = _not_a_field(key) if key in default or key.startswith("task.options.") else None
+        if why is None or value == default.get(key) or (arguments and key.startswith(("model.", "task."))):
+            continue
+        dropped.append(f"{key}={value!r} ({why})")
+    if dropped:
+        raise EssaError("ESSAConfig cannot take " + "; ".join(dropped))
 
 
 def _copy(value: Any) -> Any:

@@ -234,7 +234,7 @@ def _reproduce(record: RunRecord) -> list[str]:
     if config.get("task", {}).get("options", {}).get("source") == "python":
         from essa.hf_trainer import ESSAConfig
 
-        args = ESSAConfig.from_config(_config_obj(config)).changed()
+        args = ESSAConfig.from_config(_config_obj(config), arguments=True).changed()
         output_dir = Path(config.get("output_dir") or ".")
         if args.get("adapter") and Path(args["adapter"]) == output_dir / "sft" / "adapter":
             del args["adapter"]  # the trainer's own SFT warm start, which the script runs again

@@ -91,8 +91,9 @@ class CmaOptions:
     # selected step: with noisy fitness it drifts less far from a good start per generation.
     cmean: float = 1.0
     # Mirrored sampling: candidates come in pairs m + s and m - s (pycma's unconditional mirrors).
-    # Shared prompts then cancel whatever both halves of a pair have in common.
-    mirrored: bool = False
+    # Shared prompts then cancel whatever both halves of a pair have in common (on by default:
+    # the measured setting, docs/BENCHMARKS.md).
+    mirrored: bool = True
 
     def __post_init__(self) -> None:
         if not 0 < self.cmean <= 1:
