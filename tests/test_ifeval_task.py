@@ -11,10 +11,10 @@ from essa.config import TaskConfig
 from essa.errors import EssaError
 from essa.tasks import SPLITS, Example, get_task, safe_reward
 from essa.tasks.ifeval import (
-    _HELDOUT_REQUESTS,
-    _TRAIN_REQUESTS,
     GENERATOR_FAMILIES,
+    HELDOUT_REQUESTS,
     SYSTEM_PROMPT,
+    TRAIN_REQUESTS,
     IfevalItem,
     IfevalTask,
     conflicts,
@@ -58,17 +58,17 @@ def test_splits_are_disjoint_and_held_out_requests_are_never_trained_on(task):
             assert not set(prompts[a]) & set(prompts[b]), (a, b)
     trained = {e.meta["request"] for s in ("sft", "train") for e in task.split(s)}
     held = {e.meta["request"] for s in ("validation", "test") for e in task.split(s)}
-    assert trained <= {r for r, _, _ in _TRAIN_REQUESTS}
-    assert held <= {r for r, _, _ in _HELDOUT_REQUESTS}
+    assert trained <= {r for r, _, _ in TRAIN_REQUESTS}
+    assert held <= {r for r, _, _ in HELDOUT_REQUESTS}
     assert not trained & held
 
 
 def test_request_banks_are_disjoint_and_usable():
-    train = {r for r, _, _ in _TRAIN_REQUESTS}
-    held = {r for r, _, _ in _HELDOUT_REQUESTS}
-    assert len(train) == len(_TRAIN_REQUESTS) >= 60 and len(held) == len(_HELDOUT_REQUESTS) >= 50
+    train = {r for r, _, _ in TRAIN_REQUESTS}
+    held = {r for r, _, _ in HELDOUT_REQUESTS}
+    assert len(train) == len(TRAIN_REQUESTS) >= 60 and len(held) == len(HELDOUT_REQUESTS) >= 50
     assert not train & held
-    for request, _, answer in _TRAIN_REQUESTS + _HELDOUT_REQUESTS:
+    for request, _, answer in TRAIN_REQUESTS + HELDOUT_REQUESTS:
         # Every transform assumes three sentences and no commas (repeat_prompt + no_comma).
         assert "," not in request and "," not in answer and '"' not in answer
         assert answer.count(". ") + answer.count("? ") == 2, answer
