@@ -23,8 +23,9 @@ Data:
   set, NOT IFEval itself, so its numbers are not comparable with published IFEval scores.
 
 Modules: `request_bank` (the canned requests, packaged as `requests.json`), `generator` (prompts
-and their instructions), `targets` (SFT targets), `checks` (the if-verifiable checkers made
-deterministic and offline), `loader` (IFEval's own rows). This module holds the task.
+and their instructions), `targets` (SFT targets), `checks` (the if-verifiable checkers, made
+deterministic and independent of nltk data), `loader` (IFEval's own rows). This module holds the
+task.
 """
 
 from __future__ import annotations

@@ -1,9 +1,16 @@
 """Glue to `if-verifiable`'s IFEval checkers: scoring one completion, and the counts they use.
 
-Offline checker details (see `_prepare_checkers`): the `length_constraints:number_sentences`
-checker and the `change_case:capital_word_frequency` word tokenizer need nltk's punkt_tab data.
-When that data is not installed, the checkers use an untrained `PunktSentenceTokenizer()` (it
-can split after abbreviations such as "Dr.") and word tokenization without a sentence pass.
+The checkers give the same verdict on every machine, whether or not nltk's punkt_tab data is
+installed (see `_prepare_checkers`). The library counts sentences with nltk's trained punkt model
+and word-tokenizes (`change_case:capital_word_frequency`) after a punkt sentence pass; both need
+that data, which no install step provides, and a machine without it used to score differently.
+So the checkers never read nltk data:
+- sentences (`length_constraints:number_sentences`) come from an untrained
+  `PunktSentenceTokenizer()`. It knows no abbreviations: "Dr. Smith arrived. He sat down." is
+  three sentences here, two for IFEval's reference tokenizer with punkt data, so an IFEval score
+  published with that data may differ slightly from ours.
+- words are nltk's Treebank tokens of the whole text, without the sentence pass.
+- `length_constraints:number_words` counts runs of word characters, as the library does.
 langdetect, used by the case and language checkers, is seeded so a reward is deterministic.
 """
 
@@ -37,19 +44,16 @@ class IfevalItem:
 
 @functools.lru_cache(maxsize=None)
 def _prepare_checkers() -> None:
-    """Make the library's checkers deterministic and usable offline; runs once per process."""
+    """Make the library's checkers deterministic and independent of nltk data; runs once per process."""
     import langdetect
-    import nltk
     from if_verifiable.ifeval import instructions_util
 
     # langdetect samples n-grams at random unless seeded: unseeded, a reward could flip.
     langdetect.DetectorFactory.seed = 0
-    try:
-        nltk.data.find("tokenizers/punkt_tab/english/")
-    except LookupError:
-        # Only the if_verifiable.ifeval module is redirected; nltk itself stays untouched.
-        instructions_util._get_sentence_tokenizer = _untrained_sentence_tokenizer
-        instructions_util.nltk = _NltkWithoutPunkt()
+    # Always, not only where punkt_tab is missing: installed data would change the verdicts.
+    # Only the if_verifiable.ifeval module is redirected; nltk itself stays untouched.
+    instructions_util._get_sentence_tokenizer = _untrained_sentence_tokenizer
+    instructions_util.nltk = _NltkWithoutPunkt()
 
 
 @functools.lru_cache(maxsize=None)
@@ -60,7 +64,7 @@ def _untrained_sentence_tokenizer() -> Any:
 
 
 class _NltkWithoutPunkt:
-    """nltk, except that word_tokenize skips its punkt sentence pass (punkt_tab is absent)."""
+    """nltk, except that word_tokenize skips its punkt sentence pass (it would read punkt_tab)."""
 
     def __getattr__(self, name: str) -> Any:
         import nltk
