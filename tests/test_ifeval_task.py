@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+import essa
 from essa.config import TaskConfig
 from essa.errors import EssaError
 from essa.tasks import SPLITS, Example, get_task, safe_reward
 from essa.tasks.ifeval import (
-    _HELDOUT_REQUESTS,
-    _TRAIN_REQUESTS,
     GENERATOR_FAMILIES,
+    HELDOUT_REQUESTS,
     SYSTEM_PROMPT,
+    TRAIN_REQUESTS,
     IfevalItem,
     IfevalTask,
     conflicts,
@@ -58,17 +63,17 @@ def test_splits_are_disjoint_and_held_out_requests_are_never_trained_on(task):
             assert not set(prompts[a]) & set(prompts[b]), (a, b)
     trained = {e.meta["request"] for s in ("sft", "train") for e in task.split(s)}
     held = {e.meta["request"] for s in ("validation", "test") for e in task.split(s)}
-    assert trained <= {r for r, _, _ in _TRAIN_REQUESTS}
-    assert held <= {r for r, _, _ in _HELDOUT_REQUESTS}
+    assert trained <= {r for r, _, _ in TRAIN_REQUESTS}
+    assert held <= {r for r, _, _ in HELDOUT_REQUESTS}
     assert not trained & held
 
 
 def test_request_banks_are_disjoint_and_usable():
-    train = {r for r, _, _ in _TRAIN_REQUESTS}
-    held = {r for r, _, _ in _HELDOUT_REQUESTS}
-    assert len(train) == len(_TRAIN_REQUESTS) >= 60 and len(held) == len(_HELDOUT_REQUESTS) >= 50
+    train = {r for r, _, _ in TRAIN_REQUESTS}
+    held = {r for r, _, _ in HELDOUT_REQUESTS}
+    assert len(train) == len(TRAIN_REQUESTS) >= 60 and len(held) == len(HELDOUT_REQUESTS) >= 50
     assert not train & held
-    for request, _, answer in _TRAIN_REQUESTS + _HELDOUT_REQUESTS:
+    for request, _, answer in TRAIN_REQUESTS + HELDOUT_REQUESTS:
         # Every transform assumes three sentences and no commas (repeat_prompt + no_comma).
         assert "," not in request and "," not in answer and '"' not in answer
         assert answer.count(". ") + answer.count("? ") == 2, answer
@@ -203,11 +208,58 @@ def test_number_sentences_works_offline(task):
 
 
 def test_capital_word_frequency_works_offline(task):
-    # Its checker word-tokenizes with nltk, which needs punkt data offline.
+    # The library word-tokenizes with a punkt sentence pass; ours needs no nltk data (checks.py).
     ex = example(["change_case:capital_word_frequency"],
                  [{"capital_frequency": 2, "capital_relation": "at least"}])
     assert task.reward("THIS is VERY important.", ex) == 1.0
     assert task.reward("This is very important.", ex) == 0.0
+
+
+# A machine with nltk's punkt_tab data and one without score in separate processes: the checkers
+# are prepared once per process. "with" installs a punkt_tab model that knows the abbreviation
+# "dr", as the real English model does; "without" makes every nltk data lookup fail.
+_NLTK_DATA_PROBE = """
+import json, sys
+import nltk
+if sys.argv[1] == "without":
+    def missing(resource, *args, **kwargs):
+        raise LookupError(resource)
+    nltk.data.find = missing
+from essa.tasks.ifeval import IfevalItem, count_sentences, evaluate
+text = sys.argv[2]
+try:
+    nltk_sentences = len(nltk.sent_tokenize(text))
+except LookupError:
+    nltk_sentences = None
+item = IfevalItem.build("t", ["length_constraints:number_sentences"],
+                        [{"relation": "less than", "num_sentences": 3}])
+print(json.dumps({"nltk": nltk_sentences, "checker": count_sentences(text),
+                  "verdict": evaluate(text, item, "x").binary_strict}))
+"""
+
+
+def _probe_nltk_data(mode: str, text: str, data_dir: Path) -> dict:
+    env = dict(os.environ, NLTK_DATA=str(data_dir),
+               PYTHONPATH=os.pathsep.join([str(Path(essa.__file__).parents[1]),
+                                           os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", _NLTK_DATA_PROBE, mode, text], env=env, cwd=data_dir,
+                          capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_checks_give_the_same_verdict_with_and_without_nltk_data(tmp_path):
+    model = tmp_path / "tokenizers" / "punkt_tab" / "english"
+    model.mkdir(parents=True)
+    (model / "abbrev_types.txt").write_text("dr\n")
+    for name in ("collocations.tab", "sent_starters.txt", "ortho_context.tab"):
+        (model / name).write_text("")
+    text = "Dr. Smith arrived. He sat down."
+    with_data = _probe_nltk_data("with", text, tmp_path)
+    without = _probe_nltk_data("without", text, tmp_path)
+    assert with_data["nltk"] == 2 and without["nltk"] is None  # the data is really used / really absent
+    # The documented count: no abbreviation list, so "Dr." ends a sentence (checks.py).
+    assert with_data["checker"] == without["checker"] == 3
+    assert with_data["verdict"] == without["verdict"] == 0.0
 
 
 def test_case_reward_is_deterministic(task):

@@ -1,0 +1,127 @@
+"""Glue to `if-verifiable`'s IFEval checkers: scoring one completion, and the counts they use.
+
+The checkers give the same verdict on every machine, whether or not nltk's punkt_tab data is
+installed (see `_prepare_checkers`). The library counts sentences with nltk's trained punkt model
+and word-tokenizes (`change_case:capital_word_frequency`) after a punkt sentence pass; both need
+that data, which no install step provides, and a machine without it used to score differently.
+So the checkers never read nltk data:
+- sentences (`length_constraints:number_sentences`) come from an untrained
+  `PunktSentenceTokenizer()`. It knows no abbreviations: "Dr. Smith arrived. He sat down." is
+  three sentences here, two for IFEval's reference tokenizer with punkt data, so an IFEval score
+  published with that data may differ slightly from ours.
+- words are nltk's Treebank tokens of the whole text, without the sentence pass.
+- `length_constraints:number_words` counts runs of word characters, as the library does.
+langdetect, used by the case and language checkers, is seeded so a reward is deterministic.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from if_verifiable import EvaluationScores
+
+
+@dataclass(frozen=True)
+class IfevalItem:
+    """What a reward needs: IFEval instruction ids and their kwargs (as JSON: stays hashable)."""
+
+    key: str
+    instruction_ids: tuple[str, ...]
+    kwargs_json: str
+
+    @property
+    def kwargs(self) -> list[dict[str, Any]]:
+        return json.loads(self.kwargs_json)
+
+    @classmethod
+    def build(cls, key: Any, ids: list[str], kwargs: list[dict[str, Any]]) -> IfevalItem:
+        return cls(str(key), tuple(ids), json.dumps(kwargs))
+
+
+@functools.lru_cache(maxsize=None)
+def _prepare_checkers() -> None:
+    """Make the library's checkers deterministic and independent of nltk data; runs once per process."""
+    import langdetect
+    from if_verifiable.ifeval import instructions_util
+
+    # langdetect samples n-grams at random unless seeded: unseeded, a reward could flip.
+    langdetect.DetectorFactory.seed = 0
+    # Always, not only where punkt_tab is missing: installed data would change the verdicts.
+    # Only the if_verifiable.ifeval module is redirected; nltk itself stays untouched.
+    instructions_util._get_sentence_tokenizer = _untrained_sentence_tokenizer
+    instructions_util.nltk = _NltkWithoutPunkt()
+
+
+@functools.lru_cache(maxsize=None)
+def _untrained_sentence_tokenizer() -> Any:
+    import nltk
+
+    return nltk.tokenize.PunktSentenceTokenizer()
+
+
+class _NltkWithoutPunkt:
+    """nltk, except that word_tokenize skips its punkt sentence pass (it would read punkt_tab)."""
+
+    def __getattr__(self, name: str) -> Any:
+        import nltk
+
+        return getattr(nltk, name)
+
+    @staticmethod
+    def word_tokenize(text: str, language: str = "english",
+                      preserve_line: bool = False) -> list[str]:
+        import nltk
+
+        return nltk.word_tokenize(text, language=language, preserve_line=True)
+
+
+@functools.lru_cache(maxsize=4096)
+def evaluate(completion: str, item: IfevalItem, prompt: str) -> EvaluationScores:
+    """IFEval's four scores (partial/binary x strict/loose) of one completion.
+
+    Cached: evaluation asks for the reward and the extra metrics of the same completion.
+    """
+    from if_verifiable import IFEvalSample, evaluate_output_for_sample
+
+    _prepare_checkers()
+    sample = IFEvalSample(key=item.key, prompt=prompt,
+                          instruction_id_list=list(item.instruction_ids), kwargs=item.kwargs)
+    _, scores = evaluate_output_for_sample("ifeval", sample, completion)
+    return scores
+
+
+@functools.lru_cache(maxsize=4096)
+def instruction_holds(family: str, text: str) -> bool:
+    """Whether `text` follows the kwarg-free instruction `family` (e.g. a case instruction)."""
+    from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT
+
+    _prepare_checkers()
+    checker = INSTRUCTION_DICT[family](family)
+    checker.build_description()
+    return bool(checker.check_following(text))
+
+
+def known_instruction_ids() -> set[str]:
+    from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT
+
+    return set(INSTRUCTION_DICT)
+
+
+def count_words(text: str) -> int:
+    """Words as the number_words checker counts them."""
+    from if_verifiable.ifeval import instructions_util
+
+    _prepare_checkers()
+    return instructions_util.count_words(text)
+
+
+def count_sentences(text: str) -> int:
+    """Sentences as the number_sentences checker counts them."""
+    from if_verifiable.ifeval import instructions_util
+
+    _prepare_checkers()
+    return instructions_util.count_sentences(text)
