@@ -15,7 +15,6 @@ from adapters import make_random_adapter
 from helpers import make_tiny_model_dir, tiny_llama
 from safetensors.torch import load_file
 
-import essa.compare as compare
 import essa.models
 from essa.cli import main
 from essa.compare import (
@@ -23,8 +22,10 @@ from essa.compare import (
     check_same_start,
     compare_defaults,
     grpo_run_dir,
+    jobs,
     load_compare_config,
     load_scores,
+    orchestration,
     randomize_singular_vectors,
     run_compare,
     select_grpo_run,
@@ -153,12 +154,12 @@ def test_lr_sweep_runs_every_rate_from_one_start_and_stream_and_selects_on_valid
     """Two GRPO learning rates whose snapshots are given scores where validation and test disagree:
     lr 0.01 is better on validation, lr 0.05 on test. The comparison takes lr 0.01."""
     fake = {"essa": ([0, 1, 0], [1, 0, 1]), 0.01: ([1, 1, 0], [0, 0, 0]), 0.05: ([1, 0, 0], [1, 1, 1])}
-    real_essa, real_grpo, real_evaluator = compare._essa_job, compare._grpo_scoring_job, compare._evaluator
+    real_essa, real_grpo, real_evaluator = jobs.essa_job, jobs.grpo_scoring_job, jobs._evaluator
 
     def job(real, key):
         def run(cfg, **kwargs):
             out = scored_as(real(cfg, **kwargs), *fake[key(cfg)])
-            compare._write_result(Path(kwargs["run_dir"]), out)  # the files hold what the summary reads
+            jobs.write_result(Path(kwargs["run_dir"]), out)  # the files hold what the summary reads
             return out
         return run
 
@@ -168,9 +169,9 @@ def test_lr_sweep_runs_every_rate_from_one_start_and_stream_and_selects_on_valid
         evaluated_in.append(next(loaded[0].parameters()).dtype)
         return real_evaluator(cfg, adapter_dir, alpha, loaded)
 
-    monkeypatch.setattr(compare, "_essa_job", job(real_essa, lambda cfg: "essa"))
-    monkeypatch.setattr(compare, "_grpo_scoring_job", job(real_grpo, lambda cfg: cfg.grpo.lr))
-    monkeypatch.setattr(compare, "_evaluator", evaluator)
+    monkeypatch.setattr(jobs, "essa_job", job(real_essa, lambda cfg: "essa"))
+    monkeypatch.setattr(jobs, "grpo_scoring_job", job(real_grpo, lambda cfg: cfg.grpo.lr))
+    monkeypatch.setattr(jobs, "_evaluator", evaluator)
     monkeypatch.setattr(essa.models, "cpu_has_fast_bf16", lambda: True)  # model.dtype auto: bf16 inference
     adapter = make_random_adapter(tiny_llama(seed=0), tmp_path / "sft", rank=2)
     root = tmp_path / "cmp"
@@ -345,9 +346,9 @@ def test_selection_reads_validation_only_and_time_to_target():
     tests = [0.9, 0.1, 0.4, 1.0]
     assert validation_best(vals) == 1  # highest validation, earliest on ties: test plays no part
     points = [{"time_s": t, "val_accuracy": v, "test_accuracy": a} for t, v, a in zip([0, 5, 10, 15], vals, tests)]
-    from essa.compare import _method_row
+    from essa.compare.summary import method_summary
 
-    row = _method_row({"points": points, "steps": 3, "wall_clock_s": 15.0, "stopped_by": "budget",
+    row = method_summary({"points": points, "steps": 3, "wall_clock_s": 15.0, "stopped_by": "budget",
                        "peak_rss_mb": None, "reward_failures": 0})
     assert row["validation_best"] == {"time_s": 5, "val_accuracy": 0.5, "test_accuracy": 0.1}
     assert row["final_test_accuracy"] == 1.0 and row["start_test_accuracy"] == 0.9
@@ -467,13 +468,13 @@ def test_resume_keeps_finished_jobs_and_starts_an_interrupted_one_over(model_dir
     ran = []
 
     def counted(name):
-        real = getattr(compare, name)
+        real = getattr(jobs, name)
         return lambda cfg, **kw: ran.append((name, cfg.grpo.lr)) or real(cfg, **kw)
 
-    for name in ("_essa_job", "_grpo_job", "_grpo_scoring_job"):
-        monkeypatch.setattr(compare, name, counted(name))
+    for name in ("essa_job", "grpo_job", "grpo_scoring_job"):
+        monkeypatch.setattr(jobs, name, counted(name))
     resumed = run_compare(cfg, progress=False, resume=True)
-    assert ran == [("_grpo_scoring_job", 0.05)]
+    assert ran == [("grpo_scoring_job", 0.05)]
     assert resumed["methods"] == first["methods"] and resumed["paired_test"] == first["paired_test"]
     assert resumed["grpo_sweep"] == first["grpo_sweep"]
 
@@ -484,7 +485,7 @@ def test_resume_keeps_finished_jobs_and_starts_an_interrupted_one_over(model_dir
     (run_dir / "left_by_the_crash").write_text("")
     ran.clear()
     again = run_compare(cfg, progress=False, resume=True)
-    assert ran == [("_grpo_job", 0.01), ("_grpo_scoring_job", 0.01)]
+    assert ran == [("grpo_job", 0.01), ("grpo_scoring_job", 0.01)]
     assert not (run_dir / "left_by_the_crash").exists() and (run_dir / "result.json").is_file()
     assert [r["lr"] for r in again["grpo_sweep"]["runs"]] == [0.01, 0.05] and again["same_start_adapter"]
 
@@ -495,8 +496,8 @@ def test_job_processes_keep_the_memory_they_free_unless_the_user_set_malloc(monk
     environment is unchanged afterwards."""
     monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "123")
-    assert compare._run_job(True, os.getenv, key="MALLOC_MMAP_MAX_") == "0"
-    assert compare._run_job(True, os.getenv, key="MALLOC_TRIM_THRESHOLD_") == "123"
+    assert orchestration.run_job(True, os.getenv, key="MALLOC_MMAP_MAX_") == "0"
+    assert orchestration.run_job(True, os.getenv, key="MALLOC_TRIM_THRESHOLD_") == "123"
     assert "MALLOC_MMAP_MAX_" not in os.environ and os.environ["MALLOC_TRIM_THRESHOLD_"] == "123"
 
 
