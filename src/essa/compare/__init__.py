@@ -41,21 +41,36 @@ offsets ESSA searches are trained (`svd_grpo.py`); tables and plots then name it
 
 Modules, one job each: `orchestration` (settings, the jobs in order, spawn, --resume), `jobs` (SFT,
 ESSA, GRPO training and scoring, each a process), `fairness` (the shared start and prompt stream),
-`summary` (selection and statistics), `report` (tables, report.md, plots).
+`results` (the typed records and their JSON files), `summary` (selection and statistics), `report`
+(tables, report.md, plots).
 """
 
 from essa.compare.fairness import check_same_prompts, check_same_start, randomize_singular_vectors, same_adapter_tensors
-from essa.compare.jobs import RecordingBackend, load_scores
+from essa.compare.jobs import RecordingBackend
 from essa.compare.orchestration import compare_defaults, grpo_run_dir, load_compare_config, run_compare
+from essa.compare.results import (
+    CompareSummary,
+    EssaResult,
+    GrpoResult,
+    Point,
+    load_result,
+    load_scores,
+    write_result,
+)
 from essa.compare.summary import paired_test, select_grpo_run, time_to_target, validation_best
 
 __all__ = [
+    "CompareSummary",
+    "EssaResult",
+    "GrpoResult",
+    "Point",
     "RecordingBackend",
     "check_same_prompts",
     "check_same_start",
     "compare_defaults",
     "grpo_run_dir",
     "load_compare_config",
+    "load_result",
     "load_scores",
     "paired_test",
     "randomize_singular_vectors",
@@ -64,4 +79,5 @@ __all__ = [
     "select_grpo_run",
     "time_to_target",
     "validation_best",
+    "write_result",
 ]

@@ -4,11 +4,11 @@ verified after they ran; a comparison whose methods did not share them is void."
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
+from essa.compare.results import MethodRun
 from essa.config import Config, SearchConfig
 from essa.errors import EssaError
 from essa.schedule import prompt_stream, rechunk
@@ -54,21 +54,21 @@ def same_adapter_tensors(dir_a: str | Path, dir_b: str | Path) -> bool:
 
 
 # -- verified after the methods ran ---------------------------------------------------------------
-def check_same_start(essa: dict[str, Any], grpo: dict[str, Any]) -> None:
+def check_same_start(essa: MethodRun, grpo: MethodRun) -> None:
     """Both methods saved the tensors they started from: they must be bit-identical."""
-    if not same_adapter_tensors(essa["start_adapter"], grpo["start_adapter"]):
-        raise EssaError(f"ESSA and GRPO started from different adapter tensors ({essa['start_adapter']} vs "
-                        f"{grpo['start_adapter']}): the comparison is void")
+    if not same_adapter_tensors(essa.start_adapter, grpo.start_adapter):
+        raise EssaError(f"ESSA and GRPO started from different adapter tensors ({essa.start_adapter} vs "
+                        f"{grpo.start_adapter}): the comparison is void")
 
 
-def check_same_prompts(search: SearchConfig, n_train: int, per_step: int, essa: dict[str, Any],
-                       grpo: dict[str, Any]) -> None:
+def check_same_prompts(search: SearchConfig, n_train: int, per_step: int, essa: MethodRun,
+                       grpo: MethodRun) -> None:
     """ESSA's generations and GRPO's steps (`per_step` prompts each) read the shared prompt stream,
     in order, and nothing else."""
-    generations = max(essa["steps"], -(-grpo["steps"] * per_step // min(search.prompts_per_generation, n_train)))
+    generations = max(essa.steps, -(-grpo.steps * per_step // min(search.prompts_per_generation, n_train)))
     stream = prompt_stream(search, n_train, generations)
-    expected = {"ESSA": stream[:essa["steps"]], "GRPO": rechunk(stream, per_step)[:grpo["steps"]]}
-    for (name, want), used in zip(expected.items(), (essa["prompts_used"], grpo["prompts_used"])):
+    expected = {"ESSA": stream[:essa.steps], "GRPO": rechunk(stream, per_step)[:grpo.steps]}
+    for (name, want), used in zip(expected.items(), (essa.prompts_used, grpo.prompts_used)):
         if used != want:
             step = next((k for k, (u, w) in enumerate(zip(used, want)) if u != w), min(len(used), len(want)))
             raise EssaError(f"{name} did not read the shared prompt stream (first difference at step {step}: "

@@ -1,6 +1,7 @@
 """The jobs of `essa compare`, each run in its own process (orchestration.py): the SFT warm start,
 ESSA, GRPO's training and the scoring of its snapshots. Every snapshot of both methods goes through
-one evaluator (`_evaluator`), and each method's run dir gets its result.json and scores.npz."""
+one evaluator (`_evaluator`); each job returns its record (results.py), and each method's run dir
+gets its result.json and scores.npz."""
 
 from __future__ import annotations
 
@@ -16,16 +17,19 @@ from typing import Any
 import numpy as np
 
 from essa.backends import Backend, Generation, Minibatch, build_backend, evaluation_kind, load_inputs
+from essa.compare.results import (
+    SPLITS,
+    EssaResult,
+    GrpoResult,
+    GrpoTraining,
+    Point,
+    SftResult,
+    TrainerChoice,
+    write_result,
+)
 from essa.config import Config
-from essa.io import atomic_write_json, atomic_write_state, ensure_writable_dir, read_state
+from essa.io import ensure_writable_dir
 from essa.schedule import SnapshotSchedule
-
-RESULT = "result.json"
-# Per-example 0/1 correctness of every snapshot, beside result.json: one (snapshots, examples)
-# array per split, rows in the order of result.json's "points".
-SCORES = "scores.npz"
-SPLITS = ("validation", "test")
-ACCURACY_KEY = {"validation": "val_accuracy", "test": "test_accuracy"}
 
 
 def _quiet() -> None:
@@ -47,13 +51,13 @@ def _peak_rss_mb() -> float | None:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
-def sft_job(cfg: Config, progress: bool) -> dict[str, Any]:
+def sft_job(cfg: Config, progress: bool) -> SftResult:
     from essa.commands import run_sft
 
     _quiet()
     t0 = time.perf_counter()
     adapter = run_sft(cfg, progress=progress)
-    return {"adapter": str(adapter), "wall_clock_s": time.perf_counter() - t0, "peak_rss_mb": _peak_rss_mb()}
+    return SftResult(adapter=str(adapter), wall_clock_s=time.perf_counter() - t0, peak_rss_mb=_peak_rss_mb())
 
 
 class RecordingBackend(Backend):
@@ -100,10 +104,9 @@ class EssaWatcher:
             self.snapshots.append((t, state.generation, self.trainer.optimizer.mean.copy()))
 
 
-def essa_job(cfg: Config, start_adapter: str, run_dir: str, progress: bool) -> dict[str, Any]:
+def essa_job(cfg: Config, start_adapter: str, run_dir: str, progress: bool) -> EssaResult:
     """ESSA on the configured backend, then every snapshot through the one evaluator."""
     from essa.tasks import get_task
-    from essa.trainer import EssaTrainer
 
     _quiet()
     out_dir = ensure_writable_dir(run_dir)
@@ -111,6 +114,33 @@ def essa_job(cfg: Config, start_adapter: str, run_dir: str, progress: bool) -> d
     inputs = load_inputs(cfg, start_adapter, cfg.essa.alpha)
     space = inputs.space
     space.save_adapter(np.zeros(space.dim), out_dir / "start_adapter")
+    result, watcher, prompts_used, peak = _train_essa(cfg, inputs, task, out_dir, progress)
+    space.save_adapter(result.final_z, out_dir / "adapter")
+    np.savez(out_dir / "snapshots.npz", **{f"t{i}": z for i, (_, _, z) in enumerate(watcher.snapshots)})
+    with _evaluator(cfg, start_adapter, cfg.essa.alpha, inputs.weights()) as (backend, tokenizer):
+        scored = [_correct(backend, tokenizer, task, z) for _, _, z in watcher.snapshots]
+        final_test = _correct(backend, tokenizer, task, result.final_z, splits=("test",))["test"]
+    choice = TrainerChoice(choice=result.final_choice, val_accuracy=result.validation[result.final_choice],
+                           test_accuracy=float(final_test.mean()))
+    state = result.state
+    out = EssaResult(
+        steps=state.generation, wall_clock_s=round(watcher.last_t, 3),
+        stopped_by=_stopped_by(state.generation, cfg.compare.max_steps), curve=watcher.curve,
+        prompts_used=prompts_used, start_adapter=str(out_dir / "start_adapter"), peak_rss_mb=peak,
+        reward_failures=state.reward_failures,
+        points=[_point(t, g, c) for (t, g, _), c in zip(watcher.snapshots, scored)], correct=_stack(scored),
+        validation_s_off_clock=round(state.validation_s, 3), trainer_choice=choice, search_dim=space.dim,
+        sigma0=state.sigma0)
+    write_result(out_dir, out)
+    return out
+
+
+def _train_essa(cfg: Config, inputs: Any, task: Any, out_dir: Path,
+                progress: bool) -> tuple[Any, EssaWatcher, list[list[int]], float | None]:
+    """The trainer on compare's budget: (its result, the watcher with every snapshot the final
+    one included, the prompts each generation read, peak RSS right after training)."""
+    from essa.trainer import EssaTrainer
+
     compare = cfg.compare
     search = dataclasses.replace(cfg.essa, time_budget_s=compare.budget_s, generations=compare.max_steps)
     recorder = RecordingBackend(build_backend(cfg, inputs))
@@ -124,29 +154,13 @@ def essa_job(cfg: Config, start_adapter: str, run_dir: str, progress: bool) -> d
         peak = _peak_rss_mb()
     finally:
         recorder.close()
-    end_t = watcher.last_t
     if watcher.snapshots[-1][1] != result.state.generation:
-        watcher.snapshots.append((end_t, result.state.generation, trainer.optimizer.mean.copy()))
-    space.save_adapter(result.final_z, out_dir / "adapter")
-    np.savez(out_dir / "snapshots.npz", **{f"t{i}": z for i, (_, _, z) in enumerate(watcher.snapshots)})
-    with _evaluator(cfg, start_adapter, cfg.essa.alpha, inputs.weights()) as (backend, tokenizer):
-        scored = [_correct(backend, tokenizer, task, z) for _, _, z in watcher.snapshots]
-        final_test = _correct(backend, tokenizer, task, result.final_z, splits=("test",))["test"]
-    choice = {"choice": result.final_choice, "val_accuracy": result.validation[result.final_choice],
-              "test_accuracy": float(final_test.mean())}
-    out = {"method": "essa", "steps": result.state.generation, "wall_clock_s": round(end_t, 3),
-           "stopped_by": _stopped_by(result.state.generation, compare.max_steps),
-           "validation_s_off_clock": round(result.state.validation_s, 3), "curve": watcher.curve,
-           "points": [_point(t, g, c) for (t, g, _), c in zip(watcher.snapshots, scored)],
-           "correct": _stack(scored), "prompts_used": recorder.batches, "trainer_choice": choice,
-           "search_dim": space.dim, "sigma0": result.state.sigma0, "start_adapter": str(out_dir / "start_adapter"),
-           "peak_rss_mb": peak, "reward_failures": result.state.reward_failures}
-    write_result(out_dir, out)
-    return out
+        watcher.snapshots.append((watcher.last_t, result.state.generation, trainer.optimizer.mean.copy()))
+    return result, watcher, recorder.batches, peak
 
 
 def grpo_job(cfg: Config, start_adapter: str, run_dir: str, schedule: list[list[int]],
-              progress: bool) -> dict[str, Any]:
+             progress: bool) -> GrpoTraining:
     """GRPO (TRL, the model in this process): training only. `grpo_scoring_job` scores the
     snapshots in a fresh process: after training, decoding in this one ran 2.5x slower (the
     bundled model; 1.6x after `malloc_trim`, the rest not pinned down)."""
@@ -161,16 +175,15 @@ def grpo_job(cfg: Config, start_adapter: str, run_dir: str, schedule: list[list[
     compare = cfg.compare
     stopped = "budget" if result.elapsed_s >= compare.budget_s else (
         "max_steps" if compare.max_steps is not None else "prompt stream end")
-    return {"method": "grpo", "lr": cfg.grpo.lr, "steps": result.steps, "wall_clock_s": round(result.elapsed_s, 3),
-            "stopped_by": stopped, "curve": result.history,
-            "snapshots": [dataclasses.asdict(snap) for snap in result.snapshots],
-            "prompts_used": result.prompts_used, "start_adapter": result.start_adapter,
-            "peak_rss_mb": _peak_rss_mb(), "reward_failures": result.reward_failures,
-            "settings": dataclasses.asdict(cfg.grpo)}
+    return GrpoTraining(
+        steps=result.steps, wall_clock_s=round(result.elapsed_s, 3), stopped_by=stopped, curve=result.history,
+        prompts_used=result.prompts_used, start_adapter=result.start_adapter, peak_rss_mb=_peak_rss_mb(),
+        reward_failures=result.reward_failures, lr=cfg.grpo.lr, settings=dataclasses.asdict(cfg.grpo),
+        snapshots=result.snapshots)
 
 
-def grpo_scoring_job(cfg: Config, run_dir: str, trained: dict[str, Any]) -> dict[str, Any]:
-    """Every snapshot of a finished GRPO run (`trained`: `grpo_job`'s result) through the one
+def grpo_scoring_job(cfg: Config, run_dir: str, trained: GrpoTraining) -> GrpoResult:
+    """Every snapshot of a finished GRPO run (`trained`: `grpo_job`'s record) through the one
     evaluator, on a freshly loaded model in the inference dtype; writes the run's result."""
     from essa.models import load_model
     from essa.tasks import get_task
@@ -179,12 +192,11 @@ def grpo_scoring_job(cfg: Config, run_dir: str, trained: dict[str, Any]) -> dict
     loaded = load_model(cfg.model)
     task = get_task(cfg.task)
     scored = []
-    for snap in trained["snapshots"]:
-        with _evaluator(cfg, snap["adapter_dir"], 1.0, loaded) as (backend, tokenizer):
+    for snap in trained.snapshots:
+        with _evaluator(cfg, snap.adapter_dir, 1.0, loaded) as (backend, tokenizer):
             scored.append(_correct(backend, tokenizer, task, None))
-    points = [_point(snap["elapsed_s"], snap["step"], c) for snap, c in zip(trained["snapshots"], scored)]
-    out = {k: v for k, v in trained.items() if k != "snapshots"}
-    out.update(points=points, correct=_stack(scored))  # peak_rss_mb stays training's
+    points = [_point(snap.elapsed_s, snap.step, c) for snap, c in zip(trained.snapshots, scored)]
+    out = trained.scored(points, _stack(scored))
     write_result(Path(run_dir), out)
     return out
 
@@ -217,24 +229,13 @@ def _correct(backend: Any, tokenizer: Any, task: Any, z: np.ndarray | None,
     return {s: evaluate_split(backend, tokenizer, task, task.checked_split(s), population).correct for s in splits}
 
 
-def _point(time_s: float, step: int, correct: dict[str, np.ndarray]) -> dict[str, Any]:
-    """One snapshot's row of result.json: when it was taken and its accuracy on each split."""
-    return {"time_s": round(time_s, 3), "step": step, **{ACCURACY_KEY[s]: float(v.mean()) for s, v in correct.items()}}
+def _point(time_s: float, step: int, correct: dict[str, np.ndarray]) -> Point:
+    """One snapshot: when it was taken and its accuracy on each split."""
+    return Point(time_s=round(time_s, 3), step=step, val_accuracy=float(correct["validation"].mean()),
+                 test_accuracy=float(correct["test"].mean()))
 
 
 def _stack(scored: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Per split, the snapshots' 0/1 vectors as one (snapshots, examples) array."""
     return {s: np.stack([c[s] for c in scored]).astype(np.uint8) for s in SPLITS}
-
-
-def write_result(run_dir: Path, out: dict[str, Any]) -> None:
-    """result.json (the numbers) and scores.npz (the per-example vectors, for paired comparisons)."""
-    atomic_write_state(run_dir / SCORES, out["correct"])
-    atomic_write_json(run_dir / RESULT, {**{k: v for k, v in out.items() if k != "correct"}, "scores": SCORES})
-
-
-def load_scores(run_dir: str | Path) -> dict[str, np.ndarray]:
-    """The per-example correctness a method's run dir holds: {"validation": (snapshots, examples),
-    "test": ...} 0/1 arrays, rows in the order of result.json's "points"."""
-    return read_state(Path(run_dir) / SCORES)
 

@@ -14,15 +14,24 @@ from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from essa.backends import backend_class, evaluation_kind
 from essa.compare import jobs
 from essa.compare.fairness import check_same_prompts, check_same_start, start_adapter
-from essa.compare.jobs import RESULT, load_scores
 from essa.compare.report import write_outputs
+from essa.compare.results import (
+    RESULT,
+    CompareSummary,
+    EssaResult,
+    GrpoResult,
+    GrpoTraining,
+    Record,
+    SftResult,
+    load_result,
+)
 from essa.compare.summary import summarize
 from essa.config import Config, config_from_mapping, dotted, load_config
 from essa.console import say
@@ -34,6 +43,8 @@ from essa.svd_space import SvdLoraSpace
 COMPARE_CONFIG = "compare.yaml"
 # A finished training job's result (SFT, a GRPO run before its snapshots are scored), kept for --resume.
 JOB_RESULT = "job.json"
+T = TypeVar("T")
+R = TypeVar("R", bound=Record)
 
 
 # -- settings --------------------------------------------------------------------------------------
@@ -48,18 +59,46 @@ def load_compare_config(path: str | Path | None = None, overrides: list[str] | N
 
 
 # -- the whole comparison -------------------------------------------------------------------------
-def run_compare(cfg: Config, progress: bool = True, resume: bool = False) -> dict[str, Any]:
+def run_compare(cfg: Config, progress: bool = True, resume: bool = False) -> CompareSummary:
     """SFT (or cfg.adapter) -> ESSA, and GRPO once per learning rate, from the same start -> plots,
     tables, paired statistics and report in output_dir.
 
     With `resume`, an interrupted comparison in output_dir continues with the same settings: every
     finished job (SFT, ESSA, each GRPO run's training and its scoring) is kept, an unfinished one
     is started over (a method's clock cannot be resumed fairly)."""
+    compare_cfg = cfg.compare
+    root = Path(cfg.output_dir)
+    task, given = _prepare(cfg, root, resume)
+    if given is not None:
+        sft = SftResult(adapter=given, wall_clock_s=None, peak_rss_mb=None)
+    else:
+        _say("1/3 LoRA SFT warm start")
+        sft = _job_once(root / "sft", compare_cfg.isolate, SftResult, jobs.sft_job,
+                        cfg=cfg.with_changes(output_dir=str(root / "sft")), progress=progress)
+    start = start_adapter(Path(sft.adapter), cfg, root)
+
+    n_train = len(task.checked_split("train"))
+    stream = prompt_stream(cfg.essa, n_train, compare_cfg.max_steps or STREAM_STEPS)
+    _say(f"2/3 ESSA for {compare_cfg.budget_s:.0f} s")
+    essa = _finished_run(root / "essa")
+    if essa is None:
+        essa = run_job(compare_cfg.isolate, jobs.essa_job, cfg=cfg, start_adapter=str(start),
+                       run_dir=str(_fresh_dir(root / "essa")), progress=progress)
+    grpo_runs = _run_grpo_sweep(cfg, start, root, rechunk(stream, cfg.grpo_prompts_per_step), progress)
+    for grpo in grpo_runs:
+        check_same_start(essa, grpo)
+        check_same_prompts(cfg.essa, n_train, cfg.grpo_prompts_per_step, essa, grpo)
+    summary = summarize(cfg, sft, essa, grpo_runs, len(task.checked_split("test")), baseline=_baseline_name(cfg))
+    write_outputs(root, summary, essa, grpo_runs)
+    return summary
+
+
+def _prepare(cfg: Config, root: Path, resume: bool) -> tuple[Any, str | None]:
+    """Everything checked that would fail later, then output_dir begun: (the task, the start
+    adapter given as cfg.adapter or None)."""
     from essa.commands import resolve_adapter_dir
     from essa.tasks import get_task
 
-    compare_cfg = cfg.compare
-    root = Path(cfg.output_dir)
     if resume:
         check_resumable(root, cfg)
     elif any((root / name).exists() for name in ("sft", "essa", "grpo", "summary.json")):
@@ -72,32 +111,10 @@ def run_compare(cfg: Config, progress: bool = True, resume: bool = False) -> dic
     _check_before_writing(cfg, given)
     ensure_writable_dir(root)
     cfg.save(root / "config.yaml")
-
-    sft = {"adapter": given, "wall_clock_s": None, "peak_rss_mb": None}
-    if given is None:
-        _say("1/3 LoRA SFT warm start")
-        sft = _job_once(root / "sft", compare_cfg.isolate, jobs.sft_job,
-                        cfg=cfg.with_changes(output_dir=str(root / "sft")), progress=progress)
-    start = start_adapter(Path(sft["adapter"]), cfg, root)
-
-    n_train = len(task.checked_split("train"))
-    stream = prompt_stream(cfg.essa, n_train, compare_cfg.max_steps or STREAM_STEPS)
-    _say(f"2/3 ESSA for {compare_cfg.budget_s:.0f} s")
-    essa = _finished_run(root / "essa")
-    if essa is None:
-        essa = run_job(compare_cfg.isolate, jobs.essa_job, cfg=cfg, start_adapter=str(start),
-                        run_dir=str(_fresh_dir(root / "essa")), progress=progress)
-    grpo_runs = _run_grpo_sweep(cfg, start, root, rechunk(stream, cfg.grpo_prompts_per_step), progress)
-    for grpo in grpo_runs:
-        check_same_start(essa, grpo)
-        check_same_prompts(cfg.essa, n_train, cfg.grpo_prompts_per_step, essa, grpo)
-    summary = summarize(cfg, sft, essa, grpo_runs, len(task.checked_split("test")), baseline=_baseline_name(cfg))
-    write_outputs(root, summary, essa, grpo_runs)
-    return summary
+    return task, given
 
 
 # -- resuming ---------------------------------------------------------------------------------------
-
 def check_resumable(root: Path, cfg: Config) -> None:
     """`root` holds a comparison begun with exactly the settings of `cfg`."""
     saved_path = root / "config.yaml"
@@ -112,27 +129,25 @@ def check_resumable(root: Path, cfg: Config) -> None:
                         "output_dir. Changed: " + "; ".join(changed))
 
 
-def _job_once(job_dir: Path, isolate: bool, fn: Callable[..., dict[str, Any]], **kwargs: Any) -> dict[str, Any]:
-    """`fn`'s result, saved in `job_dir` when it finishes; a resumed run reads it back instead of
-    running `fn` again (and starts `job_dir` over when `fn` had not finished)."""
+def _job_once(job_dir: Path, isolate: bool, record: type[R], fn: Callable[..., R], **kwargs: Any) -> R:
+    """`fn`'s result (a `record`), saved in `job_dir` when it finishes; a resumed run reads it back
+    instead of running `fn` again (and starts `job_dir` over when `fn` had not finished)."""
     path = job_dir / JOB_RESULT
     if path.is_file():
         _say(f"   kept from the interrupted run: {job_dir}")
-        return json.loads(path.read_text())
+        return record.from_json(json.loads(path.read_text()))
     _fresh_dir(job_dir)
     result = run_job(isolate, fn, **kwargs)
-    atomic_write_json(path, result)
+    atomic_write_json(path, result.to_json())
     return result
 
 
-def _finished_run(run_dir: Path) -> dict[str, Any] | None:
+def _finished_run(run_dir: Path) -> EssaResult | GrpoResult | None:
     """A method run that wrote its result (with its per-example scores), or None."""
     if not (run_dir / RESULT).is_file():
         return None
     _say(f"   kept from the interrupted run: {run_dir}")
-    out = json.loads((run_dir / RESULT).read_text())
-    out.pop("scores", None)
-    return {**out, "correct": load_scores(run_dir)}
+    return load_result(run_dir)
 
 
 def _fresh_dir(run_dir: Path) -> Path:
@@ -144,7 +159,7 @@ def _fresh_dir(run_dir: Path) -> Path:
 
 
 def _run_grpo_sweep(cfg: Config, start: Path, root: Path, schedule: list[list[int]],
-                    progress: bool) -> list[dict[str, Any]]:
+                    progress: bool) -> list[GrpoResult]:
     """GRPO once per learning rate (grpo.lr_sweep, or grpo.lr alone), each in its own process and
     run dir, all from the same start adapter and the same prompt schedule."""
     rates = cfg.grpo.learning_rates
@@ -157,7 +172,7 @@ def _run_grpo_sweep(cfg: Config, start: Path, root: Path, schedule: list[list[in
         if done is not None:
             runs.append(done)
             continue
-        trained = _job_once(run_dir, cfg.compare.isolate, jobs.grpo_job, cfg=member,
+        trained = _job_once(run_dir, cfg.compare.isolate, GrpoTraining, jobs.grpo_job, cfg=member,
                             start_adapter=str(start), run_dir=str(run_dir), schedule=schedule, progress=progress)
         runs.append(run_job(cfg.compare.isolate, jobs.grpo_scoring_job, cfg=member, run_dir=str(run_dir),
                              trained=trained))
@@ -208,7 +223,8 @@ def _env_for_children(env: dict[str, str]) -> Iterator[None]:
             os.environ.pop(key, None)
 
 
-def run_job(isolate: bool, fn: Callable[..., dict[str, Any]], **kwargs: Any) -> dict[str, Any]:
+def run_job(isolate: bool, fn: Callable[..., T], **kwargs: Any) -> T:
+    """`fn(**kwargs)`: in a fresh 'spawn' process with `isolate`, so its peak RSS is its own."""
     if not isolate:
         return fn(**kwargs)
     with _env_for_children(JOB_MALLOC_ENV), \
