@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 from importlib import resources
 from pathlib import Path
 
@@ -15,7 +17,6 @@ from adapters import make_random_adapter
 from helpers import make_tiny_model_dir, tiny_llama
 from safetensors.torch import load_file
 
-import essa.compare as compare
 import essa.models
 from essa.cli import main
 from essa.compare import (
@@ -23,16 +24,34 @@ from essa.compare import (
     check_same_start,
     compare_defaults,
     grpo_run_dir,
+    jobs,
     load_compare_config,
+    load_result,
     load_scores,
+    orchestration,
     randomize_singular_vectors,
     run_compare,
     select_grpo_run,
     time_to_target,
     validation_best,
+    write_result,
+)
+from essa.compare.report import comparison_table
+from essa.compare.results import (
+    CompareSummary,
+    EssaResult,
+    GrpoResult,
+    GrpoTraining,
+    MethodResult,
+    MethodRun,
+    Point,
+    Precision,
+    SftResult,
+    ValidationBest,
 )
 from essa.config import SearchConfig
 from essa.errors import EssaError
+from essa.io import atomic_write_state
 from essa.schedule import prompt_stream, rechunk
 from essa.svd_space import SvdLoraSpace
 
@@ -99,14 +118,14 @@ def test_compare_isolated_runs_end_to_end_from_identical_start_and_prompts(model
         assert (root / name).read_bytes()[:4] == b"\x89PNG", name
     assert "| final test accuracy |" in (root / "comparison.md").read_text()
     assert "![held-out test accuracy vs wall-clock]" in (root / "report.md").read_text()
-    assert json.loads((root / "comparison.json").read_text())["methods"] == summary["methods"]
+    assert json.loads((root / "comparison.json").read_text())["methods"] == summary.to_json()["methods"]
 
     # Identical start: the tensors each method saved as its starting point are bit-equal.
     start_e, start_g = (load_file(str(d / "start_adapter" / "adapter_model.safetensors"))
                         for d in (root / "essa", grpo_run_dir(root, 0.05)))
     assert start_e.keys() == start_g.keys() and len(start_e) == 2 * 2 * 4
     assert all(torch.equal(start_e[k], start_g[k]) for k in start_e)
-    assert summary["same_start_adapter"] is True
+    assert summary.same_start_adapter is True
 
     # Identical prompts: both consume ESSA's schedule over the train split, in order.
     essa, grpo_res = result(root, "essa"), result(root, "grpo")
@@ -116,10 +135,10 @@ def test_compare_isolated_runs_end_to_end_from_identical_start_and_prompts(model
     assert all(0 <= i < 10 for batch in essa["prompts_used"] + grpo_res["prompts_used"] for i in batch)
 
     # Both trained within their budgets / step caps, and each has its own peak memory.
-    for res, row in ((essa, summary["methods"]["essa"]), (grpo_res, summary["methods"]["grpo"])):
-        assert row["stopped_by"] in ("budget", "max_steps")
+    for res, row in ((essa, summary.methods.essa), (grpo_res, summary.methods.grpo)):
+        assert row.stopped_by in ("budget", "max_steps")
         assert res["steps"] == 6 or res["wall_clock_s"] >= 5
-        assert row["peak_rss_mb"] > 50
+        assert row.peak_rss_mb > 50
         assert res["points"][0]["time_s"] == 0.0 and len(res["points"]) >= 2
         times = [p["time_s"] for p in res["points"]]
         assert times == sorted(times)
@@ -132,7 +151,7 @@ def test_compare_isolated_runs_end_to_end_from_identical_start_and_prompts(model
         assert res["scores"] == "scores.npz" and set(scores) == {"validation", "test"}
         assert scores["test"].shape == (len(res["points"]), 3) == scores["validation"].shape
         assert [p["test_accuracy"] for p in res["points"]] == pytest.approx(scores["test"].mean(axis=1))
-    assert set(summary["paired_test"]) >= {"essa_final_vs_grpo_final", "essa_final_vs_start", "grpo_final_vs_start"}
+    assert set(summary.paired_test) >= {"essa_final_vs_grpo_final", "essa_final_vs_start", "grpo_final_vs_start"}
     # ESSA's snapshots are optimizer means: the first is the zero start.
     means = np.load(root / "essa" / "snapshots.npz")
     # compare.yaml shares offsets across layers, values and factors: one per module type.
@@ -141,11 +160,11 @@ def test_compare_isolated_runs_end_to_end_from_identical_start_and_prompts(model
 
 def scored_as(out, val, test):
     """A job's result whose snapshots after the start score the 0/1 vectors `val` and `test`."""
-    correct = {split: out["correct"][split].copy() for split in ("validation", "test")}
+    correct = {split: out.correct[split].copy() for split in ("validation", "test")}
     correct["validation"][1:], correct["test"][1:] = val, test
-    points = [{**p, "val_accuracy": float(correct["validation"][k].mean()),
-               "test_accuracy": float(correct["test"][k].mean())} for k, p in enumerate(out["points"])]
-    return {**out, "correct": correct, "points": points}
+    points = [dataclasses.replace(p, val_accuracy=float(correct["validation"][k].mean()),
+                                  test_accuracy=float(correct["test"][k].mean())) for k, p in enumerate(out.points)]
+    return dataclasses.replace(out, correct=correct, points=points)
 
 
 def test_lr_sweep_runs_every_rate_from_one_start_and_stream_and_selects_on_validation_only(
@@ -153,12 +172,12 @@ def test_lr_sweep_runs_every_rate_from_one_start_and_stream_and_selects_on_valid
     """Two GRPO learning rates whose snapshots are given scores where validation and test disagree:
     lr 0.01 is better on validation, lr 0.05 on test. The comparison takes lr 0.01."""
     fake = {"essa": ([0, 1, 0], [1, 0, 1]), 0.01: ([1, 1, 0], [0, 0, 0]), 0.05: ([1, 0, 0], [1, 1, 1])}
-    real_essa, real_grpo, real_evaluator = compare._essa_job, compare._grpo_scoring_job, compare._evaluator
+    real_essa, real_grpo, real_evaluator = jobs.essa_job, jobs.grpo_scoring_job, jobs._evaluator
 
     def job(real, key):
         def run(cfg, **kwargs):
             out = scored_as(real(cfg, **kwargs), *fake[key(cfg)])
-            compare._write_result(Path(kwargs["run_dir"]), out)  # the files hold what the summary reads
+            write_result(Path(kwargs["run_dir"]), out)  # the files hold what the summary reads
             return out
         return run
 
@@ -168,9 +187,9 @@ def test_lr_sweep_runs_every_rate_from_one_start_and_stream_and_selects_on_valid
         evaluated_in.append(next(loaded[0].parameters()).dtype)
         return real_evaluator(cfg, adapter_dir, alpha, loaded)
 
-    monkeypatch.setattr(compare, "_essa_job", job(real_essa, lambda cfg: "essa"))
-    monkeypatch.setattr(compare, "_grpo_scoring_job", job(real_grpo, lambda cfg: cfg.grpo.lr))
-    monkeypatch.setattr(compare, "_evaluator", evaluator)
+    monkeypatch.setattr(jobs, "essa_job", job(real_essa, lambda cfg: "essa"))
+    monkeypatch.setattr(jobs, "grpo_scoring_job", job(real_grpo, lambda cfg: cfg.grpo.lr))
+    monkeypatch.setattr(jobs, "_evaluator", evaluator)
     monkeypatch.setattr(essa.models, "cpu_has_fast_bf16", lambda: True)  # model.dtype auto: bf16 inference
     adapter = make_random_adapter(tiny_llama(seed=0), tmp_path / "sft", rank=2)
     root = tmp_path / "cmp"
@@ -193,12 +212,12 @@ def test_lr_sweep_runs_every_rate_from_one_start_and_stream_and_selects_on_valid
         assert res["prompts_used"] == essa_res["prompts_used"][:res["steps"]] and res["steps"] == 2
 
     # Validation decides: lr 0.01 is compared, although lr 0.05 is far better on test.
-    sweep = summary["grpo_sweep"]
-    assert sweep["selected_lr"] == summary["methods"]["grpo"]["lr"] == 0.01
-    assert [(r["lr"], r["selected"], r["final_test_accuracy"]) for r in sweep["runs"]] == [
+    sweep = summary.grpo_sweep
+    assert sweep.selected_lr == summary.methods.grpo.lr == 0.01
+    assert [(r.lr, r.selected, r.final_test_accuracy) for r in sweep.runs] == [
         (0.01, True, 0.0), (0.05, False, 1.0)]
-    assert summary["time_to_target"]["grpo_final"] == 0.0  # the selected run's, not the test-best one's
-    assert summary["methods"]["grpo"]["final_val_accuracy"] == pytest.approx(2 / 3)
+    assert summary.time_to_target.grpo_final == 0.0  # the selected run's, not the test-best one's
+    assert summary.methods.grpo.final_val_accuracy == pytest.approx(2 / 3)
 
     # Paired statistics agree with the per-example vectors kept on disk.
     e, g = load_scores(root / "essa")["test"], load_scores(grpo_run_dir(root, 0.01))["test"]
@@ -207,19 +226,21 @@ def test_lr_sweep_runs_every_rate_from_one_start_and_stream_and_selects_on_valid
     pairs = {"essa_final_vs_grpo_final": (g[-1], e[-1]), "essa_final_vs_start": (e[0], e[-1]),
              "grpo_final_vs_start": (g[0], g[-1]), "essa_validation_best_vs_start": (e[0], e[best_e]),
              "grpo_validation_best_vs_start": (g[0], g[best_g])}
-    assert set(summary["paired_test"]) == set(pairs)
+    assert set(summary.paired_test) == set(pairs)
     for key, (a, b) in pairs.items():
-        row = summary["paired_test"][key]
-        assert row["n"] == 3 and row["delta"] == pytest.approx(b.mean() - a.mean())
-        assert row["gained"] - row["lost"] == round(row["delta"] * row["n"])
-        assert (row["gained"], row["lost"]) == (int((b > a).sum()), int((a > b).sum()))
-        assert row["ci95"][0] <= row["delta"] <= row["ci95"][1] and 0 <= row["mcnemar_p"] <= 1
-    assert summary["paired_test"]["essa_final_vs_grpo_final"]["delta"] == pytest.approx(2 / 3)
-    assert json.loads((root / "comparison.json").read_text())["paired_test"] == summary["paired_test"]
+        row = summary.paired_test[key].stats
+        assert row.n == 3 and row.delta == pytest.approx(b.mean() - a.mean())
+        assert row.gained - row.lost == round(row.delta * row.n)
+        assert (row.gained, row.lost) == (int((b > a).sum()), int((a > b).sum()))
+        assert row.ci95[0] <= row.delta <= row.ci95[1] and 0 <= row.mcnemar_p <= 1
+    assert summary.paired_test["essa_final_vs_grpo_final"].stats.delta == pytest.approx(2 / 3)
+    assert json.loads((root / "comparison.json").read_text())["paired_test"] == summary.to_json()["paired_test"]
+    # summary.json holds the whole summary: read back, it is the same record.
+    assert CompareSummary.from_json(json.loads((root / "summary.json").read_text())) == summary
 
     # One precision: bf16 inference, so GRPO trained with bf16 autocast; every snapshot evaluated in bf16.
-    assert summary["precision"] == {"essa": "bfloat16", "evaluation": "bfloat16",
-                                    "grpo": "float32 weights, bfloat16 autocast (rollouts and loss)"}
+    assert summary.precision == Precision(essa="bfloat16", evaluation="bfloat16",
+                                          grpo="float32 weights, bfloat16 autocast (rollouts and loss)")
     assert set(evaluated_in) == {torch.bfloat16} and len(evaluated_in) >= 1 + 2 * 2
 
     report = (root / "report.md").read_text()
@@ -305,24 +326,30 @@ def test_compare_runs_essa_on_the_configured_backend_ray(model_dir, vowel_task, 
     assert (root / "essa" / "metrics.jsonl").is_file() and len(essa["points"]) >= 2
 
 
+def trained(steps=0, prompts_used=(), start_adapter=""):
+    """A method's training record with only what the harness checks filled in."""
+    return MethodRun(steps=steps, wall_clock_s=0.0, stopped_by="budget", curve=[], prompts_used=list(prompts_used),
+                     start_adapter=str(start_adapter), peak_rss_mb=None, reward_failures=0)
+
+
 def test_harness_fails_a_comparison_whose_inputs_differ(tmp_path):
     search = SearchConfig(prompts_per_generation=2, seed=4)
     stream = prompt_stream(search, 10, 3)
     flat = [i for batch in stream for i in batch]
-    same = {"steps": 2, "prompts_used": stream[:2]}
-    check_same_prompts(search, 10, 1, same, {"steps": 5, "prompts_used": [[i] for i in flat[:5]]})
+    same = trained(steps=2, prompts_used=stream[:2])
+    check_same_prompts(search, 10, 1, same, trained(steps=5, prompts_used=[[i] for i in flat[:5]]))
     swapped = [stream[0], stream[1][::-1]]
     with pytest.raises(EssaError, match="ESSA did not read the shared prompt stream.*step 1"):
-        check_same_prompts(search, 10, 2, {"steps": 2, "prompts_used": swapped}, same)
+        check_same_prompts(search, 10, 2, trained(steps=2, prompts_used=swapped), same)
     with pytest.raises(EssaError, match="GRPO did not read the shared prompt stream.*step 1"):
-        check_same_prompts(search, 10, 2, same, {"steps": 3, "prompts_used": [stream[0], flat[2:5], stream[2]]})
+        check_same_prompts(search, 10, 2, same, trained(steps=3, prompts_used=[stream[0], flat[2:5], stream[2]]))
     with pytest.raises(EssaError, match="GRPO did not read"):  # a step it did not record
-        check_same_prompts(search, 10, 2, same, {"steps": 2, "prompts_used": stream[:1]})
+        check_same_prompts(search, 10, 2, same, trained(steps=2, prompts_used=stream[:1]))
     a = make_random_adapter(tiny_llama(seed=0), tmp_path / "a", rank=2, seed=0)
     b = make_random_adapter(tiny_llama(seed=0), tmp_path / "b", rank=2, seed=1)
-    check_same_start({"start_adapter": a}, {"start_adapter": a})
+    check_same_start(trained(start_adapter=a), trained(start_adapter=a))
     with pytest.raises(EssaError, match="different adapter tensors"):
-        check_same_start({"start_adapter": a}, {"start_adapter": b})
+        check_same_start(trained(start_adapter=a), trained(start_adapter=b))
 
 
 def test_randomize_singular_vectors_keeps_values_and_draws_orthonormal_vectors(tmp_path):
@@ -344,29 +371,75 @@ def test_selection_reads_validation_only_and_time_to_target():
     vals = [0.2, 0.5, 0.5, 0.3]
     tests = [0.9, 0.1, 0.4, 1.0]
     assert validation_best(vals) == 1  # highest validation, earliest on ties: test plays no part
-    points = [{"time_s": t, "val_accuracy": v, "test_accuracy": a} for t, v, a in zip([0, 5, 10, 15], vals, tests)]
-    from essa.compare import _method_row
+    points = [Point(time_s=t, step=k, val_accuracy=v, test_accuracy=a)
+              for k, (t, v, a) in enumerate(zip([0, 5, 10, 15], vals, tests))]
+    from essa.compare.summary import method_summary
 
-    row = _method_row({"points": points, "steps": 3, "wall_clock_s": 15.0, "stopped_by": "budget",
-                       "peak_rss_mb": None, "reward_failures": 0})
-    assert row["validation_best"] == {"time_s": 5, "val_accuracy": 0.5, "test_accuracy": 0.1}
-    assert row["final_test_accuracy"] == 1.0 and row["start_test_accuracy"] == 0.9
+    row = method_summary(scored_run(points, steps=3, wall_clock_s=15.0, stopped_by="budget", peak_rss_mb=None,
+                                    reward_failures=0))
+    assert row.validation_best == ValidationBest(time_s=5, val_accuracy=0.5, test_accuracy=0.1)
+    assert row.final_test_accuracy == 1.0 and row.start_test_accuracy == 0.9
     with pytest.raises(EssaError):
         validation_best([])
     assert time_to_target(points[1:], 0.4) == 10
     assert time_to_target(points[1:], 1.01) is None
 
 
+def scored_run(points, **fields):
+    """A scored method run with `points`, and `fields` where the summary reads them."""
+    defaults = {"steps": 1, "wall_clock_s": 0.0, "stopped_by": "budget", "peak_rss_mb": None, "reward_failures": 0}
+    return MethodResult(**{**defaults, **fields}, curve=[], prompts_used=[], start_adapter="", points=points,
+                        correct={})
+
+
 def test_grpo_run_is_selected_on_final_validation_accuracy_and_test_never_decides():
     def run(val, test):
-        return {"points": [{"time_s": 0, "val_accuracy": 0.1, "test_accuracy": 0.1},
-                           {"time_s": 9, "val_accuracy": val, "test_accuracy": test}]}
+        return scored_run([Point(time_s=0, step=0, val_accuracy=0.1, test_accuracy=0.1),
+                           Point(time_s=9, step=1, val_accuracy=val, test_accuracy=test)])
 
     runs = [run(0.3, 0.9), run(0.6, 0.1), run(0.6, 0.8), run(0.2, 1.0)]
     assert select_grpo_run(runs) == 1  # best final validation, ties to the first listed
     for permuted_test in ([0.0, 0.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]):
-        rescored = [run(r["points"][-1]["val_accuracy"], t) for r, t in zip(runs, permuted_test)]
+        rescored = [run(r.points[-1].val_accuracy, t) for r, t in zip(runs, permuted_test)]
         assert select_grpo_run(rescored) == 1
+
+
+# result.json, job.json and summary.json as `essa compare` wrote them when its results were plain dicts
+# (runs of the tiny model above, their training logs cut to two steps).
+OLD_FILES = Path(__file__).parent / "data" / "compare_files_v1"
+
+
+def test_files_written_before_the_records_were_typed_round_trip_unchanged(tmp_path):
+    """A comparison begun before its results were typed still resumes: each file loads into its
+    record, which writes it back unchanged and scores it as the old jobs did."""
+    root = shutil.copytree(OLD_FILES, tmp_path / "cmp")
+    for run_dir, kind in ((root / "essa", EssaResult), (grpo_run_dir(root, 0.05), GrpoResult)):
+        old = json.loads((run_dir / "result.json").read_text())
+        rows = len(old["points"])
+        scores = {"validation": np.eye(rows, 3, dtype=np.uint8), "test": np.ones((rows, 3), dtype=np.uint8)}
+        atomic_write_state(run_dir / "scores.npz", scores)
+        loaded = load_result(run_dir)
+        assert type(loaded) is kind and loaded.to_json() == old
+        again = tmp_path / "again" / run_dir.name
+        again.mkdir(parents=True)
+        write_result(again, loaded)
+        assert json.loads((again / "result.json").read_text()) == old
+        assert all(np.array_equal(load_scores(again)[split], scores[split]) for split in scores)
+        assert load_result(again) == loaded
+
+    # A GRPO run kept trained but not scored, scored: the result.json its old scoring job wrote.
+    job = json.loads((grpo_run_dir(root, 0.05) / "job.json").read_text())
+    kept = GrpoTraining.from_json(job)
+    assert kept.to_json() == job and [snap.step for snap in kept.snapshots] == [0, 2, 3]
+    scored = load_result(grpo_run_dir(root, 0.05))
+    assert kept.scored(scored.points, scored.correct).to_json() == scored.to_json()
+
+    sft = json.loads((root / "sft" / "job.json").read_text())
+    assert SftResult.from_json(sft).to_json() == sft
+    old_summary = json.loads((root / "summary.json").read_text())
+    summary = CompareSummary.from_json(old_summary)
+    assert summary.to_json() == old_summary
+    assert "| final test accuracy | 0.667 | 0.000 |" in comparison_table(summary)
 
 
 def test_grpo_reads_essa_prompt_stream_in_order():
@@ -467,15 +540,15 @@ def test_resume_keeps_finished_jobs_and_starts_an_interrupted_one_over(model_dir
     ran = []
 
     def counted(name):
-        real = getattr(compare, name)
+        real = getattr(jobs, name)
         return lambda cfg, **kw: ran.append((name, cfg.grpo.lr)) or real(cfg, **kw)
 
-    for name in ("_essa_job", "_grpo_job", "_grpo_scoring_job"):
-        monkeypatch.setattr(compare, name, counted(name))
+    for name in ("essa_job", "grpo_job", "grpo_scoring_job"):
+        monkeypatch.setattr(jobs, name, counted(name))
     resumed = run_compare(cfg, progress=False, resume=True)
-    assert ran == [("_grpo_scoring_job", 0.05)]
-    assert resumed["methods"] == first["methods"] and resumed["paired_test"] == first["paired_test"]
-    assert resumed["grpo_sweep"] == first["grpo_sweep"]
+    assert ran == [("grpo_scoring_job", 0.05)]
+    assert resumed.methods == first.methods and resumed.paired_test == first.paired_test
+    assert resumed.grpo_sweep == first.grpo_sweep
 
     # Interrupted while lr 0.01 trained: what it left is cleared and the run starts over.
     run_dir = grpo_run_dir(root, 0.01)
@@ -484,9 +557,9 @@ def test_resume_keeps_finished_jobs_and_starts_an_interrupted_one_over(model_dir
     (run_dir / "left_by_the_crash").write_text("")
     ran.clear()
     again = run_compare(cfg, progress=False, resume=True)
-    assert ran == [("_grpo_job", 0.01), ("_grpo_scoring_job", 0.01)]
+    assert ran == [("grpo_job", 0.01), ("grpo_scoring_job", 0.01)]
     assert not (run_dir / "left_by_the_crash").exists() and (run_dir / "result.json").is_file()
-    assert [r["lr"] for r in again["grpo_sweep"]["runs"]] == [0.01, 0.05] and again["same_start_adapter"]
+    assert [r.lr for r in again.grpo_sweep.runs] == [0.01, 0.05] and again.same_start_adapter
 
 
 def test_job_processes_keep_the_memory_they_free_unless_the_user_set_malloc(monkeypatch):
@@ -495,8 +568,8 @@ def test_job_processes_keep_the_memory_they_free_unless_the_user_set_malloc(monk
     environment is unchanged afterwards."""
     monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "123")
-    assert compare._run_job(True, os.getenv, key="MALLOC_MMAP_MAX_") == "0"
-    assert compare._run_job(True, os.getenv, key="MALLOC_TRIM_THRESHOLD_") == "123"
+    assert orchestration.run_job(True, os.getenv, key="MALLOC_MMAP_MAX_") == "0"
+    assert orchestration.run_job(True, os.getenv, key="MALLOC_TRIM_THRESHOLD_") == "123"
     assert "MALLOC_MMAP_MAX_" not in os.environ and os.environ["MALLOC_TRIM_THRESHOLD_"] == "123"
 
 

@@ -307,7 +307,7 @@ def _compare(args: argparse.Namespace) -> int:
     from essa.compare import compare_defaults, run_compare
 
     summary = run_compare(_config(args, base=compare_defaults()), progress=not args.quiet, resume=args.resume)
-    print(json.dumps(summary))
+    print(json.dumps(summary.to_json()))
     return 0
 
 
