@@ -234,21 +234,30 @@ def test_bytes_per_generation_do_not_grow_with_the_model(evaluator, files):
     assert max(big_sent) < SEARCH.popsize * big.dim * 8
 
 
-def test_trainer_on_ray_matches_the_local_backend_including_validation(ray_session, files, tmp_path):
+@pytest.mark.parametrize("sigma0", [0.5, "auto"])
+def test_trainer_on_ray_matches_the_local_backend_including_validation(ray_session, files, tmp_path, sigma0):
     """The trainer drives the Ray backend (workers regenerate candidates, validation ships rows) and
-    matches the local backend: fitness, validation accuracies that differ, the final adapter."""
+    matches the local backend: fitness, validation accuracies that differ, the final adapter. With
+    sigma0 "auto" only the driver knows the probed step; the workers start from it too."""
     model_dir, adapter, _ = files
     task_cfg = task_config(any_vowel=True, validation_examples=16)
     task = get_task(task_cfg)
-    evaluator = make_evaluator(model_dir, adapter, task_cfg)
+    search = dataclasses.replace(SEARCH, sigma0=sigma0)
+    evaluator = RayPopulationEvaluator(Config(model=ModelConfig(name=str(model_dir)), task=task_cfg,
+                                              decoding=DECODING, essa=search,
+                                              backend=BackendConfig(kind="ray", workers=2)),
+                                       str(adapter), 1.0, cpus_per_worker=0.5)
     try:
-        ray_run = EssaTrainer(evaluator, tiny_tokenizer(), task, SEARCH, tmp_path / "ray", progress=False).run()
+        ray_run = EssaTrainer(evaluator, tiny_tokenizer(), task, search, tmp_path / "ray", progress=False).run()
     finally:
         evaluator.close()
     model, tok = tiny_llama(seed=0), tiny_tokenizer()
     space = SvdLoraSpace.from_adapter(adapter, 1.0, model=model)
     local = LocalBackend(model, tok, space, DECODING)
-    local_run = EssaTrainer(local, tok, task, SEARCH, tmp_path / "local", progress=False).run()
+    local_run = EssaTrainer(local, tok, task, search, tmp_path / "local", progress=False).run()
+    assert ray_run.state.sigma0 == local_run.state.sigma0
+    if sigma0 == "auto":
+        assert "probe" in json.loads((tmp_path / "ray" / "metrics.jsonl").read_text().splitlines()[0])
 
     def metrics(run_dir):  # everything but the timings
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -261,3 +270,32 @@ def test_trainer_on_ray_matches_the_local_backend_including_validation(ray_sessi
     accuracies = [r["val_accuracy"] for r in metrics(tmp_path / "local") if "val_accuracy" in r]
     accuracies += list(local_run.validation.values())
     assert len(set(accuracies)) > 1 and max(accuracies) > 0, accuracies
+
+
+def test_a_worker_regenerates_what_the_trainers_optimizer_asks(files, tmp_path, monkeypatch):
+    """The lock-step contract (essa.optim): a worker builds its optimizer copy as the trainer
+    builds the driver's, from the essa settings, the dimension and the driver's step size. A
+    change to how the trainer starts its optimizer that the workers do not follow fails here."""
+    from essa.backends.ray_backend import ChunkJob, PopulationWorker
+
+    model_dir, adapter, _ = files
+    task_cfg = task_config()
+    search = dataclasses.replace(SEARCH, sigma0="auto", popsize=6, generations=1)
+    model, tok = tiny_llama(seed=0), tiny_tokenizer()
+    local = LocalBackend(model, tok, SvdLoraSpace.from_adapter(adapter, 1.0, model=model), DECODING)
+    asked = []
+    run_generation = local.run_generation
+
+    def recording(*args):
+        result = run_generation(*args)
+        asked.append(result.population.copy())
+        return result
+
+    monkeypatch.setattr(local, "run_generation", recording)
+    trainer = EssaTrainer(local, tok, get_task(task_cfg), search, tmp_path / "run", progress=False)
+    trainer.run()
+    driver_sigma0 = trainer.optimizer.sigma0
+    assert driver_sigma0 != SEARCH.sigma0  # the probe chose it
+    worker = PopulationWorker(ray_config(model_dir, task_cfg).with_changes(essa=search), str(adapter), 1.0)
+    worker.run_chunk(ChunkJob(0, range(0, 6), [0, 1, 2], seed=0, updates=[], sigma0=driver_sigma0))
+    np.testing.assert_array_equal(worker.population, asked[0])

@@ -39,6 +39,7 @@ class Optimizer(ABC):
     Options: ClassVar[type] = NoOptions
     dim: int
     popsize: int
+    sigma0: float  # the initial step size (set by make_optimizer)
 
     @abstractmethod
     def ask(self) -> np.ndarray:
@@ -356,15 +357,27 @@ def check_optimizer_options(name: str, options: dict[str, Any]) -> Any:
     return build_section(cls, options, "essa.optimizer_options.")
 
 
+# -- the lock-step contract ---------------------------------------------------------------------
+# Ray workers each hold a copy of the trainer's optimizer (essa.backends.ray_backend) and stay in
+# lock-step with it by asking and telling the same values, so every copy must start from the same
+# state. It does because a run's optimizer is only ever built here, from (the essa settings, the
+# search dimension, the initial step size): the trainer calls `make_optimizer` (a new run, a
+# resumed one) and each worker calls it with the step size the driver's optimizer reports, which
+# every ChunkJob carries. A change to how a run's optimizer starts (another initial mean, a warm
+# start) belongs in this function's arguments, so the workers receive it too; a state reached any
+# other way has to travel to them whole (the evaluator's resync). tests/test_ray_backend.py checks
+# that a worker regenerates the candidates the trainer's optimizer asks.
 def make_optimizer(search: SearchConfig, dim: int, sigma0: float | None = None) -> Optimizer:
-    """The optimizer `search` names, its initial mean the zero offset vector; `sigma0` replaces
-    `search.sigma0` (which may be "auto", resolved by the caller)."""
+    """The optimizer `search` names, its initial mean the zero offset vector, seeded by essa.seed;
+    `sigma0` replaces `search.sigma0` (which may be "auto", resolved by the caller)."""
     sigma0 = search.sigma0 if sigma0 is None else sigma0
     if isinstance(sigma0, str):
         raise EssaError(f"essa.sigma0={sigma0!r} must be resolved to a number before an optimizer is built")
     cls = _OPTIMIZERS[search.optimizer]
-    return cls(dim, search.popsize, sigma0, search.seed,
-               check_optimizer_options(search.optimizer, search.optimizer_options))
+    optimizer = cls(dim, search.popsize, sigma0, search.seed,
+                    check_optimizer_options(search.optimizer, search.optimizer_options))
+    optimizer.sigma0 = float(sigma0)
+    return optimizer
 
 
 __all__ = ["CmaEsOptimizer", "OpenAiEsOptimizer", "Optimizer", "SepCmaEsOptimizer", "make_optimizer",

@@ -114,8 +114,9 @@ class EssaTrainer:
         self.validation = task.checked_split("validation")
         self.selection, self.judgement = split_validation(self.validation)
         self.train_prompts = [format_prompt(tokenizer, task, ex) for ex in self.train]
-        # With sigma0 "auto" the optimizer is built once the probe has chosen its step (run()).
-        self.optimizer = None if search.sigma0 == "auto" else make_optimizer(search, self.dim)
+        # Built in run(): a new run's once sigma0 is known (the probe's, with "auto"), a resumed
+        # run's from its checkpoint.
+        self.optimizer = None
         self._scored: dict[tuple[str, bytes], np.ndarray] = {}
 
     # -- public -----------------------------------------------------------------------------

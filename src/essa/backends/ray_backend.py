@@ -71,6 +71,9 @@ class ChunkJob:
     updates: list[np.ndarray]
     # One-off: optimizer state at generation gen - len(updates) (after a resync or a replacement).
     reset_state: dict | None = None
+    # The driver optimizer's initial step size: a worker builds its copy from it (essa.optim's
+    # lock-step contract; with essa.sigma0 "auto" only the driver knows it).
+    sigma0: float = 0.0
 
 
 @dataclass
@@ -95,7 +98,6 @@ class PopulationWorker:
     """Runs inside a Ray actor: a backend (model + SVD-LoRA space) + task + its own optimizer copy."""
 
     def __init__(self, cfg: Config, adapter_dir: str, alpha: float):
-        from essa.optim import make_optimizer
         from essa.tasks import get_task
 
         engine = cfg.backend.worker_engine
@@ -104,8 +106,8 @@ class PopulationWorker:
         self.task = get_task(cfg.task)
         self.train = self.task.checked_split("train")
         self._prompts: dict[int, str] = {}
-        # Every worker starts where a fresh driver optimizer starts: the shared seed.
-        self.optimizer = make_optimizer(cfg.essa, self.backend.dim)
+        self.search = cfg.essa
+        self.optimizer: Optimizer | None = None  # built at the first job, as the driver's was
         self.gen = 0  # generations told so far
         self.population: np.ndarray | None = None  # asked candidates of generation self.gen
 
@@ -136,7 +138,11 @@ class PopulationWorker:
 
     def _catch_up(self, job: ChunkJob) -> None:
         """Apply the same tell()s as the driver, then ask this generation's candidates once."""
+        from essa.optim import make_optimizer
+
         start = job.gen - len(job.updates)
+        if self.optimizer is None or job.reset_state is not None:
+            self.optimizer = make_optimizer(self.search, self.backend.dim, sigma0=job.sigma0)
         if job.reset_state is not None:
             self.optimizer.load_state_dict(job.reset_state)
             self.gen, self.population = start, None
@@ -226,6 +232,7 @@ class RayPopulationEvaluator(Backend):
         # Lock-step bookkeeping: fitness of every generation since `_base`, whose starting
         # optimizer state is `_base_state` (None: a fresh optimizer built from `search`).
         self._driver: Optimizer | None = None
+        self._sigma0 = 0.0  # the driver optimizer's initial step size, which the workers start from
         self._next_gen = 0
         self._base, self._base_state = 0, None
         self._history: list[np.ndarray] = []
@@ -253,6 +260,7 @@ class RayPopulationEvaluator(Backend):
                     stats: RewardStats | None = None) -> Generation:
         """`run_generation` from the train-split indices of the generation's prompts."""
         self._check_driver(optimizer, prompt_indices)
+        self._sigma0 = optimizer.sigma0
         if not self._in_lockstep(gen, optimizer):
             self._resync(gen, optimizer)
         population = optimizer.ask()
@@ -325,7 +333,8 @@ class RayPopulationEvaluator(Backend):
 
     def _in_lockstep(self, gen: int, optimizer: Optimizer) -> bool:
         if self._driver is None and self._next_gen == 0:
-            return gen == 0  # workers and a fresh driver both start from `search`; fingerprints verify
+            # A fresh driver and the workers both come from make_optimizer; fingerprints verify.
+            return gen == 0
         return optimizer is self._driver and gen == self._next_gen
 
     def _resync(self, gen: int, optimizer: Optimizer) -> None:
@@ -341,7 +350,7 @@ class RayPopulationEvaluator(Backend):
             slot = self._slots[i]
             updates = self._history[slot.told - self._base:gen - self._base]
             reset = self._base_state if slot.needs_reset else None
-            return "run_chunk", (ChunkJob(gen, cands, prompts, seed, updates, reset),)
+            return "run_chunk", (ChunkJob(gen, cands, prompts, seed, updates, reset, self._sigma0),)
 
         def done(i: int) -> None:
             self._slots[i].told, self._slots[i].needs_reset = gen, False
