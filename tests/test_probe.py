@@ -91,14 +91,58 @@ def test_probe_of_a_start_that_solves_nothing_stops_when_even_the_largest_step_f
     assert choose_sigma0(short, 0.1) == choose_sigma0(full, 0.1) == 0.8
 
 
-def test_probe_of_a_mixed_start_goes_in_ascending_order():
-    task = ThresholdTask()
-    backend = SensitiveBackend(20.0)
+class LenientTask(ThresholdTask):
+    """"yes!" counts as yes and "no!" as no: an answer can change without its reward changing."""
+
+    def reward(self, completion, example):
+        return float(completion.rstrip("!") == "yes")
+
+
+class TwoWayBackend(SensitiveBackend):
+    """The start says "yes" to the prompts in `start_yes`. A step past a prompt's threshold turns the
+    answer over (yes -> no or no -> yes); a step past half of it only adds "!". Every answer given
+    is recorded, so a test can count flips itself."""
+
+    def __init__(self, sensitivity: float, start_yes: set[str]):
+        super().__init__(sensitivity)
+        self.start_yes = start_yes
+        self.answers: list[list[list[str]]] = []
+
+    def evaluate(self, population, prompts, seed=0, candidate_offset=0, prompt_offset=0):
+        out = []
+        for z in population:
+            size = self.sensitivity * float(np.abs(z).mean())
+            row = []
+            for p in prompts:
+                start = "yes" if p in self.start_yes else "no"
+                threshold = 0.05 + zlib.crc32(p.encode()) % 97 / 97
+                turned = "no" if start == "yes" else "yes"
+                row.append(turned if size > threshold else start + "!" if size > threshold / 2 else start)
+            out.append(row)
+        self.answers.append(out)
+        return out
+
+
+def test_probe_counts_flips_both_ways_and_changes_that_keep_the_reward():
+    task = LenientTask()
     tokenizer = tiny_tokenizer()
     prompts = [format_prompt(tokenizer, task, ex) for ex in task.examples]
-    backend.thresholds = {p: -1.0 for p in prompts[::2]}  # the start already says "yes" to half of them
-    rows = probe_signal(backend, tokenizer, task, task.examples, (0.02, 0.8), stop_at_flips=0.0)
-    assert [r.sigma for r in rows] == [0.02] and rows[0].start_fitness == 0.5
+    backend = TwoWayBackend(4.0, start_yes=set(prompts[::2]))
+    rows = probe_signal(backend, tokenizer, task, task.examples, (0.02, 0.1, 0.4, 1.6), stop_at_flips=0.3)
+    start = backend.answers[0][0]
+    assert [r.start_fitness for r in rows] == [0.5] * len(rows)
+    assert [r.sigma for r in rows] == [0.02, 0.1, 0.4, 1.6][:len(rows)] and 1 < len(rows) < 4
+    assert all(r.flipped < 0.3 for r in rows[:-1]) and rows[-1].flipped >= 0.3
+    up = down = 0
+    for row, answers in zip(rows, backend.answers[1:]):
+        pairs = [(s, a) for cand in answers for s, a in zip(start, cand)]
+        turned_up = sum(s == "no" and a == "yes" for s, a in pairs)
+        turned_down = sum(s == "yes" and a == "no" for s, a in pairs)
+        up, down = up + turned_up, down + turned_down
+        assert row.flipped == pytest.approx((turned_up + turned_down) / len(pairs))
+        assert row.changed == pytest.approx(sum(s != a for s, a in pairs) / len(pairs))
+    assert up > 0 and down > 0  # flips from the start's right and wrong answers alike
+    assert any(r.changed > r.flipped for r in rows)  # "yes!" changed the text, not the reward
 
 
 def test_choose_sigma0_takes_the_smallest_step_that_flips_enough():
