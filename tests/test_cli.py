@@ -299,7 +299,7 @@ def test_math_example_config_is_the_demo():
 
 # math.yaml fixes the step size: its start solves ~2%, where the probe finds no flips; ifeval.yaml fixes
 # the step the probe always chose there, as probing 80-token completions took 40% of the budget
-# (docs/BENCHMARKS.md).
+# (docs/history/2026-12-03-math-style-first-runs.md, docs/history/2026-12-03-ifeval-14-requests.md).
 @pytest.mark.parametrize("name, sigma0", [("arithmetic.yaml", "auto"), ("ifeval.yaml", 0.4), ("math.yaml", 0.8)])
 def test_shipped_example_configs_load(name, sigma0):
     from pathlib import Path

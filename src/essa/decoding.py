@@ -19,7 +19,8 @@ re-implemented here); with `pack_weights` its linear layers run on oneDNN-packed
 
 On CPU, batches run on several threads at once (`parallel_batches`), each with its share of
 torch's threads: one batch's Python and small elementwise operations then overlap the other's
-matrix products, instead of every small operation waiting for all threads (docs/BENCHMARKS.md).
+matrix products, instead of every small operation waiting for all threads
+(docs/history/2026-12-04-decoder-parallel-batches.md).
 Batches that run together are dealt rows of alike prompt lengths, so they end at about the same time.
 """
 
@@ -305,7 +306,8 @@ class _BatchThreads:
     """Runs batches `workers` at a time on threads that split torch's CPU threads between them.
 
     Inference mode and the thread count are per thread, so each worker sets both. (Giving a
-    finished worker's threads to the batch still running did not pay: docs/BENCHMARKS.md.) If one
+    finished worker's threads to the batch still running did not pay:
+    docs/history/2026-12-04-decoder-parallel-batches.md.) If one
     batch fails or the caller is interrupted (Ctrl-C), the others end at their next step, so the
     error surfaces at once. The caller's thread count is restored afterwards.
     """

@@ -4,7 +4,8 @@
 or so rows against a 576 x 1536 weight, or a 49k-token output head) oneDNN's linear with a weight
 packed once for its own kernels ran the same products 1.3-1.8x faster on an AMD EPYC, and MKL's own
 pre-packed GEMM was not faster, so the gain is oneDNN's kernels more than the packing saved;
-bf16, which already runs through oneDNN, gains less (docs/BENCHMARKS.md). The products are the
+bf16, which already runs through oneDNN, gains less
+(docs/history/2026-12-04-decoder-packed-weights.md). The products are the
 same up to summation order.
 
 Packing keeps a second copy of every packed weight, so it is done once and kept: `PackedLinears`

@@ -12,13 +12,15 @@ offsets) and scored on the same prompts as the start itself. Reported per sigma:
 `choose_sigma0` picks the smallest sigma whose flip rate reaches a target: small enough to stay
 near a good start, large enough that candidates differ on some prompts (with 0/1 rewards and a
 tiny step, every candidate ties with the start and selection has nothing to go on). The target,
-10% of rewards flipped, is what the demo's runs that gained had (docs/BENCHMARKS.md); the run
+10% of rewards flipped, is what the demo's runs that gained had
+(docs/history/2026-12-02-es-signal-arithmetic.md); the run
 whose probe stopped at 5% kept its start. With `stop_at_flips` the probe stops at the first sigma
 that reaches it, as larger ones cannot change the choice: the probe spends search time. And where
 the start scores the same on every probe prompt (it solves none of them, or all), the largest step
 is probed first: if even it flips too few rewards the choice is made (the largest, as flips grow
 with the step), which spares a start that solves almost nothing a probe of every step (measured on
-the math task: no flips at any step, 248 s of a 600 s budget, docs/BENCHMARKS.md).
+the math task: no flips at any step, 248 s of a 600 s budget,
+docs/history/2026-12-03-math-style-first-runs.md).
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ offsets: the factor is scaled); "factors" gives A and B the same offsets (with r
 and "values" as well, one offset z scales a module's LoRA delta B A by exp(2z), and no coordinate
 is spent on moving A up and B down, which leaves B A unchanged). With "layers", `layer_groups`
 splits the layers into that many contiguous blocks, each with its own offsets (early and late
-layers of the demo's adapter want different scales: docs/BENCHMARKS.md). Sharing trades
+layers of the demo's adapter want different scales:
+docs/history/2026-12-02-es-signal-arithmetic.md). Sharing trades
 expressiveness for a search space small enough for a small population to find its way in.
 """
 

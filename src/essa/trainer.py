@@ -51,7 +51,7 @@ METRICS = "metrics.jsonl"
 # Prompts the sigma0 probe scores each candidate on: 8 candidates x 32 prompts per sigma give a
 # flip rate's binomial error of about +-2 points; each sigma costs half a generation of the demo
 # (8 candidates x 64 prompts). Which 8 candidates are drawn moves it more than that (3-8% at
-# sigma 0.2 across seeds on the demo, docs/BENCHMARKS.md).
+# sigma 0.2 across seeds on the demo, docs/history/2026-12-02-es-signal-arithmetic.md).
 PROBE_PROMPTS = 32
 # Chance that the final choice replaces the start with a challenger no better than it, over all
 # challengers together (each is tested at FINAL_ALPHA / number of challengers).
