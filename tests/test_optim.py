@@ -247,3 +247,37 @@ def test_load_state_rejects_mismatched_optimizer(kind):
         make(kind).load_state_dict(make(other).state_dict())
     with pytest.raises(EssaError, match="state"):
         make(kind, dim=DIM + 1).load_state_dict(make(kind).state_dict())
+
+
+def test_mean_rate_is_the_share_of_fitness_variance_both_halves_agree_on():
+    from essa.optim import MIN_MEAN_RATE, mean_rate
+
+    signal = SearchConfig(mean_step="signal")
+    agreeing = np.array([[0.1, 0.1], [0.5, 0.5], [0.9, 0.9], [0.3, 0.3]])
+    assert mean_rate(signal, agreeing) == 1.0
+    # Halves that disagree as much as they agree: (h1 + h2) and (h1 - h2) have the same spread.
+    disagreeing = np.array([[0.5, 0.0], [0.0, 0.5], [0.5, 0.5], [0.0, 0.0]])
+    assert mean_rate(signal, disagreeing) == MIN_MEAN_RATE
+    # Sums 0.8 / 0.2 (variance 0.09), differences +-0.1 (variance 0.01): 1 - 0.01 / 0.09.
+    partly = np.array([[0.45, 0.35], [0.05, 0.15], [0.45, 0.35], [0.05, 0.15]])
+    assert mean_rate(signal, partly) == pytest.approx(1 - 0.01 / 0.09)
+    assert mean_rate(signal, np.full((4, 2), 0.25)) == MIN_MEAN_RATE  # all tied
+    assert mean_rate(SearchConfig(), disagreeing) == 1.0  # mean_step full: the optimizer's own step
+    assert mean_rate(signal, None) == 1.0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_mean_rate_scales_the_mean_step_and_leaves_the_step_size_adaptation(kind):
+    full, slow = make(kind, seed=5), make(kind, seed=5)
+    start = full.mean
+    population = full.ask()
+    assert np.array_equal(population, slow.ask())
+    full.tell(population, sphere(population))
+    slow.tell(population, sphere(population), mean_rate=0.001)
+    assert np.allclose(slow.mean - start, 0.001 * (full.mean - start))
+    assert np.linalg.norm(full.mean - start) > 0
+    if kind != "openai-es":  # pycma adapts sigma from the intended step, whatever part of it was taken
+        assert slow.sigma == pytest.approx(full.sigma, rel=1e-9)
+    with pytest.raises(EssaError, match="mean_rate must be in"):
+        population = slow.ask()
+        slow.tell(population, sphere(population), mean_rate=0.0)

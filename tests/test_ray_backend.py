@@ -242,7 +242,8 @@ def test_trainer_on_ray_matches_the_local_backend_including_validation(ray_sessi
     model_dir, adapter, _ = files
     task_cfg = task_config(any_vowel=True, validation_examples=16)
     task = get_task(task_cfg)
-    search = dataclasses.replace(SEARCH, sigma0=sigma0)
+    # With "auto", also essa.mean_step: signal, whose per-generation mean rate the workers apply too.
+    search = dataclasses.replace(SEARCH, sigma0=sigma0, mean_step="signal" if sigma0 == "auto" else "full")
     evaluator = RayPopulationEvaluator(Config(model=ModelConfig(name=str(model_dir)), task=task_cfg,
                                               decoding=DECODING, essa=search,
                                               backend=BackendConfig(kind="ray", workers=2)),
@@ -258,6 +259,8 @@ def test_trainer_on_ray_matches_the_local_backend_including_validation(ray_sessi
     assert ray_run.state.sigma0 == local_run.state.sigma0
     if sigma0 == "auto":
         assert "probe" in json.loads((tmp_path / "ray" / "metrics.jsonl").read_text().splitlines()[0])
+        rates = [r["mean_rate"] for r in metrics(tmp_path / "local") if "mean_rate" in r]
+        assert any(rate < 1.0 for rate in rates), rates
 
     def metrics(run_dir):  # everything but the timings
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()

@@ -38,6 +38,7 @@ SVD_VECTORS = ("sft", "random")
 FINAL_CHALLENGERS = ("mean", "best_validated_mean", "best_candidate")
 # Values of grpo.loss_type (TRL's loss aggregations).
 GRPO_LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo")
+MEAN_STEPS = ("full", "signal")
 # The real benchmarks of essa.suite (its registry holds how each is read and scored).
 SUITE_BENCHMARKS = ("gsm8k", "math500", "svamp", "asdiv", "mawps", "ifeval")
 # A number in exponent notation, such as 3e-5, which YAML 1.1 leaves a string.
@@ -206,6 +207,11 @@ class SearchConfig:
     generations: int | None = setting(20, "Generations (ES steps) to run; null: only time_budget_s decides.")
     time_budget_s: float | None = setting(None, "Search seconds (validation not counted); the run stops at "
                                           "whichever budget comes first. null: no time budget.")
+    mean_step: str = setting("full", "How far each generation moves the optimizer's mean: full (as the optimizer "
+                             "would) or signal (scaled by the share of the candidates' fitness variance the two "
+                             "halves of the prompts agree on: about 0 on pure noise, so the mean stays near the "
+                             "start instead of drifting; an addition to the paper's method, measured in "
+                             "benchmarks/noise_drift.py).")
     eval_every: int = setting(4, "Validate the optimizer mean every this many generations (0: only at the start "
                               "and the end).")
     final_challengers: list[str] = setting(list(FINAL_CHALLENGERS), "Points that may replace the start (the SFT "
@@ -250,6 +256,7 @@ class SearchConfig:
         if self.generations is None and self.time_budget_s is None:
             raise EssaError("set essa.generations or essa.time_budget_s (or both)")
         _check("essa.eval_every", self.eval_every >= 0, "must be >= 0", self.eval_every)
+        _check("essa.mean_step", self.mean_step in MEAN_STEPS, _one_of(MEAN_STEPS), self.mean_step)
         _check("essa.final_challengers", isinstance(self.final_challengers, list) and self.final_challengers
                and set(self.final_challengers) <= set(FINAL_CHALLENGERS)
                and len(set(self.final_challengers)) == len(self.final_challengers),

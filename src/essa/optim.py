@@ -46,8 +46,9 @@ class Optimizer(ABC):
         """Return `(popsize, dim)` float64 candidates."""
 
     @abstractmethod
-    def tell(self, candidates: np.ndarray, fitness: np.ndarray) -> None:
-        """Update the distribution from candidates and their fitness (higher is better)."""
+    def tell(self, candidates: np.ndarray, fitness: np.ndarray, mean_rate: float = 1.0) -> None:
+        """Update the distribution from candidates and their fitness (higher is better);
+        `mean_rate` in (0, 1] scales how far the mean moves (essa.mean_step, `mean_rate`)."""
 
     @property
     @abstractmethod
@@ -158,12 +159,19 @@ class CmaEsOptimizer(Optimizer):
             solutions = self._es.ask()
         return np.array(solutions, dtype=np.float64)
 
-    def tell(self, candidates: np.ndarray, fitness: np.ndarray) -> None:
+    def tell(self, candidates: np.ndarray, fitness: np.ndarray, mean_rate: float = 1.0) -> None:
         candidates, fitness = self._check_tell(candidates, fitness)
         if getattr(self._es, "_flgtelldone", False):  # pycma raises a bare RuntimeError here
             raise EssaError("tell: each generation must be one ask() followed by one tell()")
-        with self._own_global_rng():
-            self._es.tell(list(candidates), list(-fitness))  # pycma minimizes
+        # pycma's mean learning rate (CMA_cmean) for this one step. pycma divides the mean's step by
+        # it when it updates its evolution paths, so step size and covariance adapt as they would.
+        cmean = self._es.sp.cmean
+        self._es.sp.cmean = cmean * _checked_rate(mean_rate)
+        try:
+            with self._own_global_rng():
+                self._es.tell(list(candidates), list(-fitness))  # pycma minimizes
+        finally:
+            self._es.sp.cmean = cmean
 
     @property
     def mean(self) -> np.ndarray:
@@ -267,21 +275,21 @@ class OpenAiEsOptimizer(Optimizer):
         noise = np.concatenate([half, -half])[: self.popsize]
         return self._mean + self._sigma * noise
 
-    def tell(self, candidates: np.ndarray, fitness: np.ndarray) -> None:
+    def tell(self, candidates: np.ndarray, fitness: np.ndarray, mean_rate: float = 1.0) -> None:
         candidates, fitness = self._check_tell(candidates, fitness)
         # Recover the noise from the candidates, so any process holding them can apply the update.
         noise = (candidates - self._mean) / self._sigma
         grad = _centered_ranks(fitness) @ noise / (self.popsize * self._sigma)
-        self._adam_ascent(grad)
+        self._adam_ascent(grad, _checked_rate(mean_rate))
 
-    def _adam_ascent(self, grad: np.ndarray) -> None:
+    def _adam_ascent(self, grad: np.ndarray, rate: float = 1.0) -> None:
         b1, b2 = self.betas
         self._step += 1
         self._adam_m = b1 * self._adam_m + (1 - b1) * grad
         self._adam_v = b2 * self._adam_v + (1 - b2) * grad**2
         m_hat = self._adam_m / (1 - b1**self._step)
         v_hat = self._adam_v / (1 - b2**self._step)
-        self._mean = self._mean + self.lr * m_hat / (np.sqrt(v_hat) + self.eps)
+        self._mean = self._mean + rate * self.lr * m_hat / (np.sqrt(v_hat) + self.eps)
 
     @property
     def mean(self) -> np.ndarray:
@@ -314,6 +322,31 @@ class OpenAiEsOptimizer(Optimizer):
         self._adam_v = np.array(state["adam_v"], dtype=np.float64)
         self._step = int(state["step"])
         self._rng.bit_generator.state = copy.deepcopy(state["rng"])
+
+
+def _checked_rate(rate: float) -> float:
+    if not 0 < rate <= 1:
+        raise EssaError(f"tell: mean_rate must be in (0, 1] (got {rate!r})")
+    return float(rate)
+
+
+# The smallest mean rate: pycma divides by it, so it stays above zero.
+MIN_MEAN_RATE = 1e-3
+
+
+def mean_rate(search: SearchConfig, half_fitness: np.ndarray | None) -> float:
+    """How far a generation's tell moves the mean (essa.mean_step). "full": 1. "signal": the share
+    of the candidates' fitness variance that the two halves of the prompts agree on,
+    1 - var(h1 - h2) / var(h1 + h2): about 0 when the fitness is noise (the halves disagree as much
+    as they agree), near 1 when the candidates truly differ. Part of the lock-step contract below:
+    Ray workers apply it from the same half fitness."""
+    if search.mean_step == "full" or half_fitness is None:
+        return 1.0
+    halves = np.asarray(half_fitness, dtype=np.float64)
+    agree, disagree = np.var(halves.sum(axis=1)), np.var(halves[:, 0] - halves[:, 1])
+    if agree <= 0:
+        return MIN_MEAN_RATE  # every candidate scored the same: nothing to move toward
+    return float(np.clip(1.0 - disagree / agree, MIN_MEAN_RATE, 1.0))
 
 
 def _centered_ranks(values: np.ndarray) -> np.ndarray:
@@ -363,7 +396,9 @@ def check_optimizer_options(name: str, options: dict[str, Any]) -> Any:
 # state. It does because a run's optimizer is only ever built here, from (the essa settings, the
 # search dimension, the initial step size): the trainer calls `make_optimizer` (a new run, a
 # resumed one) and each worker calls it with the step size the driver's optimizer reports, which
-# every ChunkJob carries. A change to how a run's optimizer starts (another initial mean, a warm
+# every ChunkJob carries. Each step tells the generation's fitness with `mean_rate` of its half
+# fitness, which the workers compute from the same numbers. A change to how a run's optimizer starts
+# (another initial mean, a warm
 # start) belongs in this function's arguments, so the workers receive it too; a state reached any
 # other way has to travel to them whole (the evaluator's resync). tests/test_ray_backend.py checks
 # that a worker regenerates the candidates the trainer's optimizer asks.

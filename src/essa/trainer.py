@@ -39,7 +39,7 @@ from essa.config import SearchConfig
 from essa.errors import EssaError
 from essa.evaluate import evaluate_split
 from essa.io import atomic_write_json, atomic_write_state, atomic_write_text, ensure_writable_dir, read_state
-from essa.optim import make_optimizer
+from essa.optim import make_optimizer, mean_rate
 from essa.probe import TARGET_FLIPS, choose_sigma0, probe_signal, rank_agreement
 from essa.schedule import minibatch_indices
 from essa.stats import PairedComparison, compare_paired, mcnemar_exact_p
@@ -165,7 +165,8 @@ class EssaTrainer:
         result = self.backend.run_generation(gen, self.optimizer, self.task, self._minibatch(gen), self._seed(gen),
                                              stats)
         population, fitness = result.population, result.fitness
-        self.optimizer.tell(population, fitness)
+        rate = mean_rate(self.cfg, result.half_fitness)
+        self.optimizer.tell(population, fitness, mean_rate=rate)
         best = int(np.argmax(fitness))
         if fitness[best] > state.best_fitness:
             state.best_fitness, state.best_candidate = float(fitness[best]), population[best].copy()
@@ -180,6 +181,7 @@ class EssaTrainer:
             # How much the generation could tell candidates apart (0/1 rewards on few prompts tie).
             "distinct_fitness": int(len(np.unique(fitness))),
             "split_half_rho": None if result.half_fitness is None else rank_agreement(*result.half_fitness.T),
+            "mean_rate": rate,
         }
         state.history.append(record)
         if self.cfg.eval_every and state.generation % self.cfg.eval_every == 0:

@@ -50,7 +50,7 @@ from essa.backends import (
 from essa.config import Config, TaskConfig
 from essa.console import say
 from essa.errors import EssaError, first_line
-from essa.optim import Optimizer
+from essa.optim import Optimizer, mean_rate
 from essa.tasks import RewardStats, Task
 
 _log = logging.getLogger("essa.ray")
@@ -67,8 +67,8 @@ class ChunkJob:
     candidates: range
     prompt_indices: list[int]
     seed: int
-    # Fitness of generations [gen - len(updates), gen) that this worker has not told yet.
-    updates: list[np.ndarray]
+    # (fitness, mean rate) of generations [gen - len(updates), gen) that this worker has not told yet.
+    updates: list[tuple[np.ndarray, float]]
     # One-off: optimizer state at generation gen - len(updates) (after a resync or a replacement).
     reset_state: dict | None = None
     # The driver optimizer's initial step size: a worker builds its copy from it (essa.optim's
@@ -148,9 +148,9 @@ class PopulationWorker:
             self.gen, self.population = start, None
         if self.gen != start:
             raise EssaError(f"worker is at generation {self.gen} but was sent updates from {start}")
-        for fitness in job.updates:
+        for fitness, rate in job.updates:
             population = self.population if self.population is not None else self.optimizer.ask()
-            self.optimizer.tell(population, fitness)
+            self.optimizer.tell(population, fitness, mean_rate=rate)
             self.gen, self.population = self.gen + 1, None
         if self.population is None:
             self.population = self.optimizer.ask()
@@ -235,7 +235,7 @@ class RayPopulationEvaluator(Backend):
         self._sigma0 = 0.0  # the driver optimizer's initial step size, which the workers start from
         self._next_gen = 0
         self._base, self._base_state = 0, None
-        self._history: list[np.ndarray] = []
+        self._history: list[tuple[np.ndarray, float]] = []
         self._bytes = 0
         self.bytes_sent_last_generation = 0
         self.tokens_last_generation = 0
@@ -279,11 +279,13 @@ class RayPopulationEvaluator(Backend):
                                 "fitness, or built from another SearchConfig than the workers?)")
         if stats is not None:
             stats.failures += sum(r.reward_failures for r in results)
-        self._history.append(fitness)
+        half_fitness = np.concatenate([r.half_fitness for r in results])
+        # The driver tells this fitness with this mean rate (the lock-step contract, essa.optim).
+        self._history.append((fitness, mean_rate(self.search, half_fitness)))
         self._driver, self._next_gen = optimizer, gen + 1
         self.bytes_sent_last_generation = self._bytes
         self.tokens_last_generation = sum(r.tokens for r in results)
-        return Generation(population, fitness, np.concatenate([r.half_fitness for r in results]))
+        return Generation(population, fitness, half_fitness)
 
     def evaluate(self, population: np.ndarray | None, prompts: list[str], seed: int = 0,
                  candidate_offset: int = 0, prompt_offset: int = 0) -> list[list[str]]:
