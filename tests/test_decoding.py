@@ -21,7 +21,7 @@ from essa.decoding import (BatchDecoder, DecodeSettings, PreallocatedLayer, choo
                           deal_batches, keep_order, prefill_groups)
 from essa.population import PopulationModel
 from essa.svd_space import SvdLoraSpace
-from helpers import tiny_llama, tiny_tokenizer
+from helpers import EOS_ID, PAD_ID, TINY_VOCAB_SIZE, tiny_llama, tiny_tokenizer
 
 QUESTIONS = ["hi", "what is 2+2?", "tell me a story about a cat", "a", "list three colours", "why?"]
 MAX_NEW = 14
@@ -338,6 +338,61 @@ def test_preallocated_layer_keeps_the_selected_rows_and_grows_after(indices):
     got_keys, got_values = layer.update(new_keys, new_values)
     assert torch.equal(got_keys, torch.cat([keys[indices], new_keys], dim=2))
     assert torch.equal(got_values, torch.cat([values[indices], new_values], dim=2))
+
+
+def _sliding_window_model(kind: str, window: int) -> transformers.PreTrainedModel:
+    """A tiny random model with sliding-window layers: Qwen2 with one full and one sliding layer, or
+    Mistral with sliding windows in every layer."""
+    shape = dict(vocab_size=TINY_VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=None,
+                 eos_token_id=EOS_ID, pad_token_id=PAD_ID, tie_word_embeddings=False, sliding_window=window)
+    if kind == "qwen2":
+        config = transformers.Qwen2Config(**shape, use_sliding_window=True, max_window_layers=1,
+                                          layer_types=["full_attention", "sliding_attention"])
+        cls = transformers.Qwen2ForCausalLM
+    else:
+        config, cls = transformers.MistralConfig(**shape), transformers.MistralForCausalLM
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return cls(config).float().eval()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["qwen2", "mistral"])
+@pytest.mark.parametrize("batch_size", [64, 4])
+def test_sliding_window_models_decode_on_transformers_cache_layers_as_hf_generate(device, kind, batch_size):
+    # Models with other layers than full attention keep transformers' own cache classes (the fallback
+    # beside PreallocatedLayer), which this decoder drives through their batch_select_indices.
+    window, max_new = 16, 20
+    model, tok = _sliding_window_model(kind, window).to(device), tiny_tokenizer()
+    layers = decoding.new_decode_cache(model.config, 64).layers
+    assert not any(isinstance(x, PreallocatedLayer) for x in layers)
+    assert any(type(x) is not transformers.cache_utils.DynamicLayer for x in layers)
+    prompts = [tok(tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": q}],
+                                           tokenize=False, add_generation_prompt=True),
+                   add_special_tokens=False)["input_ids"] for q in QUESTIONS]
+    assert min(len(p) for p in prompts) > window  # the window really cuts the prompt
+    stop = tok.convert_tokens_to_ids("+" if kind == "qwen2" else ")")  # written by some rows, at different steps
+    decoder = BatchDecoder(model, DecodeSettings(max_new_tokens=max_new, eos_token_ids=(stop,), batch_size=batch_size),
+                           pad_token_id=tok.pad_token_id)
+    ours = decoder.decode(prompts, [0] * len(prompts), keep_logits=True)
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    config = transformers.GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=stop,
+                                           pad_token_id=tok.pad_token_id, output_logits=True,
+                                           return_dict_in_generate=True)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    for r, (tokens, logits) in enumerate(zip(ours.tokens, ours.logits)):
+        new = out.sequences[r, width:].tolist()
+        n = new.index(stop) + 1 if stop in new else len(new)
+        assert tokens == [t for t in new[:n] if t != stop]
+        assert torch.allclose(logits, torch.stack([step[r] for step in out.logits[:n]]).cpu(), atol=1e-4)
+    lengths = {len(t) for t in ours.tokens}
+    assert len(lengths) >= 2 and min(lengths) < max_new - 1  # rows end at different steps and leave the batch
+    # No shared prefix: padding between it and a shorter suffix would take slots of the window.
+    assert ours.prefix_tokens == 0
 
 
 def test_common_prefix_length():

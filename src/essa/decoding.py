@@ -3,7 +3,9 @@
 Three things HF `generate` does not do for ESSA's workload, each exact under causal attention:
 - **Shared prefix.** The prompts of one evaluation usually begin alike (chat template and system
   prompt). That prefix is prefilled once per candidate and its KV cache is copied to the
-  candidate's rows; each row then prefills only the rest of its prompt.
+  candidate's rows; each row then prefills only the rest of its prompt. Only where every layer is
+  full attention: a sliding window counts cache slots, and the padding between the prefix and a
+  shorter suffix would take some of them (such models prefill whole, left-padded prompts, as HF).
 - **Little padding work.** A batch's prompt suffixes are prefilled in groups of similar length, each
   only as wide as its longest suffix; the padding columns stay empty and masked.
 - **Rows leave when they finish.** A row that emits EOS (or reaches `max_new_tokens`) is dropped
@@ -36,6 +38,9 @@ from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
+# `PreallocatedLayer` subclasses transformers' `DynamicLayer` and relies on its internals
+# (`lazy_initialization`, `is_initialized`, `keys`/`values`, `DynamicCache.layers`): pyproject.toml pins
+# transformers to the major version tested; the tests also run the fallback on transformers' own layers.
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
@@ -130,6 +135,8 @@ class BatchDecoder:
         # transformers 5.x renamed `past_key_values` to `cache` (the old name warns until it is removed).
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        # Every layer full attention: the cache is `PreallocatedLayer`s, and prompts may share a prefix.
+        self._full_attention = all(isinstance(x, PreallocatedLayer) for x in new_decode_cache(model.config, 1).layers)
         use_packed = settings.pack_weights and packing_available()
         self._packed = PackedLinears(model, settings.batch_size) if use_packed else None
 
@@ -149,6 +156,7 @@ class BatchDecoder:
                 share_prefix: bool, progress: bool) -> DecodeResult:
         self._capacity = max(len(p) for p in prompts) + self.settings.max_new_tokens
         # The last prompt token of every row stays out of the prefix: its logits start decoding.
+        share_prefix = share_prefix and self._full_attention
         prefix_len = min(common_prefix_length(prompts), min(len(p) for p in prompts) - 1) if share_prefix else 0
         prefix = self._prefill_prefix(prompts[0][:prefix_len], sorted(set(candidates))) if prefix_len else None
         result = DecodeResult([[] for _ in prompts], [None] * len(prompts) if keep_logits else None, prefix_len)
