@@ -303,11 +303,7 @@ class BatchDecoder:
         return prefilled, decoded, attended
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A host tensor on the model's device. To a GPU it goes from pinned memory without waiting:
-        a copy from pageable memory would wait for the device's queued work."""
-        if self.device.type == "cuda":
-            return tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor.to(self.device)
+        return host_to_device(tensor, self.device)
 
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
                  candidate_of_row: list[int], lengths: list[int]) -> torch.Tensor:
@@ -341,6 +337,14 @@ class BatchDecoder:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                          logits_to_keep=1, **{self._cache_kwarg: cache})
         return out.logits[:, -1, :]
+
+
+def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`. To a GPU it goes from pinned memory without waiting: a copy from
+    pageable memory waits for all the work queued on the device first."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 class DecodeStopped(RuntimeError):
