@@ -39,7 +39,7 @@ from _common import build_random_adapter, json_main, log, require_positive
 from essa.backends.local import LocalBackend
 from essa.config import DecodingConfig, ModelConfig, TaskConfig
 from essa.errors import EssaError
-from essa.models import load_model
+from essa.models import eos_token_ids, load_model
 from essa.population import PopulationModel
 from essa.svd_space import SvdLoraSpace
 from essa.tasks import format_prompt, get_task
@@ -84,9 +84,9 @@ def random_population(space: SvdLoraSpace, n: int, frac: float, seed: int) -> np
 class GenerateRecorder:
     """Shadows `model.generate` on the instance to count real generated tokens of every call."""
 
-    def __init__(self, model: torch.nn.Module, eos_id: int):
+    def __init__(self, model: torch.nn.Module, eos_ids: tuple[int, ...]):
         self.model = model
-        self.eos_id = eos_id
+        self.eos_ids = eos_ids
         self.inner = model.generate
         self.tokens = 0  # per row: up to and including the first EOS
         self.steps = 0  # rows x generated length (padding included)
@@ -95,7 +95,7 @@ class GenerateRecorder:
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         ids = self.inner(*args, **kwargs)
         new = ids[:, kwargs["input_ids"].shape[1]:]
-        self.tokens += real_token_count(new, self.eos_id)
+        self.tokens += real_token_count(new, self.eos_ids)
         self.steps += new.numel()
         return ids
 
@@ -103,9 +103,9 @@ class GenerateRecorder:
         self.tokens = self.steps = 0
 
 
-def real_token_count(new: torch.Tensor, eos_id: int) -> int:
-    """Generated tokens per row up to and including the first EOS, summed over rows."""
-    is_eos = new == eos_id
+def real_token_count(new: torch.Tensor, eos_ids: tuple[int, ...]) -> int:
+    """Generated tokens per row up to and including the first EOS (any of the model's), summed over rows."""
+    is_eos = torch.isin(new, torch.tensor(eos_ids, device=new.device))
     first = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1) + 1, new.shape[1])
     return int(first.sum())
 
@@ -228,7 +228,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         space = SvdLoraSpace.from_adapter(adapter, alpha=1.0, model=model)
     log(space.describe())
     population = random_population(space, args.candidates, args.offset_frac, args.seed + 1)
-    recorder = GenerateRecorder(model, tokenizer.eos_token_id)
+    recorder = GenerateRecorder(model, eos_token_ids(tokenizer, model.generation_config))
     backend = LocalBackend(model, tokenizer, space, gen)
     plain = LocalBackend(model, tokenizer, None, gen)
 

@@ -5,17 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import transformers
 from adapters import make_random_adapter
 from helpers import make_tiny_model_dir, tiny_llama, tiny_tokenizer
 
 import essa.backends as backends
 from essa.backends import Backend, Minibatch, build_backend, evaluation_kind, load_inputs
 from essa.backends.local import LocalBackend
+from essa.backends.vllm_backend import sampling_options
 from essa.commands import run_eval, run_train
 from essa.compare import RecordingBackend
-from essa.config import Config, SearchConfig, load_config
+from essa.config import Config, DecodingConfig, SearchConfig, load_config
 from essa.errors import EssaError
 from essa.evaluate import score
+from essa.models import before_eos, eos_token_ids, source_generation_config
 from essa.optim import make_optimizer
 from essa.svd_space import SvdLoraSpace
 from essa.tasks import Example, RewardStats, Task
@@ -128,3 +131,54 @@ def test_task_declares_batch_reward_and_extra_metrics_with_defaults():
     examples = task.split("test")[:2]
     assert task.reward_batch(["aa", "ab"], examples) == [1.0, 0.5]
     assert task.extra_metrics("aa", examples[0]) == {}
+
+
+# --- stop tokens --------------------------------------------------------------------------
+
+
+def test_eos_token_ids_join_the_generation_configs_and_the_tokenizers():
+    tok = tiny_tokenizer()  # EOS <|im_end|>
+    end = tok.eos_token_id
+    assert eos_token_ids(tok) == (end,)
+    assert eos_token_ids(tok, transformers.GenerationConfig(eos_token_id=7)) == (7, end)
+    assert eos_token_ids(tok, transformers.GenerationConfig(eos_token_id=[7, end, 9])) == (7, end, 9)
+    assert eos_token_ids(tok, transformers.GenerationConfig()) == (end,)
+    assert before_eos([5, 6, 7, 8, 7], {7, 9}) == [5, 6] and before_eos([5, 6], {7}) == [5, 6]
+
+
+def test_an_engine_that_loads_the_model_itself_stops_on_the_saved_generation_configs_eos_ids(tmp_path):
+    model_dir = make_tiny_model_dir(tmp_path / "model")
+    tok = tiny_tokenizer()
+    newline = tok.convert_tokens_to_ids("\n")
+    config = transformers.GenerationConfig.from_pretrained(model_dir)
+    config.eos_token_id = [newline, tok.eos_token_id]
+    config.save_pretrained(model_dir)
+    stop = eos_token_ids(tok, source_generation_config(str(model_dir)))
+    assert stop == (newline, tok.eos_token_id)
+    assert source_generation_config(str(tmp_path / "nothing-here")) is None
+    # What the vLLM backend passes to SamplingParams for every row.
+    options = sampling_options(DecodingConfig(max_new_tokens=5), seed=3, stop_token_ids=list(stop))
+    assert options["stop_token_ids"] == [newline, tok.eos_token_id] and options["seed"] is None
+
+
+@pytest.mark.parametrize("engine", ["essa", "generate"])
+def test_local_engines_stop_on_every_eos_id_of_the_models_generation_config(engine):
+    # A chat model whose turn ends with a token other than the tokenizer's EOS: here ")", which the
+    # tiny random model writes often (and which is no special token, so it would show in the text).
+    model, tok = tiny_llama(), tiny_tokenizer()
+    end_of_turn = tok.convert_tokens_to_ids(")")
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+               for q in ["hi", "what is 2+2?", "tell me a story about a cat", "a", "list three colours", "why?"]]
+
+    def completions():
+        backend = LocalBackend(model, tok, None, DecodingConfig(max_new_tokens=24, batch_size=4, engine=engine))
+        try:
+            return backend.evaluate(None, prompts)[0]
+        finally:
+            backend.close()
+
+    free = completions()
+    model.generation_config.eos_token_id = [end_of_turn, tok.eos_token_id]
+    stopped = completions()
+    assert sum(")" in text for text in free) >= 3  # stopping on <|im_end|> alone runs past it
+    assert stopped == [text.split(")")[0] for text in free]

@@ -7,6 +7,7 @@ the newline character is used as the stop token, which the tiny random model emi
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
 
 import numpy as np
@@ -20,17 +21,20 @@ from essa.decoding import (BatchDecoder, DecodeSettings, PreallocatedLayer, choo
                           deal_batches, keep_order, prefill_groups)
 from essa.population import PopulationModel
 from essa.svd_space import SvdLoraSpace
-from helpers import tiny_llama, tiny_tokenizer
+from helpers import EOS_ID, PAD_ID, TINY_VOCAB_SIZE, tiny_llama, tiny_tokenizer
 
 QUESTIONS = ["hi", "what is 2+2?", "tell me a story about a cat", "a", "list three colours", "why?"]
 MAX_NEW = 14
+# The decoder's tests run on every device present (CUDA too, where there is one).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+@pytest.fixture(scope="module", params=DEVICES)
+def setup(request, tmp_path_factory):
     model, tok = tiny_llama(), tiny_tokenizer()
     adapter = make_random_adapter(model, tmp_path_factory.mktemp("dec") / "adapter", rank=4, lora_alpha=8)
     space = SvdLoraSpace.from_adapter(adapter, 1.0, model=model)
+    model.to(request.param)
     runtime = PopulationModel(model, space)
     population = np.random.default_rng(0).normal(0, 0.3, (3, space.dim))
     runtime.set_population(population)
@@ -69,13 +73,14 @@ def _hf_generate(setup, rows):
                                            pad_token_id=tok.pad_token_id, output_logits=True,
                                            return_dict_in_generate=True)
     with torch.no_grad(), runtime.rows([c for c, _ in rows]):
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                             generation_config=config)
     tokens, logits = [], []
     for r in range(len(rows)):
         new = out.sequences[r, width:].tolist()
         n = new.index(stop) + 1 if stop in new else len(new)
         tokens.append([t for t in new[:n] if t != stop])
-        logits.append(torch.stack([step[r] for step in out.logits[:n]]))
+        logits.append(torch.stack([step[r] for step in out.logits[:n]]).cpu())
     return tokens, logits
 
 
@@ -137,10 +142,10 @@ def _teacher_forced_logits(setup, row, continuation):
     """Logits for every new token of a row from one plain forward pass over prompt + continuation."""
     model, _, runtime, prompts, _, _ = setup
     c, p = row
-    ids = torch.tensor([prompts[p] + continuation])
+    ids = torch.tensor([prompts[p] + continuation], device=model.device)
     with torch.no_grad(), runtime.rows([c]):
         logits = model(input_ids=ids).logits[0]
-    return logits[len(prompts[p]) - 1:]
+    return logits[len(prompts[p]) - 1:].cpu()
 
 
 @pytest.mark.parametrize(("top_p", "pack_weights", "batch_size", "parallel_batches", "grouped"),
@@ -168,6 +173,8 @@ def test_sampled_rows_do_not_depend_on_their_batch(setup, request, top_p, pack_w
 
 
 def test_parallel_batches_give_the_same_rows_and_work_and_restore_the_thread_count(setup):
+    if setup[0].device.type != "cpu":
+        pytest.skip("batches run on threads on CPU only")
     threads = torch.get_num_threads()
     one_by_one = _decode(setup, _decoder(setup, batch_size=4, parallel_batches=1), keep_logits=True)
     seen = set()
@@ -235,6 +242,48 @@ def test_inverse_cdf_sampling_follows_the_distribution():
     assert choose_tokens(logits[:2], DecodeSettings(1, 0.0), None).tolist() == [0, 0]
 
 
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_sampling_draws_on_the_logits_device_with_uniforms_from_a_cpu_generator(top_p):
+    # The meta device stands in for an accelerator: CPU uniforms times its tensors fail as they would on CUDA.
+    logits = torch.randn(3, 10, device="meta")
+    uniforms = torch.rand(3, generator=torch.Generator().manual_seed(0))
+    tokens = choose_tokens(logits, DecodeSettings(1, 1.0, top_p=top_p), uniforms)
+    assert tokens.device.type == "meta" and tokens.shape == (3,)
+
+
+# Tensor methods that make the host wait for the device (on CUDA), counted where essa.decoding calls them.
+_HOST_WAITS = ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__", "__index__")
+
+
+@pytest.fixture
+def host_waits(monkeypatch):
+    """A list that records each host-waiting tensor call made from essa.decoding's own code."""
+    calls: list[str] = []
+    for name in _HOST_WAITS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, __original=original, __name=name, **kwargs):
+            if sys._getframe(1).f_code.co_filename == decoding.__file__:
+                calls.append(__name)
+            return __original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize(("temperature", "batch_size"), [(0.0, 64), (1.3, 64), (0.0, 9), (1.3, 9)])
+def test_each_decode_step_waits_for_the_device_once(setup, host_waits, temperature, batch_size):
+    rows = setup[4]
+    result = _decode(setup, _decoder(setup, temperature=temperature, batch_size=batch_size),
+                     [5 + i for i in range(len(rows))])
+    lengths = {len(t) for t in result.tokens}
+    assert len(lengths) >= 2 and min(lengths) < MAX_NEW - 1  # rows ended at different steps: the batch compacted
+    # One copy of the step's tokens and end flags, not one per live row (18 rows x 14 steps before).
+    batches = -(-len(rows) // batch_size)
+    assert batches <= len(host_waits) <= batches * MAX_NEW, host_waits
+    assert set(host_waits) == {"tolist"}
+
+
 def test_prefill_groups_are_the_cheapest_cut():
     assert prefill_groups([2, 2, 2, 10, 10], overhead=1) == [(0, 3), (3, 5)]
     assert prefill_groups([2, 2, 2, 10, 10], overhead=100) == [(0, 5)]  # a second forward pass costs more
@@ -267,15 +316,15 @@ def test_batches_that_run_together_are_dealt_alike_rows():
 
 
 def test_keep_order_moves_only_live_rows_from_past_the_end():
-    done = torch.tensor([False, True, False, True, False, False])
-    assert keep_order(done).tolist() == [0, 4, 2, 5]
-    assert keep_order(torch.tensor([True, False, False])).tolist() == [2, 1]
-    assert keep_order(torch.tensor([False, False, True])).tolist() == [0, 1]
+    done = [False, True, False, True, False, False]
+    assert keep_order(done) == [0, 4, 2, 5]
+    assert keep_order([True, False, False]) == [2, 1]
+    assert keep_order([False, False, True]) == [0, 1]
     for _ in range(20):
-        done = torch.rand(12) < 0.4
+        done = (torch.rand(12) < 0.4).tolist()
         keep = keep_order(done)
-        assert sorted(keep.tolist()) == (~done).nonzero().squeeze(-1).tolist()
-        assert int((keep != torch.arange(len(keep))).sum()) == int(done[:len(keep)].sum())
+        assert sorted(keep) == [i for i, d in enumerate(done) if not d]
+        assert sum(k != i for i, k in enumerate(keep)) == sum(done[:len(keep)])
 
 
 @pytest.mark.parametrize("indices", [[0, 4, 2, 3], [3, 2, 1, 0], [4, 3], [0, 1, 2, 3, 4], [1, 1, 0, 2, 2, 4, 3]])
@@ -291,18 +340,75 @@ def test_preallocated_layer_keeps_the_selected_rows_and_grows_after(indices):
     assert torch.equal(got_values, torch.cat([values[indices], new_values], dim=2))
 
 
+def _sliding_window_model(kind: str, window: int) -> transformers.PreTrainedModel:
+    """A tiny random model with sliding-window layers: Qwen2 with one full and one sliding layer, or
+    Mistral with sliding windows in every layer."""
+    shape = dict(vocab_size=TINY_VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=None,
+                 eos_token_id=EOS_ID, pad_token_id=PAD_ID, tie_word_embeddings=False, sliding_window=window)
+    if kind == "qwen2":
+        config = transformers.Qwen2Config(**shape, use_sliding_window=True, max_window_layers=1,
+                                          layer_types=["full_attention", "sliding_attention"])
+        cls = transformers.Qwen2ForCausalLM
+    else:
+        config, cls = transformers.MistralConfig(**shape), transformers.MistralForCausalLM
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return cls(config).float().eval()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["qwen2", "mistral"])
+@pytest.mark.parametrize("batch_size", [64, 4])
+def test_sliding_window_models_decode_on_transformers_cache_layers_as_hf_generate(device, kind, batch_size):
+    # Models with other layers than full attention keep transformers' own cache classes (the fallback
+    # beside PreallocatedLayer), which this decoder drives through their batch_select_indices.
+    window, max_new = 16, 20
+    model, tok = _sliding_window_model(kind, window).to(device), tiny_tokenizer()
+    layers = decoding.new_decode_cache(model.config, 64).layers
+    assert not any(isinstance(x, PreallocatedLayer) for x in layers)
+    assert any(type(x) is not transformers.cache_utils.DynamicLayer for x in layers)
+    prompts = [tok(tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": q}],
+                                           tokenize=False, add_generation_prompt=True),
+                   add_special_tokens=False)["input_ids"] for q in QUESTIONS]
+    assert min(len(p) for p in prompts) > window  # the window really cuts the prompt
+    stop = tok.convert_tokens_to_ids("+" if kind == "qwen2" else ")")  # written by some rows, at different steps
+    decoder = BatchDecoder(model, DecodeSettings(max_new_tokens=max_new, eos_token_ids=(stop,), batch_size=batch_size),
+                           pad_token_id=tok.pad_token_id)
+    ours = decoder.decode(prompts, [0] * len(prompts), keep_logits=True)
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    config = transformers.GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=stop,
+                                           pad_token_id=tok.pad_token_id, output_logits=True,
+                                           return_dict_in_generate=True)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    for r, (tokens, logits) in enumerate(zip(ours.tokens, ours.logits)):
+        new = out.sequences[r, width:].tolist()
+        n = new.index(stop) + 1 if stop in new else len(new)
+        assert tokens == [t for t in new[:n] if t != stop]
+        assert torch.allclose(logits, torch.stack([step[r] for step in out.logits[:n]]).cpu(), atol=1e-4)
+    lengths = {len(t) for t in ours.tokens}
+    assert len(lengths) >= 2 and min(lengths) < max_new - 1  # rows end at different steps and leave the batch
+    # No shared prefix: padding between it and a shorter suffix would take slots of the window.
+    assert ours.prefix_tokens == 0
+
+
 def test_common_prefix_length():
     assert common_prefix_length([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2
     assert common_prefix_length([[5], [6]]) == 0
     assert common_prefix_length([]) == 0
 
 
-def test_sampled_evaluation_does_not_depend_on_batching_or_splitting(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_sampled_evaluation_does_not_depend_on_batching_or_splitting(tmp_path, device):
     from essa.backends.local import LocalBackend
     from essa.config import DecodingConfig
 
     model, tok = tiny_llama(), tiny_tokenizer()
     space = SvdLoraSpace.from_adapter(make_random_adapter(model, tmp_path / "a", rank=2), 1.0, model=model)
+    model.to(device)
     population = np.random.default_rng(3).normal(0, 0.3, (4, space.dim))
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
                for q in QUESTIONS]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import threading
 
 import numpy as np
@@ -15,6 +16,7 @@ from adapters import make_random_adapter, merged_model
 from essa.backends.local import LocalBackend
 from essa.config import DecodingConfig, SearchConfig
 from essa.errors import EssaError
+from essa import decoding, population
 from essa.population import PopulationLoraLinear, PopulationModel
 from essa.svd_space import SvdLoraSpace
 from helpers import tiny_llama, tiny_tokenizer
@@ -216,6 +218,31 @@ def test_each_thread_runs_the_rows_it_selected(base, adapter_dir):
     with torch.no_grad():
         plain = runtime.model(input_ids=ids).logits
         assert torch.equal(plain, base(input_ids=ids).logits)
+
+
+def test_selecting_rows_copies_the_row_index_to_the_device_once(base, adapter_dir, monkeypatch):
+    """The decoder selects rows before every forward pass: a copy to a GPU per layer would wait for it each time."""
+    space = SvdLoraSpace.from_adapter(adapter_dir, alpha=1.0, model=base)
+    runtime = PopulationModel(tiny_llama(seed=0), space)
+    runtime.set_population(random_population(space, 2, seed=4))
+    copies, to = [], torch.Tensor.to
+
+    def counted(self, *args, **kwargs):
+        if sys._getframe(1).f_code.co_filename in (population.__file__, decoding.__file__):
+            copies.append(args)
+        return to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", counted)
+    runtime.select_rows([1, 0, 1])
+    monkeypatch.undo()
+    assert len(runtime.layers) == 8 and len(copies) == 1
+    ids = torch.randint(5, 90, (3, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        mixed = runtime.model(input_ids=ids).logits
+        for row, cand in enumerate([1, 0, 1]):
+            with runtime.rows([cand]):
+                assert torch.allclose(mixed[row], runtime.model(input_ids=ids[row:row + 1]).logits[0], atol=1e-5)
+    runtime.remove()
 
 
 def test_batched_generation_equals_each_candidate_alone(base, adapter_dir):

@@ -3,7 +3,9 @@
 Three things HF `generate` does not do for ESSA's workload, each exact under causal attention:
 - **Shared prefix.** The prompts of one evaluation usually begin alike (chat template and system
   prompt). That prefix is prefilled once per candidate and its KV cache is copied to the
-  candidate's rows; each row then prefills only the rest of its prompt.
+  candidate's rows; each row then prefills only the rest of its prompt. Only where every layer is
+  full attention: a sliding window counts cache slots, and the padding between the prefix and a
+  shorter suffix would take some of them (such models prefill whole, left-padded prompts, as HF).
 - **Little padding work.** A batch's prompt suffixes are prefilled in groups of similar length, each
   only as wide as its longest suffix; the padding columns stay empty and masked.
 - **Rows leave when they finish.** A row that emits EOS (or reaches `max_new_tokens`) is dropped
@@ -37,6 +39,9 @@ from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
+# `PreallocatedLayer` subclasses transformers' `DynamicLayer` and relies on its internals
+# (`lazy_initialization`, `is_initialized`, `keys`/`values`, `DynamicCache.layers`): pyproject.toml pins
+# transformers to the major version tested; the tests also run the fallback on transformers' own layers.
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
@@ -112,7 +117,8 @@ def choose_tokens(logits: torch.Tensor, settings: DecodeSettings, uniforms: torc
     else:
         order = None
     cdf = probs.cumsum(dim=-1)
-    target = uniforms.to(cdf.dtype) * cdf[:, -1]
+    # The uniforms come from CPU generators: they follow the logits to their device.
+    target = uniforms.to(device=cdf.device, dtype=cdf.dtype) * cdf[:, -1]
     picked = torch.searchsorted(cdf, target[:, None]).clamp_(max=cdf.shape[-1] - 1).squeeze(-1)
     return picked if order is None else order.gather(-1, picked[:, None]).squeeze(-1)
 
@@ -130,6 +136,8 @@ class BatchDecoder:
         # transformers 5.x renamed `past_key_values` to `cache` (the old name warns until it is removed).
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        # Every layer full attention: the cache is `PreallocatedLayer`s, and prompts may share a prefix.
+        self._full_attention = all(isinstance(x, PreallocatedLayer) for x in new_decode_cache(model.config, 1).layers)
         use_packed = settings.pack_weights and packing_available()
         self._packed = PackedLinears(model, settings.batch_size) if use_packed else None
 
@@ -149,6 +157,7 @@ class BatchDecoder:
                 share_prefix: bool, progress: bool) -> DecodeResult:
         self._capacity = max(len(p) for p in prompts) + self.settings.max_new_tokens
         # The last prompt token of every row stays out of the prefix: its logits start decoding.
+        share_prefix = share_prefix and self._full_attention
         prefix_len = min(common_prefix_length(prompts), min(len(p) for p in prompts) - 1) if share_prefix else 0
         prefix = self._prefill_prefix(prompts[0][:prefix_len], sorted(set(candidates))) if prefix_len else None
         result = DecodeResult([[] for _ in prompts], [None] * len(prompts) if keep_logits else None, prefix_len)
@@ -199,7 +208,7 @@ class BatchDecoder:
             return self._new_cache()
         cache, row_of = prefix
         out = copy.deepcopy(cache)
-        out.batch_select_indices(torch.tensor([row_of[candidates[i]] for i in rows], device=self.device))
+        out.batch_select_indices(self._to_device(torch.tensor([row_of[candidates[i]] for i in rows])))
         return out
 
     # -- one batch -----------------------------------------------------------------------------
@@ -209,6 +218,9 @@ class BatchDecoder:
         """Decodes `rows` into `result`'s tokens (and logits); returns (prefilled, decoded, attended keys).
 
         `before_step` runs before the prefill and at every step (threaded batches: see `_BatchThreads`).
+        Each step waits for the device once: one copy of its tokens and their end flags to the host
+        (with `keep_logits`, one more of its logits); which rows have ended, the work counters and the
+        compaction's row moves are kept on the host from that copy.
         """
         s = self.settings
         before_step()
@@ -220,49 +232,79 @@ class BatchDecoder:
         for r, x in enumerate(suffixes):
             ids[r, width - len(x):] = torch.tensor(x)
             suffix_mask[r, width - len(x):] = 1
-        mask = torch.cat([torch.ones((len(rows), prefix_len), dtype=torch.long), suffix_mask], dim=1).to(self.device)
+        mask = torch.cat([torch.ones((len(rows), prefix_len), dtype=torch.long), suffix_mask], dim=1)
+        mask = self._to_device(mask)
         positions = (mask.cumsum(-1) - 1).clamp_(min=0)[:, prefix_len:]
         cache = self._batch_cache(prefix, rows, candidates)
-        active = list(rows)
-        logits = self._prefill(ids.to(self.device), mask, positions, cache, [candidates[i] for i in active],
+        active = list(rows)  # the row in each batch slot
+        logits = self._prefill(self._to_device(ids), mask, positions, cache, [candidates[i] for i in active],
                                [len(x) for x in suffixes])
-        prefilled = int(suffix_mask.sum())
-        attended = int(((positions + 1) * suffix_mask.to(positions.device)).sum())
+        # Each row's last position; a token at position p attends to p + 1 keys.
+        last = [len(prompts[i]) - 1 for i in rows]
+        prefilled = sum(len(x) for x in suffixes)
+        attended = sum((n + 1) * (n + 2) // 2 - prefix_len * (prefix_len + 1) // 2 for n in last)
         decoded = 0
-        generators = {i: torch.Generator().manual_seed(int(seeds[i]) % 2**63) for i in rows}
+        uniforms = slots = None
+        if s.temperature > 0:
+            # Every row's uniforms for the whole decode from its own generator (the same numbers as one
+            # draw per step), copied to the device once; the slot's batch index picks its row.
+            uniforms = self._to_device(torch.stack([
+                torch.rand(s.max_new_tokens, generator=torch.Generator().manual_seed(int(seeds[i]) % 2**63))
+                for i in rows]))
+            slots = torch.arange(len(rows), device=self.device)
         steps: dict[int, list[torch.Tensor]] = {i: [] for i in rows}
-        eos = torch.tensor(s.eos_token_ids or [-1], device=self.device)
-        done = torch.zeros(len(active), dtype=torch.bool, device=self.device)
+        eos = self._to_device(torch.tensor(s.eos_token_ids or [-1]))
+        done = [False] * len(active)
         preallocated = all(isinstance(x, PreallocatedLayer) for x in cache.layers)
         for step in range(s.max_new_tokens):
             before_step()
-            uniforms = None if s.temperature <= 0 else torch.cat([torch.rand(1, generator=generators[i])
-                                                                  for i in active])
-            tokens = choose_tokens(logits, s, uniforms)
-            ended = ~done & torch.isin(tokens, eos)
-            for r in (~done).nonzero().squeeze(-1).tolist():
-                if result.logits is not None:
-                    steps[active[r]].append(logits[r].float().cpu())
-                if not ended[r]:
-                    result.tokens[active[r]].append(int(tokens[r]))
-            done |= ended
-            if step == s.max_new_tokens - 1 or bool(done.all()):
+            tokens = choose_tokens(logits, s, None if uniforms is None else uniforms[slots, step])
+            ended = torch.isin(tokens, eos)
+            step_logits = logits.float().cpu() if result.logits is not None else None
+            chosen, ends = torch.stack([tokens, ended.to(tokens.dtype)]).tolist()  # the step's one wait
+            for r, (row, token, end) in enumerate(zip(active, chosen, ends)):
+                if done[r]:
+                    continue
+                if step_logits is not None:
+                    steps[row].append(step_logits[r])
+                if end:
+                    done[r] = True
+                else:
+                    result.tokens[row].append(token)
+            n_done = sum(done)
+            if step == s.max_new_tokens - 1 or n_done == len(active):
                 break
-            if bool(done.any()) and (preallocated or int(done.sum()) >= COMPACT_FRACTION * len(active)):
+            if n_done and (preallocated or n_done >= COMPACT_FRACTION * len(active)):
                 # Finished rows leave, their cache rows too; the live rows past the end fill their slots.
-                keep = keep_order(done)
-                cache.batch_select_indices(keep)
-                mask, positions, tokens, done = mask[keep], positions[keep], tokens[keep], done[keep]
-                active = [active[int(k)] for k in keep]
+                keep_slots = keep_order(done)
+                moved = [k for k, j in enumerate(keep_slots) if k != j]
+                n = len(keep_slots)
+                # One copy to the device: the kept slots, then the slots that change and their sources.
+                index = self._to_device(torch.tensor(keep_slots + moved + [keep_slots[k] for k in moved]))
+                keep = index[:n]
+                if preallocated:
+                    for layer in cache.layers:
+                        layer.keep_rows(n, index[n:n + len(moved)], index[n + len(moved):])
+                else:
+                    cache.batch_select_indices(keep)
+                mask, positions, tokens = mask[keep], positions[keep], tokens[keep]
+                slots = None if slots is None else slots[keep]
+                active = [active[k] for k in keep_slots]
+                last = [last[k] for k in keep_slots]
+                done = [False] * n
             mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=mask.device)], dim=1)
             positions = positions[:, -1:] + 1
             logits = self._forward(tokens[:, None], mask, positions, cache, [candidates[i] for i in active])
+            last = [p + 1 for p in last]
             decoded += len(active)
-            attended += int((positions + 1).sum())
+            attended += sum(last) + len(last)
         if result.logits is not None:
             for i in rows:
                 result.logits[i] = torch.stack(steps[i])
         return prefilled, decoded, attended
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        return host_to_device(tensor, self.device)
 
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
                  candidate_of_row: list[int], lengths: list[int]) -> torch.Tensor:
@@ -296,6 +338,14 @@ class BatchDecoder:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                          logits_to_keep=1, **{self._cache_kwarg: cache})
         return out.logits[:, -1, :]
+
+
+def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`. To a GPU it goes from pinned memory without waiting: a copy from
+    pageable memory waits for all the work queued on the device first."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 class DecodeStopped(RuntimeError):
@@ -385,13 +435,12 @@ def prefill_groups(lengths: list[int], overhead: int) -> list[tuple[int, int]]:
     return groups[::-1]
 
 
-def keep_order(done: torch.Tensor) -> torch.Tensor:
-    """The live rows, in an order that leaves most of them in place: those past the first (number
+def keep_order(done: list[bool]) -> list[int]:
+    """The live slots, in an order that leaves most of them in place: those past the first (number
     of live rows) slots move into the finished rows' slots, so compacting copies only those."""
-    live = (~done).nonzero().squeeze(-1)
-    keep = torch.arange(len(live), device=done.device)
-    keep[done[:len(live)].nonzero().squeeze(-1)] = live[live >= len(live)]
-    return keep
+    live = [i for i, d in enumerate(done) if not d]
+    movers = iter(i for i in live if i >= len(live))
+    return [next(movers) if done[i] else i for i in range(len(live))]
 
 
 def new_decode_cache(config: Any, capacity: int) -> DynamicCache:
@@ -450,14 +499,22 @@ class PreallocatedLayer(DynamicLayer):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if not self.is_initialized:
             return
-        n, end = len(indices), self.length
+        n = len(indices)
         if n <= self._keys.shape[0]:  # fewer rows: in the same buffers, copy the filled part of rows that move
             moved = (indices != torch.arange(n, device=indices.device)).nonzero().squeeze(-1)
-            if len(moved):
-                source = indices[moved]
-                self._keys[moved, :, :end] = self._keys[source, :, :end]
-                self._values[moved, :, :end] = self._values[source, :, :end]
-            self._keys, self._values = self._keys[:n], self._values[:n]
+            self.keep_rows(n, moved, indices[moved])
         else:  # more rows (a prefix spread over its candidates' rows): new buffers
             self._keys, self._values = self._keys[indices], self._values[indices]
+            self.set_length(self.length)
+
+    def keep_rows(self, n: int, moved: torch.Tensor, source: torch.Tensor) -> None:
+        """The first `n` rows stay, rows `moved` first taking the filled part of rows `source` (the
+        decoder computes both on the host, so nothing here waits for the device)."""
+        if not self.is_initialized:
+            return
+        end = self.length
+        if len(moved):
+            self._keys[moved, :, :end] = self._keys[source, :, :end]
+            self._values[moved, :, :end] = self._values[source, :, :end]
+        self._keys, self._values = self._keys[:n], self._values[:n]
         self.set_length(end)

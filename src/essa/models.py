@@ -15,7 +15,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Collection, Iterator
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    GenerationConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -180,6 +181,39 @@ def engine_model_source(name: str) -> str:
     """What an external engine (vLLM) loads for `name`: a local directory, a .gguf file or a hub id."""
     source, kwargs = _locate(name)
     return str(Path(source) / kwargs["gguf_file"]) if "gguf_file" in kwargs else source
+
+
+def eos_token_ids(tokenizer: Any, generation_config: Any = None) -> tuple[int, ...]:
+    """Every token id that ends a completion: the generation config's `eos_token_id` (an int or a list)
+    and the tokenizer's EOS, without repeats. Chat models often end a turn with a token the tokenizer
+    does not call EOS (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`) and list it only in the generation
+    config; stopping on the tokenizer's alone decodes invented turns up to the token limit."""
+    ids: list[int] = []
+    for found in (getattr(generation_config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        for token in ([] if found is None else [found] if isinstance(found, int) else found):
+            if token is not None and int(token) not in ids:
+                ids.append(int(token))
+    return tuple(ids)
+
+
+def before_eos(tokens: list[int], eos: Collection[int]) -> list[int]:
+    """A completion's tokens before the first of the `eos` ids (an end token that is not a special
+    token would otherwise stay in the decoded text)."""
+    for k, token in enumerate(tokens):
+        if token in eos:
+            return tokens[:k]
+    return tokens
+
+
+def source_generation_config(source: str) -> GenerationConfig | None:
+    """The generation config saved with a model that an engine loads itself (`engine_model_source`);
+    None where there is none (or none can be read offline)."""
+    path = Path(source).expanduser()
+    try:
+        return GenerationConfig.from_pretrained(str(path.parent if path.is_file() else path) if path.exists()
+                                                else source)
+    except (OSError, ValueError):
+        return None
 
 
 def resolve_model_dir(name: str) -> Path | None:

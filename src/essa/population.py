@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from essa.decoding import host_to_device
 from essa.svd_space import SvdFactorPair, SvdLoraSpace
 
 
@@ -117,8 +118,12 @@ class PopulationModel:
         if self._tables is None:
             raise RuntimeError("call set_population() before selecting rows")
         index = torch.as_tensor(np.asarray(candidate_of_row), dtype=torch.long)
+        on: dict[torch.device, torch.Tensor] = {}  # one copy per device, not one per layer (each would wait)
         for layer, (s_a, s_b) in zip(self.layers, self._tables):
-            layer.set_rows(s_a.index_select(0, index.to(s_a.device)), s_b.index_select(0, index.to(s_b.device)))
+            if s_a.device not in on:
+                on[s_a.device] = host_to_device(index, s_a.device)
+            rows = on[s_a.device]
+            layer.set_rows(s_a.index_select(0, rows), s_b.index_select(0, rows))
 
     def clear_rows(self) -> None:
         """Back to the plain base model in every layer, for every thread."""

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from essa.backends import Backend, BackendInputs, row_seed
 from essa.config import DECODING_ENGINES, Config, DecodingConfig
 from essa.decoding import BatchDecoder, DecodeResult, DecodeSettings
+from essa.models import before_eos, eos_token_ids
 from essa.population import PopulationModel
 from essa.quantize import quantize_base_
 from essa.svd_space import SvdLoraSpace
@@ -93,9 +94,8 @@ class LocalBackend(Backend):
 
     def _decode_settings(self) -> DecodeSettings:
         g = self.decoding
-        eos = self.tokenizer.eos_token_id
         return DecodeSettings(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
-                              eos_token_ids=tuple(eos if isinstance(eos, list) else [eos]),
+                              eos_token_ids=self._eos_token_ids(),
                               batch_size=g.batch_size, pack_weights=g.pack_weights,
                               parallel_batches=g.parallel_batches)
 
@@ -124,7 +124,8 @@ class LocalBackend(Backend):
         else:
             with self.population_model.rows(candidate_of_row):
                 ids = self.model.generate(**batch, generation_config=self._generation_config())
-        new = ids[:, batch["input_ids"].shape[1]:]
+        eos = set(self._eos_token_ids())
+        new = [before_eos(row, eos) for row in ids[:, batch["input_ids"].shape[1]:].tolist()]
         return self.tokenizer.batch_decode(new, skip_special_tokens=True)
 
     def _generation_config(self) -> transformers.GenerationConfig:
@@ -137,6 +138,10 @@ class LocalBackend(Backend):
             top_p=g.top_p if sample else None,
             top_k=None,
             pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
+            eos_token_id=list(self._eos_token_ids()),
         )
+
+    def _eos_token_ids(self) -> tuple[int, ...]:
+        """The ids both engines stop on: the model's generation config's and the tokenizer's EOS."""
+        return eos_token_ids(self.tokenizer, getattr(self.model, "generation_config", None))
 

@@ -24,7 +24,7 @@ import numpy as np
 from essa.backends import Backend, BackendInputs, row_seed
 from essa.config import Config, DecodingConfig
 from essa.errors import EssaError, first_line
-from essa.models import engine_model_source, resolve_dtype
+from essa.models import before_eos, engine_model_source, eos_token_ids, resolve_dtype, source_generation_config
 from essa.svd_space import SvdLoraSpace
 
 # vLLM accepts only these maximum LoRA ranks.
@@ -53,6 +53,7 @@ class VllmBackend(Backend):
         self._lora_request = vllm.lora.request.LoRARequest
         self._sampling_params = vllm.SamplingParams
         self._next_id = itertools.count(1)  # vLLM caches adapters by id: never reuse one
+        self.stop_token_ids = list(eos_token_ids(tokenizer, source_generation_config(model_source)))
         self._tmp_root = Path(tempfile.mkdtemp(prefix="essa-vllm-", dir=_ram_dir()))
         _set_cpu_env(threads)
         options: dict[str, Any] = {"dtype": dtype, "seed": seed, "enforce_eager": True, "max_model_len": 1024}
@@ -94,7 +95,9 @@ class VllmBackend(Backend):
         with _CandidateAdapters(self, population) as requests:
             per_row = None if requests is None else [r for r in requests for _ in prompts]
             outputs = self.llm.generate(inputs, params, lora_request=per_row, use_tqdm=self.progress)
-        texts = [self.tokenizer.decode(o.outputs[0].token_ids, skip_special_tokens=True) for o in outputs]
+        eos = set(self.stop_token_ids)
+        texts = [self.tokenizer.decode(before_eos(list(o.outputs[0].token_ids), eos), skip_special_tokens=True)
+                 for o in outputs]
         return [texts[c * len(prompts):(c + 1) * len(prompts)] for c in range(n_cand)]
 
     def close(self) -> None:
@@ -106,15 +109,16 @@ class VllmBackend(Backend):
         shutil.rmtree(self._tmp_root, ignore_errors=True)
 
     def _params(self, seed: int) -> Any:
-        g = self.decoding
-        sample = g.temperature > 0
-        return self._sampling_params(
-            max_tokens=g.max_new_tokens,
-            temperature=g.temperature if sample else 0.0,
-            top_p=g.top_p if sample else 1.0,
-            seed=seed if sample else None,
-            stop_token_ids=[self.tokenizer.eos_token_id],
-        )
+        return self._sampling_params(**sampling_options(self.decoding, seed, self.stop_token_ids))
+
+
+def sampling_options(decoding: DecodingConfig, seed: int, stop_token_ids: list[int]) -> dict[str, Any]:
+    """vLLM `SamplingParams` of one row: the decoding settings, and every EOS id of the model
+    (`essa.models.eos_token_ids`) as a stop token, as the local engines stop."""
+    sample = decoding.temperature > 0
+    return dict(max_tokens=decoding.max_new_tokens, temperature=decoding.temperature if sample else 0.0,
+                top_p=decoding.top_p if sample else 1.0, seed=seed if sample else None,
+                stop_token_ids=list(stop_token_ids))
 
 
 class _CandidateAdapters:
