@@ -281,3 +281,16 @@ def test_mean_rate_scales_the_mean_step_and_leaves_the_step_size_adaptation(kind
     with pytest.raises(EssaError, match="mean_rate must be in"):
         population = slow.ask()
         slow.tell(population, sphere(population), mean_rate=0.0)
+
+
+def test_signal_mean_step_drifts_less_on_pure_noise_fitness(monkeypatch):
+    """benchmarks/noise_drift.py in small: coin-flip fitness that no candidate changes."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from noise_drift import run_case
+
+    full = run_case(0.1, 0.0, "full", seeds=12, generations=20, prompts=32)
+    signal = run_case(0.1, 0.0, "signal", seeds=12, generations=20, prompts=32)
+    assert signal["norm_median"] < 0.6 * full["norm_median"]
+    assert signal["sigma_median"] <= SearchConfig().sigma0 and full["sigma_median"] <= SearchConfig().sigma0
