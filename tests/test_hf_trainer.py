@@ -20,7 +20,7 @@ from essa import ESSAConfig, ESSATrainer
 from essa.cli import main
 from essa.config import Config, load_config, settings
 from essa.errors import EssaError
-from essa.hf_trainer import FIELDS
+from essa.hf_config import FIELDS
 from essa.tasks.dataset import DatasetOptions
 from helpers import make_tiny_model_dir, tiny_llama, tiny_tokenizer
 
@@ -72,7 +72,7 @@ def test_config_round_trip_yaml_and_cli_keys(tmp_path):
 
 
 def test_every_setting_essa_train_reads_is_a_field_and_the_rest_is_named():
-    from essa.hf_trainer import NOT_FIELDS
+    from essa.hf_config import NOT_FIELDS
 
     reached = set(FIELDS.values())
     for s in settings():

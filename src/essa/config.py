@@ -6,6 +6,9 @@ errors name the key as the user wrote it. `settings()` lists every key with its 
 (for `essa COMMAND --help`, the docs and `essa.ESSAConfig`, which derives its fields from these
 sections). The resolved config is saved verbatim into each run directory so a run can be read
 back and repeated.
+
+Longer than the package's other modules on purpose: it is the one place where every setting is
+declared, with its help text beside it (about half of its lines); the loading code is at the end.
 """
 
 from __future__ import annotations
