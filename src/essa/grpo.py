@@ -34,7 +34,7 @@ from essa.errors import EssaError
 from essa.evaluate import score
 from essa.io import atomic_directory, atomic_write_text, ensure_writable_dir
 from essa.models import resolve_dtype
-from essa.schedule import STREAM_STEPS, SnapshotSchedule, prompt_stream, rechunk
+from essa.schedule import STREAM_STEPS, Snapshot, SnapshotSchedule, prompt_stream, rechunk
 from essa.tasks import RewardStats, Task, format_prompt
 
 log = logging.getLogger("essa.grpo")
@@ -42,15 +42,6 @@ METRICS = "metrics.jsonl"
 TRL_LOG = "trl_log.jsonl"
 START_ADAPTER = "start_adapter"
 SNAPSHOTS = "snapshots"
-
-
-@dataclass
-class Snapshot:
-    """The adapter at one point of the training clock."""
-
-    elapsed_s: float
-    step: int
-    adapter_dir: str
 
 
 @dataclass

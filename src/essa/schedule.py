@@ -1,12 +1,14 @@
 """What ESSA and the GRPO baseline must agree on: the prompt stream and the snapshot times.
 
 The trainer reads its mini-batches from `minibatch_indices`; `essa compare` feeds GRPO the same
-stream (`prompt_stream`, cut into GRPO steps by `rechunk`), and both methods snapshot their model
-on their own training clock with a `SnapshotSchedule` over the same times.
+stream (`prompt_stream`, cut into GRPO steps by `rechunk`), and every method snapshots its model
+on its own training clock with a `SnapshotSchedule` over the same times (GRPO and the continued
+SFT save each as an adapter dir: a `Snapshot`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -34,6 +36,15 @@ def rechunk(stream: list[list[int]], per_step: int) -> list[list[int]]:
     """The same prompts in the same order, cut into steps of `per_step` (a partial last step is dropped)."""
     flat = [i for batch in stream for i in batch]
     return [flat[k:k + per_step] for k in range(0, len(flat) - per_step + 1, per_step)]
+
+
+@dataclass
+class Snapshot:
+    """The adapter at one point of the training clock."""
+
+    elapsed_s: float
+    step: int
+    adapter_dir: str
 
 
 class SnapshotSchedule:
