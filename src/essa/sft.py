@@ -4,10 +4,14 @@ The prompt is the task's chat-formatted prompt (generation prompt included), tok
 as generation sees it; the loss covers only the completion (target + EOS). Training is seeded
 and deterministic on CPU. The caller's model comes back unchanged: the LoRA layers are removed
 after saving and the base weights are never updated.
+
+`continue_sft` trains an existing adapter further with the same loss, batches and optimizer, for a
+wall-clock budget with snapshots (the continued-SFT arm of `essa compare`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -15,7 +19,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 from torch import nn
@@ -23,13 +27,19 @@ from tqdm import tqdm
 
 from essa.config import LoraConfig, SftConfig
 from essa.errors import EssaError
-from essa.io import atomic_directory, atomic_write_json, ensure_writable_dir
+from essa.io import atomic_directory, atomic_write_json, atomic_write_text, ensure_writable_dir
+from essa.schedule import Snapshot, SnapshotSchedule
 from essa.tasks import Task, format_prompt
 
+T = TypeVar("T")
 IGNORE_INDEX = -100  # label value that transformers' causal-LM loss skips
 WARMUP_FRACTION = 0.1  # linear warmup over this share of steps, then linear decay to zero
 MAX_GRAD_NORM = 1.0
 METRICS_FILE = "sft_metrics.json"
+# continue_sft's files in its out_dir: the tensors it starts from, its snapshots, its per-step log.
+START_ADAPTER = "start_adapter"
+SNAPSHOTS = "snapshots"
+TIMED_METRICS = "metrics.jsonl"
 
 
 @dataclass
@@ -61,10 +71,7 @@ def run_sft(model: nn.Module, tokenizer: Any, task: Task, lora: LoraConfig, sft:
     examples = task.checked_split("sft")
     ensure_writable_dir(out_dir.parent)  # fail on a bad path before spending time training
     encoded = encode_split(tokenizer, task, examples, sft.max_length)
-    usable = with_targets(encoded)
-    if not usable:
-        raise EssaError(f"no SFT example keeps any target token within sft.max_length={sft.max_length}: "
-                        "raise sft.max_length")
+    usable = [encoded[i] for i in _usable_rows(encoded, sft)]
     steps = total_steps(len(usable), sft)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
@@ -92,6 +99,91 @@ def run_sft(model: nn.Module, tokenizer: Any, task: Task, lora: LoraConfig, sft:
     return SftResult(out_dir, len(losses), losses[-1], metrics["wall_clock_s"])
 
 
+@dataclass
+class TimedSftResult:
+    """What `continue_sft` did, on its training clock."""
+
+    steps: int
+    elapsed_s: float
+    snapshots: list[Snapshot]  # the start first (t = 0), the adapter after the last step last
+    history: list[dict[str, Any]]  # one row per step: step, wall_clock_s, loss
+    examples_used: list[list[int]]  # the sft-split indices each step trained on, in order
+    start_adapter: str  # the tensors it started from, saved as the trainable model held them
+
+
+def continue_sft(model: nn.Module, tokenizer: Any, task: Task, adapter_dir: str | Path, sft: SftConfig,
+                 out_dir: str | Path, budget_s: float, times: list[float], max_steps: int | None = None,
+                 bf16_autocast: bool = False, progress: bool = True) -> TimedSftResult:
+    """The adapter in `adapter_dir` trained further on `task`'s sft split, as `run_sft` trains (same
+    loss, seeded batches of sft.batch_size, AdamW, clipping) but at a constant sft.lr: a clock budget
+    has no step count to warm up or decay over. Stops at the first step that ends past `budget_s`
+    seconds of training (or at `max_steps`). At each of `times` on that clock the adapter is saved
+    under out_dir/snapshots; the clock counts training steps only, so saving is off it.
+    The caller's model comes back without LoRA layers and with its base weights unchanged."""
+    out_dir = ensure_writable_dir(out_dir)
+    encoded = encode_split(tokenizer, task, task.checked_split("sft"), sft.max_length)
+    rows = _usable_rows(encoded, sft)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    order = batch_stream(rows, sft.batch_size, sft.seed)
+    with _seeded(sft.seed, device), _restored_state(model):
+        policy = load_lora(model, adapter_dir)
+        try:
+            return _timed_loop(policy, order, lambda k: collate([encoded[i] for i in k], pad_id, device), sft.lr,
+                               out_dir, budget_s, times, max_steps, bf16_autocast, progress)
+        finally:
+            unload_lora(policy)
+
+
+def _timed_loop(policy: nn.Module, order: Iterator[list[int]], make_batch: Callable[[list[int]], Any], lr: float,
+                out_dir: Path, budget_s: float, times: list[float], max_steps: int | None, bf16_autocast: bool,
+                progress: bool) -> TimedSftResult:
+    """`continue_sft`'s loop on the loaded trainable adapter: `order` gives each step's rows of the
+    sft split, `make_batch` their tensors (on the clock, as all of a step's work is)."""
+    start = _save_lora(policy, out_dir / START_ADAPTER)
+    snapshots = [Snapshot(0.0, 0, start)]
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    schedule = SnapshotSchedule(times)
+    history: list[dict[str, Any]] = []
+    used: list[list[int]] = []
+    elapsed, step = 0.0, 0
+    policy.train()
+    bar = tqdm(total=round(budget_s), desc="continued SFT", unit="s", file=sys.stderr, disable=not progress,
+               dynamic_ncols=True)
+    try:
+        for step, rows in enumerate(order, 1):
+            t0 = time.perf_counter()
+            loss = sft_step(policy, make_batch(rows), params, optimizer, step, bf16_autocast)
+            elapsed += time.perf_counter() - t0
+            used.append(rows)
+            history.append({"step": step, "wall_clock_s": round(elapsed, 3), "loss": loss})
+            if schedule.due(elapsed):
+                snapshots.append(_snapshot(policy, out_dir, step, elapsed))
+            bar.update(max(0, min(round(elapsed), bar.total) - bar.n))
+            bar.set_postfix(step=step, loss=f"{loss:.4f}")
+            if elapsed >= budget_s or (max_steps is not None and step >= max_steps):
+                break
+    finally:
+        bar.close()
+    if snapshots[-1].step != step:
+        snapshots.append(_snapshot(policy, out_dir, step, elapsed))
+    atomic_write_text(out_dir / TIMED_METRICS, "".join(json.dumps(r) + "\n" for r in history))
+    return TimedSftResult(steps=step, elapsed_s=elapsed, snapshots=snapshots, history=history, examples_used=used,
+                          start_adapter=start)
+
+
+def _snapshot(policy: nn.Module, out_dir: Path, step: int, elapsed: float) -> Snapshot:
+    return Snapshot(round(elapsed, 3), step, _save_lora(policy, out_dir / SNAPSHOTS / f"step{step:05d}"))
+
+
+def _save_lora(policy: nn.Module, path: Path) -> str:
+    """The adapter as a PEFT dir at `path` (all-or-nothing), as GRPO saves its snapshots."""
+    with atomic_directory(path) as tmp:
+        policy.save_pretrained(str(tmp), selected_adapters=["default"], save_embedding_layers=False)
+    return str(path)
+
+
 def encode_split(tokenizer: Any, task: Task, examples: list[Any], max_length: int) -> list[Encoded]:
     return [encode_example(tokenizer, format_prompt(tokenizer, task, ex), task.sft_target(ex), max_length)
             for ex in examples]
@@ -99,7 +191,20 @@ def encode_split(tokenizer: Any, task: Task, examples: list[Any], max_length: in
 
 def with_targets(encoded: list[Encoded]) -> list[Encoded]:
     """The examples that keep at least one target token after truncation (the others teach nothing)."""
-    return [e for e in encoded if any(x != IGNORE_INDEX for x in e.labels)]
+    return [e for e in encoded if _keeps_target(e)]
+
+
+def _keeps_target(example: Encoded) -> bool:
+    return any(x != IGNORE_INDEX for x in example.labels)
+
+
+def _usable_rows(encoded: list[Encoded], sft: SftConfig) -> list[int]:
+    """Indices of the examples `with_targets` keeps; an error where none is left."""
+    rows = [i for i, e in enumerate(encoded) if _keeps_target(e)]
+    if not rows:
+        raise EssaError(f"no SFT example keeps any target token within sft.max_length={sft.max_length}: "
+                        "raise sft.max_length")
+    return rows
 
 
 class EarlyStopping:
@@ -213,7 +318,7 @@ def total_steps(n_examples: int, sft: SftConfig) -> int:
     return steps if sft.max_steps is None else min(steps, sft.max_steps)
 
 
-def batch_stream(items: list[Encoded], batch_size: int, seed: int) -> Iterator[list[Encoded]]:
+def batch_stream(items: list[T], batch_size: int, seed: int) -> Iterator[list[T]]:
     """Endless batches: each epoch is a fresh seeded shuffle, the last batch may be short."""
     gen = torch.Generator().manual_seed(seed)
     while True:
@@ -233,28 +338,38 @@ def train_loop(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], ste
     model.train()
     losses: list[float] = []
     bar = tqdm(total=steps, desc="sft", file=sys.stderr, disable=not progress, dynamic_ncols=True)
-    for _, batch in zip(range(steps), batches):
-        loss = completion_loss(model, batch)
-        if not torch.isfinite(loss):
-            bar.close()
-            raise EssaError(f"SFT loss became {loss.item()} at step {len(losses) + 1}: lower sft.lr")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        bar.update()
-        if stopper is not None and stopper.due(len(losses), steps):
-            stop = stopper.should_stop(len(losses), model)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", val=f"{stopper.history[-1][1]:.4f}")
-            if stop:
-                break
-    bar.close()
+    try:
+        for _, batch in zip(range(steps), batches):
+            losses.append(sft_step(model, batch, params, optimizer, len(losses) + 1))
+            schedule.step()
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            bar.update()
+            if stopper is not None and stopper.due(len(losses), steps):
+                stop = stopper.should_stop(len(losses), model)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", val=f"{stopper.history[-1][1]:.4f}")
+                if stop:
+                    break
+    finally:
+        bar.close()
     if stopper is not None:
         stopper.restore_best(model)
     return losses
+
+
+def sft_step(model: nn.Module, batch: dict[str, torch.Tensor], params: list[nn.Parameter],
+             optimizer: torch.optim.Optimizer, step: int, bf16_autocast: bool = False) -> float:
+    """One optimizer step on the completion loss, gradients clipped to MAX_GRAD_NORM; its loss.
+    `bf16_autocast`: the forward pass under bf16 autocast over the model's own weights."""
+    device = batch["input_ids"].device.type
+    with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16_autocast):
+        loss = completion_loss(model, batch)
+    if not torch.isfinite(loss):
+        raise EssaError(f"SFT loss became {loss.item()} at step {step}: lower sft.lr")
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
 
 
 def completion_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -290,6 +405,16 @@ def wrap_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
         # PEFT reads a deprecated transformers attribute; the warning is not the user's to act on.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return peft.get_peft_model(model, config)
+
+
+def load_lora(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
+    """The PEFT adapter in `adapter_dir` injected into `model` (in place), trainable, with the rank,
+    alpha, targets and dropout it was saved with; returns the PEFT wrapper."""
+    import peft
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return peft.PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
 
 
 def save_adapter(peft_model: nn.Module, out_dir: Path, metrics: dict[str, Any]) -> None:
