@@ -1,14 +1,16 @@
 """The typed records of `essa compare` and the JSON files that hold them.
 
-A method's run: `EssaResult` / `GrpoResult` (its run dir's result.json, with the per-example scores
-in scores.npz), `GrpoTraining` (a GRPO run trained but not yet scored: job.json, kept for
---resume) and `SftResult` (the warm start: sft/job.json). The comparison: `CompareSummary`
-(summary.json; comparison.json is part of it). The jobs build these, the summary reads the
-results, the report and plots read the summary.
+A method's run: `EssaResult` / `GrpoResult` / `SftArmResult` (its run dir's result.json, with the
+per-example scores in scores.npz), `GrpoTraining` / `SftArmTraining` (a run trained but not yet
+scored: job.json, kept for --resume) and `SftResult` (the warm start: sft/job.json). The
+comparison: `CompareSummary` (summary.json; comparison.json is part of it). The jobs build these,
+the summary reads the results, the report and plots read the summary.
 
 `to_json` writes exactly the JSON these files have always held and `from_json` reads it back, so
-a comparison begun before a change still resumes. Adding a metric is a field here, the line that
-computes it (summary.py) and, to show it, a row of the report (report.py).
+a comparison begun before a change still resumes. A field added later is `optional()`: absent
+from older files, and left out of the JSON while it is None, so those files still round-trip.
+Adding a metric is a field here, the line that computes it (summary.py) and, to show it, a row of
+the report (report.py).
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
 from essa.io import atomic_write_json, atomic_write_state, read_state
+from essa.schedule import Snapshot
 from essa.stats import PairedComparison
 
 RESULT = "result.json"
@@ -29,6 +32,16 @@ RESULT = "result.json"
 # array per split, rows in the order of result.json's "points".
 SCORES = "scores.npz"
 SPLITS = ("validation", "test")
+S = TypeVar("S", bound="MethodResult")
+
+
+def optional() -> Any:
+    """A record field added after files were written without it: None when absent, omitted while None."""
+    return field(default=None, metadata={"optional": True})
+
+
+def _omitted(f: dataclasses.Field[Any], value: Any) -> bool:
+    return f.metadata.get("optional", False) and value is None
 
 
 class Record:
@@ -36,12 +49,14 @@ class Record:
     decodes them in `_decoded`."""
 
     def to_json(self) -> dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        values = ((f, getattr(self, f.name)) for f in dataclasses.fields(self))
+        return {f.name: _plain(v) for f, v in values if not _omitted(f, v)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Any:
         decoded = cls._decoded(data)
-        plain = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name not in decoded}
+        plain = {f.name: data[f.name] for f in dataclasses.fields(cls)
+                 if f.name not in decoded and (f.name in data or not f.metadata.get("optional", False))}
         return cls(**plain, **decoded)
 
     @classmethod
@@ -157,18 +172,48 @@ class GrpoTraining(MethodRun):
     method: ClassVar[str] = "grpo"
     lr: float
     settings: dict[str, Any]
-    snapshots: list[Any]  # essa.grpo.Snapshot: elapsed_s, step, adapter_dir
+    snapshots: list[Snapshot]
 
     @classmethod
     def _decoded(cls, data: dict[str, Any]) -> dict[str, Any]:
-        from essa.grpo import Snapshot  # here: essa.grpo loads transformers
-
         return {**super()._decoded(data), "snapshots": [Snapshot(**s) for s in data["snapshots"]]}
 
     def scored(self, points: list[Point], correct: dict[str, np.ndarray]) -> GrpoResult:
         """The run's result once its snapshots are scored (peak_rss_mb stays training's)."""
-        kept = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "snapshots"}
-        return GrpoResult(**kept, points=points, correct=correct)
+        return _scored(self, GrpoResult, points, correct)
+
+
+@dataclass(kw_only=True)
+class SftArmResult(MethodResult):
+    """The continued-SFT arm (compare.sft_arm): the start adapter trained further on the sft split.
+    Its prompts_used are sft-split indices; it has no training reward (its curve logs the loss)."""
+
+    method: ClassVar[str] = "sft_arm"
+    lr: float  # sft.lr, constant
+    settings: dict[str, Any]  # the sft: section it trained with
+
+
+@dataclass(kw_only=True)
+class SftArmTraining(MethodRun):
+    """A continued-SFT run trained, its snapshots not yet scored (job.json)."""
+
+    method: ClassVar[str] = "sft_arm"
+    lr: float
+    settings: dict[str, Any]
+    snapshots: list[Snapshot]
+
+    @classmethod
+    def _decoded(cls, data: dict[str, Any]) -> dict[str, Any]:
+        return {**super()._decoded(data), "snapshots": [Snapshot(**s) for s in data["snapshots"]]}
+
+    def scored(self, points: list[Point], correct: dict[str, np.ndarray]) -> SftArmResult:
+        return _scored(self, SftArmResult, points, correct)
+
+
+def _scored(trained: MethodRun, result: type[S], points: list[Point], correct: dict[str, np.ndarray]) -> S:
+    """`trained`'s result once its snapshots are scored (peak_rss_mb stays training's)."""
+    kept = {f.name: getattr(trained, f.name) for f in dataclasses.fields(trained) if f.name != "snapshots"}
+    return result(**kept, points=points, correct=correct)
 
 
 @dataclass
@@ -186,10 +231,10 @@ def write_result(run_dir: Path, result: MethodResult) -> None:
     atomic_write_json(run_dir / RESULT, result.to_json())
 
 
-def load_result(run_dir: str | Path) -> EssaResult | GrpoResult:
+def load_result(run_dir: str | Path) -> EssaResult | GrpoResult | SftArmResult:
     """The result a method's run dir holds, its per-example scores included."""
     data = json.loads((Path(run_dir) / RESULT).read_text())
-    kind = {"essa": EssaResult, "grpo": GrpoResult}[data["method"]]
+    kind = {"essa": EssaResult, "grpo": GrpoResult, "sft_arm": SftArmResult}[data["method"]]
     return kind.from_json({**data, "correct": load_scores(run_dir)})
 
 
@@ -245,6 +290,11 @@ class GrpoSummary(MethodSummary):
 
 
 @dataclass(kw_only=True)
+class SftArmSummary(MethodSummary):
+    lr: float
+
+
+@dataclass(kw_only=True)
 class SweepRun(GrpoSummary):
     """One GRPO learning rate's row; `selected`: the run compared with ESSA."""
 
@@ -253,14 +303,19 @@ class SweepRun(GrpoSummary):
 
 @dataclass
 class Methods(Record):
-    """ESSA's row and the row of the GRPO run compared with it."""
+    """ESSA's row, the row of the GRPO run compared with it and, with compare.sft_arm, the
+    continued SFT's."""
 
     essa: EssaSummary
     grpo: GrpoSummary
+    sft_arm: SftArmSummary | None = optional()
 
     @classmethod
     def _decoded(cls, data: dict[str, Any]) -> dict[str, Any]:
-        return {"essa": EssaSummary.from_json(data["essa"]), "grpo": GrpoSummary.from_json(data["grpo"])}
+        rows = {"essa": EssaSummary.from_json(data["essa"]), "grpo": GrpoSummary.from_json(data["grpo"])}
+        if data.get("sft_arm") is not None:
+            rows["sft_arm"] = SftArmSummary.from_json(data["sft_arm"])
+        return rows
 
 
 @dataclass
@@ -317,6 +372,7 @@ class Precision(Record):
     essa: str
     grpo: str
     evaluation: str
+    sft_arm: str | None = optional()  # with compare.sft_arm
 
 
 @dataclass(kw_only=True)
