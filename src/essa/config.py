@@ -320,17 +320,22 @@ class SuiteConfig:
 
 @dataclass
 class CompareConfig:
-    """The `compare:` section of `essa compare` (ESSA vs GRPO from the same start)."""
+    """The `compare:` section of `essa compare` (ESSA vs GRPO, and optionally continued SFT, from the same
+    start)."""
 
     budget_s: float = setting(1380.0, "Wall-clock seconds of training for each method.")
     checkpoints: int = setting(4, "Matched snapshots at budget * k / checkpoints, k = 1..checkpoints (plus t = 0 "
                                "and the end).")
-    max_steps: int | None = setting(None, "Optional cap on ESSA generations and GRPO steps (null: the budget "
-                                    "alone decides).")
+    max_steps: int | None = setting(None, "Optional cap on ESSA generations, GRPO steps and continued-SFT steps "
+                                    "(null: the budget alone decides).")
     svd_vectors: str = setting("sft", "Singular vectors of the start adapter: the SFT adapter's own (sft) or "
                                "random orthonormal ones (random).")
     seed: int = setting(0, "Seed of the random singular vectors.")
-    isolate: bool = setting(True, "Run SFT, ESSA and GRPO each in a fresh spawned process (separable peak memory).")
+    isolate: bool = setting(True, "Run each job (SFT, ESSA, GRPO, continued SFT) in a fresh spawned process "
+                            "(separable peak memory).")
+    sft_arm: bool = setting(False, "Also continue the start adapter's LoRA SFT (the task's sft split, sft.lr constant, "
+                            "sft.batch_size) for the same budget and snapshot times: the common-sense arm, scored "
+                            "like the others. Needs a task whose sft split has targets.")
 
     def __post_init__(self) -> None:
         _check("compare.budget_s", self.budget_s > 0, "must be > 0", self.budget_s)

@@ -36,11 +36,19 @@ Protocol (what makes the comparison fair, and what the report claims):
 - Resume (`--resume`): finished jobs (SFT, ESSA, each GRPO run's training and its scoring) are
   kept, an interrupted one starts over; only with the settings the comparison began with.
 
+- The common-sense arm (`compare.sft_arm: true`): the start adapter's LoRA SFT continued
+  (`essa.sft.continue_sft`: the SFT loss on the task's sft split, sft.lr constant, sft.batch_size)
+  for the same budget, snapshotted at the same times and scored by the same evaluator, in
+  `sft_arm/`. It saves its start tensors too (checked equal to ESSA's); it reads the sft split,
+  not the prompt stream. The summary adds its row and paired tests (its final and
+  validation-best vs the start, ESSA's final vs its final). A task whose sft split lacks targets
+  is refused before anything is written.
+
 With `grpo.svd_only: true` the baseline is SVD-GRPO: the same GRPO, but only the singular-value
 offsets ESSA searches are trained (`svd_grpo.py`); tables and plots then name it SVD-GRPO.
 
 Modules, one job each: `orchestration` (settings, the jobs in order, spawn, --resume), `jobs` (SFT,
-ESSA, GRPO training and scoring, each a process), `fairness` (the shared start and prompt stream),
+ESSA, GRPO and continued-SFT training and scoring, each a process), `fairness` (the shared start and prompt stream),
 `results` (the typed records and their JSON files), `summary` (selection and statistics), `report`
 (tables, report.md, plots).
 """
@@ -53,6 +61,7 @@ from essa.compare.results import (
     EssaResult,
     GrpoResult,
     Point,
+    SftArmResult,
     load_result,
     load_scores,
     write_result,
@@ -65,6 +74,7 @@ __all__ = [
     "GrpoResult",
     "Point",
     "RecordingBackend",
+    "SftArmResult",
     "check_same_prompts",
     "check_same_start",
     "compare_defaults",

@@ -1,5 +1,6 @@
-"""What both methods of `essa compare` share: one start adapter (made here) and one prompt stream,
-verified after they ran; a comparison whose methods did not share them is void."""
+"""What the methods of `essa compare` share: one start adapter (made here; every method, the
+continued SFT included) and one prompt stream (ESSA and GRPO; the continued SFT reads the sft
+split), verified after they ran; a comparison whose methods did not share them is void."""
 
 from __future__ import annotations
 
@@ -54,11 +55,17 @@ def same_adapter_tensors(dir_a: str | Path, dir_b: str | Path) -> bool:
 
 
 # -- verified after the methods ran ---------------------------------------------------------------
-def check_same_start(essa: MethodRun, grpo: MethodRun) -> None:
-    """Both methods saved the tensors they started from: they must be bit-identical."""
-    if not same_adapter_tensors(essa.start_adapter, grpo.start_adapter):
-        raise EssaError(f"ESSA and GRPO started from different adapter tensors ({essa.start_adapter} vs "
-                        f"{grpo.start_adapter}): the comparison is void")
+# How an error names a method's run (by its record's `method`).
+METHOD_NAMES = {"essa": "ESSA", "grpo": "GRPO", "sft_arm": "the continued SFT"}
+
+
+def check_same_start(essa: MethodRun, *others: MethodRun) -> None:
+    """Every method saved the tensors it started from: each must be bit-identical to ESSA's."""
+    for other in others:
+        if not same_adapter_tensors(essa.start_adapter, other.start_adapter):
+            name = METHOD_NAMES.get(getattr(other, "method", ""), "another method")
+            raise EssaError(f"ESSA and {name} started from different adapter tensors ({essa.start_adapter} vs "
+                            f"{other.start_adapter}): the comparison is void")
 
 
 def check_same_prompts(search: SearchConfig, n_train: int, per_step: int, essa: MethodRun,

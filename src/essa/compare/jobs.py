@@ -1,7 +1,7 @@
 """The jobs of `essa compare`, each run in its own process (orchestration.py): the SFT warm start,
-ESSA, GRPO's training and the scoring of its snapshots. Every snapshot of both methods goes through
-one evaluator (`_evaluator`); each job returns its record (results.py), and each method's run dir
-gets its result.json and scores.npz."""
+ESSA, GRPO's training, the continued SFT's (compare.sft_arm), and the scoring of their snapshots.
+Every snapshot of every method goes through one evaluator (`_evaluator`); each job returns its
+record (results.py), and each method's run dir gets its result.json and scores.npz."""
 
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ from essa.compare.results import (
     GrpoResult,
     GrpoTraining,
     Point,
+    SftArmResult,
+    SftArmTraining,
     SftResult,
     TrainerChoice,
     write_result,
@@ -182,9 +184,43 @@ def grpo_job(cfg: Config, start_adapter: str, run_dir: str, schedule: list[list[
         snapshots=result.snapshots)
 
 
+def sft_arm_job(cfg: Config, start_adapter: str, run_dir: str, progress: bool) -> SftArmTraining:
+    """The continued SFT (`essa.sft.continue_sft`, the model in this process): training only, on
+    compare's budget and snapshot times; `sft_arm_scoring_job` scores it in a fresh process, as
+    GRPO's are. bf16 autocast exactly where GRPO has it (one precision for the gradient methods)."""
+    from essa.grpo import trains_in_bf16
+    from essa.models import load_model
+    from essa.sft import continue_sft
+    from essa.tasks import get_task
+
+    _quiet()
+    compare = cfg.compare
+    model, tokenizer = load_model(cfg.model, training=True)
+    result = continue_sft(model, tokenizer, get_task(cfg.task), start_adapter, cfg.sft, run_dir,
+                          budget_s=compare.budget_s, times=compare.checkpoint_times(), max_steps=compare.max_steps,
+                          bf16_autocast=trains_in_bf16(cfg), progress=progress)
+    return SftArmTraining(
+        steps=result.steps, wall_clock_s=round(result.elapsed_s, 3),
+        stopped_by=_stopped_by(result.steps, compare.max_steps), curve=result.history,
+        prompts_used=result.examples_used, start_adapter=result.start_adapter, peak_rss_mb=_peak_rss_mb(),
+        reward_failures=0, lr=cfg.sft.lr, settings=dataclasses.asdict(cfg.sft), snapshots=result.snapshots)
+
+
 def grpo_scoring_job(cfg: Config, run_dir: str, trained: GrpoTraining) -> GrpoResult:
     """Every snapshot of a finished GRPO run (`trained`: `grpo_job`'s record) through the one
     evaluator, on a freshly loaded model in the inference dtype; writes the run's result."""
+    return _score_snapshots(cfg, run_dir, trained)
+
+
+def sft_arm_scoring_job(cfg: Config, run_dir: str, trained: SftArmTraining) -> SftArmResult:
+    """`grpo_scoring_job` for the continued SFT's snapshots (`sft_arm_job`'s record)."""
+    return _score_snapshots(cfg, run_dir, trained)
+
+
+def _score_snapshots(cfg: Config, run_dir: str,
+                     trained: GrpoTraining | SftArmTraining) -> GrpoResult | SftArmResult:
+    """Each of `trained.snapshots` (adapter dirs) through the one evaluator, on a freshly loaded
+    model in the inference dtype; the run's result, written."""
     from essa.models import load_model
     from essa.tasks import get_task
 
@@ -204,7 +240,7 @@ def grpo_scoring_job(cfg: Config, run_dir: str, trained: GrpoTraining) -> GrpoRe
 @contextmanager
 def _evaluator(cfg: Config, adapter_dir: str | Path, alpha: float,
                loaded: tuple[Any, Any] | None) -> Iterator[tuple[Backend, Any]]:
-    """(backend, tokenizer) of the one evaluator every snapshot of both methods goes through: the
+    """(backend, tokenizer) of the one evaluator every snapshot of every method goes through: the
     backend that evaluates single adapters for this config (`evaluation_kind`), in this process."""
     kind = evaluation_kind(cfg)
     inputs = load_inputs(cfg, adapter_dir, alpha, kind=kind, loaded=loaded)

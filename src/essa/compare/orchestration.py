@@ -1,5 +1,5 @@
 """How `essa compare` runs: settings, the jobs in order (each in a fresh 'spawn' process with
-compare.isolate), the checks that both methods shared their inputs, and --resume."""
+compare.isolate), the checks that the methods shared their inputs, and --resume."""
 
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ from essa.compare.results import (
     GrpoResult,
     GrpoTraining,
     Record,
+    SftArmResult,
+    SftArmTraining,
     SftResult,
     load_result,
 )
@@ -41,8 +43,10 @@ from essa.schedule import STREAM_STEPS, prompt_stream, rechunk
 from essa.svd_space import SvdLoraSpace
 
 COMPARE_CONFIG = "compare.yaml"
-# A finished training job's result (SFT, a GRPO run before its snapshots are scored), kept for --resume.
+# A finished training job's result (SFT, a GRPO or continued-SFT run before its snapshots are scored),
+# kept for --resume.
 JOB_RESULT = "job.json"
+SFT_ARM_DIR = "sft_arm"  # the continued SFT's run dir (compare.sft_arm)
 T = TypeVar("T")
 R = TypeVar("R", bound=Record)
 
@@ -60,36 +64,39 @@ def load_compare_config(path: str | Path | None = None, overrides: list[str] | N
 
 # -- the whole comparison -------------------------------------------------------------------------
 def run_compare(cfg: Config, progress: bool = True, resume: bool = False) -> CompareSummary:
-    """SFT (or cfg.adapter) -> ESSA, and GRPO once per learning rate, from the same start -> plots,
-    tables, paired statistics and report in output_dir.
+    """SFT (or cfg.adapter) -> ESSA, GRPO once per learning rate and (compare.sft_arm) the SFT
+    continued, from the same start -> plots, tables, paired statistics and report in output_dir.
 
     With `resume`, an interrupted comparison in output_dir continues with the same settings: every
-    finished job (SFT, ESSA, each GRPO run's training and its scoring) is kept, an unfinished one
-    is started over (a method's clock cannot be resumed fairly)."""
+    finished job (SFT, ESSA, each GRPO run's and the continued SFT's training and scoring) is kept,
+    an unfinished one is started over (a method's clock cannot be resumed fairly)."""
     compare_cfg = cfg.compare
     root = Path(cfg.output_dir)
     task, given = _prepare(cfg, root, resume)
+    stages = 4 if compare_cfg.sft_arm else 3
     if given is not None:
         sft = SftResult(adapter=given, wall_clock_s=None, peak_rss_mb=None)
     else:
-        _say("1/3 LoRA SFT warm start")
+        _say(f"1/{stages} LoRA SFT warm start")
         sft = _job_once(root / "sft", compare_cfg.isolate, SftResult, jobs.sft_job,
                         cfg=cfg.with_changes(output_dir=str(root / "sft")), progress=progress)
     start = start_adapter(Path(sft.adapter), cfg, root)
 
     n_train = len(task.checked_split("train"))
     stream = prompt_stream(cfg.essa, n_train, compare_cfg.max_steps or STREAM_STEPS)
-    _say(f"2/3 ESSA for {compare_cfg.budget_s:.0f} s")
+    _say(f"2/{stages} ESSA for {compare_cfg.budget_s:.0f} s")
     essa = _finished_run(root / "essa")
     if essa is None:
         essa = run_job(compare_cfg.isolate, jobs.essa_job, cfg=cfg, start_adapter=str(start),
                        run_dir=str(_fresh_dir(root / "essa")), progress=progress)
-    grpo_runs = _run_grpo_sweep(cfg, start, root, rechunk(stream, cfg.grpo_prompts_per_step), progress)
+    grpo_runs = _run_grpo_sweep(cfg, start, root, rechunk(stream, cfg.grpo_prompts_per_step), progress, stages)
+    sft_arm = _run_sft_arm(cfg, start, root, progress) if compare_cfg.sft_arm else None
+    check_same_start(essa, *grpo_runs, *([sft_arm] if sft_arm is not None else []))
     for grpo in grpo_runs:
-        check_same_start(essa, grpo)
         check_same_prompts(cfg.essa, n_train, cfg.grpo_prompts_per_step, essa, grpo)
-    summary = summarize(cfg, sft, essa, grpo_runs, len(task.checked_split("test")), baseline=_baseline_name(cfg))
-    write_outputs(root, summary, essa, grpo_runs)
+    summary = summarize(cfg, sft, essa, grpo_runs, len(task.checked_split("test")), baseline=_baseline_name(cfg),
+                        sft_arm=sft_arm)
+    write_outputs(root, summary, essa, grpo_runs, sft_arm)
     return summary
 
 
@@ -101,17 +108,29 @@ def _prepare(cfg: Config, root: Path, resume: bool) -> tuple[Any, str | None]:
 
     if resume:
         check_resumable(root, cfg)
-    elif any((root / name).exists() for name in ("sft", "essa", "grpo", "summary.json")):
+    elif any((root / name).exists() for name in ("sft", "essa", "grpo", SFT_ARM_DIR, "summary.json")):
         raise EssaError(f"{root} already holds a comparison; pass --resume to continue it, or choose another "
                         "output_dir")
     task = get_task(cfg.task)
     for split in ("train", "validation", "test") + (() if cfg.adapter else ("sft",)):
         task.checked_split(split)
+    if cfg.compare.sft_arm:
+        check_sft_targets(task)
     given = None if cfg.adapter is None else str(resolve_adapter_dir(cfg.adapter))
     _check_before_writing(cfg, given)
     ensure_writable_dir(root)
     cfg.save(root / "config.yaml")
     return task, given
+
+
+def check_sft_targets(task: Any) -> None:
+    """The continued SFT trains on the task's sft split: every example there needs a target."""
+    try:
+        for example in task.checked_split("sft"):
+            task.sft_target(example)
+    except EssaError as exc:
+        raise EssaError(f"compare.sft_arm: true continues SFT on the task's sft split, which needs a target "
+                        f"completion for each example: {exc}. Set compare.sft_arm: false for this task") from exc
 
 
 # -- resuming ---------------------------------------------------------------------------------------
@@ -120,13 +139,30 @@ def check_resumable(root: Path, cfg: Config) -> None:
     saved_path = root / "config.yaml"
     if not saved_path.is_file():
         raise EssaError(f"nothing to resume: {root} holds no comparison (no config.yaml)")
-    saved = dotted(yaml.safe_load(saved_path.read_text()) or {})
-    now = dotted(yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
+    saved = dotted(_with_new_settings(yaml.safe_load(saved_path.read_text()) or {}, _as_saved(compare_defaults())))
+    now = dotted(_as_saved(cfg))
     changed = [f"{k} (was {saved.get(k)!r}, now {now.get(k)!r})" for k in sorted(set(saved) | set(now))
                if saved.get(k) != now.get(k)]
     if changed:
         raise EssaError(f"{root} was begun with other settings; resume it with the same ones, or choose another "
                         "output_dir. Changed: " + "; ".join(changed))
+
+
+def _as_saved(cfg: Config) -> dict[str, Any]:
+    """`cfg` as its config.yaml reads back."""
+    return yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def _with_new_settings(saved: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """`saved` (a comparison's config.yaml) with every setting added since it began (e.g.
+    compare.sft_arm) at its default: what that comparison ran with."""
+    out = dict(saved)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict):  # a section: its fields, not their values
+            out[key] = {**value, **out[key]}
+    return out
 
 
 def _job_once(job_dir: Path, isolate: bool, record: type[R], fn: Callable[..., R], **kwargs: Any) -> R:
@@ -142,7 +178,7 @@ def _job_once(job_dir: Path, isolate: bool, record: type[R], fn: Callable[..., R
     return result
 
 
-def _finished_run(run_dir: Path) -> EssaResult | GrpoResult | None:
+def _finished_run(run_dir: Path) -> EssaResult | GrpoResult | SftArmResult | None:
     """A method run that wrote its result (with its per-example scores), or None."""
     if not (run_dir / RESULT).is_file():
         return None
@@ -159,13 +195,13 @@ def _fresh_dir(run_dir: Path) -> Path:
 
 
 def _run_grpo_sweep(cfg: Config, start: Path, root: Path, schedule: list[list[int]],
-                    progress: bool) -> list[GrpoResult]:
+                    progress: bool, stages: int = 3) -> list[GrpoResult]:
     """GRPO once per learning rate (grpo.lr_sweep, or grpo.lr alone), each in its own process and
     run dir, all from the same start adapter and the same prompt schedule."""
     rates = cfg.grpo.learning_rates
     runs = []
     for k, lr in enumerate(rates, 1):
-        _say(f"3/3 {_baseline_name(cfg)} lr={lr:g} ({k} of {len(rates)}) for {cfg.compare.budget_s:.0f} s")
+        _say(f"3/{stages} {_baseline_name(cfg)} lr={lr:g} ({k} of {len(rates)}) for {cfg.compare.budget_s:.0f} s")
         member = cfg.with_changes(grpo=dataclasses.replace(cfg.grpo, lr=lr, lr_sweep=[]))
         run_dir = grpo_run_dir(root, lr)
         done = _finished_run(run_dir)
@@ -177,6 +213,18 @@ def _run_grpo_sweep(cfg: Config, start: Path, root: Path, schedule: list[list[in
         runs.append(run_job(cfg.compare.isolate, jobs.grpo_scoring_job, cfg=member, run_dir=str(run_dir),
                              trained=trained))
     return runs
+
+
+def _run_sft_arm(cfg: Config, start: Path, root: Path, progress: bool) -> SftArmResult:
+    """The start adapter's SFT continued for the budget (training, then scoring in a fresh process)."""
+    _say(f"4/4 continued SFT (lr={cfg.sft.lr:g}) for {cfg.compare.budget_s:.0f} s")
+    run_dir = root / SFT_ARM_DIR
+    done = _finished_run(run_dir)
+    if done is not None:
+        return done
+    trained = _job_once(run_dir, cfg.compare.isolate, SftArmTraining, jobs.sft_arm_job, cfg=cfg,
+                        start_adapter=str(start), run_dir=str(run_dir), progress=progress)
+    return run_job(cfg.compare.isolate, jobs.sft_arm_scoring_job, cfg=cfg, run_dir=str(run_dir), trained=trained)
 
 
 def grpo_run_dir(root: str | Path, lr: float) -> Path:

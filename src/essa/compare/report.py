@@ -3,10 +3,11 @@ the two plots, all read from the typed summary and results (results.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from essa.compare.results import CompareSummary, EssaResult, GrpoResult
+from essa.compare.results import CompareSummary, EssaResult, GrpoResult, MethodSummary, SftArmResult
 from essa.io import atomic_write_json, atomic_write_text
 from essa.report import Series, line_plot
 
@@ -15,44 +16,65 @@ ACCURACY_PLOT = "test_accuracy_vs_wallclock.png"
 # The part of summary.json that comparison.json repeats.
 COMPARISON_KEYS = ("methods", "time_to_target", "paired_test", "grpo_sweep", "precision")
 Curve = tuple[list[float], list[float]]  # (wall-clock s, value)
+SFT_ARM = "continued SFT"  # the arm's name in tables and plots
 
 
-def write_outputs(root: Path, summary: CompareSummary, essa: EssaResult, grpo_runs: list[GrpoResult]) -> None:
+def write_outputs(root: Path, summary: CompareSummary, essa: EssaResult, grpo_runs: list[GrpoResult],
+                  sft_arm: SftArmResult | None = None) -> None:
     data = summary.to_json()
     atomic_write_json(root / "summary.json", data)
     atomic_write_json(root / "comparison.json", {key: data[key] for key in COMPARISON_KEYS})
     tables = "\n".join([comparison_table(summary), paired_section(summary), sweep_table(summary)])
     atomic_write_text(root / "comparison.md", tables)
+    # The continued SFT has no training reward: it is in the accuracy plot only.
     reward = _lines(summary, f"ESSA (population mean, {summary.essa_decoding})", essa.reward_curve(),
                     [r.reward_curve() for r in grpo_runs], "sampled rollouts")
     _plot(root / REWARD_PLOT, "training reward vs wall-clock", "mean training reward", reward)
     accuracy = _lines(summary, "ESSA (optimizer mean)", essa.test_accuracy_curve(),
                       [r.test_accuracy_curve() for r in grpo_runs], "current adapter", markers=True)
+    if sft_arm is not None:
+        accuracy.append((*sft_arm.test_accuracy_curve(), {"label": f"{SFT_ARM} (lr {sft_arm.lr:g})", "marker": "o",
+                                                          "color": "tab:green"}))
     _plot(root / ACCURACY_PLOT, f"held-out test accuracy vs wall-clock ({summary.test_examples} problems)",
           "test accuracy (greedy)", accuracy)
     atomic_write_text(root / "report.md", _report(summary, tables))
 
 
 # -- tables ---------------------------------------------------------------------------------------
+class Column(NamedTuple):
+    """One method's column of the comparison table."""
+
+    name: str
+    row: MethodSummary
+    time_to_other: float | str | None  # ESSA's time to GRPO's final accuracy and back; "" for the others
+    step_size: float  # ESSA's sigma0, a learning rate for the gradient methods
+
+
+ROWS: list[tuple[str, str, Callable[[Column], Any]]] = [
+    ("test accuracy at start", "acc", lambda c: c.row.start_test_accuracy),
+    ("final test accuracy", "acc", lambda c: c.row.final_test_accuracy),
+    ("  its validation accuracy", "acc", lambda c: c.row.final_val_accuracy),
+    ("validation-best test accuracy", "acc", lambda c: c.row.validation_best.test_accuracy),
+    ("  its validation accuracy", "acc", lambda c: c.row.validation_best.val_accuracy),
+    ("  its wall-clock (s)", "s", lambda c: c.row.validation_best.time_s),
+    ("time to the other's final test accuracy (s)", "s", lambda c: c.time_to_other),
+    ("step size: ESSA sigma0 / learning rate", "g", lambda c: c.step_size),
+    ("generations / optimizer steps", "s", lambda c: c.row.steps),
+    ("training wall-clock (s)", "s", lambda c: c.row.wall_clock_s),
+    ("stopped by", "s", lambda c: c.row.stopped_by),
+    ("peak RSS, load + training (MB)", "MB", lambda c: c.row.peak_rss_mb),
+]
+
+
 def comparison_table(summary: CompareSummary) -> str:
-    e, g, ttt = summary.methods.essa, summary.methods.grpo, summary.time_to_target
-    rows = [
-        ("test accuracy at start", "acc", e.start_test_accuracy, g.start_test_accuracy),
-        ("final test accuracy", "acc", e.final_test_accuracy, g.final_test_accuracy),
-        ("  its validation accuracy", "acc", e.final_val_accuracy, g.final_val_accuracy),
-        ("validation-best test accuracy", "acc", e.validation_best.test_accuracy, g.validation_best.test_accuracy),
-        ("  its validation accuracy", "acc", e.validation_best.val_accuracy, g.validation_best.val_accuracy),
-        ("  its wall-clock (s)", "s", e.validation_best.time_s, g.validation_best.time_s),
-        ("time to the other's final test accuracy (s)", "s", ttt.essa_reaches_grpo_final_s,
-         ttt.grpo_reaches_essa_final_s),
-        ("step size: ESSA sigma0 / GRPO learning rate", "g", e.sigma0, g.lr),
-        ("generations / optimizer steps", "s", e.steps, g.steps),
-        ("training wall-clock (s)", "s", e.wall_clock_s, g.wall_clock_s),
-        ("stopped by", "s", e.stopped_by, g.stopped_by),
-        ("peak RSS, load + training (MB)", "MB", e.peak_rss_mb, g.peak_rss_mb),
-    ]
-    lines = [f"| | ESSA | {summary.baseline} |", "| --- | --- | --- |"]
-    lines += [f"| {name} | {_cell(a, unit)} | {_cell(b, unit)} |" for name, unit, a, b in rows]
+    """ESSA's column, the compared GRPO run's and, where it ran, the continued SFT's."""
+    m, ttt = summary.methods, summary.time_to_target
+    columns = [Column("ESSA", m.essa, ttt.essa_reaches_grpo_final_s, m.essa.sigma0),
+               Column(summary.baseline, m.grpo, ttt.grpo_reaches_essa_final_s, m.grpo.lr)]
+    if m.sft_arm is not None:  # time-to-target is ESSA against GRPO only: blank here
+        columns.append(Column(SFT_ARM, m.sft_arm, "", m.sft_arm.lr))
+    lines = ["| | " + " | ".join(c.name for c in columns) + " |", "| --- |" + " --- |" * len(columns)]
+    lines += [f"| {name} | " + " | ".join(_cell(value(c), unit) for c in columns) + " |" for name, unit, value in ROWS]
     lines += ["", "'-' in the time-to-target row: never reached within the budget."]
     return "\n".join(lines) + "\n"
 
@@ -105,16 +127,17 @@ def _notes(summary: CompareSummary) -> list[str]:
     m, baseline, precision = summary.methods, summary.baseline, summary.precision
     choice = m.essa.trainer_choice
     notes = [
-        f"Both methods start from `{summary.sft_adapter}`"
+        f"{'All three' if m.sft_arm is not None else 'Both'} methods start from `{summary.sft_adapter}`"
         + (" with random orthonormal singular vectors (same singular values)"
            if summary.svd_vectors == "random" else "")
         + f"; start tensors identical: {summary.same_start_adapter}.",
         f"Budget {summary.budget_s:.0f} s of training each; matched snapshots at "
         + ", ".join(f"{t:.0f}" for t in summary.checkpoint_times_s) + " s (plus the start and the end).",
-        f"Both read the same prompt stream (ESSA's mini-batch schedule over the train split), every {baseline} "
-        "learning rate included.",
-        f"Precision: ESSA searched in {precision.essa}; {baseline} trained in {precision.grpo}; every "
-        f"snapshot of both was evaluated greedily in {precision.evaluation} by the same evaluator.",
+        f"ESSA and {baseline} read the same prompt stream (ESSA's mini-batch schedule over the train split), "
+        f"every {baseline} learning rate included.",
+        f"Precision: ESSA searched in {precision.essa}; {baseline} trained in {precision.grpo}"
+        + (f"; the {SFT_ARM} in {precision.sft_arm}" if precision.sft_arm is not None else "")
+        + f"; every snapshot was evaluated greedily in {precision.evaluation} by the same evaluator.",
         ("Snapshots are evaluated on the validation and the held-out test split. 'Validation-best' and the "
          f"{baseline} learning rate are chosen on validation accuracy only; the test split never selects anything."),
         f"Time-to-target uses the {baseline} run compared (lr {m.grpo.lr:g}) and snapshot times, so it is "
@@ -127,8 +150,13 @@ def _notes(summary: CompareSummary) -> list[str]:
         "Peak RSS is each method's own process (multiprocessing 'spawn'), read after training."
         if m.essa.peak_rss_mb is not None else "Peak RSS not measured (compare.isolate: false).",
     ]
+    if m.sft_arm is not None:
+        notes.append(f"The {SFT_ARM} trains the start adapter further with the SFT loss (completion tokens only) "
+                     f"on the task's sft split, its own prompts with targets (not the train prompt stream), at a "
+                     f"constant learning rate {m.sft_arm.lr:g} (sft.lr), for the same budget and snapshot times. "
+                     "It has no training reward, so it is in the accuracy plot only.")
     if summary.sft_wall_clock_s is not None:
-        notes.append(f"SFT warm start took {summary.sft_wall_clock_s:.0f} s (not part of either budget).")
+        notes.append(f"SFT warm start took {summary.sft_wall_clock_s:.0f} s (not part of any budget).")
     return notes
 
 

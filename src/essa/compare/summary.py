@@ -1,5 +1,6 @@
 """The numbers of `essa compare`: each method's row, the GRPO run compared (selected on validation
-only), time-to-target, the precision of each method, and paired statistics on the test split."""
+only), time-to-target, the precision of each method, and paired statistics on the test split
+(the continued-SFT arm's too, with compare.sft_arm)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from essa.compare.results import (
     PairedTest,
     Point,
     Precision,
+    SftArmResult,
+    SftArmSummary,
     SftResult,
     Sweep,
     SweepRun,
@@ -63,24 +66,29 @@ def _best_index(res: MethodResult) -> int:
 
 # -- the summary ----------------------------------------------------------------------------------
 def summarize(cfg: Config, sft: SftResult, essa: EssaResult, grpo_runs: list[GrpoResult],
-              test_examples: int, baseline: str = "GRPO") -> CompareSummary:
-    """The comparison's numbers: ESSA against the GRPO run selected on validation (`select_grpo_run`)."""
+              test_examples: int, baseline: str = "GRPO", sft_arm: SftArmResult | None = None) -> CompareSummary:
+    """The comparison's numbers: ESSA against the GRPO run selected on validation (`select_grpo_run`)
+    and, where it ran, against the continued SFT (`sft_arm`)."""
     compare = cfg.compare
     chosen = select_grpo_run(grpo_runs)
     grpo = grpo_runs[chosen]
     methods = Methods(essa=method_summary(essa, EssaSummary, trainer_choice=essa.trainer_choice, sigma0=essa.sigma0),
-                      grpo=method_summary(grpo, GrpoSummary, lr=grpo.lr))
+                      grpo=method_summary(grpo, GrpoSummary, lr=grpo.lr),
+                      sft_arm=None if sft_arm is None else method_summary(sft_arm, SftArmSummary, lr=sft_arm.lr))
+    paired = paired_test(essa, grpo, baseline, seed=compare.seed)
+    if sft_arm is not None:
+        paired.update(sft_arm_paired_test(essa, sft_arm, seed=compare.seed))
     sweep = Sweep(selection=SELECTION_RULE, selected_lr=grpo.lr,
                   runs=[method_summary(r, SweepRun, lr=r.lr, selected=k == chosen) for k, r in enumerate(grpo_runs)])
     return CompareSummary(
         model=cfg.model.name, task=cfg.task.name, baseline=baseline, budget_s=compare.budget_s,
         checkpoint_times_s=compare.checkpoint_times(), svd_vectors=compare.svd_vectors,
         essa_decoding="greedy" if cfg.decoding.temperature <= 0 else f"T={cfg.decoding.temperature}",
-        essa_sigma0=cfg.essa.sigma0, precision=_precision(cfg), test_examples=test_examples,
+        essa_sigma0=cfg.essa.sigma0, precision=_precision(cfg, sft_arm is not None), test_examples=test_examples,
         sft_adapter=sft.adapter, sft_wall_clock_s=sft.wall_clock_s, sft_peak_rss_mb=sft.peak_rss_mb,
         # run_compare stops before this summary unless both hold (check_same_start, check_same_prompts).
         same_start_adapter=True, same_prompt_stream=True,
-        methods=methods, grpo_sweep=sweep, paired_test=paired_test(essa, grpo, baseline, seed=compare.seed),
+        methods=methods, grpo_sweep=sweep, paired_test=paired,
         time_to_target=_time_to_target(methods, essa, grpo))
 
 
@@ -116,6 +124,20 @@ def paired_test(essa: MethodResult, grpo: MethodResult, baseline: str = "GRPO",
             for key, ((name_a, a), (name_b, b)) in pairs.items()}
 
 
+def sft_arm_paired_test(essa: MethodResult, sft_arm: MethodResult, seed: int = 0) -> dict[str, PairedTest]:
+    """The continued SFT on the test split: its final and validation-best snapshot against its start
+    snapshot, and ESSA's final snapshot against its final one (delta = ESSA - continued SFT)."""
+    e, c = essa.correct["test"], sft_arm.correct["test"]
+    pairs = {
+        "essa_final_vs_sft_arm_final": (("continued SFT final", c[-1]), ("ESSA final", e[-1])),
+        "sft_arm_final_vs_start": (("start", c[0]), ("continued SFT final", c[-1])),
+        "sft_arm_validation_best_vs_start": (("start", c[0]),
+                                             ("continued SFT validation-best", c[_best_index(sft_arm)])),
+    }
+    return {key: PairedTest(name_a, name_b, compare_paired(a, b, seed=seed))
+            for key, ((name_a, a), (name_b, b)) in pairs.items()}
+
+
 def _time_to_target(methods: Methods, essa: MethodResult, grpo: MethodResult) -> TimeToTarget:
     e_final, g_final = methods.essa.final_test_accuracy, methods.grpo.final_test_accuracy
     essa_s, grpo_s = time_to_target(essa.points, g_final), methods.grpo.final_time_s
@@ -125,12 +147,14 @@ def _time_to_target(methods: Methods, essa: MethodResult, grpo: MethodResult) ->
         essa_time_fraction_of_grpo=None if essa_s is None or not grpo_s else round(essa_s / grpo_s, 3))
 
 
-def _precision(cfg: Config) -> Precision:
+def _precision(cfg: Config, sft_arm: bool = False) -> Precision:
     """What each method trained in, and what the one evaluator ran in."""
-    from essa.grpo import precision
+    from essa.grpo import precision, trains_in_bf16
     from essa.models import resolve_dtype
 
     inference = resolve_dtype(cfg.model.dtype)
     if cfg.model.quantize != "none":
         inference += f" with {cfg.model.quantize} base linears"
-    return Precision(essa=inference, grpo=precision(cfg), evaluation=inference)
+    weights = resolve_dtype(cfg.model.dtype, training=True)
+    continued = f"{weights} weights, bfloat16 autocast (loss)" if trains_in_bf16(cfg) else weights
+    return Precision(essa=inference, grpo=precision(cfg), evaluation=inference, sft_arm=continued if sft_arm else None)
