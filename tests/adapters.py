@@ -26,7 +26,7 @@ def make_random_adapter(model: torch.nn.Module, path: str | Path, rank: int = 4,
         for name, param in wrapped.named_parameters():
             if "lora_" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * std)
-    wrapped.save_pretrained(str(path))
+    wrapped.save_pretrained(str(path), save_embedding_layers=False)  # "auto" may query the hub
     return Path(path)
 
 
