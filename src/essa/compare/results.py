@@ -159,45 +159,30 @@ class EssaResult(MethodResult):
 
 
 @dataclass(kw_only=True)
-class GrpoResult(MethodResult):
-    method: ClassVar[str] = "grpo"
+class GradientResult(MethodResult):
+    """A gradient-trained arm's result: its learning rate and the settings it trained with."""
+
     lr: float
-    settings: dict[str, Any]  # the grpo: section it trained with
+    settings: dict[str, Any]  # the grpo: (GRPO) or sft: (continued SFT) section it trained with
 
 
-@dataclass(kw_only=True)
-class GrpoTraining(MethodRun):
-    """A GRPO run trained, its snapshots not yet scored (job.json): what its scoring job reads."""
-
+class GrpoResult(GradientResult):
     method: ClassVar[str] = "grpo"
-    lr: float
-    settings: dict[str, Any]
-    snapshots: list[Snapshot]
-
-    @classmethod
-    def _decoded(cls, data: dict[str, Any]) -> dict[str, Any]:
-        return {**super()._decoded(data), "snapshots": [Snapshot(**s) for s in data["snapshots"]]}
-
-    def scored(self, points: list[Point], correct: dict[str, np.ndarray]) -> GrpoResult:
-        """The run's result once its snapshots are scored (peak_rss_mb stays training's)."""
-        return _scored(self, GrpoResult, points, correct)
 
 
-@dataclass(kw_only=True)
-class SftArmResult(MethodResult):
+class SftArmResult(GradientResult):
     """The continued-SFT arm (compare.sft_arm): the start adapter trained further on the sft split.
-    Its prompts_used are sft-split indices; it has no training reward (its curve logs the loss)."""
+    Its prompts_used are sft-split indices; it has no training reward (its curve logs the loss);
+    its lr is sft.lr, constant."""
 
     method: ClassVar[str] = "sft_arm"
-    lr: float  # sft.lr, constant
-    settings: dict[str, Any]  # the sft: section it trained with
 
 
 @dataclass(kw_only=True)
-class SftArmTraining(MethodRun):
-    """A continued-SFT run trained, its snapshots not yet scored (job.json)."""
+class GradientTraining(MethodRun):
+    """A gradient-trained arm, its snapshots not yet scored (job.json): what its scoring job reads."""
 
-    method: ClassVar[str] = "sft_arm"
+    result_type: ClassVar[type[GradientResult]]
     lr: float
     settings: dict[str, Any]
     snapshots: list[Snapshot]
@@ -206,8 +191,19 @@ class SftArmTraining(MethodRun):
     def _decoded(cls, data: dict[str, Any]) -> dict[str, Any]:
         return {**super()._decoded(data), "snapshots": [Snapshot(**s) for s in data["snapshots"]]}
 
-    def scored(self, points: list[Point], correct: dict[str, np.ndarray]) -> SftArmResult:
-        return _scored(self, SftArmResult, points, correct)
+    def scored(self, points: list[Point], correct: dict[str, np.ndarray]) -> GradientResult:
+        """The run's result once its snapshots are scored (peak_rss_mb stays training's)."""
+        return _scored(self, self.result_type, points, correct)
+
+
+class GrpoTraining(GradientTraining):
+    method: ClassVar[str] = "grpo"
+    result_type = GrpoResult
+
+
+class SftArmTraining(GradientTraining):
+    method: ClassVar[str] = "sft_arm"
+    result_type = SftArmResult
 
 
 def _scored(trained: MethodRun, result: type[S], points: list[Point], correct: dict[str, np.ndarray]) -> S:
