@@ -109,9 +109,10 @@ def test_compare_isolated_runs_end_to_end_from_identical_start_and_prompts(model
     root = tmp_path / "cmp"
     cfg = load_compare_config(None, [
         f"model.name={model_dir}", f"task.name={vowel_task}", f"adapter={adapter}", f"output_dir={root}",
-        # A budget the 6 capped steps normally fit in, even on a busy machine: GRPO must get to update.
-        "compare.budget_s=5", "compare.max_steps=6", *TINY])
-    assert cfg.compare.isolate and cfg.compare.budget_s == 5 and cfg.grpo.lr == 0.05
+        # The 6 capped steps end the run; the budget is there only if a loaded machine is too slow
+        # for them (GRPO must get to update).
+        "compare.budget_s=60", "compare.max_steps=6", *TINY])
+    assert cfg.compare.isolate and cfg.compare.budget_s == 60 and cfg.grpo.lr == 0.05
     summary = run_compare(cfg, progress=False)
 
     for name in ("reward_vs_wallclock.png", "test_accuracy_vs_wallclock.png"):
@@ -137,7 +138,7 @@ def test_compare_isolated_runs_end_to_end_from_identical_start_and_prompts(model
     # Both trained within their budgets / step caps, and each has its own peak memory.
     for res, row in ((essa, summary.methods.essa), (grpo_res, summary.methods.grpo)):
         assert row.stopped_by in ("budget", "max_steps")
-        assert res["steps"] == 6 or res["wall_clock_s"] >= 5
+        assert res["steps"] == 6 or res["wall_clock_s"] >= 60
         assert row.peak_rss_mb > 50
         assert res["points"][0]["time_s"] == 0.0 and len(res["points"]) >= 2
         times = [p["time_s"] for p in res["points"]]
