@@ -252,7 +252,7 @@ def _name_base_model(adapter_dir: Path, model_name: str | None) -> None:
     (adapters from older runs name this machine's cache path)."""
     if model_name is None:
         return
-    path = adapter_dir / "adapter_config.json"
+    path = adapter_dir / ADAPTER_CONFIG
     config = json.loads(path.read_text())
     config["base_model_name_or_path"] = portable_model_name(model_name)
     path.write_text(json.dumps(config, indent=2) + "\n")

@@ -74,7 +74,8 @@ def _field_map() -> dict[str, str]:
     from essa.config import settings
 
     by_key = {key: name for name, key in ALIASES.items()}
-    keys = [s.key for s in settings() if "." not in s.key] + [s.key for s in settings() if "." in s.key]
+    # Top-level settings (output_dir, adapter) first, then the sections in declaration order.
+    keys = [s.key for s in sorted(settings(), key=lambda s: "." in s.key)]
     keys.append("task.options.reward_weights")
     return {by_key.get(key, _derived_name(key)): key for key in keys if _not_a_field(key) is None}
 

@@ -73,7 +73,7 @@ def run_sft(model: nn.Module, tokenizer: Any, task: Task, lora: LoraConfig, sft:
     encoded = encode_split(tokenizer, task, examples, sft.max_length)
     usable = [encoded[i] for i in _usable_rows(encoded, sft)]
     steps = total_steps(len(usable), sft)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = _pad_id(tokenizer)
     device = next(model.parameters()).device
     validation = validation_batches(tokenizer, task, sft, pad_id, device) if sft.patience else None
 
@@ -123,7 +123,7 @@ def continue_sft(model: nn.Module, tokenizer: Any, task: Task, adapter_dir: str 
     out_dir = ensure_writable_dir(out_dir)
     encoded = encode_split(tokenizer, task, task.checked_split("sft"), sft.max_length)
     rows = _usable_rows(encoded, sft)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = _pad_id(tokenizer)
     device = next(model.parameters()).device
     order = batch_stream(rows, sft.batch_size, sft.seed)
     with _seeded(sft.seed, device), _restored_state(model):
@@ -196,6 +196,11 @@ def with_targets(encoded: list[Encoded]) -> list[Encoded]:
 
 def _keeps_target(example: Encoded) -> bool:
     return any(x != IGNORE_INDEX for x in example.labels)
+
+
+def _pad_id(tokenizer: Any) -> int:
+    """The id batches are padded with (masked out of the loss): the pad token, else EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def _usable_rows(encoded: list[Encoded], sft: SftConfig) -> list[int]:
