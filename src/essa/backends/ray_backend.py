@@ -141,7 +141,7 @@ class PopulationWorker:
         from essa.optim import make_optimizer
 
         start = job.gen - len(job.updates)
-        if self.optimizer is None or job.reset_state is not None:
+        if self.optimizer is None:
             self.optimizer = make_optimizer(self.search, self.backend.dim, sigma0=job.sigma0)
         if job.reset_state is not None:
             self.optimizer.load_state_dict(job.reset_state)
@@ -232,7 +232,6 @@ class RayPopulationEvaluator(Backend):
         # Lock-step bookkeeping: fitness of every generation since `_base`, whose starting
         # optimizer state is `_base_state` (None: a fresh optimizer built from `search`).
         self._driver: Optimizer | None = None
-        self._sigma0 = 0.0  # the driver optimizer's initial step size, which the workers start from
         self._next_gen = 0
         self._base, self._base_state = 0, None
         self._history: list[tuple[np.ndarray, float]] = []
@@ -260,7 +259,6 @@ class RayPopulationEvaluator(Backend):
                     stats: RewardStats | None = None) -> Generation:
         """`run_generation` from the train-split indices of the generation's prompts."""
         self._check_driver(optimizer, prompt_indices)
-        self._sigma0 = optimizer.sigma0
         if not self._in_lockstep(gen, optimizer):
             self._resync(gen, optimizer)
         population = optimizer.ask()
@@ -268,7 +266,7 @@ class RayPopulationEvaluator(Backend):
         prompts = [int(i) for i in prompt_indices]
         chunks = [range(lo, min(lo + self.chunk_size, self.search.popsize))
                   for lo in range(0, self.search.popsize, self.chunk_size)]
-        work = [self._chunk_work(gen, c, prompts, seed) for c in chunks]
+        work = [self._chunk_work(gen, c, prompts, seed, optimizer.sigma0) for c in chunks]
         self._next_gen = -1  # until this generation completes, lock-step is not guaranteed
         results = self._dispatch(work, f"generation {gen}")
         fitness = np.concatenate([r.fitness for r in results])
@@ -347,12 +345,12 @@ class RayPopulationEvaluator(Backend):
         self.log(f"ray: workers resync to the driver optimizer at generation {gen} "
                  f"(one-off state of {_size(self._base_state)} bytes per worker)")
 
-    def _chunk_work(self, gen: int, cands: range, prompts: list[int], seed: int) -> _Work:
+    def _chunk_work(self, gen: int, cands: range, prompts: list[int], seed: int, sigma0: float) -> _Work:
         def call(i: int) -> tuple[str, tuple]:
             slot = self._slots[i]
             updates = self._history[slot.told - self._base:gen - self._base]
             reset = self._base_state if slot.needs_reset else None
-            return "run_chunk", (ChunkJob(gen, cands, prompts, seed, updates, reset, self._sigma0),)
+            return "run_chunk", (ChunkJob(gen, cands, prompts, seed, updates, reset, sigma0),)
 
         def done(i: int) -> None:
             self._slots[i].told, self._slots[i].needs_reset = gen, False
