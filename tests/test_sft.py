@@ -349,3 +349,53 @@ def test_early_stopping_without_validation_targets_is_a_clear_error(tmp_path):
         run_sft(_base(), tiny_tokenizer(), NoTargets(PAIRS), _lora(), _sft(patience=2), tmp_path / "a",
                 progress=False)
     assert not (tmp_path / "a").exists()
+
+
+def test_an_interrupted_run_leaves_the_adapter_of_its_best_check(tmp_path, monkeypatch):
+    """A crash (here at the 4th validation check) after a best at the 2nd leaves that check's
+    adapter, bit for bit the one a run stopped right there saves, marked unfinished."""
+    def scripted(losses):
+        it = iter(losses)
+
+        def loss(model, batches):
+            value = next(it)
+            if value is None:
+                raise KeyboardInterrupt
+            return value
+        return loss
+
+    monkeypatch.setattr(sft_mod, "validation_loss", scripted([3.0, 2.0, 2.5, None]))
+    out = tmp_path / "crashed"
+    with pytest.raises(KeyboardInterrupt):
+        run_sft(_base(), tiny_tokenizer(), SplitPairTask(PAIRS), _lora(),
+                _sft(max_steps=40, patience=5, eval_every=3), out, progress=False)
+    metrics = json.loads((out / "sft_metrics.json").read_text())
+    assert metrics["finished"] is False and metrics["best_step"] == 6
+    assert metrics["validation_losses"] == [[3, 3.0], [6, 2.0]]
+
+    monkeypatch.setattr(sft_mod, "validation_loss", lambda model, batches: 1.0)
+    reference = tmp_path / "ref"
+    run_sft(_base(), tiny_tokenizer(), SplitPairTask(PAIRS), _lora(),
+            _sft(max_steps=40, patience=1, eval_every=6), reference, progress=False)
+    assert json.loads((reference / "sft_metrics.json").read_text())["finished"] is True
+    saved, expected = _adapter_weights(out), _adapter_weights(reference)
+    assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in saved)
+
+
+def test_bf16_autocast_runs_the_forward_in_bf16_and_keeps_float32_weights(tmp_path, monkeypatch):
+    seen = []
+    loss = sft_mod.completion_loss
+
+    def recording(model, batch):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return loss(model, batch)
+
+    monkeypatch.setattr(sft_mod, "completion_loss", recording)
+    model, tok, task = _base(), tiny_tokenizer(), PairTask(PAIRS)
+    before = _task_loss(model, tok, task)
+    run_sft(model, tok, task, _lora(), _sft(bf16_autocast=True), tmp_path / "a", progress=False)
+    assert len(seen) == 25 and all(seen)
+    weights = _adapter_weights(tmp_path / "a")
+    assert weights and all(w.dtype == torch.float32 for w in weights.values())
+    trained = peft.PeftModel.from_pretrained(model, str(tmp_path / "a"))
+    assert _task_loss(trained, tok, task) < 0.5 * before

@@ -142,6 +142,9 @@ class SftConfig:
     eval_every: int = setting(25, "Early stopping: optimizer steps between validation-loss checks.")
     validation_examples: int = setting(64, "Early stopping: examples of the task's validation split (with their "
                                        "reference solutions) whose loss is checked.")
+    bf16_autocast: bool = setting(False, "Run the forward pass under bf16 autocast (LoRA weights and optimizer stay "
+                                  "float32): about 1.8x faster on CPUs with bf16 instructions, not bit-identical "
+                                  "to float32 training.")
 
     def __post_init__(self) -> None:
         _check("sft.epochs", self.epochs > 0, "must be > 0", self.epochs)

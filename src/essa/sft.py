@@ -64,6 +64,8 @@ def run_sft(model: nn.Module, tokenizer: Any, task: Task, lora: LoraConfig, sft:
 
     With `sft.patience` set, the validation loss is checked every `sft.eval_every` steps and
     training stops once it has not improved for `patience` checks; the best check's adapter is saved.
+    Each new best is written to `out_dir` at once (its metrics say `"finished": false`), so a run
+    stopped by hand or by a crash still leaves its best adapter.
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -80,11 +82,13 @@ def run_sft(model: nn.Module, tokenizer: Any, task: Task, lora: LoraConfig, sft:
     with _seeded(sft.seed, device), _restored_state(model):
         peft_model = wrap_lora(model, lora)
         try:
-            stopper = (EarlyStopping(lambda: validation_loss(peft_model, validation), sft.eval_every, sft.patience)
+            stopper = (EarlyStopping(lambda: validation_loss(peft_model, validation), sft.eval_every, sft.patience,
+                                     on_best=lambda s: save_adapter(peft_model, out_dir, _partial_metrics(s, start)))
                        if validation else None)
             batches = (collate(b, pad_id, device) for b in batch_stream(usable, sft.batch_size, sft.seed))
-            losses = train_loop(peft_model, batches, steps, sft.lr, progress=progress, stopper=stopper)
-            metrics = {
+            losses = train_loop(peft_model, batches, steps, sft.lr, progress=progress, stopper=stopper,
+                                bf16_autocast=sft.bf16_autocast)
+            metrics = {"finished": True,
                 "steps": len(losses), "planned_steps": steps, "examples": len(examples),
                 "examples_used": len(usable),
                 "truncated_examples": sum(len(e.input_ids) == sft.max_length for e in encoded),
@@ -97,6 +101,11 @@ def run_sft(model: nn.Module, tokenizer: Any, task: Task, lora: LoraConfig, sft:
         finally:
             unload_lora(peft_model)  # even on failure, hand back the model without LoRA layers
     return SftResult(out_dir, len(losses), losses[-1], metrics["wall_clock_s"])
+
+
+def _partial_metrics(stopper: EarlyStopping, start: float) -> dict[str, Any]:
+    """What an adapter written mid-run says about itself: its check, and that training went on."""
+    return {"finished": False, "wall_clock_s": time.perf_counter() - start, **stopper.report()}
 
 
 @dataclass
@@ -216,8 +225,9 @@ class EarlyStopping:
     """Checks the validation loss every `every` steps; says stop once it has not improved for
     `patience` checks in a row, and keeps a copy of the trainable weights of the best check."""
 
-    def __init__(self, evaluate: Callable[[], float], every: int, patience: int) -> None:
-        self.evaluate, self.every, self.patience = evaluate, every, patience
+    def __init__(self, evaluate: Callable[[], float], every: int, patience: int,
+                 on_best: Callable[[EarlyStopping], None] | None = None) -> None:
+        self.evaluate, self.every, self.patience, self.on_best = evaluate, every, patience, on_best
         self.history: list[tuple[int, float]] = []  # (step, validation loss)
         self.best_step, self.best_loss = 0, math.inf
         self.best_weights: dict[str, torch.Tensor] | None = None
@@ -233,6 +243,8 @@ class EarlyStopping:
         if loss < self.best_loss:
             self.best_step, self.best_loss = step, loss
             self.best_weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            if self.on_best is not None:
+                self.on_best(self)
         since_best = sum(1 for s, _ in self.history if s > self.best_step)
         self.stopped_early = since_best >= self.patience
         return self.stopped_early
@@ -333,7 +345,8 @@ def batch_stream(items: list[T], batch_size: int, seed: int) -> Iterator[list[T]
 
 
 def train_loop(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], steps: int, lr: float,
-               progress: bool = True, stopper: EarlyStopping | None = None) -> list[float]:
+               progress: bool = True, stopper: EarlyStopping | None = None,
+               bf16_autocast: bool = False) -> list[float]:
     """AdamW on the trainable parameters for `steps` batches (fewer where `stopper` stops it, with
     its best weights put back); returns the loss of each step."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -345,7 +358,7 @@ def train_loop(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], ste
     bar = tqdm(total=steps, desc="sft", file=sys.stderr, disable=not progress, dynamic_ncols=True)
     try:
         for _, batch in zip(range(steps), batches):
-            losses.append(sft_step(model, batch, params, optimizer, len(losses) + 1))
+            losses.append(sft_step(model, batch, params, optimizer, len(losses) + 1, bf16_autocast))
             schedule.step()
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             bar.update()
