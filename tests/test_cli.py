@@ -87,7 +87,7 @@ def test_demo_reports_the_paired_test_delta(capsys, model_dir, tmp_path):
     assert "McNemar p" in (out_dir / "report.md").read_text()
     probe = [json.loads(line) for line in (out_dir / "essa" / "metrics.jsonl").read_text().splitlines()][0]
     rows = [ProbeRow(**row) for row in probe["probe"]]  # sigma0: auto was probed and its choice taken
-    assert rows and probe["sigma0"] == summary["sigma0"] == choose_sigma0(rows, TARGET_FLIPS)
+    assert rows and probe["sigma0"] == summary["sigma0"] == choose_sigma0(rows, TARGET_FLIPS, rule="harm")
 
 
 def test_eval_compare_to_scores_both_on_the_same_examples(capsys, model_dir, tmp_path):

@@ -154,6 +154,75 @@ def test_choose_sigma0_takes_the_smallest_step_that_flips_enough():
     assert choose_sigma0([row(0.1, 0.3)], target_flips=0.5) == 0.1
 
 
+class DestructiveBackend(SensitiveBackend):
+    """The start says "yes" (the right answer) to the prompts in `start_yes`; a step past a prompt's
+    threshold turns it to "no" and never the other way: larger steps only lose right answers."""
+
+    def __init__(self, sensitivity: float, start_yes: set[str]):
+        super().__init__(sensitivity)
+        self.start_yes = start_yes
+
+    def evaluate(self, population, prompts, seed=0, candidate_offset=0, prompt_offset=0):
+        out = []
+        for z in population:
+            size = self.sensitivity * float(np.abs(z).mean())
+            out.append(["yes" if p in self.start_yes and size <= 0.05 + zlib.crc32(p.encode()) % 97 / 97 else "no"
+                        for p in prompts])
+        return out
+
+
+def _destructive(share_right: float, sensitivity: float = 1.0):
+    task = ThresholdTask(n=64)
+    tokenizer = tiny_tokenizer()
+    prompts = [format_prompt(tokenizer, task, ex) for ex in task.examples]
+    right = set(prompts[:round(share_right * len(prompts))])
+    return task, tokenizer, DestructiveBackend(sensitivity, right)
+
+
+@pytest.mark.parametrize("share_right", [0.03, 0.10, 0.35])
+def test_the_harm_rule_takes_the_largest_step_that_keeps_the_starts_right_answers(share_right):
+    """Steps only lose right answers here. The rule takes the largest probed step whose candidates
+    are not worse than the start beyond noise: every step where the start solves about nothing
+    (there is nothing to lose), a smaller one the more the start solves, never one that harms."""
+    task, tokenizer, backend = _destructive(share_right)
+    sigmas = (0.1, 0.2, 0.4, 0.8)
+    full = probe_signal(backend, tokenizer, task, task.examples, sigmas)
+    chosen = choose_sigma0(full, rule="harm")
+    row = {r.sigma: r for r in full}
+    assert not row[chosen].harms()
+    assert all(r.harms() for r in full if r.sigma > chosen)
+    assert row[0.8].loss_vs_start == pytest.approx(row[0.8].start_fitness - row[0.8].candidate_mean)
+    if share_right < 0.05:
+        assert chosen == 0.8
+    else:
+        assert chosen < 0.8 and row[0.8].harms()
+    short = probe_signal(backend, tokenizer, task, task.examples, sigmas, stop_at_harm=True)
+    assert choose_sigma0(short, rule="harm") == chosen and len(short) <= len(full)
+    if chosen == 0.8:
+        assert short == [row[0.8]]  # a harmless largest step settles it: nothing else probed
+
+
+def test_the_flip_rule_takes_a_step_that_harms_a_start_near_ten_percent():
+    """What the harm rule is for: near a 10% start no step flips 10% of the rewards, so the flip
+    rule falls back to the largest, which throws away most of the start's right answers."""
+    task, tokenizer, backend = _destructive(0.10)
+    rows = probe_signal(backend, tokenizer, task, task.examples, (0.1, 0.2, 0.4, 0.8))
+    flips_choice = choose_sigma0(rows, rule="flips")
+    assert flips_choice == 0.8 and next(r for r in rows if r.sigma == 0.8).harms()
+    assert choose_sigma0(rows, rule="harm") < flips_choice
+
+
+def test_harm_needs_a_loss_beyond_the_paired_noise():
+    def row(sigma, loss, se):
+        return ProbeRow(sigma, 0.1, 0.1, 0.3, 0.3 - loss, 0.0, 0.05, None, loss, se)
+
+    assert not row(0.1, 0.02, 0.02).harms() and row(0.1, 0.04, 0.02).harms()
+    assert not row(0.1, -0.5, 0.0).harms() and row(0.1, 0.01, 0.0).harms()
+    rows = [row(0.8, 0.2, 0.05), row(0.1, 0.0, 0.01), row(0.4, 0.1, 0.05), row(0.2, 0.01, 0.02)]
+    assert choose_sigma0(rows, rule="harm") == 0.2  # the largest below the first harmful step
+    assert choose_sigma0([row(0.1, 0.1, 0.01), row(0.2, 0.0, 0.01)], rule="harm") == 0.1  # the smallest harms
+
+
 def test_split_half_rho():
     rewards = np.array([[1, 1, 1, 1], [1, 0, 1, 0], [0, 0, 0, 0]], dtype=float)
     assert split_half_rho(rewards) == pytest.approx(1.0)  # both halves rank the candidates alike

@@ -27,6 +27,7 @@ import yaml
 from essa.backends import available_backends
 from essa.errors import EssaError
 from essa.optim import CmaOptions, check_optimizer_options, optimizer_names
+from essa.probe import SIGMA0_RULES
 from essa.svd_space import OFFSET_MODES, SHARE_AXES
 
 # Values of model.quantize (essa.quantize implements the non-"none" ones).
@@ -206,8 +207,10 @@ class SearchConfig:
                                                 "openai-es (each optimizer lists its own).")
     popsize: int = setting(8, "Candidates per generation (the population lambda).")
     sigma0: float | str = setting(0.8, "Initial step size on the singular-value offsets, or auto: chosen by a short "
-                                  "probe of the signal around the start (the smallest step that flips enough "
-                                  "rewards; essa.probe).")
+                                  "probe of the signal around the start by essa.sigma0_rule (essa.probe).")
+    sigma0_rule: str = setting("harm", "With sigma0 auto: harm (the largest of 0.1, 0.2, 0.4, 0.8 whose candidates "
+                               "do not lose to the start beyond noise; works at any start accuracy) or flips (the "
+                               "smallest that flips 10% of rewards; unreachable near a 10% start).")
     prompts_per_generation: int = setting(32, "Training prompts per generation, shared by all candidates (the "
                                           "paper's \"batch size\").")
     generations: int | None = setting(20, "Generations (ES steps) to run; null: only time_budget_s decides.")
@@ -253,6 +256,7 @@ class SearchConfig:
                "must be even for mirrored sampling (or set essa.optimizer_options.mirrored: false)", self.popsize)
         _check("essa.sigma0", self.sigma0 == "auto" or (not isinstance(self.sigma0, str) and self.sigma0 > 0),
                'must be > 0 or "auto"', self.sigma0)
+        _check("essa.sigma0_rule", self.sigma0_rule in SIGMA0_RULES, _one_of(SIGMA0_RULES), self.sigma0_rule)
         _check("essa.prompts_per_generation", self.prompts_per_generation >= 1, "must be >= 1",
                self.prompts_per_generation)
         _check("essa.generations", self.generations is None or self.generations >= 1, "must be >= 1 or null",

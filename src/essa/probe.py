@@ -9,22 +9,30 @@ offsets) and scored on the same prompts as the start itself. Reported per sigma:
 - `split_half_rho`: the rank correlation of candidate fitness between the two halves of the
   prompts; near zero, a ranking of candidates is noise that the next prompts will not repeat.
 
-`choose_sigma0` picks the smallest sigma whose flip rate reaches a target: small enough to stay
-near a good start, large enough that candidates differ on some prompts (with 0/1 rewards and a
-tiny step, every candidate ties with the start and selection has nothing to go on). The target,
-10% of rewards flipped, is what the demo's runs that gained had
-(docs/history/2026-12-02-es-signal-arithmetic.md); the run
-whose probe stopped at 5% kept its start. With `stop_at_flips` the probe stops at the first sigma
-that reaches it, as larger ones cannot change the choice: the probe spends search time. And where
-the start scores the same on every probe prompt (it solves none of them, or all), the largest step
-is probed first: if even it flips too few rewards the choice is made (the largest, as flips grow
-with the step), which spares a start that solves almost nothing a probe of every step (measured on
-the math task: no flips at any step, 248 s of a 600 s budget,
-docs/history/2026-12-03-math-style-first-runs.md).
+`choose_sigma0` picks the step by one of two rules (`essa.sigma0_rule`):
+- `harm` (the default): the largest probed step whose candidates do not lose to the start beyond
+  noise (their mean reward below the start's by more than HARM_Z paired standard errors over the
+  prompts, one-sided 5%). It needs no target that depends on the start: at a start that solves
+  almost nothing no step can do harm, so the largest is taken (the demo's 0.8); at a start that
+  solves ~10%, a step that throws away most of its right answers is refused, however few rewards
+  that flips. The largest step is probed first, as a harmless largest step settles the choice;
+  otherwise steps are probed in ascending order up to the first that harms. Where even the
+  smallest harms, it is taken (docs/BENCHMARKS.md has the probe tables at three starts).
+- `flips`: the smallest step whose flip rate reaches a target: small enough to stay near a good
+  start, large enough that candidates differ on some prompts (with 0/1 rewards and a tiny step,
+  every candidate ties with the start and selection has nothing to go on). The target, 10% of
+  rewards flipped, is what the demo's runs that gained had at a start near 35%
+  (docs/history/2026-12-02-es-signal-arithmetic.md); it cannot be met near a 10% start, where a
+  0/1 reward flips on at most about twice the accuracy before the candidate is simply worse (the
+  rule then falls back to the largest step, which did harm there). With it the probe stops at the
+  first step that reaches the target, and where the start scores the same on every prompt the
+  largest step is probed first: if even it flips too few rewards the choice is made
+  (docs/history/2026-12-03-math-style-first-runs.md).
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -37,6 +45,8 @@ from essa.tasks import Example, Task, format_prompt
 
 DEFAULT_SIGMAS = (0.1, 0.2, 0.4, 0.8)
 TARGET_FLIPS = 0.10  # share of (candidate, prompt) rewards that differ from the start's
+HARM_Z = 1.645  # one-sided 5%: how many paired standard errors below the start counts as harm
+SIGMA0_RULES = ("harm", "flips")
 
 
 @dataclass(frozen=True)
@@ -49,6 +59,12 @@ class ProbeRow:
     candidate_sd: float
     binomial_sd: float
     split_half_rho: float | None
+    loss_vs_start: float = 0.0  # start fitness - candidates' mean fitness (paired per prompt)
+    loss_se: float = 0.0  # its standard error over the prompts
+
+    def harms(self) -> bool:
+        """The candidates lose to the start beyond noise (one-sided, HARM_Z standard errors)."""
+        return self.loss_vs_start > HARM_Z * self.loss_se if self.loss_se > 0 else self.loss_vs_start > 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,10 +72,11 @@ class ProbeRow:
 
 def probe_signal(backend: Backend, tokenizer: Any, task: Task, examples: list[Example],
                  sigmas: tuple[float, ...] = DEFAULT_SIGMAS, candidates: int = 8, seed: int = 0,
-                 stop_at_flips: float | None = None) -> list[ProbeRow]:
+                 stop_at_flips: float | None = None, stop_at_harm: bool = False) -> list[ProbeRow]:
     """One `ProbeRow` per probed sigma (ascending), from `candidates` mirrored candidates scored on
-    `examples`; with `stop_at_flips`, none after the first whose flip rate reaches it, and only the
-    largest when the start scores the same on every prompt and the largest does not reach it."""
+    `examples`. With `stop_at_flips`: none after the first whose flip rate reaches it, and only the
+    largest when the start scores the same on every prompt and the largest does not reach it. With
+    `stop_at_harm`: only the largest when it does no harm, else none after the first that harms."""
     if candidates < 2 or candidates % 2:
         raise ValueError("the probe needs an even number of candidates (they come in mirrored pairs)")
     prompts = [format_prompt(tokenizer, task, ex) for ex in examples]
@@ -73,17 +90,20 @@ def probe_signal(backend: Backend, tokenizer: Any, task: Task, examples: list[Ex
         texts = backend.evaluate(population, prompts, seed=seed)
         return _row(sigma, texts, score(task, texts, examples), start_text, start)
 
+    def reached(row: ProbeRow) -> bool:
+        return (stop_at_flips is not None and row.flipped >= stop_at_flips) or (stop_at_harm and row.harms())
+
     ordered = sorted(sigmas)
     rows: dict[int, ProbeRow] = {}
-    if stop_at_flips is not None and np.ptp(start) == 0:
+    if stop_at_harm or (stop_at_flips is not None and np.ptp(start) == 0):
         last = len(ordered) - 1
         rows[last] = probe(last, ordered[last])
-        if rows[last].flipped < stop_at_flips:
+        if not reached(rows[last]):  # no smaller step reaches what the largest does not
             return [rows[last]]
     for index, sigma in enumerate(ordered):
         if index not in rows:
             rows[index] = probe(index, sigma)
-        if stop_at_flips is not None and rows[index].flipped >= stop_at_flips:
+        if reached(rows[index]):
             break
     return [rows[i] for i in sorted(rows)]
 
@@ -92,6 +112,7 @@ def _row(sigma: float, texts: list[list[str]], rewards: np.ndarray, start_text: 
          start: np.ndarray) -> ProbeRow:
     fitness = rewards.mean(axis=1)
     p = float(start.mean())
+    losses = start - rewards.mean(axis=0)  # per prompt: the start's reward minus the candidates' mean
     return ProbeRow(
         sigma=float(sigma),
         changed=float(np.mean([[t != s for t, s in zip(row, start_text)] for row in texts])),
@@ -101,6 +122,8 @@ def _row(sigma: float, texts: list[list[str]], rewards: np.ndarray, start_text: 
         candidate_sd=float(fitness.std(ddof=1)),
         binomial_sd=float(np.sqrt(p * (1 - p) / rewards.shape[1])),
         split_half_rho=split_half_rho(rewards),
+        loss_vs_start=float(losses.mean()),
+        loss_se=float(losses.std(ddof=1) / np.sqrt(len(losses))) if len(losses) > 1 else 0.0,
     )
 
 
@@ -118,9 +141,14 @@ def rank_agreement(a: np.ndarray, b: np.ndarray) -> float | None:
     return float(spearmanr(a, b)[0])
 
 
-def choose_sigma0(rows: list[ProbeRow], target_flips: float = TARGET_FLIPS) -> float:
-    """The smallest sigma whose flip rate reaches `target_flips`; the largest probed if none does."""
+def choose_sigma0(rows: list[ProbeRow], target_flips: float = TARGET_FLIPS, rule: str = "flips") -> float:
+    """Rule `harm`: the largest sigma below the first that harms the start (the smallest probed if
+    it already does). Rule `flips`: the smallest sigma whose flip rate reaches `target_flips`; the
+    largest probed if none does."""
     ordered = sorted(rows, key=lambda r: r.sigma)
+    if rule == "harm":
+        harmless = list(itertools.takewhile(lambda r: not r.harms(), ordered))
+        return (harmless[-1] if harmless else ordered[0]).sigma
     for row in ordered:
         if row.flipped >= target_flips:
             return row.sigma

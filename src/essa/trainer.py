@@ -149,13 +149,15 @@ class EssaTrainer:
         rng = np.random.default_rng([self.cfg.seed, 2**32 - 1])  # a stream apart from the mini-batches
         size = min(self.cfg.prompts_per_generation, PROBE_PROMPTS, len(self.train))
         picked = rng.choice(len(self.train), size=size, replace=False)
+        harm = self.cfg.sigma0_rule == "harm"
         rows = probe_signal(self.backend, self.tokenizer, self.task, [self.train[i] for i in picked],
-                            seed=self.cfg.seed, stop_at_flips=TARGET_FLIPS)
-        sigma0 = choose_sigma0(rows, TARGET_FLIPS)  # the target the probe stopped at
+                            seed=self.cfg.seed, stop_at_flips=None if harm else TARGET_FLIPS, stop_at_harm=harm)
+        sigma0 = choose_sigma0(rows, TARGET_FLIPS, rule=self.cfg.sigma0_rule)  # what the probe stopped at
         state.elapsed_s += time.perf_counter() - t0  # the probe spends search compute: it counts
         state.history.append({"generation": 0, "wall_clock_s": round(state.elapsed_s, 3), "sigma0": sigma0,
                               "probe": [r.to_dict() for r in rows]})
-        log.info("probe: sigma0 = %g (flip rates %s)", sigma0, [round(r.flipped, 3) for r in rows])
+        log.info("probe (%s): sigma0 = %g (flip rates %s; loss against the start %s)", self.cfg.sigma0_rule, sigma0,
+                 [round(r.flipped, 3) for r in rows], [f"{r.loss_vs_start:.3f}+-{r.loss_se:.3f}" for r in rows])
         return sigma0
 
     def _step(self, state: TrainState) -> None:
