@@ -370,3 +370,14 @@ def test_ray_address_flag_selects_an_existing_ray_cluster():
     cfg = _config(args)
     assert (cfg.backend.kind, cfg.backend.ray_address, cfg.backend.workers) == ("ray", "10.0.0.5:6379", 4)
     assert _config(parse_args(["train"])).backend.kind == "local"
+
+
+def test_sft_over_an_interrupted_one_asks_for_resume_and_resume_reads_its_checkpoint(capsys, model_dir, tmp_path):
+    run_dir = tmp_path / "sft"
+    run_dir.mkdir()
+    (run_dir / "adapter.checkpoint.npz").write_bytes(b"not a checkpoint")
+    code, _, err = run(capsys, "sft", f"model.name={model_dir}", f"output_dir={run_dir}", *SMALL)
+    assert code == 2 and "pass --resume" in err and "Traceback" not in err
+    code, _, err = run(capsys, "sft", f"model.name={model_dir}", f"output_dir={run_dir}", "--resume", *SMALL)
+    assert code == 2 and "cannot read state file" in err and "Traceback" not in err
+    assert not (run_dir / "adapter").exists()

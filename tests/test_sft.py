@@ -399,3 +399,71 @@ def test_bf16_autocast_runs_the_forward_in_bf16_and_keeps_float32_weights(tmp_pa
     assert weights and all(w.dtype == torch.float32 for w in weights.values())
     trained = peft.PeftModel.from_pretrained(model, str(tmp_path / "a"))
     assert _task_loss(trained, tok, task) < 0.5 * before
+
+
+def _interrupt_at_step(monkeypatch, at: int):
+    step = sft_mod.sft_step
+    calls = []
+
+    def interrupting(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == at:
+            raise KeyboardInterrupt
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(sft_mod, "sft_step", interrupting)
+
+
+@pytest.mark.parametrize("patience", [None, 5])
+def test_a_resumed_sft_ends_exactly_where_an_uninterrupted_one_does(tmp_path, monkeypatch, patience):
+    """Stopped by a crash at step 8 (checkpoint after step 6), continued with resume: the same
+    adapter bit for bit, the same losses and validation checks; the checkpoint is gone after."""
+    settings = _sft(max_steps=14, patience=patience, eval_every=3, lr=1e-2)
+    task = SplitPairTask(PAIRS)
+    whole = tmp_path / "whole" / "adapter"
+    run_sft(_base(), tiny_tokenizer(), task, _lora(), settings, whole, progress=False)
+
+    out = tmp_path / "resumed" / "adapter"
+    _interrupt_at_step(monkeypatch, 8)
+    with pytest.raises(KeyboardInterrupt):
+        run_sft(_base(), tiny_tokenizer(), task, _lora(), settings, out, progress=False)
+    checkpoint = sft_mod.checkpoint_path(out)
+    assert checkpoint.is_file()
+    monkeypatch.setattr(sft_mod, "sft_step", _original_sft_step)
+    with pytest.raises(EssaError, match="--resume"):
+        run_sft(_base(), tiny_tokenizer(), task, _lora(), settings, out, progress=False)
+    result = run_sft(_base(), tiny_tokenizer(), task, _lora(), settings, out, progress=False, resume=True)
+
+    assert result.steps == 14 and not checkpoint.exists()
+    saved, expected = _adapter_weights(out), _adapter_weights(whole)
+    assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in saved)
+    got, want = (json.loads((d / "sft_metrics.json").read_text()) for d in (out, whole))
+    assert got["losses"] == want["losses"] and got["finished"] is True
+    assert got.get("validation_losses") == want.get("validation_losses")
+    assert sft_mod.is_finished(out)
+
+
+_original_sft_step = sft_mod.sft_step
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path, monkeypatch):
+    task = SplitPairTask(PAIRS)
+    out = tmp_path / "run" / "adapter"
+    _interrupt_at_step(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        run_sft(_base(), tiny_tokenizer(), task, _lora(), _sft(max_steps=10, eval_every=2), out, progress=False)
+    monkeypatch.setattr(sft_mod, "sft_step", _original_sft_step)
+    with pytest.raises(EssaError, match="sft.lr"):
+        run_sft(_base(), tiny_tokenizer(), task, _lora(), _sft(max_steps=10, eval_every=2, lr=1e-3), out,
+                progress=False, resume=True)
+
+
+def test_only_a_finished_adapter_counts_as_finished(tmp_path, monkeypatch):
+    monkeypatch.setattr(sft_mod, "validation_loss", lambda model, batches: 1.0)
+    _interrupt_at_step(monkeypatch, 5)
+    out = tmp_path / "a"
+    with pytest.raises(KeyboardInterrupt):
+        run_sft(_base(), tiny_tokenizer(), SplitPairTask(PAIRS), _lora(), _sft(max_steps=10, patience=3, eval_every=2),
+                out, progress=False)
+    assert (out / "adapter_config.json").is_file() and not sft_mod.is_finished(out)  # its best check, mid-run
+    assert not sft_mod.is_finished(tmp_path / "missing")

@@ -54,7 +54,7 @@ def _guarded(run: Callable[[], int]) -> int:
         print(f"essa: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("essa: interrupted (train, demo and compare continue with --resume)", file=sys.stderr)
+        print("essa: interrupted (sft, train, demo and compare continue with --resume)", file=sys.stderr)
         return 130
 
 
@@ -98,6 +98,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "sft", "LoRA SFT warm start on the task's SFT split -> OUTPUT_DIR/adapter", _sft,
                  ("model", "task", "lora", "sft", "output_dir"))
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted SFT in output_dir from its adapter.checkpoint.npz")
     p = _command(sub, "train", "ESSA search from an SFT adapter (adapter=PATH)", _train,
                  ("model", "task", "decoding", "essa", "backend", "tracking", "adapter", "output_dir"))
     p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its checkpoint")
@@ -212,7 +214,7 @@ def _dataset_overrides(args: argparse.Namespace) -> list[str]:
 def _sft(args: argparse.Namespace) -> int:
     from essa.commands import run_sft
 
-    adapter = run_sft(_config(args), progress=not args.quiet)
+    adapter = run_sft(_config(args), progress=not args.quiet, resume=args.resume)
     print(json.dumps({"adapter": str(adapter)}))
     return 0
 

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -69,7 +70,7 @@ def _log_to_file(path: Path) -> None:
 
 # -- sft -----------------------------------------------------------------------------------------
 def run_sft(cfg: Config, progress: bool = True, model_and_tokenizer: tuple[Any, Any] | None = None,
-            task: Task | None = None) -> Path:
+            task: Task | None = None, resume: bool = False) -> Path:
     from essa.sft import check_targets, run_sft as train_lora
 
     task = task or get_task(cfg.task)
@@ -79,7 +80,8 @@ def run_sft(cfg: Config, progress: bool = True, model_and_tokenizer: tuple[Any, 
     model, tokenizer = model_and_tokenizer or load_model(cfg.model, training=True)
     check_targets(model, cfg.lora.targets)
     run_dir = _prepare_run_dir(cfg)  # only after every check
-    result = train_lora(model, tokenizer, task, cfg.lora, cfg.sft, run_dir / "adapter", progress=progress)
+    result = train_lora(model, tokenizer, task, cfg.lora, cfg.sft, run_dir / "adapter", progress=progress,
+                        resume=resume, settings={"model": cfg.model.name, "task": dataclasses.asdict(cfg.task)})
     log.info("SFT done: %d steps, final loss %.4f, %.1f min", result.steps, result.final_loss,
              result.wall_clock_s / 60)
     return Path(result.adapter_dir)
@@ -283,7 +285,7 @@ def run_demo(cfg: Config, progress: bool = True, resume: bool = False) -> dict[s
     if not resume and any((Path(cfg.output_dir) / name).exists() for name in ("sft", "essa", "summary.json")):
         raise EssaError(f"{cfg.output_dir} already holds a demo run; pass --resume to continue it, "
                         "or output_dir=NEW_DIR for a fresh one")
-    from essa.sft import check_targets
+    from essa.sft import check_targets, is_finished
 
     task = get_task(cfg.task)
     for split in ("sft", "train", "validation", "test"):
@@ -299,8 +301,8 @@ def run_demo(cfg: Config, progress: bool = True, resume: bool = False) -> dict[s
     say(f"1/{stages} LoRA SFT warm start")
     t0 = time.perf_counter()
     adapter = root / "sft" / "adapter"
-    if not (resume and (adapter / ADAPTER_CONFIG).is_file()):
-        adapter = run_sft(sft_cfg, progress=progress, model_and_tokenizer=model_and_tokenizer)
+    if not (resume and is_finished(adapter)):
+        adapter = run_sft(sft_cfg, progress=progress, model_and_tokenizer=model_and_tokenizer, resume=resume)
     sft_s = time.perf_counter() - t0
     cast_for_inference(model_and_tokenizer[0], cfg.model)  # trained in fp32; "auto" infers faster
 

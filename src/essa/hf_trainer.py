@@ -27,6 +27,7 @@ from essa.config import Config, TaskConfig
 from essa.console import say
 from essa.errors import EssaError
 from essa.hf_config import FIELDS, ESSAConfig
+from essa.sft import is_finished
 from essa.tasks.dataset import DatasetTask, dataset_rows, reward_name
 
 
@@ -141,11 +142,11 @@ class ESSATrainer:
         loaded = (self.model, self.processing_class)
         if self._sft_needed:
             adapter = out / "sft" / "adapter"
-            if not (resume and (adapter / "adapter_config.json").is_file()):
+            if not (resume and is_finished(adapter)):
                 say(f"LoRA SFT warm start (rank {cfg.lora.rank} on {', '.join(cfg.lora.targets)}) on "
                     f"{len(self.task.split('sft'))} examples")
                 adapter = run_sft(cfg.with_changes(output_dir=str(out / "sft")), progress=self.progress,
-                                  model_and_tokenizer=loaded, task=self.task)
+                                  model_and_tokenizer=loaded, task=self.task, resume=resume)
             cfg = cfg.with_changes(adapter=str(adapter))
         elif self._start is not None:
             adapter = out / "start_adapter"

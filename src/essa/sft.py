@@ -11,7 +11,10 @@ wall-clock budget with snapshots (the continued-SFT arm of `essa compare`).
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
+import logging
 import math
 import sys
 import time
@@ -28,10 +31,13 @@ from tqdm import tqdm
 from essa.config import LoraConfig, SftConfig
 from essa.errors import EssaError
 from essa.io import atomic_directory, atomic_write_json, atomic_write_text, ensure_writable_dir
+from essa import sft_checkpoint
 from essa.schedule import Snapshot, SnapshotSchedule
+from essa.sft_checkpoint import LoopState, checkpoint_path
 from essa.tasks import Task, format_prompt
 
 T = TypeVar("T")
+log = logging.getLogger("essa.sft")
 IGNORE_INDEX = -100  # label value that transformers' causal-LM loss skips
 WARMUP_FRACTION = 0.1  # linear warmup over this share of steps, then linear decay to zero
 MAX_GRAD_NORM = 1.0
@@ -59,13 +65,16 @@ class Encoded:
 
 
 def run_sft(model: nn.Module, tokenizer: Any, task: Task, lora: LoraConfig, sft: SftConfig,
-            out_dir: str | Path, progress: bool = True) -> SftResult:
+            out_dir: str | Path, progress: bool = True, resume: bool = False,
+            settings: dict[str, Any] | None = None) -> SftResult:
     """Train a LoRA adapter on `task`'s sft split and write it as a PEFT adapter dir to `out_dir`.
 
     With `sft.patience` set, the validation loss is checked every `sft.eval_every` steps and
     training stops once it has not improved for `patience` checks; the best check's adapter is saved.
     Each new best is written to `out_dir` at once (its metrics say `"finished": false`), so a run
-    stopped by hand or by a crash still leaves its best adapter.
+    stopped by hand or by a crash still leaves its best adapter. Every `sft.eval_every` steps the
+    whole training state goes to `OUT_DIR.checkpoint.npz` beside `out_dir`; `resume` continues from it
+    exactly (`settings`, the caller's description of the model and task, must match the saved one).
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -78,6 +87,20 @@ def run_sft(model: nn.Module, tokenizer: Any, task: Task, lora: LoraConfig, sft:
     pad_id = _pad_id(tokenizer)
     device = next(model.parameters()).device
     validation = validation_batches(tokenizer, task, sft, pad_id, device) if sft.patience else None
+    checkpoint = checkpoint_path(out_dir)
+    if checkpoint.exists() and not resume:
+        raise EssaError(f"{checkpoint} holds an interrupted SFT; pass --resume to continue it, or choose another "
+                        "output_dir")
+    fingerprint = sft_checkpoint.fingerprint(settings or {}, dataclasses.asdict(lora), dataclasses.asdict(sft),
+                                             len(usable))
+
+    def save(state: LoopState, stopper: EarlyStopping | None) -> None:
+        sft_checkpoint.save(checkpoint, state, stopper, fingerprint)
+
+    def restore(state: LoopState, stopper: EarlyStopping | None) -> None:
+        if resume and checkpoint.exists():
+            sft_checkpoint.restore(checkpoint, state, stopper, fingerprint)
+            log.info("SFT resumed at step %d of %d", state.step, steps)
 
     with _seeded(sft.seed, device), _restored_state(model):
         peft_model = wrap_lora(model, lora)
@@ -85,9 +108,12 @@ def run_sft(model: nn.Module, tokenizer: Any, task: Task, lora: LoraConfig, sft:
             stopper = (EarlyStopping(lambda: validation_loss(peft_model, validation), sft.eval_every, sft.patience,
                                      on_best=lambda s: save_adapter(peft_model, out_dir, _partial_metrics(s, start)))
                        if validation else None)
-            batches = (collate(b, pad_id, device) for b in batch_stream(usable, sft.batch_size, sft.seed))
+            def batches(done: int) -> Iterator[dict[str, torch.Tensor]]:  # the seeded order, past `done` steps
+                order = itertools.islice(batch_stream(usable, sft.batch_size, sft.seed), done, None)
+                return (collate(b, pad_id, device) for b in order)
+
             losses = train_loop(peft_model, batches, steps, sft.lr, progress=progress, stopper=stopper,
-                                bf16_autocast=sft.bf16_autocast)
+                                bf16_autocast=sft.bf16_autocast, restore=restore, save=save, save_every=sft.eval_every)
             metrics = {"finished": True,
                 "steps": len(losses), "planned_steps": steps, "examples": len(examples),
                 "examples_used": len(usable),
@@ -98,9 +124,20 @@ def run_sft(model: nn.Module, tokenizer: Any, task: Task, lora: LoraConfig, sft:
             if stopper is not None:
                 metrics.update(stopper.report())
             save_adapter(peft_model, out_dir, metrics)
+            checkpoint.unlink(missing_ok=True)  # finished: the adapter is the result
         finally:
             unload_lora(peft_model)  # even on failure, hand back the model without LoRA layers
     return SftResult(out_dir, len(losses), losses[-1], metrics["wall_clock_s"])
+
+
+def is_finished(adapter_dir: str | Path) -> bool:
+    """Whether `adapter_dir` holds an SFT adapter whose training ended (not a best check written
+    mid-run); adapters of older essa versions, without the mark, count as finished."""
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        return False
+    metrics = adapter_dir / METRICS_FILE
+    return not metrics.is_file() or json.loads(metrics.read_text()).get("finished", True)
 
 
 def _partial_metrics(stopper: EarlyStopping, start: float) -> dict[str, Any]:
@@ -344,29 +381,44 @@ def batch_stream(items: list[T], batch_size: int, seed: int) -> Iterator[list[T]
             yield [items[j] for j in order[i:i + batch_size]]
 
 
-def train_loop(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], steps: int, lr: float,
-               progress: bool = True, stopper: EarlyStopping | None = None,
-               bf16_autocast: bool = False) -> list[float]:
+def train_loop(model: nn.Module, batches: Callable[[int], Iterator[dict[str, torch.Tensor]]], steps: int,
+               lr: float, progress: bool = True, stopper: EarlyStopping | None = None, bf16_autocast: bool = False,
+               restore: Callable[[LoopState, EarlyStopping | None], None] | None = None,
+               save: Callable[[LoopState, EarlyStopping | None], None] | None = None,
+               save_every: int = 0) -> list[float]:
     """AdamW on the trainable parameters for `steps` batches (fewer where `stopper` stops it, with
-    its best weights put back); returns the loss of each step."""
+    its best weights put back); returns the loss of each step. `batches(k)` gives the batches after
+    the first k steps; `restore` may load a saved state first, `save` is called every `save_every`
+    steps (after that step's validation check)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
     warmup = int(WARMUP_FRACTION * steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, warmup, steps))
+    state = LoopState(model, optimizer, [])
+    if restore is not None:
+        restore(state, stopper)
+    if state.step:  # where the schedule stood after the steps already done
+        schedule.last_epoch = state.step
+        for group, base in zip(optimizer.param_groups, schedule.base_lrs):
+            group["lr"] = base * _lr_factor(state.step, warmup, steps)
+    losses = state.losses
     model.train()
-    losses: list[float] = []
-    bar = tqdm(total=steps, desc="sft", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=state.step, desc="sft", file=sys.stderr, disable=not progress,
+               dynamic_ncols=True)
     try:
-        for _, batch in zip(range(steps), batches):
+        for _, batch in zip(range(steps - state.step), batches(state.step)):
             losses.append(sft_step(model, batch, params, optimizer, len(losses) + 1, bf16_autocast))
             schedule.step()
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             bar.update()
+            stop = False
             if stopper is not None and stopper.due(len(losses), steps):
                 stop = stopper.should_stop(len(losses), model)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", val=f"{stopper.history[-1][1]:.4f}")
-                if stop:
-                    break
+            if save is not None and save_every and len(losses) % save_every == 0 and len(losses) < steps and not stop:
+                save(state, stopper)
+            if stop:
+                break
     finally:
         bar.close()
     if stopper is not None:
