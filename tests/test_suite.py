@@ -128,3 +128,37 @@ def test_train_writes_the_transfer_check_into_its_report(data, model_dir, tmp_pa
     assert (run_dir / "transfer" / "records" / "final" / "ifeval.jsonl").is_file()
     final = json.loads((run_dir / "final.json").read_text())
     assert "guard set" in final["rule"] and set(final["guard"]) <= {"mean", "best_candidate"}
+
+
+def test_the_demo_prints_its_transfer_check_beside_its_own_result(data, model_dir, tmp_path, capsys):
+    run_dir = tmp_path / "demo"
+    code = main(["demo", f"model.name={model_dir}", f"output_dir={run_dir}", "task.sft_size=8", "task.train_size=8",
+                 "task.validation_size=4", "task.test_size=4", "lora.rank=4", "sft.batch_size=8",
+                 "decoding.max_new_tokens=3", "essa.popsize=4", "essa.prompts_per_generation=2",
+                 "essa.generations=1", "essa.eval_every=1", "suite.sets=[svamp,mawps]", "suite.limit=3",
+                 "suite.max_new_tokens=3", "--quiet"])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary["transfer"]) == {"svamp", "mawps"}
+    assert not (run_dir / "essa" / "transfer").exists()  # checked once, by the demo, not again inside train
+    verdict = summary["transfer_verdict"]
+    assert verdict.startswith("transfer check, final vs start:") and "svamp" in verdict and "mawps" in verdict
+    result_line = next(line for line in err.splitlines() if "result:" in line)
+    assert "held-out" in result_line and "SFT" in result_line and "ESSA" in result_line
+    assert err.index("result:") < err.index(verdict)  # the transfer check is printed right after the result
+    assert verdict in (run_dir / "report.md").read_text()
+
+
+def test_the_transfer_verdict_names_gains_losses_and_no_gain():
+    from essa.suite import transfer_verdict
+
+    gains = {"svamp": {"delta": 0.05, "delta_ci95": [0.01, 0.09]},
+             "asdiv": {"delta": -0.04, "delta_ci95": [-0.07, -0.02]},
+             "mawps": {"delta": 0.01, "delta_ci95": [-0.02, 0.04]}}
+    text = transfer_verdict(gains)
+    assert "NO GAIN" not in text and "gains beyond noise on svamp +5.0 points (CI +1.0, +9.0)" in text
+    assert "loses beyond noise on asdiv -4.0 points" in text and "within noise on mawps +1.0 points" in text
+    none = transfer_verdict({"asdiv": gains["asdiv"], "mawps": gains["mawps"]})
+    assert "NO GAIN on a real benchmark" in none and "gains beyond" not in none
+    assert "NO GAIN" in transfer_verdict({"svamp": {"metric": "accuracy"}})  # nothing compared

@@ -31,7 +31,7 @@ from essa.io import atomic_directory, atomic_write_json, atomic_write_jsonl, ens
 from essa.models import cast_for_inference, load_model, portable_model_name, resolve_dtype
 from essa.report import plot_training, write_report
 from essa.stats import PairedComparison, compare_paired
-from essa.suite import guard_sets, transfer_check
+from essa.suite import guard_sets, transfer_check, transfer_verdict
 from essa.svd_space import ADAPTER_CONFIG, SvdLoraSpace
 from essa.tasks import Task, get_task
 
@@ -130,15 +130,17 @@ def run_train(cfg: Config, resume: bool = False, progress: bool = True,
     notes = [f"Adapter: `{run_dir / 'adapter'}` (standard PEFT LoRA)",
              "Per-generation numbers: `metrics.jsonl` (fitness, sigma, distinct fitness values, "
              "split-half rank agreement, validation accuracy).",
-             "The final adapter is the start (the SFT adapter) unless the optimizer mean, the best "
-             "validated mean or the best candidate beats it on validation with a paired bootstrap "
-             "95% interval above zero; then the best of those."]
+             "The final adapter is the start (the SFT adapter) unless a challenger beats it with "
+             "confidence on validation prompts the search never read: the rule and the counts are in "
+             "`final.json`."]
     sections = []
     if cfg.suite.sets:
         say("transfer check: the start and the final adapter on real benchmarks")
         summary["transfer"], table = transfer_check(cfg, adapter_dir, run_dir / "adapter", run_dir / "transfer",
                                                     loaded=inputs.weights(), progress=progress)
-        sections.append((TRANSFER_HEADING, table))
+        summary["transfer_verdict"] = transfer_verdict(summary["transfer"])
+        sections.append((TRANSFER_HEADING, table + "\n\n" + summary["transfer_verdict"]))
+        say(summary["transfer_verdict"])
     write_report(run_dir / "report.md", f"ESSA run: {task.name}", summary, plot=PLOT, notes=notes,
                  sections=sections)
     atomic_write_json(run_dir / "summary.json", summary)
@@ -311,7 +313,9 @@ def run_demo(cfg: Config, progress: bool = True, resume: bool = False) -> dict[s
     before = score_adapter(cfg, task, test, adapter, loaded=model_and_tokenizer, progress=progress)
 
     say(f"3/{stages} ESSA search")
-    train_cfg = cfg.with_changes(adapter=str(adapter), output_dir=str(root / "essa"))
+    # The demo runs the transfer check itself, after the test scores (not a second time inside train).
+    train_cfg = cfg.with_changes(adapter=str(adapter), output_dir=str(root / "essa"),
+                                 suite=dataclasses.replace(cfg.suite, sets=[]))
     train = run_train(train_cfg, resume=resume, progress=progress, model_and_tokenizer=model_and_tokenizer)
 
     say(f"4/{stages} test accuracy of the ESSA adapter")
@@ -336,8 +340,12 @@ def run_demo(cfg: Config, progress: bool = True, resume: bool = False) -> dict[s
         say(f"5/{stages} transfer check: the SFT and the ESSA adapter on real benchmarks")
         summary["transfer"], table = transfer_check(cfg, adapter, root / "essa" / "adapter", root / "transfer",
                                                     loaded=model_and_tokenizer, progress=progress)
-        sections.append((TRANSFER_HEADING, table))
+        summary["transfer_verdict"] = transfer_verdict(summary["transfer"])
+        sections.append((TRANSFER_HEADING, table + "\n\n" + summary["transfer_verdict"]))
         say(table)
+    say(f"result: {len(test)} held-out {task.name} problems, " + paired.describe("SFT", "ESSA"))
+    if cfg.suite.sets:
+        say(summary["transfer_verdict"])
     summary["wall_clock_s"] = round(time.perf_counter() - start, 1)
     atomic_write_json(root / "summary.json", summary)
     run_export(root / "essa", root / "adapter")  # after the summary: its model card shows the test results

@@ -223,6 +223,23 @@ def headline(summary: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def transfer_verdict(headline: dict[str, Any]) -> str:
+    """One line for a run's output: where the final adapter gains or loses against the start beyond
+    noise (the paired 95% interval of each benchmark's first metric), and plainly when it gains nowhere."""
+    groups: dict[str, list[str]] = {"gains": [], "losses": [], "flat": []}
+    for name, entry in headline.items():
+        if "delta" not in entry:
+            continue
+        low, high = entry["delta_ci95"]
+        text = f"{name} {100 * entry['delta']:+.1f} points (CI {100 * low:+.1f}, {100 * high:+.1f})"
+        groups["gains" if low > 0 else "losses" if high < 0 else "flat"].append(text)
+    parts = [f"{label} {'; '.join(groups[key])}" for key, label in
+             (("gains", "gains beyond noise on"), ("losses", "loses beyond noise on"), ("flat", "within noise on"))
+             if groups[key]]
+    lead = "" if groups["gains"] else "NO GAIN on a real benchmark: "
+    return f"transfer check, final vs start: {lead}{', '.join(parts) or 'nothing compared'}"
+
+
 # -- the summary ---------------------------------------------------------------------------------
 
 def summarize(cfg: Config, arms: list[tuple[str, str | None]], benches: list[Benchmark],
