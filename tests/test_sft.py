@@ -15,6 +15,7 @@ import essa.sft as sft_mod
 from essa.config import LoraConfig, SftConfig
 from essa.errors import EssaError
 from essa.sft import IGNORE_INDEX, Encoded, batch_stream, collate, encode_example, run_sft, total_steps
+from essa.sft_checkpoint import checkpoint_path
 from essa.tasks import Example, Task, format_prompt
 
 torch.set_num_threads(1)
@@ -427,7 +428,7 @@ def test_a_resumed_sft_ends_exactly_where_an_uninterrupted_one_does(tmp_path, mo
     _interrupt_at_step(monkeypatch, 8)
     with pytest.raises(KeyboardInterrupt):
         run_sft(_base(), tiny_tokenizer(), task, _lora(), settings, out, progress=False)
-    checkpoint = sft_mod.checkpoint_path(out)
+    checkpoint = checkpoint_path(out)
     assert checkpoint.is_file()
     monkeypatch.setattr(sft_mod, "sft_step", _original_sft_step)
     with pytest.raises(EssaError, match="--resume"):

@@ -28,12 +28,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from essa import sft_checkpoint
 from essa.config import LoraConfig, SftConfig
 from essa.errors import EssaError
 from essa.io import atomic_directory, atomic_write_json, atomic_write_text, ensure_writable_dir
-from essa import sft_checkpoint
 from essa.schedule import Snapshot, SnapshotSchedule
-from essa.sft_checkpoint import LoopState, checkpoint_path
+from essa.sft_checkpoint import LoopState
 from essa.tasks import Task, format_prompt
 
 T = TypeVar("T")
@@ -76,7 +76,6 @@ def run_sft(model: nn.Module, tokenizer: Any, task: Task, lora: LoraConfig, sft:
     whole training state goes to `OUT_DIR.checkpoint.npz` beside `out_dir`; `resume` continues from it
     exactly (`settings`, the caller's description of the model and task, must match the saved one).
     """
-    start = time.perf_counter()
     out_dir = Path(out_dir)
     check_targets(model, lora.targets)
     examples = task.checked_split("sft")
@@ -87,44 +86,36 @@ def run_sft(model: nn.Module, tokenizer: Any, task: Task, lora: LoraConfig, sft:
     pad_id = _pad_id(tokenizer)
     device = next(model.parameters()).device
     validation = validation_batches(tokenizer, task, sft, pad_id, device) if sft.patience else None
-    checkpoint = checkpoint_path(out_dir)
-    if checkpoint.exists() and not resume:
-        raise EssaError(f"{checkpoint} holds an interrupted SFT; pass --resume to continue it, or choose another "
-                        "output_dir")
-    fingerprint = sft_checkpoint.fingerprint(settings or {}, dataclasses.asdict(lora), dataclasses.asdict(sft),
-                                             len(usable))
-
-    def save(state: LoopState, stopper: EarlyStopping | None) -> None:
-        sft_checkpoint.save(checkpoint, state, stopper, fingerprint)
-
-    def restore(state: LoopState, stopper: EarlyStopping | None) -> None:
-        if resume and checkpoint.exists():
-            sft_checkpoint.restore(checkpoint, state, stopper, fingerprint)
-            log.info("SFT resumed at step %d of %d", state.step, steps)
+    checkpointing = sft_checkpoint.Checkpointing(out_dir, sft_checkpoint.fingerprint(
+        settings or {}, dataclasses.asdict(lora), dataclasses.asdict(sft), len(usable)), resume)
 
     with _seeded(sft.seed, device), _restored_state(model):
         peft_model = wrap_lora(model, lora)
         try:
+            state = LoopState(peft_model, torch.optim.AdamW(_trainable(peft_model), lr=sft.lr), [])
             stopper = (EarlyStopping(lambda: validation_loss(peft_model, validation), sft.eval_every, sft.patience,
-                                     on_best=lambda s: save_adapter(peft_model, out_dir, _partial_metrics(s, start)))
+                                     on_best=lambda s: save_adapter(peft_model, out_dir, _partial_metrics(
+                                         s, checkpointing.elapsed_s(state))))
                        if validation else None)
+
             def batches(done: int) -> Iterator[dict[str, torch.Tensor]]:  # the seeded order, past `done` steps
                 order = itertools.islice(batch_stream(usable, sft.batch_size, sft.seed), done, None)
                 return (collate(b, pad_id, device) for b in order)
 
             losses = train_loop(peft_model, batches, steps, sft.lr, progress=progress, stopper=stopper,
-                                bf16_autocast=sft.bf16_autocast, restore=restore, save=save, save_every=sft.eval_every)
-            metrics = {"finished": True,
-                "steps": len(losses), "planned_steps": steps, "examples": len(examples),
+                                bf16_autocast=sft.bf16_autocast, state=state, checkpointing=checkpointing,
+                                save_every=sft.eval_every)
+            metrics = {
+                "finished": True, "steps": len(losses), "planned_steps": steps, "examples": len(examples),
                 "examples_used": len(usable),
                 "truncated_examples": sum(len(e.input_ids) == sft.max_length for e in encoded),
                 "final_loss": losses[-1], "mean_loss": sum(losses) / len(losses),
-                "wall_clock_s": time.perf_counter() - start, "losses": losses,
+                "wall_clock_s": checkpointing.elapsed_s(state), "losses": losses,
             }
             if stopper is not None:
                 metrics.update(stopper.report())
             save_adapter(peft_model, out_dir, metrics)
-            checkpoint.unlink(missing_ok=True)  # finished: the adapter is the result
+            checkpointing.finish()
         finally:
             unload_lora(peft_model)  # even on failure, hand back the model without LoRA layers
     return SftResult(out_dir, len(losses), losses[-1], metrics["wall_clock_s"])
@@ -140,9 +131,13 @@ def is_finished(adapter_dir: str | Path) -> bool:
     return not metrics.is_file() or json.loads(metrics.read_text()).get("finished", True)
 
 
-def _partial_metrics(stopper: EarlyStopping, start: float) -> dict[str, Any]:
+def _partial_metrics(stopper: EarlyStopping, elapsed_s: float) -> dict[str, Any]:
     """What an adapter written mid-run says about itself: its check, and that training went on."""
-    return {"finished": False, "wall_clock_s": time.perf_counter() - start, **stopper.report()}
+    return {"finished": False, "wall_clock_s": elapsed_s, **stopper.report()}
+
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 @dataclass
@@ -383,20 +378,19 @@ def batch_stream(items: list[T], batch_size: int, seed: int) -> Iterator[list[T]
 
 def train_loop(model: nn.Module, batches: Callable[[int], Iterator[dict[str, torch.Tensor]]], steps: int,
                lr: float, progress: bool = True, stopper: EarlyStopping | None = None, bf16_autocast: bool = False,
-               restore: Callable[[LoopState, EarlyStopping | None], None] | None = None,
-               save: Callable[[LoopState, EarlyStopping | None], None] | None = None,
+               state: LoopState | None = None, checkpointing: sft_checkpoint.Checkpointing | None = None,
                save_every: int = 0) -> list[float]:
     """AdamW on the trainable parameters for `steps` batches (fewer where `stopper` stops it, with
     its best weights put back); returns the loss of each step. `batches(k)` gives the batches after
-    the first k steps; `restore` may load a saved state first, `save` is called every `save_every`
-    steps (after that step's validation check)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr)
+    the first k steps. `checkpointing` restores a saved state first and saves one every
+    `save_every` steps (after that step's validation check)."""
+    params = _trainable(model)
+    state = state or LoopState(model, torch.optim.AdamW(params, lr=lr), [])
+    optimizer = state.optimizer
     warmup = int(WARMUP_FRACTION * steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, warmup, steps))
-    state = LoopState(model, optimizer, [])
-    if restore is not None:
-        restore(state, stopper)
+    if checkpointing is not None:
+        checkpointing.restore(state, stopper)
     if state.step:  # where the schedule stood after the steps already done
         schedule.last_epoch = state.step
         for group, base in zip(optimizer.param_groups, schedule.base_lrs):
@@ -415,8 +409,8 @@ def train_loop(model: nn.Module, batches: Callable[[int], Iterator[dict[str, tor
             if stopper is not None and stopper.due(len(losses), steps):
                 stop = stopper.should_stop(len(losses), model)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", val=f"{stopper.history[-1][1]:.4f}")
-            if save is not None and save_every and len(losses) % save_every == 0 and len(losses) < steps and not stop:
-                save(state, stopper)
+            if checkpointing and save_every and len(losses) % save_every == 0 and len(losses) < steps and not stop:
+                checkpointing.save(state, stopper)
             if stop:
                 break
     finally:

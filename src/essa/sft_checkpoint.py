@@ -1,17 +1,20 @@
 """An interrupted SFT's state, so `essa sft --resume` continues it as if it had never stopped.
 
 Written every `sft.eval_every` steps (after that step's validation check) beside the adapter dir
-(`ADAPTER_DIR.checkpoint.npz`) as plain data (`atomic_write_state`: arrays and JSON, never pickle): the trainable weights, AdamW's
-moments and step counts, the steps done and their losses, the early-stopping record with its best
-weights, and the torch random state (dropout). The batch order needs nothing saved: it is a seeded
-stream that the resumed run fast-forwards. A `fingerprint` of every setting that shapes the
-trajectory (the model, the task, the LoRA and SFT settings but `sft.patience`) must match, so a
-checkpoint is never continued under other settings.
+(`ADAPTER_DIR.checkpoint.npz`) as plain data (`atomic_write_state`: arrays and JSON, never
+pickle): the trainable weights, AdamW's moments and step counts, the steps done and their losses,
+the training seconds so far, the early-stopping record with its best weights, and the torch
+random state (dropout). The batch order needs nothing saved: it is a seeded stream that the
+resumed run fast-forwards. A `fingerprint` of every setting that shapes the trajectory (the
+model, the task, the LoRA and SFT settings but `sft.patience`) must match, so a checkpoint is
+never continued under other settings.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ from essa.errors import EssaError
 from essa.io import atomic_write_state, read_state
 
 CHECKPOINT_SUFFIX = ".checkpoint.npz"
+log = logging.getLogger("essa.sft")
 
 
 def checkpoint_path(adapter_dir: Path) -> Path:
@@ -38,10 +42,38 @@ class LoopState:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     losses: list[float]
+    earlier_s: float = 0.0  # training seconds spent before a resume
 
     @property
     def step(self) -> int:
         return len(self.losses)
+
+
+class Checkpointing:
+    """One SFT run's checkpoint file: refused without `resume` where one exists, loaded with it."""
+
+    def __init__(self, adapter_dir: Path, settings: dict[str, Any], resume: bool) -> None:
+        self.path, self.settings, self.resume = checkpoint_path(adapter_dir), settings, resume
+        self.started = time.perf_counter()
+        if self.path.exists() and not resume:
+            raise EssaError(f"{self.path} holds an interrupted SFT; pass --resume to continue it, or choose another "
+                            "output_dir")
+
+    def elapsed_s(self, state: LoopState) -> float:
+        """Training seconds of the whole run, across resumes."""
+        return state.earlier_s + time.perf_counter() - self.started
+
+    def save(self, state: LoopState, stopper: Any | None) -> None:
+        save(self.path, state, stopper, self.settings, self.elapsed_s(state))
+
+    def restore(self, state: LoopState, stopper: Any | None) -> None:
+        if self.resume and self.path.exists():
+            restore(self.path, state, stopper, self.settings)
+            log.info("SFT resumed at step %d", state.step)
+
+    def finish(self) -> None:
+        """The run ended and its adapter is saved: the checkpoint has nothing left to continue."""
+        self.path.unlink(missing_ok=True)
 
 
 def fingerprint(context: dict[str, Any], lora: dict[str, Any], sft: dict[str, Any],
@@ -53,7 +85,7 @@ def fingerprint(context: dict[str, Any], lora: dict[str, Any], sft: dict[str, An
                                  default=str))
 
 
-def save(path: Path, state: LoopState, stopper: Any | None, settings: dict[str, Any]) -> None:
+def save(path: Path, state: LoopState, stopper: Any | None, settings: dict[str, Any], elapsed_s: float) -> None:
     """Write `state` (and the early-stopping record) to `path`, all-or-nothing."""
     params = _trainable(state.model)
     moments = {}
@@ -63,7 +95,7 @@ def save(path: Path, state: LoopState, stopper: Any | None, settings: dict[str, 
             moments[name] = {"step": float(slot["step"]), "exp_avg": _array(slot["exp_avg"]),
                              "exp_avg_sq": _array(slot["exp_avg_sq"])}
     tree = {
-        "settings": settings, "losses": state.losses,
+        "settings": settings, "losses": state.losses, "elapsed_s": elapsed_s,
         "weights": {name: _array(p) for name, p in params.items()}, "moments": moments,
         "rng": torch.get_rng_state().numpy(),
         "stopper": None if stopper is None else {
@@ -93,6 +125,7 @@ def restore(path: Path, state: LoopState, stopper: Any | None, settings: dict[st
             "exp_avg": torch.from_numpy(slot["exp_avg"]).to(param.dtype),
             "exp_avg_sq": torch.from_numpy(slot["exp_avg_sq"]).to(param.dtype)}
     state.losses[:] = list(tree["losses"])
+    state.earlier_s = float(tree["elapsed_s"])
     torch.set_rng_state(torch.from_numpy(tree["rng"]))
     record = tree["stopper"]
     if stopper is not None and record is not None:
