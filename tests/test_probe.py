@@ -218,6 +218,9 @@ def test_harm_needs_a_loss_beyond_the_paired_noise():
 
     assert not row(0.1, 0.02, 0.02).harms() and row(0.1, 0.04, 0.02).harms()
     assert not row(0.1, -0.5, 0.0).harms() and row(0.1, 0.01, 0.0).harms()
+    # Not significant (1.3 standard errors), but the candidates keep a third of the start's 0.3.
+    assert row(0.1, 0.2, 0.15).harms() and not row(0.1, 0.14, 0.10).harms()
+    assert not row(0.1, 0.2, 0.25).harms()  # halved, but within one standard error: a coin flip
     rows = [row(0.8, 0.2, 0.05), row(0.1, 0.0, 0.01), row(0.4, 0.1, 0.05), row(0.2, 0.01, 0.02)]
     assert choose_sigma0(rows, rule="harm") == 0.2  # the largest below the first harmful step
     assert choose_sigma0([row(0.1, 0.1, 0.01), row(0.2, 0.0, 0.01)], rule="harm") == 0.1  # the smallest harms

@@ -10,12 +10,12 @@ offsets) and scored on the same prompts as the start itself. Reported per sigma:
   prompts; near zero, a ranking of candidates is noise that the next prompts will not repeat.
 
 `choose_sigma0` picks the step by one of two rules (`essa.sigma0_rule`):
-- `harm` (the default): the largest probed step whose candidates do not lose to the start beyond
-  noise (their mean reward below the start's by more than HARM_Z paired standard errors over the
-  prompts, one-sided 5%). It needs no target that depends on the start: at a start that solves
-  almost nothing no step can do harm, so the largest is taken (the demo's 0.8); at a start that
-  solves ~10%, a step that throws away most of its right answers is refused, however few rewards
-  that flips. The largest step is probed first, as a harmless largest step settles the choice;
+- `harm` (the default): the largest probed step whose candidates do not harm the start: their
+  mean reward is neither below the start's by more than HARM_Z paired standard errors over the
+  prompts (one-sided 5%) nor below half of it (by more than one standard error). It needs no
+  target that depends on the start: at a start that solves almost nothing no step can do harm, so
+  the largest is taken (the demo's 0.8); at a start that solves ~10%, a step that throws away
+  most of its right answers is refused, however few rewards that flips. The largest step is probed first, as a harmless largest step settles the choice;
   otherwise steps are probed in ascending order up to the first that harms. Where even the
   smallest harms, it is taken (docs/BENCHMARKS.md has the probe tables at three starts).
 - `flips`: the smallest step whose flip rate reaches a target: small enough to stay near a good
@@ -46,6 +46,7 @@ from essa.tasks import Example, Task, format_prompt
 DEFAULT_SIGMAS = (0.1, 0.2, 0.4, 0.8)
 TARGET_FLIPS = 0.10  # share of (candidate, prompt) rewards that differ from the start's
 HARM_Z = 1.645  # one-sided 5%: how many paired standard errors below the start counts as harm
+KEEP_SHARE = 0.5  # candidates that keep less than this share of the start's reward harm it too
 SIGMA0_RULES = ("harm", "flips")
 
 
@@ -63,8 +64,12 @@ class ProbeRow:
     loss_se: float = 0.0  # its standard error over the prompts
 
     def harms(self) -> bool:
-        """The candidates lose to the start beyond noise (one-sided, HARM_Z standard errors)."""
-        return self.loss_vs_start > HARM_Z * self.loss_se if self.loss_se > 0 else self.loss_vs_start > 0
+        """The candidates lose to the start beyond noise (one-sided, HARM_Z standard errors), or keep
+        less than KEEP_SHARE of its reward by more than one standard error: near a 10% start, 32
+        prompts cannot make even a total loss significant (0.094 -> 0.016 is 1.5 standard errors)."""
+        significant = self.loss_vs_start > HARM_Z * self.loss_se if self.loss_se > 0 else self.loss_vs_start > 0
+        halved = self.candidate_mean < KEEP_SHARE * self.start_fitness and self.loss_vs_start > self.loss_se
+        return significant or halved
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
