@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import logging
 import math
 import sys
 import time
@@ -37,7 +36,6 @@ from essa.sft_checkpoint import LoopState
 from essa.tasks import Task, format_prompt
 
 T = TypeVar("T")
-log = logging.getLogger("essa.sft")
 IGNORE_INDEX = -100  # label value that transformers' causal-LM loss skips
 WARMUP_FRACTION = 0.1  # linear warmup over this share of steps, then linear decay to zero
 MAX_GRAD_NORM = 1.0
