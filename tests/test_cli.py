@@ -311,6 +311,20 @@ def test_shipped_example_configs_load(name, sigma0):
     assert cfg.task.name == name.removesuffix(".yaml")
 
 
+def test_a_demo_of_another_task_checks_that_tasks_real_benchmark():
+    """`essa demo --config FILE` layers FILE over the packaged demo.yaml: the IFEval-like config
+    must not inherit the math demo's word-problem transfer sets."""
+    from pathlib import Path
+
+    from essa.cli import demo_defaults
+    from essa.config import load_config
+
+    configs = Path(__file__).parents[1] / "configs"
+    ifeval = load_config(configs / "ifeval.yaml", base=demo_defaults())
+    assert ifeval.suite.sets == ["ifeval"] and ifeval.suite.limit is None
+    assert load_config(configs / "math.yaml", base=demo_defaults()).suite == demo_defaults().suite
+
+
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
 def test_vllm_backend_without_vllm_installed(capsys, model_dir, tmp_path):
     adapter = make_random_adapter(tiny_llama(seed=0), tmp_path / "adapter", rank=4)
