@@ -32,7 +32,8 @@ from essa.config import LoraConfig, SftConfig
 from essa.errors import EssaError
 from essa.io import atomic_directory, atomic_write_json, atomic_write_text, ensure_writable_dir
 from essa.schedule import Snapshot, SnapshotSchedule
-from essa.sft_checkpoint import LoopState
+from essa.sft_checkpoint import LoopState, trainable_parameters
+from essa.svd_space import ADAPTER_CONFIG
 from essa.tasks import Task, format_prompt
 
 T = TypeVar("T")
@@ -90,10 +91,9 @@ def run_sft(model: nn.Module, tokenizer: Any, task: Task, lora: LoraConfig, sft:
     with _seeded(sft.seed, device), _restored_state(model):
         peft_model = wrap_lora(model, lora)
         try:
-            state = LoopState(peft_model, torch.optim.AdamW(_trainable(peft_model), lr=sft.lr), [])
             stopper = (EarlyStopping(lambda: validation_loss(peft_model, validation), sft.eval_every, sft.patience,
                                      on_best=lambda s: save_adapter(peft_model, out_dir, _partial_metrics(
-                                         s, checkpointing.elapsed_s(state))))
+                                         s, checkpointing.elapsed_s())))
                        if validation else None)
 
             def batches(done: int) -> Iterator[dict[str, torch.Tensor]]:  # the seeded order, past `done` steps
@@ -101,14 +101,14 @@ def run_sft(model: nn.Module, tokenizer: Any, task: Task, lora: LoraConfig, sft:
                 return (collate(b, pad_id, device) for b in order)
 
             losses = train_loop(peft_model, batches, steps, sft.lr, progress=progress, stopper=stopper,
-                                bf16_autocast=sft.bf16_autocast, state=state, checkpointing=checkpointing,
+                                bf16_autocast=sft.bf16_autocast, checkpointing=checkpointing,
                                 save_every=sft.eval_every)
             metrics = {
                 "finished": True, "steps": len(losses), "planned_steps": steps, "examples": len(examples),
                 "examples_used": len(usable),
                 "truncated_examples": sum(len(e.input_ids) == sft.max_length for e in encoded),
                 "final_loss": losses[-1], "mean_loss": sum(losses) / len(losses),
-                "wall_clock_s": checkpointing.elapsed_s(state), "losses": losses,
+                "wall_clock_s": checkpointing.elapsed_s(), "losses": losses,
             }
             if stopper is not None:
                 metrics.update(stopper.report())
@@ -123,7 +123,7 @@ def is_finished(adapter_dir: str | Path) -> bool:
     """Whether `adapter_dir` holds an SFT adapter whose training ended (not a best check written
     mid-run); adapters of older essa versions, without the mark, count as finished."""
     adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
+    if not (adapter_dir / ADAPTER_CONFIG).is_file():
         return False
     metrics = adapter_dir / METRICS_FILE
     return not metrics.is_file() or json.loads(metrics.read_text()).get("finished", True)
@@ -132,10 +132,6 @@ def is_finished(adapter_dir: str | Path) -> bool:
 def _partial_metrics(stopper: EarlyStopping, elapsed_s: float) -> dict[str, Any]:
     """What an adapter written mid-run says about itself: its check, and that training went on."""
     return {"finished": False, "wall_clock_s": elapsed_s, **stopper.report()}
-
-
-def _trainable(model: nn.Module) -> list[nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
 
 
 @dataclass
@@ -181,7 +177,7 @@ def _timed_loop(policy: nn.Module, order: Iterator[list[int]], make_batch: Calla
     sft split, `make_batch` their tensors (on the clock, as all of a step's work is)."""
     start = _save_lora(policy, out_dir / START_ADAPTER)
     snapshots = [Snapshot(0.0, 0, start)]
-    params = [p for p in policy.parameters() if p.requires_grad]
+    params = list(trainable_parameters(policy).values())
     optimizer = torch.optim.AdamW(params, lr=lr)
     schedule = SnapshotSchedule(times)
     history: list[dict[str, Any]] = []
@@ -272,7 +268,7 @@ class EarlyStopping:
         self.history.append((step, loss))
         if loss < self.best_loss:
             self.best_step, self.best_loss = step, loss
-            self.best_weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            self.best_weights = {n: p.detach().clone() for n, p in trainable_parameters(model).items()}
             if self.on_best is not None:
                 self.on_best(self)
         since_best = sum(1 for s, _ in self.history if s > self.best_step)
@@ -376,15 +372,14 @@ def batch_stream(items: list[T], batch_size: int, seed: int) -> Iterator[list[T]
 
 def train_loop(model: nn.Module, batches: Callable[[int], Iterator[dict[str, torch.Tensor]]], steps: int,
                lr: float, progress: bool = True, stopper: EarlyStopping | None = None, bf16_autocast: bool = False,
-               state: LoopState | None = None, checkpointing: sft_checkpoint.Checkpointing | None = None,
-               save_every: int = 0) -> list[float]:
+               checkpointing: sft_checkpoint.Checkpointing | None = None, save_every: int = 0) -> list[float]:
     """AdamW on the trainable parameters for `steps` batches (fewer where `stopper` stops it, with
     its best weights put back); returns the loss of each step. `batches(k)` gives the batches after
     the first k steps. `checkpointing` restores a saved state first and saves one every
     `save_every` steps (after that step's validation check)."""
-    params = _trainable(model)
-    state = state or LoopState(model, torch.optim.AdamW(params, lr=lr), [])
-    optimizer = state.optimizer
+    params = list(trainable_parameters(model).values())
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    state = LoopState(model, optimizer, [])
     warmup = int(WARMUP_FRACTION * steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, warmup, steps))
     if checkpointing is not None:

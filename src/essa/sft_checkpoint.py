@@ -42,7 +42,6 @@ class LoopState:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     losses: list[float]
-    earlier_s: float = 0.0  # training seconds spent before a resume
 
     @property
     def step(self) -> int:
@@ -54,21 +53,21 @@ class Checkpointing:
 
     def __init__(self, adapter_dir: Path, settings: dict[str, Any], resume: bool) -> None:
         self.path, self.settings, self.resume = checkpoint_path(adapter_dir), settings, resume
-        self.started = time.perf_counter()
+        self.started, self.earlier_s = time.perf_counter(), 0.0  # earlier_s: training before a resume
         if self.path.exists() and not resume:
             raise EssaError(f"{self.path} holds an interrupted SFT; pass --resume to continue it, or choose another "
                             "output_dir")
 
-    def elapsed_s(self, state: LoopState) -> float:
+    def elapsed_s(self) -> float:
         """Training seconds of the whole run, across resumes."""
-        return state.earlier_s + time.perf_counter() - self.started
+        return self.earlier_s + time.perf_counter() - self.started
 
     def save(self, state: LoopState, stopper: Any | None) -> None:
-        save(self.path, state, stopper, self.settings, self.elapsed_s(state))
+        save(self.path, state, stopper, self.settings, self.elapsed_s())
 
     def restore(self, state: LoopState, stopper: Any | None) -> None:
         if self.resume and self.path.exists():
-            restore(self.path, state, stopper, self.settings)
+            self.earlier_s = restore(self.path, state, stopper, self.settings)
             log.info("SFT resumed at step %d", state.step)
 
     def finish(self) -> None:
@@ -87,7 +86,7 @@ def fingerprint(context: dict[str, Any], lora: dict[str, Any], sft: dict[str, An
 
 def save(path: Path, state: LoopState, stopper: Any | None, settings: dict[str, Any], elapsed_s: float) -> None:
     """Write `state` (and the early-stopping record) to `path`, all-or-nothing."""
-    params = _trainable(state.model)
+    params = trainable_parameters(state.model)
     moments = {}
     for name, param in params.items():
         slot = state.optimizer.state.get(param, {})
@@ -107,14 +106,15 @@ def save(path: Path, state: LoopState, stopper: Any | None, settings: dict[str, 
     atomic_write_state(path, tree)
 
 
-def restore(path: Path, state: LoopState, stopper: Any | None, settings: dict[str, Any]) -> None:
-    """Load `path` into `state` and `stopper`; refuses a checkpoint of other settings."""
+def restore(path: Path, state: LoopState, stopper: Any | None, settings: dict[str, Any]) -> float:
+    """Load `path` into `state` and `stopper`; refuses a checkpoint of other settings. Returns the
+    training seconds the checkpoint had spent."""
     tree = read_state(path)
     if tree.get("settings") != settings:
         changed = sorted(_differences(tree.get("settings") or {}, settings))
         raise EssaError(f"{path} belongs to an SFT with other settings ({', '.join(changed)}); resume it with "
                         "the settings it was started with, or start again in another output_dir")
-    params = _trainable(state.model)
+    params = trainable_parameters(state.model)
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(torch.from_numpy(tree["weights"][name]).to(param.dtype))
@@ -125,7 +125,6 @@ def restore(path: Path, state: LoopState, stopper: Any | None, settings: dict[st
             "exp_avg": torch.from_numpy(slot["exp_avg"]).to(param.dtype),
             "exp_avg_sq": torch.from_numpy(slot["exp_avg_sq"]).to(param.dtype)}
     state.losses[:] = list(tree["losses"])
-    state.earlier_s = float(tree["elapsed_s"])
     torch.set_rng_state(torch.from_numpy(tree["rng"]))
     record = tree["stopper"]
     if stopper is not None and record is not None:
@@ -134,9 +133,11 @@ def restore(path: Path, state: LoopState, stopper: Any | None, settings: dict[st
         stopper.best_loss = float("inf") if record["best_loss"] is None else float(record["best_loss"])
         stopper.best_weights = (None if record["best_weights"] is None else
                                 {n: torch.from_numpy(w).to(params[n].dtype) for n, w in record["best_weights"].items()})
+    return float(tree["elapsed_s"])
 
 
-def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters training updates (the LoRA factors), by name."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
