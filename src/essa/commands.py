@@ -31,7 +31,7 @@ from essa.io import atomic_directory, atomic_write_json, atomic_write_jsonl, ens
 from essa.models import cast_for_inference, load_model, portable_model_name, resolve_dtype
 from essa.report import plot_training, write_report
 from essa.stats import PairedComparison, compare_paired
-from essa.suite import guard_sets, transfer_check, transfer_verdict
+from essa.suite import guard_sets, transfer_check
 from essa.svd_space import ADAPTER_CONFIG, SvdLoraSpace
 from essa.tasks import Task, get_task
 
@@ -136,11 +136,11 @@ def run_train(cfg: Config, resume: bool = False, progress: bool = True,
     sections = []
     if cfg.suite.sets:
         say("transfer check: the start and the final adapter on real benchmarks")
-        summary["transfer"], table = transfer_check(cfg, adapter_dir, run_dir / "adapter", run_dir / "transfer",
-                                                    loaded=inputs.weights(), progress=progress)
-        summary["transfer_verdict"] = transfer_verdict(summary["transfer"])
-        sections.append((TRANSFER_HEADING, table + "\n\n" + summary["transfer_verdict"]))
-        say(summary["transfer_verdict"])
+        check = transfer_check(cfg, adapter_dir, run_dir / "adapter", run_dir / "transfer", loaded=inputs.weights(),
+                               progress=progress)
+        summary["transfer"], summary["transfer_verdict"] = check.headline, check.verdict
+        sections.append((TRANSFER_HEADING, check.report_text))
+        say(check.verdict)
     write_report(run_dir / "report.md", f"ESSA run: {task.name}", summary, plot=PLOT, notes=notes,
                  sections=sections)
     atomic_write_json(run_dir / "summary.json", summary)
@@ -338,11 +338,11 @@ def run_demo(cfg: Config, progress: bool = True, resume: bool = False) -> dict[s
     sections = []
     if cfg.suite.sets:
         say(f"5/{stages} transfer check: the SFT and the ESSA adapter on real benchmarks")
-        summary["transfer"], table = transfer_check(cfg, adapter, root / "essa" / "adapter", root / "transfer",
-                                                    loaded=model_and_tokenizer, progress=progress)
-        summary["transfer_verdict"] = transfer_verdict(summary["transfer"])
-        sections.append((TRANSFER_HEADING, table + "\n\n" + summary["transfer_verdict"]))
-        say(table)
+        check = transfer_check(cfg, adapter, root / "essa" / "adapter", root / "transfer", loaded=model_and_tokenizer,
+                               progress=progress)
+        summary["transfer"], summary["transfer_verdict"] = check.headline, check.verdict
+        sections.append((TRANSFER_HEADING, check.report_text))
+        say(check.table)
     say(f"result: {len(test)} held-out {task.name} problems, " + paired.describe("SFT", "ESSA"))
     if cfg.suite.sets:
         say(summary["transfer_verdict"])

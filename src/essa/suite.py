@@ -202,13 +202,27 @@ def guard_sets(cfg: Config) -> list[Any]:
             for name in cfg.essa.guard_sets]
 
 
+@dataclass(frozen=True)
+class TransferCheck:
+    """A run's transfer check: the headline numbers for its summary, the Markdown table, and the
+    one-line verdict the run prints after its own result."""
+
+    headline: dict[str, Any]
+    table: str
+    verdict: str
+
+    @property
+    def report_text(self) -> str:
+        return f"{self.table}\n\n{self.verdict}"
+
+
 def transfer_check(cfg: Config, start: str | Path, final: str | Path, out_dir: str | Path,
-                   loaded: tuple[Any, Any] | None = None, progress: bool = False) -> tuple[dict[str, Any], str]:
-    """A run's start and final adapters on `cfg.suite.sets`: the headline numbers for its summary
-    and the Markdown table for its report."""
+                   loaded: tuple[Any, Any] | None = None, progress: bool = False) -> TransferCheck:
+    """A run's start and final adapters on `cfg.suite.sets`."""
     summary = run_suite(cfg, [("start", str(start)), ("final", str(final))], out_dir,
                         model_and_tokenizer=loaded, progress=progress)
-    return headline(summary), markdown_table(summary)
+    numbers = headline(summary)
+    return TransferCheck(numbers, markdown_table(summary), transfer_verdict(numbers))
 
 
 def headline(summary: dict[str, Any]) -> dict[str, Any]:
