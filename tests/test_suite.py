@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from adapters import make_random_adapter
 from helpers import make_tiny_model_dir, tiny_llama
 from real_fixtures import install_fixture_wheels
@@ -120,13 +121,21 @@ def test_train_writes_the_transfer_check_into_its_report(data, model_dir, tmp_pa
     _, err = capsys.readouterr()
     assert code == 0, err
     summary = json.loads((run_dir / "summary.json").read_text())
+    final = json.loads((run_dir / "final.json").read_text())
+    assert final["choice"] == "start"  # 2 judgement examples can never beat the start with confidence
     assert set(summary["transfer"]) == {"svamp", "ifeval"}
     assert summary["transfer"]["ifeval"]["metric"] == "prompt_level_strict_acc"
-    assert {"start", "final", "delta", "delta_ci95"} <= set(summary["transfer"]["svamp"])
+    # the start is not scored twice: the search's final mean (saved whatever the choice) stands in
+    assert {"start", "search_mean", "delta", "delta_ci95"} <= set(summary["transfer"]["svamp"])
+    assert summary["transfer_verdict"].startswith("transfer check, the final choice kept the start; "
+                                                  "the search's final mean (not chosen) vs start:")
+    suite = json.loads((run_dir / "transfer" / "suite.json").read_text())
+    assert [a["adapter"] for a in suite["arms"]] == [str(adapter), str(run_dir / "final_mean")]
+    chosen, mean = (load_file(d / "adapter_model.safetensors") for d in (run_dir / "adapter", run_dir / "final_mean"))
+    assert any(not torch.equal(chosen[k], mean[k]) for k in chosen)  # the mean moved off the start
     report = (run_dir / "report.md").read_text()
     assert "## Transfer check" in report and "| svamp | 3 | accuracy |" in report
-    assert (run_dir / "transfer" / "records" / "final" / "ifeval.jsonl").is_file()
-    final = json.loads((run_dir / "final.json").read_text())
+    assert (run_dir / "transfer" / "records" / "search_mean" / "ifeval.jsonl").is_file()
     assert "guard set" in final["rule"] and set(final["guard"]) <= {"mean", "best_candidate"}
 
 
@@ -143,7 +152,9 @@ def test_the_demo_prints_its_transfer_check_beside_its_own_result(data, model_di
     assert set(summary["transfer"]) == {"svamp", "mawps"}
     assert not (run_dir / "essa" / "transfer").exists()  # checked once, by the demo, not again inside train
     verdict = summary["transfer_verdict"]
-    assert verdict.startswith("transfer check, final vs start:") and "svamp" in verdict and "mawps" in verdict
+    assert summary["final_choice"] == "start"
+    assert verdict.startswith("transfer check, the final choice kept the start; the search's final mean")
+    assert "svamp" in verdict and "mawps" in verdict
     result_line = next(line for line in err.splitlines() if "result:" in line)
     assert "held-out" in result_line and "SFT" in result_line and "ESSA" in result_line
     assert err.index("result:") < err.index(verdict)  # the transfer check is printed right after the result
@@ -162,3 +173,6 @@ def test_the_transfer_verdict_names_gains_losses_and_no_gain():
     none = transfer_verdict({"asdiv": gains["asdiv"], "mawps": gains["mawps"]})
     assert "NO GAIN on a real benchmark" in none and "gains beyond" not in none
     assert "NO GAIN" in transfer_verdict({"svamp": {"metric": "accuracy"}})  # nothing compared
+    assert text.startswith("transfer check, final vs start: ")
+    assert transfer_verdict(gains, kept_start=True).startswith(
+        "transfer check, the final choice kept the start; the search's final mean (not chosen) vs start: gains")

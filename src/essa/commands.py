@@ -37,7 +37,9 @@ from essa.tasks import Task, get_task
 
 log = logging.getLogger("essa")
 PLOT = "reward_vs_wallclock.png"
-TRANSFER_HEADING = "Transfer check: start and final adapter on real benchmarks (suite.sets)"
+MEAN_ADAPTER = "final_mean"  # the search's final mean as a PEFT adapter, whatever the final choice
+TRANSFER_HEADING = ("Transfer check: the start and the final adapter (the search's final mean where the final "
+                    "choice kept the start) on real benchmarks (suite.sets)")
 
 
 def resolve_adapter_dir(path: str | Path | None) -> Path:
@@ -119,6 +121,7 @@ def run_train(cfg: Config, resume: bool = False, progress: bool = True,
     finally:
         tracking.close()
     space.save_adapter(result.final_z, run_dir / "adapter")
+    space.save_adapter(result.mean_z, run_dir / MEAN_ADAPTER)
     np.save(run_dir / "final_offsets.npy", result.final_z)
     plot_training(result.state.history, run_dir / PLOT, title=f"ESSA on {task.name}")
     summary = {
@@ -127,7 +130,8 @@ def run_train(cfg: Config, resume: bool = False, progress: bool = True,
         "final_choice": result.final_choice, "validation_accuracy": result.validation,
         "validation_versus_start": result.versus_start, "reward_failures": result.state.reward_failures,
     }
-    notes = [f"Adapter: `{run_dir / 'adapter'}` (standard PEFT LoRA)",
+    notes = [f"Adapter: `{run_dir / 'adapter'}` (standard PEFT LoRA); the search's final mean, chosen or "
+             f"not: `{run_dir / MEAN_ADAPTER}`",
              "Per-generation numbers: `metrics.jsonl` (fitness, sigma, distinct fitness values, "
              "split-half rank agreement, validation accuracy).",
              "The final adapter is the start (the SFT adapter) unless a challenger beats it with "
@@ -136,8 +140,9 @@ def run_train(cfg: Config, resume: bool = False, progress: bool = True,
     sections = []
     if cfg.suite.sets:
         say("transfer check: the start and the final adapter on real benchmarks")
-        check = transfer_check(cfg, adapter_dir, run_dir / "adapter", run_dir / "transfer", loaded=inputs.weights(),
-                               progress=progress)
+        final, kept_start = _transfer_final(run_dir, result.final_choice)
+        check = transfer_check(cfg, adapter_dir, final, run_dir / "transfer", loaded=inputs.weights(),
+                               progress=progress, kept_start=kept_start)
         summary["transfer"], summary["transfer_verdict"] = check.headline, check.verdict
         sections.append((TRANSFER_HEADING, check.report_text))
         say(check.verdict)
@@ -146,6 +151,13 @@ def run_train(cfg: Config, resume: bool = False, progress: bool = True,
     atomic_write_json(run_dir / "summary.json", summary)
     write_card(run_dir / "adapter", read_run(run_dir))
     return summary
+
+
+def _transfer_final(run_dir: Path, final_choice: str) -> tuple[Path, bool]:
+    """What the transfer check scores against the start: the final adapter, or the search's final
+    mean where the final choice kept the start (and whether it did)."""
+    kept_start = final_choice == "start"
+    return run_dir / (MEAN_ADAPTER if kept_start else "adapter"), kept_start
 
 
 # -- eval ----------------------------------------------------------------------------------------
@@ -338,8 +350,9 @@ def run_demo(cfg: Config, progress: bool = True, resume: bool = False) -> dict[s
     sections = []
     if cfg.suite.sets:
         say(f"5/{stages} transfer check: the SFT and the ESSA adapter on real benchmarks")
-        check = transfer_check(cfg, adapter, root / "essa" / "adapter", root / "transfer", loaded=model_and_tokenizer,
-                               progress=progress)
+        final, kept_start = _transfer_final(root / "essa", train["final_choice"])
+        check = transfer_check(cfg, adapter, final, root / "transfer", loaded=model_and_tokenizer,
+                               progress=progress, kept_start=kept_start)
         summary["transfer"], summary["transfer_verdict"] = check.headline, check.verdict
         sections.append((TRANSFER_HEADING, check.report_text))
         say(check.table)

@@ -34,6 +34,7 @@ from essa.tasks.splits import unique_by_prompt
 SUMMARY_FILE = "suite.json"
 TABLE_FILE = "suite.md"
 BASE = "base"  # an arm with this adapter value is the plain model
+SEARCH_MEAN = "search_mean"  # the transfer check's second arm where the final choice kept the start
 
 
 @dataclass(frozen=True)
@@ -217,12 +218,16 @@ class TransferCheck:
 
 
 def transfer_check(cfg: Config, start: str | Path, final: str | Path, out_dir: str | Path,
-                   loaded: tuple[Any, Any] | None = None, progress: bool = False) -> TransferCheck:
-    """A run's start and final adapters on `cfg.suite.sets`."""
-    summary = run_suite(cfg, [("start", str(start)), ("final", str(final))], out_dir,
+                   loaded: tuple[Any, Any] | None = None, progress: bool = False,
+                   kept_start: bool = False) -> TransferCheck:
+    """A run's start and final adapters on `cfg.suite.sets`. Where the final choice kept the start,
+    `final` is the search's final mean instead (labelled `search_mean`): scoring the start twice
+    would say nothing, and what the search found is what its transfer is asked about."""
+    label = SEARCH_MEAN if kept_start else "final"
+    summary = run_suite(cfg, [("start", str(start)), (label, str(final))], out_dir,
                         model_and_tokenizer=loaded, progress=progress)
     numbers = headline(summary)
-    return TransferCheck(numbers, markdown_table(summary), transfer_verdict(numbers))
+    return TransferCheck(numbers, markdown_table(summary), transfer_verdict(numbers, kept_start=kept_start))
 
 
 def headline(summary: dict[str, Any]) -> dict[str, Any]:
@@ -237,9 +242,10 @@ def headline(summary: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def transfer_verdict(headline: dict[str, Any]) -> str:
-    """One line for a run's output: where the final adapter gains or loses against the start beyond
-    noise (the paired 95% interval of each benchmark's first metric), and plainly when it gains nowhere."""
+def transfer_verdict(headline: dict[str, Any], kept_start: bool = False) -> str:
+    """One line for a run's output: where the final adapter (or, where the final choice kept the
+    start, the search's final mean) gains or loses against the start beyond noise (the paired 95%
+    interval of each benchmark's first metric), and plainly when it gains nowhere."""
     groups: dict[str, list[str]] = {"gains": [], "losses": [], "flat": []}
     for name, entry in headline.items():
         if "delta" not in entry:
@@ -251,7 +257,9 @@ def transfer_verdict(headline: dict[str, Any]) -> str:
              (("gains", "gains beyond noise on"), ("losses", "loses beyond noise on"), ("flat", "within noise on"))
              if groups[key]]
     lead = "" if groups["gains"] else "NO GAIN on a real benchmark: "
-    return f"transfer check, final vs start: {lead}{', '.join(parts) or 'nothing compared'}"
+    what = ("the final choice kept the start; the search's final mean (not chosen) vs start" if kept_start
+            else "final vs start")
+    return f"transfer check, {what}: {lead}{', '.join(parts) or 'nothing compared'}"
 
 
 # -- the summary ---------------------------------------------------------------------------------

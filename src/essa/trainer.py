@@ -93,6 +93,7 @@ class TrainResult:
     validation: dict[str, float]
     state: TrainState
     versus_start: dict[str, dict[str, Any]] = field(default_factory=dict)  # paired comparisons
+    mean_z: np.ndarray | None = None  # the search's final mean, chosen or not
 
 
 class EssaTrainer:
@@ -290,7 +291,7 @@ class EssaTrainer:
             "generations": state.generation, "wall_clock_s": state.elapsed_s, "sigma0": state.sigma0,
             "reward_failures": state.reward_failures,
         })
-        return TrainResult(final_z, choice, validation, state, versus_start)
+        return TrainResult(final_z, choice, validation, state, versus_start, mean_z=self.optimizer.mean)
 
     def _guard_comparisons(self, z: np.ndarray) -> dict[str, PairedComparison]:
         """Candidate `z` against the start on each guard set (greedy, the run's decoding settings)."""
