@@ -157,6 +157,12 @@ def test_compare_isolated_runs_end_to_end_from_identical_start_and_prompts(model
     means = np.load(root / "essa" / "snapshots.npz")
     # compare.yaml shares offsets across layers, values and factors: one per module type.
     assert np.all(means["t0"] == 0) and means["t0"].shape == (essa["search_dim"],) == (4,)
+    # ... and each snapshot after the start is also a PEFT adapter, named like GRPO's
+    snapshot_dirs = sorted((root / "essa" / "snapshots").iterdir())
+    assert [d.name for d in snapshot_dirs] == [f"step{p['step']:05d}" for p in essa["points"][1:]]
+    last = SvdLoraSpace.from_adapter(snapshot_dirs[-1], 1.0)
+    start = SvdLoraSpace.from_adapter(root / "essa" / "start_adapter", 1.0)
+    assert any(not torch.allclose(a.s_a, b.s_a) for a, b in zip(last.pairs, start.pairs))  # the mean moved
 
 
 def scored_as(out, val, test):

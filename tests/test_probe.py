@@ -62,8 +62,8 @@ def test_probe_reports_changes_and_flips_that_grow_with_sigma(sensitivity):
 def test_auto_sigma_is_larger_where_outputs_barely_change():
     task = ThresholdTask()
     sigmas = (0.02, 0.05, 0.1, 0.2, 0.4, 0.8)
-    sensitive = choose_sigma0(probe_signal(SensitiveBackend(20.0), tiny_tokenizer(), task, task.examples, sigmas))
-    dull = choose_sigma0(probe_signal(SensitiveBackend(1.0), tiny_tokenizer(), task, task.examples, sigmas))
+    sensitive, dull = (choose_sigma0(probe_signal(SensitiveBackend(k), tiny_tokenizer(), task, task.examples, sigmas),
+                                     rule="flips") for k in (20.0, 1.0))
     assert sensitive < dull
 
 
@@ -77,7 +77,7 @@ def test_probe_stops_at_the_first_sigma_that_flips_enough():
     first, largest = short[:-1], short[-1]
     assert largest == full[-1] and first == full[:len(first)] and len(short) < len(full)
     assert first[-1].flipped >= 0.1 and all(r.flipped < 0.1 for r in first[:-1])
-    assert choose_sigma0(short, 0.1) == choose_sigma0(full, 0.1)
+    assert choose_sigma0(short, 0.1, rule="flips") == choose_sigma0(full, 0.1, rule="flips")
 
 
 def test_probe_of_a_start_that_solves_nothing_stops_when_even_the_largest_step_flips_nothing():
@@ -88,7 +88,7 @@ def test_probe_of_a_start_that_solves_nothing_stops_when_even_the_largest_step_f
     short = probe_signal(backend, tiny_tokenizer(), task, task.examples, sigmas, stop_at_flips=0.1)
     assert [r.flipped for r in full] == [0.0] * 4
     assert short == [full[-1]]  # one step probed instead of four
-    assert choose_sigma0(short, 0.1) == choose_sigma0(full, 0.1) == 0.8
+    assert choose_sigma0(short, 0.1, rule="flips") == choose_sigma0(full, 0.1, rule="flips") == 0.8
 
 
 class LenientTask(ThresholdTask):
@@ -149,9 +149,10 @@ def test_choose_sigma0_takes_the_smallest_step_that_flips_enough():
     def row(sigma, flipped):
         return ProbeRow(sigma, flipped, flipped, 0.5, 0.5, 0.0, 0.05, None)
 
-    assert choose_sigma0([row(0.4, 0.2), row(0.1, 0.01), row(0.2, 0.12)]) == 0.2
-    assert choose_sigma0([row(0.1, 0.0), row(0.2, 0.01)]) == 0.2  # none reaches the target: the largest
-    assert choose_sigma0([row(0.1, 0.3)], target_flips=0.5) == 0.1
+    assert choose_sigma0([row(0.4, 0.2), row(0.1, 0.01), row(0.2, 0.12)], rule="flips") == 0.2
+    # none reaches the target: the largest
+    assert choose_sigma0([row(0.1, 0.0), row(0.2, 0.01)], rule="flips") == 0.2
+    assert choose_sigma0([row(0.1, 0.3)], target_flips=0.5, rule="flips") == 0.1
 
 
 class DestructiveBackend(SensitiveBackend):

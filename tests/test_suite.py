@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 from adapters import make_random_adapter
 from helpers import make_tiny_model_dir, tiny_llama
 from real_fixtures import install_fixture_wheels
+from safetensors.torch import load_file
 
 import essa.suite as suite_mod
 from essa.cli import main

@@ -34,14 +34,13 @@ from essa.errors import EssaError
 from essa.evaluate import score
 from essa.io import atomic_directory, atomic_write_text, ensure_writable_dir
 from essa.models import resolve_dtype
-from essa.schedule import STREAM_STEPS, Snapshot, SnapshotSchedule, prompt_stream, rechunk
+from essa.schedule import STREAM_STEPS, Snapshot, SnapshotSchedule, prompt_stream, rechunk, snapshot_dir
 from essa.tasks import RewardStats, Task, format_prompt
 
 log = logging.getLogger("essa.grpo")
 METRICS = "metrics.jsonl"
 TRL_LOG = "trl_log.jsonl"
 START_ADAPTER = "start_adapter"
-SNAPSHOTS = "snapshots"
 
 
 @dataclass
@@ -267,7 +266,7 @@ class BudgetCallback(TrainerCallback):
 
     def _snapshot(self, model: Any, step: int, elapsed: float) -> None:
         t0 = time.perf_counter()
-        path = self.out_dir / SNAPSHOTS / f"step{step:05d}"
+        path = snapshot_dir(self.out_dir, step)
         self._save(model, path)
         snap = Snapshot(round(elapsed, 3), step, str(path))
         self.snapshots.append(snap)

@@ -28,6 +28,7 @@ from essa.console import say
 from essa.errors import EssaError
 from essa.hf_config import FIELDS, ESSAConfig
 from essa.sft import is_finished
+from essa.svd_space import ADAPTER_CONFIG
 from essa.tasks.dataset import DatasetTask, dataset_rows, reward_name
 
 
@@ -150,7 +151,7 @@ class ESSATrainer:
             cfg = cfg.with_changes(adapter=str(adapter))
         elif self._start is not None:
             adapter = out / "start_adapter"
-            if not (adapter / "adapter_config.json").is_file():
+            if not (adapter / ADAPTER_CONFIG).is_file():
                 from essa.io import atomic_directory
 
                 with atomic_directory(adapter) as tmp:
@@ -241,7 +242,7 @@ def _save_lora_adapter(peft_model: Any, where: Path, alpha: float) -> Path:
                         f"(peft_type {getattr(config, 'peft_type', '?')}); ESSA searches the singular values of "
                         "a LoRA adapter: pass a PeftModel with a LoraConfig adapter")
     peft_model.save_pretrained(str(where), selected_adapters=[name], save_embedding_layers=False)
-    adapter = where if (where / "adapter_config.json").is_file() else where / name
+    adapter = where if (where / ADAPTER_CONFIG).is_file() else where / name
     SvdLoraSpace.from_adapter(adapter, alpha)  # DoRA, modules_to_save, biases: refused here
     return adapter
 

@@ -146,7 +146,7 @@ def rank_agreement(a: np.ndarray, b: np.ndarray) -> float | None:
     return float(spearmanr(a, b)[0])
 
 
-def choose_sigma0(rows: list[ProbeRow], target_flips: float = TARGET_FLIPS, rule: str = "flips") -> float:
+def choose_sigma0(rows: list[ProbeRow], target_flips: float = TARGET_FLIPS, *, rule: str) -> float:
     """Rule `harm`: the largest sigma below the first that harms the start (the smallest probed if
     it already does). Rule `flips`: the smallest sigma whose flip rate reaches `target_flips`; the
     largest probed if none does."""

@@ -9,6 +9,7 @@ SFT save each as an adapter dir: a `Snapshot`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -36,6 +37,14 @@ def rechunk(stream: list[list[int]], per_step: int) -> list[list[int]]:
     """The same prompts in the same order, cut into steps of `per_step` (a partial last step is dropped)."""
     flat = [i for batch in stream for i in batch]
     return [flat[k:k + per_step] for k in range(0, len(flat) - per_step + 1, per_step)]
+
+
+SNAPSHOTS = "snapshots"  # a compare job's snapshot adapters: SNAPSHOTS/stepNNNNN, one per snapshot
+
+
+def snapshot_dir(out_dir: str | Path, step: int) -> Path:
+    """Where a method's snapshot after `step` steps (or generations) is saved as a PEFT adapter."""
+    return Path(out_dir) / SNAPSHOTS / f"step{step:05d}"
 
 
 @dataclass

@@ -31,7 +31,7 @@ from essa import sft_checkpoint
 from essa.config import LoraConfig, SftConfig
 from essa.errors import EssaError
 from essa.io import atomic_directory, atomic_write_json, atomic_write_text, ensure_writable_dir
-from essa.schedule import Snapshot, SnapshotSchedule
+from essa.schedule import Snapshot, SnapshotSchedule, snapshot_dir
 from essa.sft_checkpoint import LoopState, trainable_parameters
 from essa.svd_space import ADAPTER_CONFIG
 from essa.tasks import Task, format_prompt
@@ -41,9 +41,8 @@ IGNORE_INDEX = -100  # label value that transformers' causal-LM loss skips
 WARMUP_FRACTION = 0.1  # linear warmup over this share of steps, then linear decay to zero
 MAX_GRAD_NORM = 1.0
 METRICS_FILE = "sft_metrics.json"
-# continue_sft's files in its out_dir: the tensors it starts from, its snapshots, its per-step log.
+# continue_sft's files in its out_dir: the tensors it starts from, its per-step log (snapshots: schedule.snapshot_dir).
 START_ADAPTER = "start_adapter"
-SNAPSHOTS = "snapshots"
 TIMED_METRICS = "metrics.jsonl"
 
 
@@ -209,7 +208,7 @@ def _timed_loop(policy: nn.Module, order: Iterator[list[int]], make_batch: Calla
 
 
 def _snapshot(policy: nn.Module, out_dir: Path, step: int, elapsed: float) -> Snapshot:
-    return Snapshot(round(elapsed, 3), step, _save_lora(policy, out_dir / SNAPSHOTS / f"step{step:05d}"))
+    return Snapshot(round(elapsed, 3), step, _save_lora(policy, snapshot_dir(out_dir, step)))
 
 
 def _save_lora(policy: nn.Module, path: Path) -> str:

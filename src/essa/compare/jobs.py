@@ -31,7 +31,7 @@ from essa.compare.results import (
 )
 from essa.config import Config
 from essa.io import ensure_writable_dir
-from essa.schedule import SnapshotSchedule
+from essa.schedule import SnapshotSchedule, snapshot_dir
 
 
 def _quiet() -> None:
@@ -119,6 +119,8 @@ def essa_job(cfg: Config, start_adapter: str, run_dir: str, progress: bool) -> E
     result, watcher, prompts_used, peak = _train_essa(cfg, inputs, task, out_dir, progress)
     space.save_adapter(result.final_z, out_dir / "adapter")
     np.savez(out_dir / "snapshots.npz", **{f"t{i}": z for i, (_, _, z) in enumerate(watcher.snapshots)})
+    for _, generation, z in watcher.snapshots[1:]:  # as PEFT adapters too, named like GRPO's snapshots
+        space.save_adapter(z, snapshot_dir(out_dir, generation))
     with _evaluator(cfg, start_adapter, cfg.essa.alpha, inputs.weights()) as (backend, tokenizer):
         scored = [_correct(backend, tokenizer, task, z) for _, _, z in watcher.snapshots]
         final_test = _correct(backend, tokenizer, task, result.final_z, splits=("test",))["test"]
