@@ -77,3 +77,18 @@ def test_local_backend_reports_the_generated_lengths():
     assert all(0 <= n <= 5 for n in result.token_counts) and len(result.token_counts) == 3
     generate = LocalBackend(tiny_llama(seed=0), tok, None, DecodingConfig(max_new_tokens=5, engine="generate"))
     assert evaluate_split(generate, tok, Echo(), examples).token_counts is None
+
+
+def test_side_by_side_names_each_figure_of_both_models_and_only_boxed_tasks_report_answers():
+    from essa.degeneration import asks_for_box, side_by_side
+    from essa.tasks.gsm8k import SYSTEM_PROMPT as MATH_PROMPT
+    from essa.tasks.ifeval import SYSTEM_PROMPT as IFEVAL_PROMPT
+
+    before = {"hit_limit_share": 0.1, "repeated_4gram_share": 0.05, "mean_tokens": 80.0, "no_answer_share": 0.2}
+    after = {"hit_limit_share": 0.9, "repeated_4gram_share": 0.6, "mean_tokens": 191.5, "no_answer_share": 0.7}
+    line = side_by_side(before, after, ("SFT", "ESSA"))
+    assert line == ("degeneration, SFT -> ESSA: hit the token limit 0.10 -> 0.90, repeated 4-grams 0.05 -> 0.60, "
+                    "mean tokens 80.0 -> 191.5, no boxed answer 0.20 -> 0.70")
+    without = {k: v for k, v in before.items() if k != "no_answer_share"}
+    assert "boxed" not in side_by_side(without, without, ("a", "b"))
+    assert asks_for_box(MATH_PROMPT) and not asks_for_box(IFEVAL_PROMPT) and not asks_for_box(None)

@@ -158,6 +158,12 @@ def test_the_demo_prints_its_transfer_check_beside_its_own_result(data, model_di
     result_line = next(line for line in err.splitlines() if "result:" in line)
     assert "held-out" in result_line and "SFT" in result_line and "ESSA" in result_line
     assert err.index("result:") < err.index(verdict)  # the transfer check is printed right after the result
+    # the start's and the final adapter's degeneration on the demo's own test split, side by side
+    figures = summary["test_degeneration"]
+    assert set(figures) == {"sft", "essa"}
+    assert set(figures["sft"]) == {"hit_limit_share", "repeated_4gram_share", "mean_tokens", "no_answer_share"}
+    assert all(0 < f["mean_tokens"] <= 3 and 0 <= f["hit_limit_share"] <= 1 for f in figures.values())
+    assert err.index("result:") < err.index("degeneration, SFT -> ESSA: hit the token limit") < err.index(verdict)
     assert verdict in (run_dir / "report.md").read_text()
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from essa import degeneration
 from essa.backends import backend_class, build_backend, evaluation_kind, load_inputs
 from essa.config import Config
 from essa.console import say
@@ -334,6 +335,9 @@ def run_demo(cfg: Config, progress: bool = True, resume: bool = False) -> dict[s
     after = score_adapter(cfg, task, test, root / "essa" / "adapter", loaded=model_and_tokenizer, progress=progress)
     shutil.copy2(root / "essa" / PLOT, root / PLOT)
     paired = compare_paired(before.correct, after.correct, seed=cfg.essa.seed)
+    figures = {label: _degeneration(result, model_and_tokenizer[1], cfg, task)
+               for label, result in (("sft", before), ("essa", after))}
+    degenerated = degeneration.side_by_side(figures["sft"], figures["essa"], ("SFT", "ESSA"))
     summary = {
         "model": cfg.model.name, "task": task.name, "dtype": resolve_dtype(cfg.model.dtype),
         "test_examples": len(test), "test_accuracy_sft": before.metrics["accuracy"],
@@ -343,7 +347,8 @@ def run_demo(cfg: Config, progress: bool = True, resume: bool = False) -> dict[s
         "popsize": cfg.essa.popsize, "prompts_per_generation": cfg.essa.prompts_per_generation,
         "sigma0": train["sigma0"], "final_choice": train["final_choice"],
         "validation_accuracy": train["validation_accuracy"], "test_metrics_sft": _split_metrics(before.metrics),
-        "test_metrics_essa": _split_metrics(after.metrics), "sft_wall_clock_s": round(sft_s, 1),
+        "test_metrics_essa": _split_metrics(after.metrics), "test_degeneration": figures,
+        "sft_wall_clock_s": round(sft_s, 1),
         **sft_summary(adapter),
         "essa_wall_clock_s": train["wall_clock_s"], "wall_clock_s": round(time.perf_counter() - start, 1),
     }
@@ -357,6 +362,7 @@ def run_demo(cfg: Config, progress: bool = True, resume: bool = False) -> dict[s
         sections.append((TRANSFER_HEADING, check.report_text))
         say(check.table)
     say(f"result: {len(test)} held-out {task.name} problems, " + paired.describe("SFT", "ESSA"))
+    say(f"{degenerated} (the same test problems)")
     if cfg.suite.sets:
         say(summary["transfer_verdict"])
     summary["wall_clock_s"] = round(time.perf_counter() - start, 1)
@@ -366,11 +372,19 @@ def run_demo(cfg: Config, progress: bool = True, resume: bool = False) -> dict[s
         f"Held-out test accuracy on {len(test)} problems never used for training or selection (no underlying "
         f"problem shared with the SFT, train or validation splits; `{task.name}` task): "
         + paired.describe("SFT", "ESSA") + ".",
+        f"On the same problems, {degenerated} (`test_degeneration`).",
         "The final adapter was selected on the validation split only; the SFT adapter itself was a candidate "
         f"and is kept unless beaten there with confidence (final choice: {train['final_choice']}).",
         f"Exported PEFT adapter: `{root / 'adapter'}`.",
     ])
     return summary
+
+
+def _degeneration(result: SplitResult, tokenizer: Any, cfg: Config, task: Task) -> dict[str, float]:
+    """The degeneration figures of a split's first completions (`degeneration.summarize`)."""
+    return degeneration.summarize(degeneration.per_completion(
+        result.completions, tokenizer, cfg.decoding.max_new_tokens, degeneration.asks_for_box(task.system_prompt),
+        result.token_counts))
 
 
 def sft_summary(adapter_dir: Path) -> dict[str, Any]:

@@ -59,3 +59,18 @@ def per_completion(completions: list[str], tokenizer: Any, max_new_tokens: int, 
 def summarize(figures: dict[str, np.ndarray]) -> dict[str, float]:
     """Means of the per-completion figures under their report names."""
     return {SUMMARY_KEYS[key]: float(values.mean()) for key, values in figures.items() if len(values)}
+
+
+def asks_for_box(system_prompt: str | None) -> bool:
+    """Whether a task's prompt asks for a \\boxed{} answer (then `no_answer` is reported)."""
+    return "\\boxed" in (system_prompt or "")
+
+
+def side_by_side(before: dict[str, float], after: dict[str, float], labels: tuple[str, str]) -> str:
+    """One line: each summary figure of two models, before -> after."""
+    names = {"hit_limit_share": "hit the token limit", "repeated_4gram_share": "repeated 4-grams",
+             "mean_tokens": "mean tokens", "no_answer_share": "no boxed answer"}
+    digits = {"mean_tokens": 1}
+    parts = [f"{names[key]} {before[key]:.{digits.get(key, 2)}f} -> {after[key]:.{digits.get(key, 2)}f}"
+             for key in names if key in before and key in after]
+    return f"degeneration, {labels[0]} -> {labels[1]}: " + ", ".join(parts)
