@@ -92,8 +92,8 @@ class TrainResult:
     final_choice: str  # "start" | "mean" | "best_candidate" | "best_validated_mean"
     validation: dict[str, float]
     state: TrainState
+    mean_z: np.ndarray  # the search's final mean, chosen or not
     versus_start: dict[str, dict[str, Any]] = field(default_factory=dict)  # paired comparisons
-    mean_z: np.ndarray | None = None  # the search's final mean, chosen or not
 
 
 class EssaTrainer:
@@ -291,7 +291,7 @@ class EssaTrainer:
             "generations": state.generation, "wall_clock_s": state.elapsed_s, "sigma0": state.sigma0,
             "reward_failures": state.reward_failures,
         })
-        return TrainResult(final_z, choice, validation, state, versus_start, mean_z=self.optimizer.mean)
+        return TrainResult(final_z, choice, validation, state, self.optimizer.mean, versus_start)
 
     def _guard_comparisons(self, z: np.ndarray) -> dict[str, PairedComparison]:
         """Candidate `z` against the start on each guard set (greedy, the run's decoding settings)."""
