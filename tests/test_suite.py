@@ -182,3 +182,20 @@ def test_the_transfer_verdict_names_gains_losses_and_no_gain():
     assert text.startswith("transfer check, final vs start: ")
     assert transfer_verdict(gains, kept_start=True).startswith(
         "transfer check, the final choice kept the start; the search's final mean (not chosen) vs start: gains")
+
+
+def _summary(name, arm_metrics):
+    metrics = ["accuracy"]
+    arms = {label: {"accuracy": 0.5, "hit_limit_share": 0.25, "repeated_4gram_share": 0.1, "mean_tokens": 40.0,
+                    **extra} for label, extra in arm_metrics.items()}
+    return {"model": "m", "arms": [{"label": label} for label in arm_metrics],
+            "benchmarks": {name: {"examples": 4, "metrics": metrics, "max_new_tokens": 64, "arms": arms,
+                                  "comparisons": [{"from": "a", "to": "b", "metric": "accuracy", "delta": 0.0,
+                                                   "ci95": [-0.1, 0.1]}]}}}
+
+
+def test_the_degeneration_table_names_the_boxed_column_only_where_a_benchmark_has_it():
+    boxed = suite_mod.markdown_table(_summary("svamp", {"a": {"no_answer_share": 0.5}, "b": {"no_answer_share": 0.0}}))
+    plain = suite_mod.markdown_table(_summary("ifeval", {"a": {}, "b": {}}))
+    assert "\\boxed{}" in boxed and "| svamp | 64 | 0.25 / 0.10 / 40 / 0.50 | 0.25 / 0.10 / 40 / 0.00 |" in boxed
+    assert "boxed" not in plain and "| ifeval | 64 | 0.25 / 0.10 / 40 | 0.25 / 0.10 / 40 |" in plain

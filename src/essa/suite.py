@@ -338,8 +338,10 @@ def markdown_table(summary: dict[str, Any]) -> str:
                 c = next(c for c in entry["comparisons"] if c["from"] == a and c["to"] == b and c["metric"] == metric)
                 cells.append(f"{c['delta']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]")
             lines.append("| " + " | ".join(cells) + " |")
+    boxed = any("no_answer_share" in m for entry in summary["benchmarks"].values() for m in entry["arms"].values())
+    answer_note = " / share without a \\boxed{} answer, where the benchmark asks for one" if boxed else ""
     lines += ["", "Degeneration (share of completions that hit the token limit / mean share of repeated token "
-              "4-grams / mean tokens / share without a \\boxed{} answer):", "",
+              f"4-grams / mean tokens{answer_note}):", "",
               "| benchmark | limit | " + " | ".join(labels) + " |",
               "| --- | --: | " + " | ".join(["---"] * len(labels)) + " |"]
     for name, entry in summary["benchmarks"].items():
