@@ -47,6 +47,13 @@ FIXTURE_ROWS = {
                "type": "addsub", "idx": n} for n in range(3, 13)],
     "ifeval": [{"key": 1000 + n, "prompt": f"Write a note number {n} without any commas.",
                 "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]} for n in range(12)],
+    # IFBench's layout (null for every unset kwarg); the last row's checker needs nltk data.
+    "ifbench": ([{"key": str(n), "prompt": f"Describe tea number {n}. Include keyword steep twice in your response.",
+                  "instruction_id_list": ["count:keywords_multiple"],
+                  "kwargs": [{"keyword1": "steep", "keyword2": "leaf", "keyword3": "cup", "keyword4": "pot",
+                              "keyword5": "brew", "N": None}]} for n in range(5)]
+                + [{"key": "99", "prompt": "Write about tea with few stop words.",
+                    "instruction_id_list": ["ratio:stop_words"], "kwargs": [{"percentage": 20}]}]),
 }
 
 

@@ -4,6 +4,7 @@ the tasks' `source: real` and the word-problem layouts."""
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sys
 import zipfile
 
@@ -11,7 +12,7 @@ import pytest
 from real_fixtures import FIXTURE_ROWS, install_fixture_wheels, jsonl_bytes
 
 from essa import wheels
-from essa.config import TaskConfig
+from essa.config import Config, TaskConfig
 from essa.errors import EssaError
 from essa.tasks import get_task, real
 from essa.tasks.gsm8k import word_problem_examples
@@ -139,3 +140,30 @@ def test_ifeval_source_real(fixture_wheels):
     assert task.reward("A note with no commas at all.", test[0]) == 1.0
     with pytest.raises(EssaError, match="procedural or real"):
         get_task(TaskConfig(name="ifeval", options={"source": "data"}))
+
+
+def test_ifbench_is_scored_by_its_own_checkers_without_the_rows_needing_nltk_data(fixture_wheels):
+    from essa.suite import BENCHMARKS, suite_examples, suite_task
+
+    examples = suite_examples(BENCHMARKS["ifbench"], None)
+    assert len(examples) == 5, "the ratio:stop_words row (its checker reads nltk's stopword corpus) is left out"
+    assert all(ex.answer.benchmark == "ifbench" and ex.meta["source"] == "ifbench" for ex in examples)
+    task = suite_task(BENCHMARKS["ifbench"], Config())
+    once = "Steep it. " + "Leaf leaf. " + "Cup " * 3 + "pot " * 4 + "brew " * 5
+    keywords = "steep leaf leaf cup cup cup pot pot pot pot pot brew brew brew brew brew brew brew"
+    assert task.reward(once, examples[0]) == 0.0
+    assert task.reward(keywords, examples[0]) == 1.0
+
+
+def test_ifbench_checkers_never_download_nltk_data():
+    # IFBench's checker module fetches nltk data when imported; the loader must switch that off.
+    code = ("import nltk\n"
+            "def refuse(*a, **k): raise SystemExit('nltk data download attempted')\n"
+            "nltk.download = refuse\n"
+            "from essa.tasks.ifeval.checks import IfevalItem, evaluate\n"
+            "item = IfevalItem.build('1', ['count:keywords_multiple'], [{'keyword1': 'a', 'keyword2': 'b', "
+            "'keyword3': 'c', 'keyword4': 'd', 'keyword5': 'e'}], 'ifbench')\n"
+            "print(evaluate('x y', item, 'p').partial_loose)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "0.0"

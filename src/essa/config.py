@@ -44,7 +44,7 @@ FINAL_CHALLENGERS = ("mean", "best_validated_mean", "best_candidate")
 GRPO_LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo")
 MEAN_STEPS = ("full", "signal")
 # The real benchmarks of essa.suite (its registry holds how each is read and scored).
-SUITE_BENCHMARKS = ("gsm8k", "math500", "svamp", "asdiv", "mawps", "ifeval")
+SUITE_BENCHMARKS = ("gsm8k", "math500", "svamp", "asdiv", "mawps", "ifeval", "ifbench")
 # A number in exponent notation, such as 3e-5, which YAML 1.1 leaves a string.
 _EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 

@@ -72,6 +72,12 @@ def _ifeval() -> list[Example]:
     return load_ifeval_examples("real:ifeval")
 
 
+def _ifbench() -> list[Example]:
+    from essa.tasks.ifeval import load_ifbench_examples
+
+    return load_ifbench_examples("real:ifbench")
+
+
 def _ifeval_metrics() -> tuple[str, ...]:
     from essa.tasks.ifeval import IFEVAL_REPORT
 
@@ -87,6 +93,7 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
     Benchmark("asdiv", "gsm8k", _word_problems("real:asdiv"), 192),
     Benchmark("mawps", "gsm8k", _word_problems("real:mawps"), 192),
     Benchmark("ifeval", "ifeval", _ifeval, 256, _ifeval_metrics(), answers=False),
+    Benchmark("ifbench", "ifeval", _ifbench, 256, _ifeval_metrics(), answers=False),
 )}
 assert tuple(BENCHMARKS) == SUITE_BENCHMARKS, "essa.config.SUITE_BENCHMARKS must name every benchmark"
 

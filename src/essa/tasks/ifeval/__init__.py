@@ -46,7 +46,7 @@ from essa.tasks.ifeval.checks import (
     known_instruction_ids,
 )
 from essa.tasks.ifeval.generator import GENERATOR_FAMILIES, conflicts, draw_instructions, make_example
-from essa.tasks.ifeval.loader import EVAL_FIELDS, ifeval_splits, load_ifeval_examples
+from essa.tasks.ifeval.loader import EVAL_FIELDS, ifeval_splits, load_ifbench_examples, load_ifeval_examples
 from essa.tasks.ifeval.request_bank import HELDOUT_REQUESTS, TRAIN_REQUESTS, Request
 from essa.tasks.ifeval.targets import REPEAT, render_target
 from essa.tasks.splits import build_splits, pick_split, split_sizes
@@ -58,7 +58,7 @@ __all__ = [
     "EVAL_FIELDS", "GENERATOR_FAMILIES", "HELDOUT_REQUESTS", "IFEVAL_REPORT", "REPEAT", "REWARD_MODES",
     "SYSTEM_PROMPT", "TRAIN_REQUESTS", "IfevalItem", "IfevalTask", "conflicts", "count_sentences",
     "count_words", "draw_instructions", "evaluate", "ifeval_report", "known_instruction_ids",
-    "load_ifeval_examples", "make_example", "render_target",
+    "load_ifbench_examples", "load_ifeval_examples", "make_example", "render_target",
 ]
 
 SYSTEM_PROMPT = "You are a helpful, honest, and concise assistant."

@@ -1,4 +1,5 @@
-"""Glue to `if-verifiable`'s IFEval checkers: scoring one completion, and the counts they use.
+"""Glue to `if-verifiable`'s IFEval and IFBench checkers: scoring one completion, and the counts
+they use.
 
 The checkers give the same verdict on every machine, whether or not nltk's punkt_tab data is
 installed (see `_prepare_checkers`). The library counts sentences with nltk's trained punkt model
@@ -12,6 +13,12 @@ So the checkers never read nltk data:
 - words are nltk's Treebank tokens of the whole text, without the sentence pass.
 - `length_constraints:number_words` counts runs of word characters, as the library does.
 langdetect, used by the case and language checkers, is seeded so a reward is deterministic.
+
+IFBench's checkers (`IfevalItem.benchmark == "ifbench"`) get the same word tokens. Its module
+downloads nltk data when imported; here that download is switched off (no network at run time),
+and the two IFBench instructions whose verdict needs data no install step provides (a stopword
+corpus, a part-of-speech tagger: `IFBENCH_NEEDS_NLTK_DATA`) are left out of the benchmark by
+the loader rather than scored differently on different machines.
 """
 
 from __future__ import annotations
@@ -25,21 +32,29 @@ if TYPE_CHECKING:
     from if_verifiable import EvaluationScores
 
 
+BENCHMARKS = ("ifeval", "ifbench")  # if-verifiable's instruction registries
+# IFBench instructions whose checkers read nltk data (stopwords corpus, perceptron POS tagger).
+IFBENCH_NEEDS_NLTK_DATA = frozenset({"ratio:stop_words", "words:start_verb"})
+
+
 @dataclass(frozen=True)
 class IfevalItem:
-    """What a reward needs: IFEval instruction ids and their kwargs (as JSON: stays hashable)."""
+    """What a reward needs: instruction ids, their kwargs (as JSON: stays hashable) and the
+    benchmark whose checkers they name."""
 
     key: str
     instruction_ids: tuple[str, ...]
     kwargs_json: str
+    benchmark: str = "ifeval"
 
     @property
     def kwargs(self) -> list[dict[str, Any]]:
         return json.loads(self.kwargs_json)
 
     @classmethod
-    def build(cls, key: Any, ids: list[str], kwargs: list[dict[str, Any]]) -> IfevalItem:
-        return cls(str(key), tuple(ids), json.dumps(kwargs))
+    def build(cls, key: Any, ids: list[str], kwargs: list[dict[str, Any]],
+              benchmark: str = "ifeval") -> IfevalItem:
+        return cls(str(key), tuple(ids), json.dumps(kwargs), benchmark)
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,6 +67,21 @@ def _prepare_checkers() -> None:
     langdetect.DetectorFactory.seed = 0
     # Always, not only where punkt_tab is missing: installed data would change the verdicts.
     # Only the if_verifiable.ifeval module is redirected; nltk itself stays untouched.
+    instructions_util._get_sentence_tokenizer = _untrained_sentence_tokenizer
+    instructions_util.nltk = _NltkWithoutPunkt()
+
+
+@functools.lru_cache(maxsize=None)
+def _prepare_ifbench_checkers() -> None:
+    """Import IFBench's checkers without their nltk download and with the same word tokens."""
+    import nltk
+
+    download = nltk.download
+    nltk.download = lambda *args, **kwargs: False  # its module fetches nltk data when imported
+    try:
+        from if_verifiable.ifbench import instructions_registry, instructions_util  # noqa: F401
+    finally:
+        nltk.download = download
     instructions_util._get_sentence_tokenizer = _untrained_sentence_tokenizer
     instructions_util.nltk = _NltkWithoutPunkt()
 
@@ -85,12 +115,15 @@ def evaluate(completion: str, item: IfevalItem, prompt: str) -> EvaluationScores
 
     Cached: evaluation asks for the reward and the extra metrics of the same completion.
     """
-    from if_verifiable import IFEvalSample, evaluate_output_for_sample
+    from if_verifiable import IFBenchSample, IFEvalSample, evaluate_output_for_sample
 
     _prepare_checkers()
-    sample = IFEvalSample(key=item.key, prompt=prompt,
-                          instruction_id_list=list(item.instruction_ids), kwargs=item.kwargs)
-    _, scores = evaluate_output_for_sample("ifeval", sample, completion)
+    if item.benchmark == "ifbench":
+        _prepare_ifbench_checkers()
+    sample_type = IFBenchSample if item.benchmark == "ifbench" else IFEvalSample
+    sample = sample_type(key=item.key, prompt=prompt,
+                         instruction_id_list=list(item.instruction_ids), kwargs=item.kwargs)
+    _, scores = evaluate_output_for_sample(item.benchmark, sample, completion)
     return scores
 
 
@@ -105,7 +138,12 @@ def instruction_holds(family: str, text: str) -> bool:
     return bool(checker.check_following(text))
 
 
-def known_instruction_ids() -> set[str]:
+def known_instruction_ids(benchmark: str = "ifeval") -> set[str]:
+    if benchmark == "ifbench":
+        _prepare_ifbench_checkers()
+        from if_verifiable.ifbench.instructions_registry import INSTRUCTION_DICT as IFBENCH
+
+        return set(IFBENCH)
     from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT
 
     return set(INSTRUCTION_DICT)
