@@ -361,3 +361,21 @@ def test_task_loads_by_factory_path():
     task = get_task(TaskConfig(name="essa.tasks.ifeval:IfevalTask", **_tiny()))
     assert isinstance(task, IfevalTask)
     assert len(task.checked_split("validation")) == 2
+
+
+def test_a_checker_with_an_invalid_kwarg_scores_alike_whatever_the_random_state():
+    # IFEval's letter_frequency draws a random letter when given "!" (as two of IFEval's prompts do);
+    # the score of one completion must not depend on the caller's random state, nor change it.
+    import random
+
+    item = IfevalItem.build("k", ["keywords:letter_frequency"],
+                            [{"letter": "!", "let_frequency": 3, "let_relation": "at least"}])
+    evaluate("warm up: the checkers' first import may draw from random", item, "p")
+    verdicts = set()
+    for seed in range(20):
+        random.seed(seed)
+        before = random.getstate()
+        evaluate.cache_clear()
+        verdicts.add(evaluate("aaa bbb ccc ddd eee", item, "Use ! three times.").partial_loose)
+        assert random.getstate() == before
+    assert len(verdicts) == 1

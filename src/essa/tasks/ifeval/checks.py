@@ -12,7 +12,10 @@ So the checkers never read nltk data:
   published with that data may differ slightly from ours.
 - words are nltk's Treebank tokens of the whole text, without the sentence pass.
 - `length_constraints:number_words` counts runs of word characters, as the library does.
-langdetect, used by the case and language checkers, is seeded so a reward is deterministic.
+langdetect, used by the case and language checkers, is seeded so a reward is deterministic. So is
+Python's `random` while a completion is scored: a checker whose kwargs are missing or invalid draws
+them at random (IFEval's letter_frequency with the letter "!" or "#", 2 of its 541 prompts, scored
+the same completion 0 or 1 from one run to the next); the caller's random state is restored after.
 
 IFBench's checkers (`IfevalItem.benchmark == "ifbench"`) get the same word tokens. Its module
 downloads nltk data when imported; here that download is switched off (no network at run time),
@@ -23,8 +26,11 @@ the loader rather than scored differently on different machines.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -123,8 +129,20 @@ def evaluate(completion: str, item: IfevalItem, prompt: str) -> EvaluationScores
     sample_type = IFBenchSample if item.benchmark == "ifbench" else IFEvalSample
     sample = sample_type(key=item.key, prompt=prompt,
                          instruction_id_list=list(item.instruction_ids), kwargs=item.kwargs)
-    _, scores = evaluate_output_for_sample(item.benchmark, sample, completion)
+    with _seeded_random(f"{item.benchmark}/{item.key}"):
+        _, scores = evaluate_output_for_sample(item.benchmark, sample, completion)
     return scores
+
+
+@contextlib.contextmanager
+def _seeded_random(seed: str) -> Iterator[None]:
+    """Python's global `random` seeded by `seed` inside, the caller's state restored after."""
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(state)
 
 
 @functools.lru_cache(maxsize=4096)
