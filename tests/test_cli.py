@@ -321,7 +321,7 @@ def test_a_demo_of_another_task_checks_that_tasks_real_benchmark():
 
     configs = Path(__file__).parents[1] / "configs"
     ifeval = load_config(configs / "ifeval.yaml", base=demo_defaults())
-    assert ifeval.suite.sets == ["ifeval"] and ifeval.suite.limit is None
+    assert ifeval.suite.sets == ["ifeval", "ifbench"] and ifeval.suite.limit is None
     assert load_config(configs / "math.yaml", base=demo_defaults()).suite == demo_defaults().suite
 
 
