@@ -38,7 +38,6 @@ if TYPE_CHECKING:
     from if_verifiable import EvaluationScores
 
 
-BENCHMARKS = ("ifeval", "ifbench")  # if-verifiable's instruction registries
 # IFBench instructions whose checkers read nltk data (stopwords corpus, perceptron POS tagger).
 IFBENCH_NEEDS_NLTK_DATA = frozenset({"ratio:stop_words", "words:start_verb"})
 
