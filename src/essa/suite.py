@@ -131,7 +131,8 @@ def suite_examples(bench: Benchmark, limit: int | None) -> list[Example]:
 
 def suite_task(bench: Benchmark, cfg: Config) -> Task:
     """The task that formats and scores the benchmark (its prompts are given, so no split is built)."""
-    options: dict[str, Any] = {"source": "real"} if bench.task == "ifeval" else {}
+    # The ifeval task reads its held-out prompts from the benchmark's own set (IFEval or IFBench).
+    options: dict[str, Any] = {"eval_file": f"real:{bench.data[0]}"} if bench.task == "ifeval" else {}
     return get_task(TaskConfig(name=bench.task, seed=cfg.task.seed, sft_size=0, train_size=0,
                                validation_size=0, test_size=0, options=options))
 
